@@ -1,0 +1,209 @@
+//! `kiln bench`: the standard speed measurements, with the same shapes, flags and RESULT lines as
+//! `shared/bench/torch_gpt_bench.py` so scripts can divide one by the other.
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use kiln_model::{generate, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, Sampling};
+use kiln_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Training step (forward, backward, AdamW) on random tokens.
+    Train(Shape),
+    /// Sampling with the KV cache.
+    Generate(Shape),
+    /// Tokenizer training time and encoding throughput.
+    Tokenizer(TokArgs),
+}
+
+#[derive(Args)]
+pub struct Shape {
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    #[arg(long, default_value_t = 6)]
+    layers: usize,
+    #[arg(long, default_value_t = 6)]
+    heads: usize,
+    #[arg(long, default_value_t = 384)]
+    dim: usize,
+    #[arg(long, default_value_t = 256)]
+    ctx: usize,
+    /// Sequences per step (train: 8; generate: 1 unless given).
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long = "threads", id = "bench_threads")]
+    bench_threads: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct TokArgs {
+    /// Corpus files (default: a generated demo corpus of a few MB).
+    #[arg(long)]
+    input: Vec<PathBuf>,
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+}
+
+/// Peak resident memory of this process, from /proc (Linux), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn model_for(s: &Shape) -> Result<Model> {
+    let cfg = ModelConfig { vocab_size: s.vocab, n_ctx: s.ctx, n_layer: s.layers, n_head: s.heads, n_embd: s.dim, arch: Arch::Decoder, score_head: false };
+    cfg.validate()?;
+    Ok(Model::new(cfg, 0))
+}
+
+fn with_threads<T: Send>(n: Option<usize>, f: impl FnOnce() -> T + Send) -> Result<T> {
+    match n {
+        Some(n) => Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(f)),
+        None => Ok(f()),
+    }
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Train(s) => with_threads(s.bench_threads, || bench_train(&s))?,
+        BenchCmd::Generate(s) => with_threads(s.bench_threads, || bench_generate(&s))?,
+        BenchCmd::Tokenizer(a) => bench_tokenizer(&a),
+    }
+}
+
+fn bench_train(s: &Shape) -> Result<()> {
+    let b = s.batch.unwrap_or(8);
+    let mut model = model_for(s)?;
+    let t = s.ctx;
+    let mut rng = ChaCha8Rng::seed_from_u64(1234);
+    let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.gen_range(0..s.vocab as u32)).collect();
+    let mut tokens = Vec::with_capacity(b * t);
+    let mut targets = Vec::with_capacity(b * t);
+    for r in 0..b {
+        tokens.extend_from_slice(&data[r * (t + 1)..r * (t + 1) + t]);
+        targets.extend_from_slice(&data[r * (t + 1) + 1..(r + 1) * (t + 1)]);
+    }
+    let positions: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
+    let mut acts = Activations::new(&model.cfg, b, t, true);
+    let mut opt = AdamW::new(&model, AdamWConfig::default());
+    println!(
+        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={}",
+        rayon::current_num_threads(), s.vocab, s.layers, s.heads, s.dim, s.ctx, b
+    );
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    let dlogp = vec![-1.0 / (b * t) as f32; b * t];
+    for step in 0..s.warmup + s.steps {
+        let t0 = Instant::now();
+        model.zero_grads();
+        model.forward(&mut acts, &Input { tokens: &tokens, positions: &positions, valid: None, segments: None, b, t });
+        model.lm_head(&mut acts, &targets, 1.0);
+        let loss = -acts.logp.iter().map(|&x| x as f64).sum::<f64>() / (b * t) as f64;
+        model.lm_head_backward(&mut acts, &dlogp, None);
+        model.backward(&mut acts);
+        clip_grad_norm(&mut model, 1.0);
+        opt.update(&mut model, 1e-3);
+        let dt = t0.elapsed().as_secs_f64();
+        losses.push(loss);
+        if step >= s.warmup {
+            times.push(dt);
+        }
+    }
+    let med = median(times);
+    let nparams = model.params.len();
+    let tok = b * t;
+    let flops = (6 * nparams + 12 * s.layers * s.ctx * s.dim) as f64 * tok as f64;
+    println!(
+        "RESULT kiln-train params={nparams} tokens_per_step={tok} median_ms={:.1} tok_per_s={:.0} gflop_per_s={:.1} loss_first={:.4} loss_last={:.4} peak_mib={:.0}",
+        med * 1e3,
+        tok as f64 / med,
+        flops / med / 1e9,
+        losses[0],
+        losses[losses.len() - 1],
+        peak_rss_mib()
+    );
+    Ok(())
+}
+
+fn bench_generate(s: &Shape) -> Result<()> {
+    let b = s.batch.unwrap_or(1);
+    if s.prompt_tokens + s.new_tokens > s.ctx {
+        bail!("prompt + new tokens exceed --ctx");
+    }
+    let model = model_for(s)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(1234);
+    let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..s.prompt_tokens).map(|_| rng.gen_range(0..s.vocab as u32)).collect()).collect();
+    let opts = GenerateOptions { max_new_tokens: s.new_tokens, sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 }, stop_tokens: vec![] };
+    println!("kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b}", rayon::current_num_threads(), s.vocab, s.layers, s.heads, s.dim, s.ctx);
+    let reps = (s.steps / 3).max(1);
+    let mut times = Vec::new();
+    for rep in 0..s.warmup + reps {
+        let t0 = Instant::now();
+        let out = generate(&model, &prompts, &opts, &mut rng, |_, _| {})?;
+        let dt = t0.elapsed().as_secs_f64();
+        assert!(out.iter().all(|o| o.len() == s.new_tokens));
+        if rep >= s.warmup {
+            times.push(dt);
+        }
+    }
+    let med = median(times);
+    println!(
+        "RESULT kiln-generate batch={b} prompt={} new={} median_ms={:.1} tok_per_s={:.0} peak_mib={:.0}",
+        s.prompt_tokens,
+        s.new_tokens,
+        med * 1e3,
+        (b * s.new_tokens) as f64 / med,
+        peak_rss_mib()
+    );
+    Ok(())
+}
+
+fn bench_tokenizer(a: &TokArgs) -> Result<()> {
+    let docs: Vec<String> = if a.input.is_empty() {
+        let dir = tempfile::tempdir()?;
+        kiln_demo::generate(dir.path(), 0, kiln_demo::Size::Full)?;
+        kiln_data::read_documents(&dir.path().join("corpus.jsonl"), "text")?
+    } else {
+        let mut docs = Vec::new();
+        for f in kiln_data::expand_inputs(&a.input)? {
+            docs.extend(kiln_data::read_documents(&f, "text")?);
+        }
+        docs
+    };
+    let r = kiln_data::bench_tokenizer(&docs, a.vocab_size)?;
+    println!(
+        "corpus: {} documents, {:.2} MB; vocab {} trained in {:.2}s; {} tokens ({:.2} bytes/token); round trip {}",
+        r.documents,
+        r.bytes as f64 / 1e6,
+        r.vocab_size,
+        r.train_secs,
+        r.tokens,
+        r.bytes_per_token(),
+        if r.round_trip_ok { "ok" } else { "FAILED" }
+    );
+    println!(
+        "RESULT kiln-tokenizer train_s={:.2} encode_1t_mb_per_s={:.2} encode_{}t_mb_per_s={:.2} tok_per_s={:.0}",
+        r.train_secs, r.single_thread_mb_s, r.threads, r.parallel_mb_s, r.parallel_tokens_s
+    );
+    Ok(())
+}

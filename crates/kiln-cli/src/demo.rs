@@ -1,0 +1,341 @@
+//! The whole pipeline in one command: `kiln demo` (on self-generated data) and `kiln pipeline run`
+//! (on a user's TOML file). Stages whose output is complete are reused; an interrupted stage resumes
+//! from its last checkpoint. At the end: `report.md`, `summary.json` and plots in the run folder.
+
+use crate::bundle::load_bundle;
+use crate::evaluate::{Judge, JudgeConfig, Sample};
+use crate::stages::{self, ModelShape, PpoStageConfig, PretrainConfig, RmConfig, SftConfig, StageResult};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use kiln_data::datasets::Message;
+use kiln_demo::Size;
+use kiln_model::Activations;
+use kiln_train::Metrics;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct DataDemoArgs {
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// tiny | small | full
+    #[arg(long, default_value = "small")]
+    size: Size,
+}
+
+pub fn run_data_demo(a: DataDemoArgs) -> Result<()> {
+    let m = kiln_demo::generate(&a.out, a.seed, a.size)?;
+    println!(
+        "demo data ({}, seed {}) in {}: corpus {} documents ({:.2} MB), SFT {}/{}, rankings {}/{}, scored {}/{}, PPO prompts {}, eval prompts {}",
+        a.size.name(),
+        a.seed,
+        a.out.display(),
+        m.counts.corpus_documents,
+        m.counts.corpus_bytes as f64 / 1e6,
+        m.counts.sft_train,
+        m.counts.sft_val,
+        m.counts.rm_train,
+        m.counts.rm_val,
+        m.counts.rm_scored_train,
+        m.counts.rm_scored_val,
+        m.counts.ppo_prompts,
+        m.counts.eval_prompts
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Run folder.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// tiny (a smoke test, ~1 minute) | small (the default, minutes) | full (longer, better)
+    #[arg(long, default_value = "small")]
+    size: Size,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Start over: delete the run folder first instead of reusing finished stages.
+    #[arg(long)]
+    fresh: bool,
+}
+
+#[derive(Subcommand)]
+pub enum PipelineCmd {
+    /// Run the pipeline a TOML file describes (see README: "Your own data").
+    Run {
+        config: PathBuf,
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Print the pipeline configuration the demo uses, as a starting point for your own.
+    Example {
+        #[arg(long, default_value = "small")]
+        size: Size,
+    },
+}
+
+/// Settings of the tokenizer and shard stages.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorpusConfig {
+    /// Corpus files or directories (.txt, .md, .jsonl).
+    pub input: Vec<PathBuf>,
+    pub field: String,
+    pub vocab_size: usize,
+    pub val_fraction: f64,
+}
+
+impl Default for CorpusConfig {
+    fn default() -> Self {
+        CorpusConfig { input: Vec::new(), field: "text".into(), vocab_size: 2048, val_fraction: 0.02 }
+    }
+}
+
+/// A whole pipeline: corpus → tokenizer → shards → pretrain → SFT → RM → PPO. Paths between stages
+/// are derived from `out`; the user names the data.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub out: PathBuf,
+    pub seed: u64,
+    pub corpus: CorpusConfig,
+    /// Judged task accuracy (demo world) for SFT, PPO and the report.
+    pub judge: Option<JudgeConfig>,
+    pub pretrain: PretrainConfig,
+    pub sft: SftConfig,
+    pub rm: RmConfig,
+    pub ppo: PpoStageConfig,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            out: PathBuf::from("runs/pipeline"),
+            seed: 1337,
+            corpus: CorpusConfig::default(),
+            judge: None,
+            pretrain: PretrainConfig::default(),
+            sft: SftConfig::default(),
+            rm: RmConfig::default(),
+            ppo: PpoStageConfig::default(),
+        }
+    }
+}
+
+/// The demo's settings per size, tuned for a 2-core CPU.
+pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineConfig {
+    let mut c = PipelineConfig { out: out.to_path_buf(), seed, ..Default::default() };
+    let d = |f: &str| data.join(f);
+    c.corpus.input = vec![d("corpus.jsonl")];
+    c.judge = Some(JudgeConfig { world: d("world.json"), prompts: d("eval_prompts.jsonl"), limit: 0, max_new_tokens: 24 });
+    c.sft.data = vec![d("sft_train.jsonl")];
+    c.sft.val_data = Some(d("sft_val.jsonl"));
+    c.rm.data = vec![d("rm_train.jsonl")];
+    c.rm.val_data = Some(d("rm_val.jsonl"));
+    c.ppo.prompts = d("ppo_prompts.jsonl");
+    let (shape, vocab, pre_steps, sft_steps, rm_steps, ppo_iters) = match size {
+        Size::Tiny => (ModelShape { n_layer: 2, n_head: 2, n_embd: 64, n_ctx: 64 }, 512, 60, 40, 30, 4),
+        Size::Small => (ModelShape { n_layer: 4, n_head: 4, n_embd: 128, n_ctx: 64 }, 1024, 1500, 400, 300, 30),
+        Size::Full => (ModelShape { n_layer: 6, n_head: 6, n_embd: 192, n_ctx: 128 }, 2048, 4000, 1200, 800, 60),
+    };
+    c.corpus.vocab_size = vocab;
+    c.pretrain.model = shape;
+    c.pretrain.train.max_steps = pre_steps;
+    c.pretrain.train.batch_size = 16;
+    c.pretrain.train.eval_every = (pre_steps / 6).max(1);
+    c.pretrain.train.ckpt_every = (pre_steps / 4).max(1);
+    c.pretrain.train.warmup_steps = (pre_steps / 20).max(1);
+    c.sft.train.max_steps = sft_steps;
+    c.sft.train.eval_every = (sft_steps / 2).max(1);
+    c.sft.train.ckpt_every = (sft_steps / 2).max(1);
+    c.sft.train.warmup_steps = (sft_steps / 10).max(1);
+    c.rm.train.max_steps = rm_steps;
+    c.rm.train.eval_every = (rm_steps / 3).max(1);
+    c.rm.train.ckpt_every = (rm_steps / 2).max(1);
+    c.rm.train.warmup_steps = (rm_steps / 10).max(1);
+    c.ppo.ppo.iterations = ppo_iters;
+    c.ppo.ppo.eval_every = (ppo_iters / 3).max(1);
+    c.ppo.ppo.ckpt_every = (ppo_iters / 3).max(1);
+    if size == Size::Tiny {
+        c.ppo.ppo.rollout_batch = 16;
+        c.ppo.ppo.minibatch = 8;
+        c.pretrain.train.batch_size = 8;
+        c.sft.train.batch_size = 8;
+        c.rm.train.batch_size = 2;
+        if let Some(j) = c.judge.as_mut() {
+            j.limit = 24;
+        }
+    }
+    c
+}
+
+pub fn run_data_and_demo_config(a: &DemoArgs) -> Result<PipelineConfig> {
+    if a.fresh && a.out.exists() {
+        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing {}", a.out.display()))?;
+    }
+    let data = a.out.join("data");
+    if kiln_demo::DemoManifest::load(&data).map(|m| m.seed == a.seed && m.size == a.size).unwrap_or(false) {
+        eprintln!("[data] reusing the demo data in {}", data.display());
+    } else {
+        let t0 = Instant::now();
+        let m = kiln_demo::generate(&data, a.seed, a.size)?;
+        eprintln!(
+            "[data] demo world ({}) generated in {:.1}s: corpus {:.2} MB, {} SFT, {} rankings, {} PPO prompts, {} eval prompts",
+            a.size.name(),
+            t0.elapsed().as_secs_f64(),
+            m.counts.corpus_bytes as f64 / 1e6,
+            m.counts.sft_train,
+            m.counts.rm_train,
+            m.counts.ppo_prompts,
+            m.counts.eval_prompts
+        );
+    }
+    Ok(demo_config(&data, &a.out, a.size, a.seed))
+}
+
+pub fn run_demo(a: DemoArgs, progress: bool) -> Result<()> {
+    let cfg = run_data_and_demo_config(&a)?;
+    run_pipeline_config(&cfg, progress)
+}
+
+pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
+    match c {
+        PipelineCmd::Run { config, fresh } => {
+            let cfg: PipelineConfig = crate::config::build(Some(&config), Default::default())?;
+            if fresh && cfg.out.exists() {
+                std::fs::remove_dir_all(&cfg.out)?;
+            }
+            run_pipeline_config(&cfg, progress)
+        }
+        PipelineCmd::Example { size } => {
+            let cfg = demo_config(Path::new("runs/demo/data"), Path::new("runs/mine"), size, 1337);
+            print!("{}", toml::to_string_pretty(&cfg)?);
+            Ok(())
+        }
+    }
+}
+
+/// Runs `f` unless the stage's `done.json` says it finished; records its time.
+fn stage<F: FnOnce() -> Result<StageResult>>(name: &str, dir: &Path, results: &mut BTreeMap<String, StageResult>, f: F) -> Result<()> {
+    if let Some(r) = StageResult::load(dir) {
+        eprintln!("[{name}] finished earlier ({:.0}s); reusing {}", r.seconds, dir.display());
+        results.insert(name.into(), r);
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let mut r = f()?;
+    r.stage = name.into();
+    r.seconds = t0.elapsed().as_secs_f64();
+    if kiln_train::trainer::STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted during {name}; run the same command again to resume");
+    }
+    r.save(dir)?;
+    eprintln!("[{name}] done in {:.1}s", r.seconds);
+    results.insert(name.into(), r);
+    Ok(())
+}
+
+fn summary_result(s: &kiln_train::TrainSummary) -> StageResult {
+    StageResult { metrics_start: s.eval_start.clone(), metrics_end: s.eval.clone(), extra: serde_json::json!({"steps": s.steps, "tokens_per_sec": s.tokens_per_sec, "final_loss": s.final_loss}), ..Default::default() }
+}
+
+pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
+    kiln_train::install_ctrlc();
+    let total = Instant::now();
+    let out = &cfg.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    kiln_train::run::write_atomic(&out.join("pipeline.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+    let mut results = BTreeMap::new();
+    if cfg.corpus.input.is_empty() {
+        bail!("pipeline: corpus.input names no files");
+    }
+    // Tokenizer.
+    let tok_dir = out.join("tokenizer");
+    let tok_path = tok_dir.join("tokenizer.json");
+    stage("tokenizer", &tok_dir, &mut results, || {
+        let t0 = Instant::now();
+        let (tok, _stats) = kiln_data::Tokenizer::train_with_stats(&cfg.corpus.input, &cfg.corpus.field, cfg.corpus.vocab_size)?;
+        tok.save(&tok_path)?;
+        eprintln!("[tokenizer] vocabulary of {} trained in {:.1}s", tok.vocab_size(), t0.elapsed().as_secs_f64());
+        Ok(StageResult { extra: serde_json::json!({"vocab_size": tok.vocab_size()}), ..Default::default() })
+    })?;
+    // Shards.
+    let shards = out.join("shards");
+    stage("prepare", &shards, &mut results, || {
+        let tok = kiln_data::Tokenizer::load(&tok_path)?;
+        let s = kiln_data::prepare(&tok, &cfg.corpus.input, &cfg.corpus.field, &shards, cfg.corpus.val_fraction, cfg.seed, kiln_data::prepare::DEFAULT_SHARD_TOKENS, progress)?;
+        Ok(StageResult { extra: serde_json::json!({"train_tokens": s.train_tokens, "val_tokens": s.val_tokens, "documents": s.documents}), ..Default::default() })
+    })?;
+    // Pretraining.
+    let mut pre = cfg.pretrain.clone();
+    pre.data = shards.clone();
+    pre.tokenizer = tok_path.clone();
+    pre.out = out.join("pretrain");
+    pre.train.seed = cfg.seed;
+    stage("pretrain", &pre.out.clone(), &mut results, || Ok(summary_result(&stages::pretrain(&pre, true, progress)?)))?;
+    // SFT.
+    let mut sft = cfg.sft.clone();
+    sft.init = pre.out.clone();
+    sft.out = out.join("sft");
+    sft.judge = cfg.judge.clone();
+    sft.train.seed = cfg.seed;
+    stage("sft", &sft.out.clone(), &mut results, || Ok(summary_result(&stages::sft(&sft, true, progress)?)))?;
+    // Reward model.
+    let mut rm = cfg.rm.clone();
+    rm.init = sft.out.clone();
+    rm.out = out.join("rm");
+    rm.train.seed = cfg.seed;
+    stage("rm", &rm.out.clone(), &mut results, || Ok(summary_result(&stages::reward_model(&rm, true, progress)?)))?;
+    // PPO.
+    let mut ppo = cfg.ppo.clone();
+    ppo.actor = sft.out.clone();
+    ppo.reward_model = rm.out.clone();
+    ppo.out = out.join("ppo");
+    ppo.judge = cfg.judge.clone();
+    ppo.ppo.seed = cfg.seed;
+    stage("ppo", &ppo.out.clone(), &mut results, || {
+        let s = stages::ppo(&ppo, true, progress)?;
+        Ok(StageResult { metrics_start: s.eval_start.clone(), metrics_end: s.eval_end.clone(), extra: serde_json::json!({"history": s.history, "iterations": s.iterations}), ..Default::default() })
+    })?;
+    // Report.
+    let t0 = Instant::now();
+    crate::report::write_report(cfg, &results, &pre.out, &sft.out, &rm.out, &ppo.out)?;
+    eprintln!("[report] written in {:.1}s: {}", t0.elapsed().as_secs_f64(), out.join("report.md").display());
+    eprintln!("pipeline finished in {:.1}s", total.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Answers of one model to held-out prompts, judged, and scored by the reward model.
+pub struct ModelEval {
+    pub name: String,
+    pub metrics: Metrics,
+    pub samples: Vec<Sample>,
+    pub rm_scores: Vec<f32>,
+}
+
+pub fn eval_model(name: &str, dir: &Path, judge: &Judge, rm_dir: &Path) -> Result<ModelEval> {
+    let b = load_bundle(dir)?;
+    let (mut metrics, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
+    let rm = load_bundle(rm_dir)?;
+    let (mean, std) = (rm.meta.reward_mean.unwrap_or(0.0), rm.meta.reward_std.unwrap_or(1.0));
+    let n_ctx = rm.model.cfg.n_ctx;
+    let seqs: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| {
+            let r = rm.meta.template.render_prompt_response(&rm.tokenizer, &[Message::user(s.prompt.clone())], &s.response)?;
+            Ok(kiln_data::template::fit_example(&r, n_ctx).map(|f| f.tokens).unwrap_or_else(|| r.tokens[r.tokens.len().saturating_sub(n_ctx)..].to_vec()))
+        })
+        .collect::<Result<_>>()?;
+    let mut acts = Activations::new(&rm.model.cfg, 32, n_ctx, false);
+    let mut rm_scores = Vec::new();
+    for chunk in seqs.chunks(32) {
+        rm_scores.extend(kiln_train::rm::score_rows(&rm.model, &mut acts, chunk).into_iter().map(|s| (s - mean) / std));
+    }
+    metrics.insert("rm_score".into(), rm_scores.iter().map(|&x| x as f64).sum::<f64>() / rm_scores.len().max(1) as f64);
+    Ok(ModelEval { name: name.into(), metrics, samples, rm_scores })
+}

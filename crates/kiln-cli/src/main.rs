@@ -1,0 +1,369 @@
+//! `kiln`: train a chat language model end to end on CPU — BPE tokenizer, pretraining, supervised
+//! fine-tuning, reward model and RLHF with PPO — in one binary.
+
+mod bench;
+mod bundle;
+mod chat;
+mod cmd_data_prepare;
+mod cmd_tokenizer;
+mod config;
+mod demo;
+mod evaluate;
+mod plot;
+mod report;
+mod stages;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use config::Overrides;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Train a chat language model end to end on CPU: tokenizer → pretraining → SFT → reward model → PPO", long_about = None)]
+struct Cli {
+    /// Worker threads (default: all cores). Results are reproducible for a fixed seed and thread count.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// No progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the whole pipeline on self-generated demo data, with a report.
+    Demo(demo::DemoArgs),
+    /// Run the whole pipeline from a TOML file naming your own data.
+    #[command(subcommand)]
+    Pipeline(demo::PipelineCmd),
+    /// Train, inspect and use BPE tokenizers.
+    #[command(subcommand)]
+    Tokenizer(cmd_tokenizer::TokenizerCmd),
+    /// Prepare token shards, or generate the demo data.
+    #[command(subcommand)]
+    Data(DataCmd),
+    /// Pretrain a GPT (next-token) or BERT-style encoder (masked-LM) on token shards.
+    Pretrain(PretrainArgs),
+    /// Supervised instruction fine-tuning on Alpaca, chat or ShareGPT data.
+    Sft(SftArgs),
+    /// Train a reward model on rankings, pairs or scores (`kiln rm score` to use one).
+    Rm(RmCmd),
+    /// RLHF: optimise a policy against a reward model with PPO.
+    Ppo(PpoArgs),
+    /// Generate text from a model (KV cache, batched, streaming).
+    Generate(chat::GenerateArgs),
+    /// Talk to a fine-tuned model (interactive, or --prompt / stdin for scripts).
+    Chat(chat::ChatArgs),
+    /// Fill in `<|mask|>` tokens with an MLM encoder.
+    FillMask(chat::FillMaskArgs),
+    /// Speed benchmarks (same shapes and output lines as shared/bench/torch_gpt_bench.py).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Tokenize corpora into train/validation shards.
+    Prepare(cmd_data_prepare::PrepareArgs),
+    /// Generate the self-contained demo world: corpus, instructions, rankings, prompts, judge.
+    Demo(demo::DataDemoArgs),
+}
+
+/// Flags shared by the training stages.
+#[derive(Args, Clone)]
+struct TrainFlags {
+    /// A TOML config file (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Override any config value, e.g. `--set train.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[arg(long)]
+    max_steps: Option<i64>,
+    #[arg(long)]
+    batch_size: Option<i64>,
+    #[arg(long)]
+    grad_accum: Option<i64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<i64>,
+    #[arg(long)]
+    eval_every: Option<i64>,
+    #[arg(long)]
+    ckpt_every: Option<i64>,
+    #[arg(long)]
+    seed: Option<i64>,
+}
+
+impl TrainFlags {
+    fn overrides(&self) -> Result<Overrides> {
+        let mut o = Overrides::default();
+        o.parse_sets(&self.sets)?;
+        o.opt("train.max_steps", self.max_steps);
+        o.opt("train.batch_size", self.batch_size);
+        o.opt("train.grad_accum", self.grad_accum);
+        o.opt("train.lr", self.lr);
+        o.opt("train.warmup_steps", self.warmup_steps);
+        o.opt("train.eval_every", self.eval_every);
+        o.opt("train.ckpt_every", self.ckpt_every);
+        o.opt("train.seed", self.seed);
+        Ok(o)
+    }
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// Shard directory from `kiln data prepare`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Run directory (checkpoints, metrics.jsonl).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// `causal` (GPT) or `mlm` (BERT-style encoder).
+    #[arg(long)]
+    objective: Option<String>,
+    #[arg(long)]
+    layers: Option<i64>,
+    #[arg(long)]
+    heads: Option<i64>,
+    #[arg(long)]
+    dim: Option<i64>,
+    #[arg(long)]
+    ctx: Option<i64>,
+    /// Print a text sample every N steps.
+    #[arg(long)]
+    sample_every: Option<i64>,
+    #[command(flatten)]
+    train: TrainFlags,
+}
+
+#[derive(Args)]
+struct SftArgs {
+    /// The pretrained model (checkpoint or run directory).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Training data: Alpaca, chat or ShareGPT (JSON array or JSONL; repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Chat template JSON (default: Kiln's).
+    #[arg(long)]
+    template: Option<PathBuf>,
+    /// Skip malformed records (counted and reported) instead of failing.
+    #[arg(long)]
+    skip_bad_records: bool,
+    /// Demo world (world.json) for judged task accuracy, with --judge-prompts.
+    #[arg(long)]
+    judge_world: Option<PathBuf>,
+    #[arg(long)]
+    judge_prompts: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainFlags,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct RmCmd {
+    #[command(subcommand)]
+    sub: Option<RmSub>,
+    #[command(flatten)]
+    args: RmArgs,
+}
+
+#[derive(Subcommand)]
+enum RmSub {
+    /// Score (prompt, response) pairs with a reward model.
+    Score(chat::ScoreArgs),
+}
+
+#[derive(Args)]
+struct RmArgs {
+    /// SFT/pretrained decoder or MLM encoder to start from.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Ranking, pairwise, HH-RLHF or scored data (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// pairwise | hinge | mse
+    #[arg(long)]
+    loss: Option<String>,
+    #[arg(long)]
+    margin: Option<f64>,
+    #[arg(long)]
+    skip_bad_records: bool,
+    #[command(flatten)]
+    train: TrainFlags,
+}
+
+#[derive(Args)]
+struct PpoArgs {
+    /// The SFT model (actor and frozen reference).
+    #[arg(long)]
+    actor: Option<PathBuf>,
+    #[arg(long)]
+    reward_model: Option<PathBuf>,
+    /// Critic initialisation (default: the reward model).
+    #[arg(long)]
+    critic: Option<PathBuf>,
+    /// Prompt file: {"prompt"}, Alpaca or chat records.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    iterations: Option<i64>,
+    /// KL coefficient β (initial value when adaptive).
+    #[arg(long)]
+    kl_coef: Option<f64>,
+    /// Target KL per sequence for the adaptive β (0: fixed β).
+    #[arg(long)]
+    kl_target: Option<f64>,
+    #[arg(long)]
+    judge_world: Option<PathBuf>,
+    #[arg(long)]
+    judge_prompts: Option<PathBuf>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    resume: bool,
+    /// Override any config value, e.g. `--set ppo.actor_lr=2e-5`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[arg(long)]
+    seed: Option<i64>,
+}
+
+fn judge_overrides(o: &mut Overrides, world: &Option<PathBuf>, prompts: &Option<PathBuf>) -> Result<()> {
+    match (world, prompts) {
+        (Some(w), Some(p)) => {
+            o.set("judge.world", w.display().to_string());
+            o.set("judge.prompts", p.display().to_string());
+            Ok(())
+        }
+        (None, None) => Ok(()),
+        _ => anyhow::bail!("--judge-world and --judge-prompts go together"),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let progress = !cli.quiet;
+    match cli.cmd {
+        Cmd::Demo(a) => demo::run_demo(a, progress),
+        Cmd::Pipeline(c) => demo::run_pipeline(c, progress),
+        Cmd::Tokenizer(c) => cmd_tokenizer::run(c),
+        Cmd::Data(DataCmd::Prepare(a)) => cmd_data_prepare::run(a),
+        Cmd::Data(DataCmd::Demo(a)) => demo::run_data_demo(a),
+        Cmd::Pretrain(a) => {
+            let mut o = a.train.overrides()?;
+            o.path("data", &a.data);
+            o.path("tokenizer", &a.tokenizer);
+            o.path("out", &a.out);
+            o.opt("objective", a.objective.clone());
+            o.opt("model.n_layer", a.layers);
+            o.opt("model.n_head", a.heads);
+            o.opt("model.n_embd", a.dim);
+            o.opt("model.n_ctx", a.ctx);
+            o.opt("train.sample_every", a.sample_every);
+            let cfg: stages::PretrainConfig = config::build(a.train.config.as_deref(), o)?;
+            kiln_train::install_ctrlc();
+            let s = stages::pretrain(&cfg, a.train.resume, progress)?;
+            println!("pretrain: {} steps in {:.1}s ({:.0} tok/s), final {}", s.steps, s.seconds, s.tokens_per_sec, kiln_train::trainer::fmt_metrics(&s.eval));
+            Ok(())
+        }
+        Cmd::Sft(a) => {
+            let mut o = a.train.overrides()?;
+            o.path("init", &a.init);
+            o.paths("data", &a.data);
+            o.path("val_data", &a.val_data);
+            o.path("out", &a.out);
+            o.path("template", &a.template);
+            if a.skip_bad_records {
+                o.set("skip_bad_records", true);
+            }
+            judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+            let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
+            kiln_train::install_ctrlc();
+            let s = stages::sft(&cfg, a.train.resume, progress)?;
+            println!("sft: {} steps in {:.1}s, final {}", s.steps, s.seconds, kiln_train::trainer::fmt_metrics(&s.eval));
+            Ok(())
+        }
+        Cmd::Rm(RmCmd { sub: Some(RmSub::Score(s)), .. }) => chat::run_score(s),
+        Cmd::Rm(RmCmd { sub: None, args: a }) => {
+            let mut o = a.train.overrides()?;
+            o.path("init", &a.init);
+            o.paths("data", &a.data);
+            o.path("val_data", &a.val_data);
+            o.path("out", &a.out);
+            o.opt("loss", a.loss.clone());
+            o.opt("margin", a.margin);
+            if a.skip_bad_records {
+                o.set("skip_bad_records", true);
+            }
+            let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
+            kiln_train::install_ctrlc();
+            let s = stages::reward_model(&cfg, a.train.resume, progress)?;
+            println!("rm: {} steps in {:.1}s, final {}", s.steps, s.seconds, kiln_train::trainer::fmt_metrics(&s.eval));
+            Ok(())
+        }
+        Cmd::Ppo(a) => {
+            let mut o = Overrides::default();
+            o.parse_sets(&a.sets)?;
+            o.path("actor", &a.actor);
+            o.path("reward_model", &a.reward_model);
+            o.path("critic", &a.critic);
+            o.path("prompts", &a.prompts);
+            o.path("out", &a.out);
+            o.opt("ppo.iterations", a.iterations);
+            o.opt("ppo.kl_coef", a.kl_coef);
+            o.opt("ppo.kl_target", a.kl_target);
+            o.opt("ppo.seed", a.seed);
+            judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+            let cfg: stages::PpoStageConfig = config::build(a.config.as_deref(), o)?;
+            kiln_train::install_ctrlc();
+            let s = stages::ppo(&cfg, a.resume, progress)?;
+            if let (Some(first), Some(last)) = (s.history.first(), s.history.last()) {
+                println!(
+                    "ppo: {} iterations in {:.1}s; reward {:.3} → {:.3}, KL {:.3} → {:.3}",
+                    s.iterations, s.seconds, first["reward"], last["reward"], first["kl"], last["kl"]
+                );
+            }
+            if !s.eval_end.is_empty() {
+                println!("ppo: held-out {} → {}", kiln_train::trainer::fmt_metrics(&s.eval_start), kiln_train::trainer::fmt_metrics(&s.eval_end));
+            }
+            Ok(())
+        }
+        Cmd::Generate(a) => chat::run_generate(a),
+        Cmd::Chat(a) => chat::run_chat(a),
+        Cmd::FillMask(a) => chat::run_fill_mask(a),
+        Cmd::Bench(c) => bench::run(c),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+            eprintln!("error: cannot set up {n} threads: {e}");
+            std::process::exit(1);
+        }
+    }
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

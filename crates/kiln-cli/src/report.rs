@@ -1,0 +1,109 @@
+//! The run folder's `report.md`, `summary.json` and plots: what each stage was given, how long it
+//! took, what it achieved, and the same held-out prompts answered by the pretrained, SFT and PPO
+//! models side by side.
+
+use crate::demo::{eval_model, ModelEval, PipelineConfig};
+use crate::evaluate::Judge;
+use crate::stages::StageResult;
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// (step, value) points of one metric in a stage's metrics.jsonl.
+pub fn series(dir: &Path, key: &str) -> Vec<(f64, f64)> {
+    read_metrics(dir)
+        .iter()
+        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
+        .collect()
+}
+
+fn get(r: &BTreeMap<String, StageResult>, stage: &str, key: &str, end: bool) -> Option<f64> {
+    let s = r.get(stage)?;
+    let m = if end { &s.metrics_end } else { &s.metrics_start };
+    m.get(key).copied()
+}
+
+fn f(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into())
+}
+
+pub fn write_report(cfg: &PipelineConfig, results: &BTreeMap<String, StageResult>, pre: &Path, sft: &Path, rm: &Path, ppo: &Path) -> Result<()> {
+    let out = &cfg.out;
+    let evals: Vec<ModelEval> = match &cfg.judge {
+        Some(j) => {
+            let judge = Judge::load(j)?;
+            vec![eval_model("pretrained", pre, &judge, rm)?, eval_model("SFT", sft, &judge, rm)?, eval_model("PPO", ppo, &judge, rm)?]
+        }
+        None => Vec::new(),
+    };
+    let acc = |name: &str, key: &str| evals.iter().find(|e| e.name == name).and_then(|e| e.metrics.get(key).copied());
+    let ppo_hist: Vec<serde_json::Value> = results.get("ppo").and_then(|r| r.extra.get("history")).and_then(|h| h.as_array().cloned()).unwrap_or_default();
+    let hist = |i: usize, k: &str| ppo_hist.get(i).and_then(|m| m.get(k)).and_then(|v| v.as_f64());
+    let last = ppo_hist.len().saturating_sub(1);
+    let seconds: BTreeMap<String, f64> = results.iter().map(|(k, v)| (k.clone(), v.seconds)).collect();
+    let summary = serde_json::json!({
+        "pretrain": {"val_loss": get(results, "pretrain", "loss", true), "val_loss_start": get(results, "pretrain", "loss", false), "val_ppl": get(results, "pretrain", "ppl", true), "accuracy": acc("pretrained", "accuracy")},
+        "sft": {"val_loss": get(results, "sft", "loss", true), "accuracy": acc("SFT", "accuracy"), "well_formed": acc("SFT", "well_formed"), "ended": acc("SFT", "ended"), "rm_score": acc("SFT", "rm_score")},
+        "rm": {"accuracy": get(results, "rm", "acc", true), "accuracy_start": get(results, "rm", "acc", false), "margin": get(results, "rm", "margin", true)},
+        "ppo": {"reward_start": hist(0, "reward"), "reward_end": hist(last, "reward"), "kl_end": hist(last, "kl"), "accuracy": acc("PPO", "accuracy"), "well_formed": acc("PPO", "well_formed"), "rm_score": acc("PPO", "rm_score"), "response_len_end": hist(last, "response_len")},
+        "seconds": seconds,
+        "seed": cfg.seed,
+    });
+    kiln_train::run::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+    let plots = crate::plot::write_plots(out, pre, sft, rm, ppo).unwrap_or_else(|e| {
+        eprintln!("[report] plots skipped: {e:#}");
+        Vec::new()
+    });
+
+    let mut md = String::new();
+    writeln!(md, "# Kiln pipeline report\n")?;
+    writeln!(md, "Run folder `{}`, seed {}. Configuration: `pipeline.toml`; per-stage metrics: `<stage>/metrics.jsonl`; figures: `summary.json`.\n", out.display(), cfg.seed)?;
+    writeln!(md, "| stage | time (s) | headline |\n|---|---:|---|")?;
+    let t = |s: &str| seconds.get(s).map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into());
+    writeln!(md, "| tokenizer | {} | vocabulary {} |", t("tokenizer"), results.get("tokenizer").and_then(|r| r.extra.get("vocab_size")).map(|v| v.to_string()).unwrap_or_default())?;
+    let prep = results.get("prepare").map(|r| r.extra.clone()).unwrap_or_default();
+    writeln!(md, "| prepare | {} | {} documents → {} train / {} val tokens |", t("prepare"), prep["documents"], prep["train_tokens"], prep["val_tokens"])?;
+    writeln!(md, "| pretrain | {} | val loss {} → {} (ppl {}) |", t("pretrain"), f(get(results, "pretrain", "loss", false)), f(get(results, "pretrain", "loss", true)), f(get(results, "pretrain", "ppl", true)))?;
+    writeln!(md, "| sft | {} | val loss {} → {}; task accuracy {} → {} |", t("sft"), f(get(results, "sft", "loss", false)), f(get(results, "sft", "loss", true)), f(get(results, "sft", "accuracy", false)), f(get(results, "sft", "accuracy", true)))?;
+    writeln!(md, "| rm | {} | pairwise accuracy {} → {} (margin {}) |", t("rm"), f(get(results, "rm", "acc", false)), f(get(results, "rm", "acc", true)), f(get(results, "rm", "margin", true)))?;
+    writeln!(md, "| ppo | {} | reward {} → {}, KL {} → {}, length {} → {} |", t("ppo"), f(hist(0, "reward")), f(hist(last, "reward")), f(hist(0, "kl")), f(hist(last, "kl")), f(hist(0, "response_len")), f(hist(last, "response_len")))?;
+    writeln!(md)?;
+    if !evals.is_empty() {
+        writeln!(md, "## Held-out prompts: the three models side by side\n")?;
+        writeln!(md, "Greedy answers to {} held-out prompts (never seen in training), judged by the demo world's rule-based judge and scored by the reward model (normalised).\n", evals[0].samples.len())?;
+        writeln!(md, "| model | task accuracy | well-formed | judge score | stops at end token | mean RM score |\n|---|---:|---:|---:|---:|---:|")?;
+        for e in &evals {
+            let g = |k: &str| f(e.metrics.get(k).copied());
+            writeln!(md, "| {} | {} | {} | {} | {} | {} |", e.name, g("accuracy"), g("well_formed"), g("judge_score"), g("ended"), g("rm_score"))?;
+        }
+        writeln!(md, "\n### Sample answers\n")?;
+        for i in 0..evals[0].samples.len().min(8) {
+            writeln!(md, "**Prompt:** {}\n", evals[0].samples[i].prompt.replace('\n', " / "))?;
+            for e in &evals {
+                let s = &e.samples[i];
+                let verdict = if s.correct && s.well_formed { "✔" } else if s.correct { "≈" } else { "✘" };
+                writeln!(md, "- {} {verdict} `{}` (RM {:.2})", e.name, s.response.replace('\n', " ").replace('`', "'"), e.rm_scores[i])?;
+            }
+            writeln!(md)?;
+        }
+    }
+    if !plots.is_empty() {
+        writeln!(md, "## Curves\n")?;
+        for p in &plots {
+            writeln!(md, "![{p}]({p})\n")?;
+        }
+    }
+    writeln!(md, "## Settings\n\n```toml\n{}```", toml::to_string_pretty(cfg)?)?;
+    kiln_train::run::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}

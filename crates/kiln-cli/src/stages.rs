@@ -1,0 +1,422 @@
+//! The pipeline's stages as functions of a config (TOML-loadable, flag-overridable): each reads its
+//! inputs, trains, and leaves a run directory whose latest checkpoint is the next stage's input.
+
+use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE, TOKENIZER_FILE};
+use crate::evaluate::{Judge, JudgeConfig};
+use anyhow::{bail, Context, Result};
+use kiln_data::datasets::{load_preferences, load_sft, LoadOptions};
+use kiln_data::template::ChatTemplate;
+use kiln_data::Tokenizer;
+use kiln_model::{Arch, Model, ModelConfig};
+use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
+use kiln_train::pretrain::{LmObjective, PretrainKind};
+use kiln_train::rm::{render_groups, RmLoss, RmObjective};
+use kiln_train::sft::{render_examples, ExtraEval, SftObjective};
+use kiln_train::{RunDir, TrainConfig, TrainSummary, Trainer};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The shape of a new model (its vocabulary comes from the tokenizer).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelShape {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub n_ctx: usize,
+}
+
+impl Default for ModelShape {
+    fn default() -> Self {
+        ModelShape { n_layer: 4, n_head: 4, n_embd: 128, n_ctx: 128 }
+    }
+}
+
+fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let text = toml::to_string_pretty(cfg)?;
+    kiln_train::run::write_atomic(&out.join("run_config.toml"), text.as_bytes())
+}
+
+/// A stage's result, written as `done.json` in its run directory when it completes.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct StageResult {
+    pub stage: String,
+    pub seconds: f64,
+    pub metrics_start: kiln_train::Metrics,
+    pub metrics_end: kiln_train::Metrics,
+    pub extra: serde_json::Value,
+}
+
+impl StageResult {
+    pub fn save(&self, out: &Path) -> Result<()> {
+        kiln_train::run::write_atomic(&out.join("done.json"), &serde_json::to_vec_pretty(self)?)
+    }
+    pub fn load(out: &Path) -> Option<StageResult> {
+        serde_json::from_slice(&std::fs::read(out.join("done.json")).ok()?).ok()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pretraining
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Shards from `kiln data prepare`.
+    pub data: PathBuf,
+    pub tokenizer: PathBuf,
+    pub out: PathBuf,
+    pub objective: PretrainKind,
+    pub model: ModelShape,
+    /// Tokens per training row (default: the model's context).
+    pub seq_len: usize,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    pub train: TrainConfig,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            data: PathBuf::from("data"),
+            tokenizer: PathBuf::from("tokenizer.json"),
+            out: PathBuf::from("runs/pretrain"),
+            objective: PretrainKind::Causal,
+            model: ModelShape::default(),
+            seq_len: 0,
+            eval_batches: 8,
+            train: TrainConfig { lr: 3e-3, min_lr: 3e-4, warmup_steps: 50, max_steps: 1000, batch_size: 16, ..TrainConfig::default() },
+        }
+    }
+}
+
+pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<TrainSummary> {
+    let tok = Tokenizer::load(&cfg.tokenizer)?;
+    let mcfg = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        n_ctx: cfg.model.n_ctx,
+        n_layer: cfg.model.n_layer,
+        n_head: cfg.model.n_head,
+        n_embd: cfg.model.n_embd,
+        arch: match cfg.objective {
+            PretrainKind::Causal => Arch::Decoder,
+            PretrainKind::Mlm => Arch::Encoder,
+        },
+        score_head: false,
+    };
+    mcfg.validate()?;
+    let seq_len = if cfg.seq_len == 0 { cfg.model.n_ctx } else { cfg.seq_len };
+    let mut model = Model::new(mcfg, cfg.train.seed);
+    let mut obj = LmObjective::new(cfg.objective, &cfg.data, &model, cfg.train.batch_size, seq_len, cfg.eval_batches, cfg.train.seed, Some(tok.clone()))?;
+    write_run_config(&cfg.out, cfg)?;
+    let run = RunDir::create(&cfg.out)?;
+    let meta = KilnMeta::new("pretrain", ChatTemplate::default(), &tok, cfg.train.seed);
+    eprintln!(
+        "[pretrain] {:?} model: {} layers, {} heads, width {}, context {}, vocab {} ({:.2}M parameters)",
+        cfg.objective,
+        model.cfg.n_layer,
+        model.cfg.n_head,
+        model.cfg.n_embd,
+        model.cfg.n_ctx,
+        model.cfg.vocab_size,
+        model.params.len() as f64 / 1e6
+    );
+    let trainer = Trainer { cfg: cfg.train.clone(), run: &run, extra_files: meta.files(&cfg.tokenizer)?, progress, label: "pretrain".into() };
+    trainer.train(&mut model, &mut obj, resume)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervised fine-tuning
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    /// The pretrained model (a checkpoint or run directory).
+    pub init: PathBuf,
+    /// Alpaca, chat or ShareGPT files (JSON array or JSONL).
+    pub data: Vec<PathBuf>,
+    /// Held-out data; without it `val_fraction` of `data` is held out.
+    pub val_data: Option<PathBuf>,
+    pub val_fraction: f64,
+    pub out: PathBuf,
+    /// Tokens per row (default: the model's context).
+    pub seq_len: usize,
+    /// A chat template JSON file (default: Kiln's template).
+    pub template: Option<PathBuf>,
+    pub skip_bad_records: bool,
+    /// Task accuracy by the demo judge during evaluation.
+    pub judge: Option<JudgeConfig>,
+    pub train: TrainConfig,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            init: PathBuf::from("runs/pretrain"),
+            data: Vec::new(),
+            val_data: None,
+            val_fraction: 0.05,
+            out: PathBuf::from("runs/sft"),
+            seq_len: 0,
+            template: None,
+            skip_bad_records: false,
+            judge: None,
+            train: TrainConfig { lr: 1e-3, min_lr: 1e-4, warmup_steps: 20, max_steps: 300, batch_size: 16, eval_every: 100, weight_decay: 0.0, ..TrainConfig::default() },
+        }
+    }
+}
+
+fn load_template(path: &Option<PathBuf>) -> Result<ChatTemplate> {
+    match path {
+        None => Ok(ChatTemplate::default()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            ChatTemplate::from_json(&text).with_context(|| format!("{}: invalid chat template", p.display()))
+        }
+    }
+}
+
+/// Splits records into (train, val) deterministically by index.
+fn split_val<T: Clone>(records: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    if fraction <= 0.0 || records.len() < 2 {
+        return (records, Vec::new());
+    }
+    let mut train = Vec::new();
+    let mut val = Vec::new();
+    for (i, r) in records.into_iter().enumerate() {
+        if kiln_data::prepare::split_hash(seed, i as u64) < fraction {
+            val.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    if val.is_empty() && train.len() > 1 {
+        val.push(train.pop().unwrap());
+    }
+    (train, val)
+}
+
+pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary> {
+    if cfg.data.is_empty() {
+        bail!("sft: no --data given");
+    }
+    let b = load_bundle(&cfg.init)?;
+    if b.model.cfg.arch != Arch::Decoder {
+        bail!("sft needs a decoder (GPT) model; {} is an encoder", b.dir.display());
+    }
+    let template = match &cfg.template {
+        Some(_) => load_template(&cfg.template)?,
+        None => b.meta.template.clone(),
+    };
+    template.validate()?;
+    let opts = LoadOptions { skip_bad: cfg.skip_bad_records };
+    let mut convs = Vec::new();
+    for p in &cfg.data {
+        let l = load_sft(p, &opts)?;
+        if l.skipped > 0 {
+            eprintln!("[sft] {}: skipped {} bad records (first: {})", p.display(), l.skipped, l.first_error.unwrap_or_default());
+        }
+        convs.extend(l.records);
+    }
+    let (train_c, val_c) = match &cfg.val_data {
+        Some(v) => (convs, load_sft(v, &opts)?.records),
+        None => split_val(convs, cfg.val_fraction, cfg.train.seed),
+    };
+    let seq_len = if cfg.seq_len == 0 { b.model.cfg.n_ctx } else { cfg.seq_len.min(b.model.cfg.n_ctx) };
+    let (train, skipped) = render_examples(&b.tokenizer, &template, &train_c, seq_len)?;
+    let (val, vskipped) = render_examples(&b.tokenizer, &template, &val_c, seq_len)?;
+    eprintln!(
+        "[sft] {} train / {} val examples ({} + {} skipped: response longer than {seq_len} tokens)",
+        train.len(),
+        val.len(),
+        skipped,
+        vskipped
+    );
+    let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
+    let tok = b.tokenizer.clone();
+    let tpl = template.clone();
+    let extra: Option<ExtraEval> = judge.map(|j| {
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval
+    });
+    let mut model = b.model;
+    let mut obj = SftObjective::new(&model, train, val, cfg.train.batch_size, seq_len, cfg.train.seed, extra)?;
+    write_run_config(&cfg.out, cfg)?;
+    let run = RunDir::create(&cfg.out)?;
+    let meta = KilnMeta::new("sft", template, &b.tokenizer, cfg.train.seed);
+    let trainer = Trainer { cfg: cfg.train.clone(), run: &run, extra_files: meta.files(&b.dir.join(TOKENIZER_FILE))?, progress, label: "sft".into() };
+    trainer.train(&mut model, &mut obj, resume)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reward model
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmConfig {
+    /// An SFT or pretrained decoder, or an MLM encoder.
+    pub init: PathBuf,
+    /// Ranking, pairwise, HH-RLHF or scored files.
+    pub data: Vec<PathBuf>,
+    pub val_data: Option<PathBuf>,
+    pub val_fraction: f64,
+    pub out: PathBuf,
+    pub seq_len: usize,
+    pub loss: RmLoss,
+    pub margin: f32,
+    /// λ of the centring penalty λ·r².
+    pub center: f32,
+    pub skip_bad_records: bool,
+    pub train: TrainConfig,
+}
+
+impl Default for RmConfig {
+    fn default() -> Self {
+        RmConfig {
+            init: PathBuf::from("runs/sft"),
+            data: Vec::new(),
+            val_data: None,
+            val_fraction: 0.05,
+            out: PathBuf::from("runs/rm"),
+            seq_len: 0,
+            loss: RmLoss::Pairwise,
+            margin: 0.0,
+            center: 0.01,
+            skip_bad_records: false,
+            train: TrainConfig { lr: 3e-4, min_lr: 3e-5, warmup_steps: 20, max_steps: 300, batch_size: 4, eval_every: 100, weight_decay: 0.0, ..TrainConfig::default() },
+        }
+    }
+}
+
+pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<TrainSummary> {
+    if cfg.data.is_empty() {
+        bail!("rm: no --data given");
+    }
+    let b = load_bundle(&cfg.init)?;
+    let template = b.meta.template.clone();
+    let opts = LoadOptions { skip_bad: cfg.skip_bad_records };
+    let mut records = Vec::new();
+    for p in &cfg.data {
+        let l = load_preferences(p, &opts)?;
+        if l.skipped > 0 {
+            eprintln!("[rm] {}: skipped {} bad records (first: {})", p.display(), l.skipped, l.first_error.unwrap_or_default());
+        }
+        records.extend(l.records);
+    }
+    let (train_r, val_r) = match &cfg.val_data {
+        Some(v) => (records, load_preferences(v, &opts)?.records),
+        None => split_val(records, cfg.val_fraction, cfg.train.seed),
+    };
+    let seq_len = if cfg.seq_len == 0 { b.model.cfg.n_ctx } else { cfg.seq_len.min(b.model.cfg.n_ctx) };
+    // The encoder spends one position on its [CLS] token.
+    let fit = if b.model.cfg.arch == Arch::Encoder { seq_len - 1 } else { seq_len };
+    let (train, skipped) = render_groups(&b.tokenizer, &template, &train_r, fit)?;
+    let (val, vskipped) = render_groups(&b.tokenizer, &template, &val_r, fit)?;
+    let pairs: usize = train.iter().map(|g| kiln_data::datasets::expand_pairs(&g.ranks).len()).sum();
+    eprintln!("[rm] {} train prompts ({pairs} comparisons) / {} val ({} + {} skipped: too long)", train.len(), val.len(), skipped, vskipped);
+    let mut model = b.model.with_score_head(true);
+    let mut obj = RmObjective::new(&model, train, val, cfg.loss, cfg.margin, cfg.center, cfg.train.batch_size, seq_len, cfg.train.seed)?;
+    write_run_config(&cfg.out, cfg)?;
+    let run = RunDir::create(&cfg.out)?;
+    let mut meta = KilnMeta::new("rm", template, &b.tokenizer, cfg.train.seed);
+    let tok_path = b.dir.join(TOKENIZER_FILE);
+    let trainer = Trainer { cfg: cfg.train.clone(), run: &run, extra_files: meta.files(&tok_path)?, progress, label: "rm".into() };
+    let summary = trainer.train(&mut model, &mut obj, resume)?;
+    // PPO normalises rewards with the statistics of the training responses.
+    let (mean, std) = obj.reward_stats(&model);
+    meta.reward_mean = Some(mean as f32);
+    meta.reward_std = Some(std as f32);
+    if let Some(dir) = run.latest_checkpoint()? {
+        update_checkpoint_file(&dir, META_FILE, serde_json::to_vec_pretty(&meta)?)?;
+    }
+    eprintln!("[rm] reward statistics over training responses: mean {mean:.4}, std {std:.4}");
+    Ok(summary)
+}
+
+// ---------------------------------------------------------------------------------------------
+// PPO
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoStageConfig {
+    /// The SFT model: the actor starts here and it is the frozen reference.
+    pub actor: PathBuf,
+    pub reward_model: PathBuf,
+    /// The critic's starting point (default: the reward model).
+    pub critic: Option<PathBuf>,
+    /// Prompts: `{"prompt"}`, Alpaca or chat records.
+    pub prompts: PathBuf,
+    pub out: PathBuf,
+    pub judge: Option<JudgeConfig>,
+    pub ppo: PpoConfig,
+}
+
+impl Default for PpoStageConfig {
+    fn default() -> Self {
+        PpoStageConfig {
+            actor: PathBuf::from("runs/sft"),
+            reward_model: PathBuf::from("runs/rm"),
+            critic: None,
+            prompts: PathBuf::from("prompts.jsonl"),
+            out: PathBuf::from("runs/ppo"),
+            judge: None,
+            ppo: PpoConfig::default(),
+        }
+    }
+}
+
+pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSummary> {
+    let actor = load_bundle(&cfg.actor)?;
+    let rm = load_bundle(&cfg.reward_model)?;
+    if rm.tokenizer.fingerprint() != actor.tokenizer.fingerprint() {
+        bail!(
+            "the reward model {} uses another tokenizer than the actor {} (they must share one)",
+            rm.dir.display(),
+            actor.dir.display()
+        );
+    }
+    if !rm.model.cfg.score_head {
+        bail!("{}: not a reward model (no score head)", rm.dir.display());
+    }
+    if rm.model.cfg.arch != Arch::Decoder {
+        bail!("{}: PPO's critic starts from the reward model and must be a decoder", rm.dir.display());
+    }
+    let critic = match &cfg.critic {
+        Some(p) => load_bundle(p)?.model.with_score_head(true),
+        None => rm.model.clone(),
+    };
+    let (mean, std) = (rm.meta.reward_mean.unwrap_or(0.0), rm.meta.reward_std.unwrap_or(1.0));
+    let template = actor.meta.template.clone();
+    let loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &Default::default())?;
+    let prompts: Vec<Vec<u32>> = loaded
+        .records
+        .iter()
+        .map(|r| template.render_prompt(&actor.tokenizer, &r.prompt))
+        .collect::<Result<_, _>>()?;
+    eprintln!("[ppo] {} prompts; reward normalisation mean {mean:.3} std {std:.3}", prompts.len());
+    let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
+    let tok = actor.tokenizer.clone();
+    let tpl = template.clone();
+    let eval = judge.map(|j| {
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
+    });
+    write_run_config(&cfg.out, cfg)?;
+    let run = RunDir::create(&cfg.out)?;
+    let meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
+    let tok2 = actor.tokenizer.clone();
+    let mut ppo = Ppo {
+        cfg: cfg.ppo.clone(),
+        reference: actor.model.clone(),
+        actor: actor.model,
+        critic,
+        reward: RewardModel { model: rm.model, mean, std },
+        prompts,
+        stop_tokens: template.stop_tokens()?,
+        run: &run,
+        extra_files: meta.files(&actor.dir.join(TOKENIZER_FILE))?,
+        eval,
+        decode: Box::new(move |t| tok2.decode_skip_special(t)),
+        progress,
+    };
+    ppo.train(resume)
+}

@@ -1,0 +1,648 @@
+//! Multi-head scaled dot-product attention with causal / padding / packed-segment masks.
+//!
+//! Layout follows GPT-2's fused `c_attn`: `qkv` is `[b, t, 3c]` with q | k | v along the last dim and
+//! head `h` owning columns `h*hs..(h+1)*hs` of each. One rayon task per (batch, head); inside it,
+//! query rows are processed in blocks of [`QB`] with single-threaded `gemm` calls, and a block only
+//! touches the keys some row of it may attend to (so causal attention does ~half the work).
+#![allow(clippy::too_many_arguments)]
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::matmul::gemm_raw;
+use crate::simd::{self, SyncPtr};
+
+/// Query rows per block.
+const QB: usize = 64;
+
+/// Which keys a query may attend to: key `j` is allowed for query `i` (same sequence `b`) iff
+/// `(!causal || j <= i) && key_valid[b*t + j]` (when `Some`) `&& segments[b*t+i] == segments[b*t+j]`
+/// (when `Some`).
+///
+/// `key_valid` marks real (non-padding) tokens; `segments` gives packed examples distinct ids so
+/// attention never crosses example boundaries.
+#[derive(Clone, Copy, Default)]
+pub struct AttnMask<'a> {
+    pub causal: bool,
+    pub key_valid: Option<&'a [bool]>,
+    pub segments: Option<&'a [u32]>,
+}
+
+/// Multi-head attention forward.
+///
+/// `qkv`: `[b, t, 3c]` (q | k | v along the last dim; head `h` uses columns `h*hs..(h+1)*hs` of each,
+/// `hs = c/nh`). `out`: `[b, t, c]` (heads concatenated). `att`: `[b, nh, t, t]`, the saved softmax
+/// probabilities (exactly zero where masked). Scores are scaled by `1/sqrt(hs)`. A query row with no
+/// allowed key gets an all-zero `att` row and a zero output (no NaN).
+pub fn attention_forward(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    mask: &AttnMask,
+) {
+    assert!(
+        c.checked_rem(nh) == Some(0),
+        "attention: c must be a multiple of nh"
+    );
+    assert!(
+        qkv.len() >= b * t * 3 * c,
+        "attention_forward: qkv too small"
+    );
+    assert!(out.len() >= b * t * c, "attention_forward: out too small");
+    assert!(
+        att.len() >= b * nh * t * t,
+        "attention_forward: att too small"
+    );
+    if let Some(kv) = mask.key_valid {
+        assert!(kv.len() >= b * t, "attention_forward: key_valid too small");
+    }
+    if let Some(seg) = mask.segments {
+        assert!(seg.len() >= b * t, "attention_forward: segments too small");
+    }
+    if b * t == 0 || c == 0 {
+        return;
+    }
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c;
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let mask = *mask;
+
+    att[..b * nh * t * t]
+        .par_chunks_mut(t * t)
+        .enumerate()
+        .for_each(|(bh, att_bh)| {
+            let (bi, h) = (bh / nh, bh % nh);
+            let key_valid = mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]);
+            let segments = mask.segments.map(|s| &s[bi * t..(bi + 1) * t]);
+            // Keys past the last valid one are never attended to (right padding): skip them entirely.
+            let kmax = key_valid.map_or(t, |kv| kv.iter().rposition(|&v| v).map_or(0, |j| j + 1));
+            let base = bi * t * c3 + h * hs;
+            let q = qkv[base..].as_ptr();
+            let k = qkv[base + c..].as_ptr();
+            let v = qkv[base + 2 * c..].as_ptr();
+            // SAFETY (pointer offsets below): all row/column indices stay inside this sequence and
+            // head, which the length asserts above cover.
+            let y = unsafe { out_ptr.get().add(bi * t * c + h * hs) };
+
+            for i0 in (0..t).step_by(QB) {
+                let i1 = (i0 + QB).min(t);
+                // Keys a row of this block may see: up to the block end when causal, never past `kmax`.
+                let klim = kmax.min(if mask.causal { i1 } else { t });
+                // S[i0..i1, 0..klim] = Q[i0..i1] @ K[0..klim]^T  (K^T is K read with swapped strides)
+                unsafe {
+                    gemm_raw(
+                        att_bh[i0 * t..].as_mut_ptr(),
+                        t,
+                        q.add(i0 * c3),
+                        c3,
+                        1,
+                        k,
+                        1,
+                        c3,
+                        i1 - i0,
+                        hs,
+                        klim,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                for i in i0..i1 {
+                    let row = &mut att_bh[i * t..(i + 1) * t];
+                    let lim = kmax.min(if mask.causal { i + 1 } else { t });
+                    let (live, dead) = row.split_at_mut(lim);
+                    masked_softmax_row(
+                        live,
+                        scale,
+                        key_valid,
+                        segments,
+                        segments.map_or(0, |s| s[i]),
+                    );
+                    dead.fill(0.0);
+                }
+                // Y[i0..i1] = P[i0..i1, 0..klim] @ V[0..klim], written straight into this head's columns.
+                // SAFETY: tasks write disjoint (batch, head) column blocks of `out`; `att_bh` is ours.
+                unsafe {
+                    gemm_raw(
+                        y.add(i0 * c),
+                        c,
+                        att_bh[i0 * t..].as_ptr(),
+                        t,
+                        1,
+                        v,
+                        c3,
+                        1,
+                        i1 - i0,
+                        klim,
+                        hs,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+}
+
+simd::multiversion! {
+    /// In place: raw scores -> masked softmax probabilities for one query row (restricted to the
+    /// keys `0..row.len()`). Rows with no allowed key become all zeros.
+    fn masked_softmax_row(
+        row: &mut [f32],
+        scale: f32,
+        key_valid: Option<&[bool]>,
+        segments: Option<&[u32]>,
+        seg_i: u32,
+    ) {
+        let n = row.len();
+        // Selects rather than branches, so these loops vectorise.
+        match key_valid {
+            Some(kv) => {
+                for (s, &ok) in row.iter_mut().zip(&kv[..n]) {
+                    *s = if ok { *s * scale } else { f32::NEG_INFINITY };
+                }
+            }
+            None => row.iter_mut().for_each(|s| *s *= scale),
+        }
+        if let Some(seg) = segments {
+            for (s, &sj) in row.iter_mut().zip(&seg[..n]) {
+                *s = if sj == seg_i { *s } else { f32::NEG_INFINITY };
+            }
+        }
+        let mx = simd::max(row);
+        if mx == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        // exp(-inf) is exactly 0, so masked keys get probability 0.
+        for s in row.iter_mut() {
+            *s = simd::exp(*s - mx);
+        }
+        let inv = 1.0 / simd::sum(row);
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+}
+
+/// Multi-head attention backward: `dqkv += ...`, given `dout` `[b,t,c]`, the forward's `qkv` and
+/// `att`. The mask is implied by `att`'s zeros (a zero probability passes no gradient), and, as
+/// in the forward, keys beyond the last non-zero probability of a row block are skipped.
+pub fn attention_backward(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
+    assert!(
+        c.checked_rem(nh) == Some(0),
+        "attention: c must be a multiple of nh"
+    );
+    assert!(
+        qkv.len() >= b * t * 3 * c,
+        "attention_backward: qkv too small"
+    );
+    assert!(
+        dqkv.len() >= b * t * 3 * c,
+        "attention_backward: dqkv too small"
+    );
+    assert!(
+        dout.len() >= b * t * c,
+        "attention_backward: dout too small"
+    );
+    assert!(
+        att.len() >= b * nh * t * t,
+        "attention_backward: att too small"
+    );
+    if b * t == 0 || c == 0 {
+        return;
+    }
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c;
+    let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
+
+    (0..b * nh).into_par_iter().for_each_init(
+        // dS for one block of query rows; reused across the tasks a worker runs.
+        || vec![0.0f32; QB * t],
+        |ds, bh| {
+            let (bi, h) = (bh / nh, bh % nh);
+            let att_bh = &att[bh * t * t..(bh + 1) * t * t];
+            let base = bi * t * c3 + h * hs;
+            let q = qkv[base..].as_ptr();
+            let k = qkv[base + c..].as_ptr();
+            let v = qkv[base + 2 * c..].as_ptr();
+            let dy = dout[bi * t * c + h * hs..].as_ptr();
+            // SAFETY (all pointer uses below): offsets stay inside this (batch, head), covered by the
+            // asserts above; tasks write disjoint (batch, head) column blocks of `dqkv`.
+            let (dq, dk, dv) = unsafe {
+                let p = dqkv_ptr.get().add(base);
+                (p, p.add(c), p.add(2 * c))
+            };
+
+            for i0 in (0..t).step_by(QB) {
+                let i1 = (i0 + QB).min(t);
+                let m = i1 - i0;
+                let klim = (i0..i1)
+                    .map(|i| {
+                        att_bh[i * t..(i + 1) * t]
+                            .iter()
+                            .rposition(|&p| p != 0.0)
+                            .map_or(0, |j| j + 1)
+                    })
+                    .max()
+                    .unwrap_or(0);
+                if klim == 0 {
+                    continue; // no query here attends to anything: no gradient flows
+                }
+                let ds = &mut ds[..m * t];
+                unsafe {
+                    // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
+                    gemm_raw(
+                        ds.as_mut_ptr(),
+                        t,
+                        dy.add(i0 * c),
+                        c,
+                        1,
+                        v,
+                        1,
+                        c3,
+                        m,
+                        hs,
+                        klim,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale.
+                for (ii, ds_row) in ds.chunks_exact_mut(t).enumerate() {
+                    let i = i0 + ii;
+                    softmax_backward_row(&mut ds_row[..klim], &att_bh[i * t..i * t + klim], scale);
+                }
+                let p = att_bh[i0 * t..].as_ptr();
+                unsafe {
+                    // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
+                    gemm_raw(
+                        dv,
+                        c3,
+                        p,
+                        1,
+                        t,
+                        dy.add(i0 * c),
+                        c,
+                        1,
+                        klim,
+                        m,
+                        hs,
+                        true,
+                        Parallelism::None,
+                    );
+                    // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
+                    gemm_raw(
+                        dq.add(i0 * c3),
+                        c3,
+                        ds.as_ptr(),
+                        t,
+                        1,
+                        k,
+                        c3,
+                        1,
+                        m,
+                        klim,
+                        hs,
+                        true,
+                        Parallelism::None,
+                    );
+                    // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
+                    gemm_raw(
+                        dk,
+                        c3,
+                        ds.as_ptr(),
+                        1,
+                        t,
+                        q.add(i0 * c3),
+                        c3,
+                        1,
+                        klim,
+                        m,
+                        hs,
+                        true,
+                        Parallelism::None,
+                    );
+                }
+            }
+        },
+    );
+}
+
+simd::multiversion! {
+    /// In place: `dp` (dL/dP for one row) -> dL/dS = `p * (dp - <p, dp>) * scale`.
+    fn softmax_backward_row(dp: &mut [f32], p: &[f32], scale: f32) {
+        let p = &p[..dp.len()];
+        let d = simd::dot(p, dp);
+        for (g, &pj) in dp.iter_mut().zip(p) {
+            *g = pj * (*g - d) * scale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    struct Case {
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+        causal: bool,
+        key_valid: Option<Vec<bool>>,
+        segments: Option<Vec<u32>>,
+    }
+
+    impl Case {
+        fn mask(&self) -> AttnMask<'_> {
+            AttnMask {
+                causal: self.causal,
+                key_valid: self.key_valid.as_deref(),
+                segments: self.segments.as_deref(),
+            }
+        }
+        fn allowed(&self, bi: usize, i: usize, j: usize) -> bool {
+            let t = self.t;
+            (!self.causal || j <= i)
+                && self
+                    .key_valid
+                    .as_ref()
+                    .map(|kv| kv[bi * t + j])
+                    .unwrap_or(true)
+                && self
+                    .segments
+                    .as_ref()
+                    .map(|s| s[bi * t + i] == s[bi * t + j])
+                    .unwrap_or(true)
+        }
+        fn forward(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+            let (b, t, c, nh) = (self.b, self.t, self.c, self.nh);
+            let mut out = vec![f32::NAN; b * t * c];
+            let mut att = vec![f32::NAN; b * nh * t * t];
+            attention_forward(&mut out, &mut att, qkv, b, t, c, nh, &self.mask());
+            (out, att)
+        }
+        /// Straightforward f64 reference.
+        #[allow(clippy::needless_range_loop)]
+        fn reference(&self, qkv: &[f32]) -> (Vec<f64>, Vec<f64>) {
+            let (b, t, c, nh) = (self.b, self.t, self.c, self.nh);
+            let hs = c / nh;
+            let mut out = vec![0.0f64; b * t * c];
+            let mut att = vec![0.0f64; b * nh * t * t];
+            let at = |bi: usize, i: usize, sec: usize, d: usize| {
+                qkv[(bi * t + i) * 3 * c + sec * c + d] as f64
+            };
+            for bi in 0..b {
+                for h in 0..nh {
+                    for i in 0..t {
+                        let mut s = vec![f64::NEG_INFINITY; t];
+                        for j in 0..t {
+                            if self.allowed(bi, i, j) {
+                                s[j] = (0..hs)
+                                    .map(|d| at(bi, i, 0, h * hs + d) * at(bi, j, 1, h * hs + d))
+                                    .sum::<f64>()
+                                    / (hs as f64).sqrt();
+                            }
+                        }
+                        let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        if mx == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for j in 0..t {
+                            let p = e[j] / z;
+                            att[((bi * nh + h) * t + i) * t + j] = p;
+                            for d in 0..hs {
+                                out[(bi * t + i) * c + h * hs + d] += p * at(bi, j, 2, h * hs + d);
+                            }
+                        }
+                    }
+                }
+            }
+            (out, att)
+        }
+    }
+
+    fn check(case: &Case, seed: u64) {
+        let (b, t, c, nh) = (case.b, case.t, case.c, case.nh);
+        let mut rng = rng(seed);
+        let qkv = randn(&mut rng, b * t * 3 * c, 1.5);
+        let (out, att) = case.forward(&qkv);
+        let (rout, ratt) = case.reference(&qkv);
+        assert_close(&out, &rout, 1e-5, "attention out");
+        assert_close(&att, &ratt, 1e-5, "attention att");
+        for bi in 0..b {
+            for h in 0..nh {
+                for i in 0..t {
+                    for j in 0..t {
+                        if !case.allowed(bi, i, j) {
+                            assert_eq!(
+                                att[((bi * nh + h) * t + i) * t + j],
+                                0.0,
+                                "masked prob must be exactly 0"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let lw = randn(&mut rng, b * t * c, 1.0);
+        let g0 = 0.3f32;
+        let mut dqkv = vec![g0; qkv.len()];
+        attention_backward(&mut dqkv, &lw, &qkv, &att, b, t, c, nh);
+        let d: Vec<f32> = dqkv.iter().map(|v| v - g0).collect();
+        let num = numgrad(&qkv, 1e-2, |x| weighted_sum(&case.forward(x).0, &lw));
+        assert_grad(&d, &num, "attention dqkv");
+    }
+
+    #[test]
+    fn causal() {
+        check(
+            &Case {
+                b: 2,
+                t: 7,
+                c: 8,
+                nh: 2,
+                causal: true,
+                key_valid: None,
+                segments: None,
+            },
+            30,
+        );
+    }
+
+    #[test]
+    fn bidirectional() {
+        check(
+            &Case {
+                b: 2,
+                t: 6,
+                c: 6,
+                nh: 3,
+                causal: false,
+                key_valid: None,
+                segments: None,
+            },
+            31,
+        );
+    }
+
+    #[test]
+    fn key_padding() {
+        // Right padding in sequence 0, left padding in sequence 1; bidirectional and causal.
+        let kv = vec![
+            true, true, true, true, false, false, //
+            false, false, true, true, true, true,
+        ];
+        for causal in [false, true] {
+            check(
+                &Case {
+                    b: 2,
+                    t: 6,
+                    c: 4,
+                    nh: 2,
+                    causal,
+                    key_valid: Some(kv.clone()),
+                    segments: None,
+                },
+                32,
+            );
+        }
+    }
+
+    #[test]
+    fn segments() {
+        let seg = vec![0, 0, 0, 1, 1, 2, 2, 2, /**/ 5, 5, 5, 5, 5, 9, 9, 9];
+        let kv: Vec<bool> = (0..16).map(|i| i != 7 && i != 12).collect();
+        for causal in [false, true] {
+            check(
+                &Case {
+                    b: 2,
+                    t: 8,
+                    c: 4,
+                    nh: 2,
+                    causal,
+                    key_valid: None,
+                    segments: Some(seg.clone()),
+                },
+                33,
+            );
+            check(
+                &Case {
+                    b: 2,
+                    t: 8,
+                    c: 4,
+                    nh: 2,
+                    causal,
+                    key_valid: Some(kv.clone()),
+                    segments: Some(seg.clone()),
+                },
+                34,
+            );
+        }
+    }
+
+    #[test]
+    fn no_allowed_key_gives_zeros() {
+        // Causal with left padding: queries 0 and 1 of sequence 1 see no valid key at all.
+        // Sequence 0 is all padding (no valid key anywhere).
+        let (b, t, c, nh) = (2, 5, 4, 2);
+        let kv = vec![
+            false, false, false, false, false, false, false, true, true, true,
+        ];
+        let case = Case {
+            b,
+            t,
+            c,
+            nh,
+            causal: true,
+            key_valid: Some(kv),
+            segments: None,
+        };
+        let mut rng = rng(35);
+        let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
+        let (out, att) = case.forward(&qkv);
+        assert!(out.iter().chain(&att).all(|v| v.is_finite()));
+        for i in 0..t {
+            assert!(out[i * c..(i + 1) * c].iter().all(|&v| v == 0.0));
+        }
+        for i in 0..2 {
+            assert!(out[(t + i) * c..(t + i + 1) * c].iter().all(|&v| v == 0.0));
+            for h in 0..nh {
+                assert!(att[((nh + h) * t + i) * t..][..t].iter().all(|&v| v == 0.0));
+            }
+        }
+        let mut dqkv = vec![0.0; qkv.len()];
+        let dout = randn(&mut rng, b * t * c, 1.0);
+        attention_backward(&mut dqkv, &dout, &qkv, &att, b, t, c, nh);
+        assert!(dqkv.iter().all(|v| v.is_finite()));
+        check(&case, 36);
+    }
+
+    #[test]
+    fn longer_than_a_block() {
+        // t > QB exercises the query blocking and the causal key limit.
+        check(
+            &Case {
+                b: 1,
+                t: QB + 9,
+                c: 4,
+                nh: 2,
+                causal: true,
+                key_valid: None,
+                segments: None,
+            },
+            37,
+        );
+        let kv: Vec<bool> = (0..QB + 9).map(|j| j < QB + 3).collect();
+        check(
+            &Case {
+                b: 1,
+                t: QB + 9,
+                c: 4,
+                nh: 1,
+                causal: false,
+                key_valid: Some(kv),
+                segments: None,
+            },
+            38,
+        );
+    }
+
+    #[test]
+    fn deterministic() {
+        let (b, t, c, nh) = (3, 100, 32, 4);
+        let mut rng = rng(39);
+        let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
+        let dout = randn(&mut rng, b * t * c, 1.0);
+        let mask = AttnMask {
+            causal: true,
+            ..Default::default()
+        };
+        let run = || {
+            let mut out = vec![0.0; b * t * c];
+            let mut att = vec![0.0; b * nh * t * t];
+            attention_forward(&mut out, &mut att, &qkv, b, t, c, nh, &mask);
+            let mut dqkv = vec![0.0; qkv.len()];
+            attention_backward(&mut dqkv, &dout, &qkv, &att, b, t, c, nh);
+            (out, att, dqkv)
+        };
+        assert_bits_eq(&run(), &run());
+    }
+}

@@ -1,0 +1,148 @@
+//! Kiln's compute engine: CPU kernels over flat, row-major `f32` buffers, each forward beside its backward.
+//!
+//! This is the one narrow interface the models are written against (so a GPU backend can slot in later).
+//! Conventions, shared by every kernel:
+//! - Buffers are row-major slices; shapes are passed explicitly (`n` rows, `c` channels, ...).
+//! - Every backward function ACCUMULATES (`+=`) into its gradient outputs, for parameters and
+//!   activations alike; the caller zeroes gradient buffers once per step. This makes gradient
+//!   accumulation and residual branches free.
+//! - Parallelism is rayon (and `gemm`'s rayon mode) with fixed chunking: results never depend on thread
+//!   scheduling, so the same inputs and thread count give bit-identical outputs.
+
+pub mod attention;
+pub mod embed;
+pub mod gelu;
+pub mod layernorm;
+pub mod loss;
+pub mod matmul;
+pub mod optim;
+mod simd;
+#[cfg(test)]
+mod testutil;
+
+pub use attention::{attention_backward, attention_forward, AttnMask};
+pub use embed::{embedding_backward, embedding_forward};
+pub use gelu::{gelu_backward, gelu_forward};
+pub use layernorm::{layernorm_backward, layernorm_forward, LN_EPS};
+pub use loss::{token_logprob_backward, token_logprob_forward, IGNORE};
+pub use matmul::{linear_backward, linear_forward, matmul};
+pub use optim::{adamw_update, global_grad_norm, scale};
+
+/// Element-wise `out[i] += x[i]`.
+pub fn add_inplace(out: &mut [f32], x: &[f32]) {
+    assert_eq!(out.len(), x.len());
+    for (o, v) in out.iter_mut().zip(x) {
+        *o += *v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::*;
+    use crate::*;
+
+    /// Every kernel, forward and backward, on one small transformer-block-like workload.
+    fn workload() -> Vec<Vec<f32>> {
+        let (b, t, c, nh, v) = (2, 70, 64, 4, 300);
+        let n = b * t;
+        let mut rng = rng(99);
+        let x = randn(&mut rng, n * c, 1.0);
+        let w = randn(&mut rng, c * 3 * c, 0.2);
+        let bias = randn(&mut rng, 3 * c, 0.1);
+        let wlm = randn(&mut rng, c * v, 0.2);
+        let (mut ln, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &w[..c], &bias[..c], n, c);
+        let mut qkv = vec![0.0; n * 3 * c];
+        linear_forward(&mut qkv, &ln, &w, Some(&bias), n, c, 3 * c);
+        let mut g = vec![0.0; n * 3 * c];
+        gelu_forward(&mut g, &qkv);
+        let (mut y, mut att) = (vec![0.0; n * c], vec![0.0; b * nh * t * t]);
+        let mask = AttnMask {
+            causal: true,
+            ..Default::default()
+        };
+        attention_forward(&mut y, &mut att, &g, b, t, c, nh, &mask);
+        let mut logits = vec![0.0; n * v];
+        matmul(&mut logits, &y, &wlm, n, c, v, false, false, false);
+        let targets: Vec<u32> = (0..n as u32)
+            .map(|i| if i % 5 == 0 { IGNORE } else { i * 7 % v as u32 })
+            .collect();
+        let (mut logp, mut ent) = (vec![0.0; n], vec![0.0; n]);
+        token_logprob_forward(&mut logits, &targets, 0.8, &mut logp, Some(&mut ent), v);
+        let dl = randn(&mut rng, n, 1.0);
+        token_logprob_backward(&mut logits, &targets, 0.8, &dl, Some(&dl), v);
+        let mut dy = vec![0.0; n * c];
+        let mut dwl = vec![0.0; c * v];
+        matmul(&mut dy, &logits, &wlm, n, v, c, false, true, true);
+        matmul(&mut dwl, &y, &logits, c, n, v, true, false, true);
+        let mut dg = vec![0.0; n * 3 * c];
+        attention_backward(&mut dg, &dy, &g, &att, b, t, c, nh);
+        let mut dqkv = vec![0.0; n * 3 * c];
+        gelu_backward(&mut dqkv, &qkv, &dg);
+        let (mut dln, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c * 3 * c], vec![0.0; 3 * c]);
+        linear_backward(
+            Some(&mut dln),
+            &mut dw,
+            Some(&mut db),
+            &dqkv,
+            &ln,
+            &w,
+            n,
+            c,
+            3 * c,
+        );
+        let (mut dx, mut dlw, mut dlb) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        layernorm_backward(
+            &mut dx,
+            &mut dlw,
+            &mut dlb,
+            &dln,
+            &x,
+            &w[..c],
+            &mean,
+            &rstd,
+            n,
+            c,
+        );
+        let tokens: Vec<u32> = (0..n as u32).map(|i| i * 13 % v as u32).collect();
+        let positions: Vec<u32> = (0..n as u32).map(|i| i % t as u32).collect();
+        let (mut dwte, mut dwpe) = (vec![0.0; v * c], vec![0.0; t * c]);
+        embedding_backward(&mut dwte, &mut dwpe, &dx, &tokens, &positions, c);
+        let mut p = w.clone();
+        let (mut m, mut vv) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+        let norm = global_grad_norm(&[&dw, &db, &dlw, &dlb, &dwte, &dwpe]);
+        scale(&mut dw, 1.0 / norm.max(1.0));
+        adamw_update(&mut p, &dw, &mut m, &mut vv, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1);
+        vec![
+            logp,
+            ent,
+            logits,
+            att,
+            dx,
+            dw,
+            db,
+            dwte,
+            dwpe,
+            p,
+            vec![norm],
+        ]
+    }
+
+    #[test]
+    fn deterministic_across_runs_and_thread_counts() {
+        let bits = |r: Vec<Vec<f32>>| r.into_iter().map(|v| v.bits()).collect::<Vec<_>>();
+        let reference = bits(workload());
+        assert_eq!(reference, bits(workload()), "two runs differ");
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            assert_eq!(
+                reference,
+                bits(pool.install(workload)),
+                "{threads} threads differ"
+            );
+        }
+    }
+}

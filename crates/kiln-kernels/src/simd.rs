@@ -1,0 +1,282 @@
+//! Small building blocks shared by the element-wise kernels: runtime CPU dispatch, lane-parallel
+//! reductions, and branch-free `exp` / `ln` that the compiler can vectorise.
+//!
+//! Why: rustc targets baseline x86-64 (SSE2) unless told otherwise, and it never reassociates float
+//! sums, so a plain `for x in row { s += x }` runs one scalar add at a time. We therefore
+//! (1) keep `LANES` independent accumulators so reductions vectorise, reduced in a fixed tree order
+//! (deterministic, and identical whatever the vector width), and (2) compile the hot row kernels twice,
+//! once for AVX2+FMA, picked at runtime. No `mul_add` is used, so both builds give bit-identical results.
+
+/// Number of independent accumulators in reductions (two AVX-512 / four AVX2 registers).
+pub(crate) const LANES: usize = 32;
+
+/// Which instruction set the multiversioned kernels run with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Level {
+    Base,
+    V3,
+}
+
+/// Detected once, then a single relaxed load (integer atomics, not float ones).
+#[inline]
+pub(crate) fn level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
+        match LEVEL.load(Ordering::Relaxed) {
+            0 => Level::Base,
+            1 => Level::V3,
+            _ => {
+                let v3 =
+                    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+                LEVEL.store(v3 as u8, Ordering::Relaxed);
+                if v3 {
+                    Level::V3
+                } else {
+                    Level::Base
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Level::Base
+    }
+}
+
+/// Defines a function whose body is compiled twice (baseline and AVX2+FMA) and dispatched at runtime.
+/// The body must only call `#[inline(always)]` helpers in its inner loops, so they get the wide build.
+macro_rules! multiversion {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if $crate::simd::level() == $crate::simd::Level::V3 {
+                    // SAFETY: `level()` verified at runtime that the CPU supports AVX2 and FMA.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Fixed-order tree reduction of the lane accumulators.
+#[inline(always)]
+fn reduce_lanes(mut acc: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for k in 0..w {
+            acc[k] = op(acc[k], acc[k + w]);
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// Sum of `x`, vectorised, deterministic.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for ch in &mut it {
+        let ch: &[f32; LANES] = ch.try_into().unwrap();
+        for k in 0..LANES {
+            acc[k] += ch[k];
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(it.remainder()) {
+        *a += v;
+    }
+    reduce_lanes(acc, |a, b| a + b)
+}
+
+/// Dot product of `a` and `b` (same length), vectorised, deterministic.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let b = &b[..a.len()];
+    let mut acc = [0.0f32; LANES];
+    let mut ia = a.chunks_exact(LANES);
+    let mut ib = b.chunks_exact(LANES);
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        let ca: &[f32; LANES] = ca.try_into().unwrap();
+        let cb: &[f32; LANES] = cb.try_into().unwrap();
+        for k in 0..LANES {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    for ((acc, &x), &y) in acc.iter_mut().zip(ia.remainder()).zip(ib.remainder()) {
+        *acc += x * y;
+    }
+    reduce_lanes(acc, |a, b| a + b)
+}
+
+/// Maximum of `x` (`-inf` when empty), vectorised.
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for ch in &mut it {
+        let ch: &[f32; LANES] = ch.try_into().unwrap();
+        for k in 0..LANES {
+            // `if` form lowers to a single max instruction (f32::max adds NaN handling).
+            acc[k] = if ch[k] > acc[k] { ch[k] } else { acc[k] };
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(it.remainder()) {
+        *a = if v > *a { v } else { *a };
+    }
+    reduce_lanes(acc, |a, b| if b > a { b } else { a })
+}
+
+/// Branch-free `e^x` (Cephes polynomial, ~1 ulp on the useful range), vectorisable.
+/// Returns exactly 0 for x < -87.33 (and for -inf), so masked scores contribute exact zeros and
+/// no denormals are produced; saturates near f32::MAX for x > 88.37.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let underflow = x < -87.33;
+    let xc = x.clamp(-87.33, 88.37);
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let z = r * r;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5e-1;
+    let y = p * z + r + 1.0;
+    let pow2n = f32::from_bits(((ni + 127) as u32) << 23);
+    if underflow {
+        0.0
+    } else {
+        y * pow2n
+    }
+}
+
+/// Branch-free natural log for positive normal `x` (Cephes polynomial, ~1 ulp), vectorisable.
+/// For 0 and denormals it returns a finite value near -88 (instead of -inf), so `p * ln(p)` is 0
+/// rather than NaN for p = 0, which is what entropy computations want.
+#[inline(always)]
+pub(crate) fn ln(x: f32) -> f32 {
+    const SQRT2: f32 = std::f32::consts::SQRT_2;
+    let bits = x.to_bits();
+    let e = ((bits >> 23) & 0xff) as i32 - 127;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // mantissa in [1, 2)
+                                                                // Re-centre the mantissa on 1: [sqrt(1/2), sqrt(2)).
+    let big = m > SQRT2;
+    let m = if big { m * 0.5 } else { m };
+    let e = (if big { e + 1 } else { e }) as f32;
+    let f = m - 1.0;
+    let z = f * f;
+    let mut p = 7.037_683_6e-2f32;
+    p = p * f - 1.151_461e-1;
+    p = p * f + 1.167_699_9e-1;
+    p = p * f - 1.242_014_1e-1;
+    p = p * f + 1.424_932_3e-1;
+    p = p * f - 1.666_805_8e-1;
+    p = p * f + 2.000_071_4e-1;
+    p = p * f - 2.499_999_4e-1;
+    p = p * f + 3.333_333e-1;
+    let y = p * f * z + e * -2.121_944_4e-4 - 0.5 * z;
+    f + y + e * 0.693_359_4
+}
+
+/// `out[i] += x[i]`, vectorised (the compiler does this on its own for zipped slices).
+#[inline(always)]
+pub(crate) fn add_to(out: &mut [f32], x: &[f32]) {
+    let x = &x[..out.len()];
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o += v;
+    }
+}
+
+/// Rows per task for row reductions with per-task partial sums (e.g. bias gradients): at least
+/// `min_rows`, and few enough that there are at most 64 partials to allocate and add up. Depends
+/// only on `n`, never on the thread count, so the summation order is fixed.
+pub(crate) fn rows_per_block(n: usize, min_rows: usize) -> usize {
+    min_rows.max(n.div_ceil(64)).max(1)
+}
+
+/// A raw pointer that rayon tasks may share. Used only where tasks provably write disjoint
+/// (strided) regions of one buffer, e.g. one attention head's columns.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: users guarantee disjoint writes (see each use site).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// Accessor, so closures capture the whole `SyncPtr` (edition 2021 would capture the raw field).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_ln_accuracy() {
+        let mut worst_exp = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let a = exp(x) as f64;
+            let r = (x as f64).exp();
+            worst_exp = worst_exp.max(((a - r) / r).abs());
+            x += 0.0137;
+        }
+        assert!(worst_exp < 5e-7, "exp rel err {worst_exp}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+
+        let mut worst_ln = 0f64;
+        let mut x = 1e-30f32;
+        while x < 1e30 {
+            let a = ln(x) as f64;
+            let r = (x as f64).ln();
+            worst_ln = worst_ln.max((a - r).abs() / r.abs().max(1.0));
+            x *= 1.0173;
+        }
+        assert!(worst_ln < 5e-7, "ln err {worst_ln}");
+        assert!(ln(0.0).is_finite() && ln(0.0) < -80.0);
+        assert_eq!(0.0 * ln(0.0), 0.0);
+    }
+
+    #[test]
+    fn reductions() {
+        let x: Vec<f32> = (0..101).map(|i| ((i * 37) % 23) as f32 - 11.0).collect();
+        let y: Vec<f32> = (0..101).map(|i| ((i * 13) % 7) as f32 * 0.5).collect();
+        assert_eq!(sum(&x), x.iter().sum::<f32>());
+        assert_eq!(
+            dot(&x, &y),
+            x.iter().zip(&y).map(|(a, b)| a * b).sum::<f32>()
+        );
+        assert_eq!(max(&x), 11.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(sum(&[]), 0.0);
+    }
+}

@@ -1,0 +1,225 @@
+//! Checkpoints: Hugging Face–compatible `model.safetensors` + `config.json`, written atomically.
+//!
+//! A checkpoint is a directory. It is first written under a temporary name, every file fsynced, a
+//! `checksums.json` (SHA-256 of each file) added, then renamed into place, so a crash never leaves a
+//! half-written checkpoint that looks complete, and a damaged file is detected on load.
+
+use crate::config::ModelConfig;
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+pub const CHECKSUMS_FILE: &str = "checksums.json";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Serialises named f32 tensors (name, shape, data) to safetensors bytes.
+pub fn tensors_to_bytes(tensors: &[(String, Vec<usize>, &[f32])]) -> Result<Vec<u8>> {
+    let raw: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&raw)
+        .map(|((name, shape, _), bytes)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
+        .collect::<Result<_>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+/// Reads every tensor of a safetensors buffer as f32 (F32 and BF16 accepted).
+pub fn bytes_to_tensors(bytes: &[u8], what: &str) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{what}: not a valid safetensors file (truncated or corrupt?)"))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            other => bail!("{what}: tensor {name} has dtype {other:?}; Kiln reads F32 and BF16"),
+        };
+        out.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
+/// The model's parameters under their Hugging Face GPT-2 names.
+pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>> {
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
+        .layout
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), &model.params[t.range()]))
+        .collect();
+    tensors_to_bytes(&tensors)
+}
+
+/// Fills a flat buffer in `model`'s layout from named tensors. Accepts the names `transformers` writes
+/// for GPT2LMHeadModel (`transformer.` prefix) and GPT2Model (no prefix); ignores the attention-mask
+/// buffers and the tied `lm_head.weight`.
+pub fn params_from_tensors(cfg: &ModelConfig, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, what: &str) -> Result<Vec<f32>> {
+    let layout = crate::params::ParamLayout::new(cfg);
+    let mut params = vec![0.0f32; layout.total];
+    for t in &layout.tensors {
+        let alt = t.name.strip_prefix("transformer.").unwrap_or(&t.name).to_string();
+        let (shape, data) = tensors
+            .get(&t.name)
+            .or_else(|| tensors.get(&alt))
+            .with_context(|| format!("{what}: tensor {} is missing", t.name))?;
+        if shape != &t.shape {
+            bail!(
+                "{what}: tensor {} has shape {:?}, but config.json implies {:?} (checkpoint of another architecture?)",
+                t.name,
+                shape,
+                t.shape
+            );
+        }
+        params[t.range()].copy_from_slice(data);
+    }
+    Ok(params)
+}
+
+/// Writes a checkpoint directory atomically: `files` (name, bytes) plus `checksums.json`.
+pub fn write_checkpoint_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{}: not a directory name", dir.display()))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut sums = BTreeMap::new();
+    for (fname, bytes) in files {
+        let path = tmp.join(fname);
+        let mut f = fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+        f.sync_all()?;
+        sums.insert(fname.clone(), sha256_hex(bytes));
+    }
+    let sums_json = serde_json::to_vec_pretty(&sums)?;
+    let mut f = fs::File::create(tmp.join(CHECKSUMS_FILE))?;
+    f.write_all(&sums_json)?;
+    f.sync_all()?;
+    // Replace an existing directory of the same name: move it aside first, so at every moment one
+    // complete copy exists.
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        fs::rename(dir, &old).with_context(|| format!("moving aside {}", dir.display()))?;
+    }
+    fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    if old.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    if let Ok(d) = fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads one file of a checkpoint directory, checking it against `checksums.json` when present.
+pub fn read_checked(dir: &Path, fname: &str) -> Result<Vec<u8>> {
+    let path = dir.join(fname);
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let sums_path = dir.join(CHECKSUMS_FILE);
+    if sums_path.exists() {
+        let sums: BTreeMap<String, String> = serde_json::from_slice(&fs::read(&sums_path)?)
+            .with_context(|| format!("{}: not valid JSON", sums_path.display()))?;
+        if let Some(expected) = sums.get(fname) {
+            if &sha256_hex(&bytes) != expected {
+                bail!(
+                    "{}: checksum mismatch (the file is corrupt or was changed after the checkpoint was written)",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Loads a model directory (written by Kiln or by `transformers`' `save_pretrained`).
+pub fn load_model(dir: &Path) -> Result<Model> {
+    let cfg = ModelConfig::load(&dir.join(CONFIG_FILE))?;
+    let bytes = read_checked(dir, MODEL_FILE)?;
+    let what = dir.join(MODEL_FILE).display().to_string();
+    let tensors = bytes_to_tensors(&bytes, &what)?;
+    let params = params_from_tensors(&cfg, &tensors, &what)?;
+    Ok(Model::from_params(cfg, params))
+}
+
+/// The files of a model-only checkpoint: weights and config.
+pub fn model_files(model: &Model) -> Result<Vec<(String, Vec<u8>)>> {
+    Ok(vec![
+        (MODEL_FILE.to_string(), model_to_bytes(model)?),
+        (
+            CONFIG_FILE.to_string(),
+            serde_json::to_vec_pretty(&model.cfg.to_hf_json())?,
+        ),
+    ])
+}
+
+/// Resolves a user's `--model` path: a checkpoint directory, or a run directory whose `latest` file
+/// names its newest checkpoint.
+pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
+    if path.join(CONFIG_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join("latest");
+    if latest.exists() {
+        let name = fs::read_to_string(&latest)?.trim().to_string();
+        let p = path.join(name);
+        if p.join(CONFIG_FILE).exists() {
+            return Ok(p);
+        }
+    }
+    if !path.exists() {
+        bail!("{}: no such model directory", path.display());
+    }
+    bail!(
+        "{}: not a model directory (no config.json, and no 'latest' file naming a checkpoint)",
+        path.display()
+    )
+}
+
+impl Model {
+    /// The same model with a scalar head added (zero-initialised) or removed, keeping every other tensor.
+    pub fn with_score_head(self, score_head: bool) -> Model {
+        if self.cfg.score_head == score_head {
+            return self;
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.score_head = score_head;
+        let layout = crate::params::ParamLayout::new(&cfg);
+        let mut params = vec![0.0f32; layout.total];
+        for t in &layout.tensors {
+            if let Some(old) = self.layout.get(&t.name) {
+                params[t.range()].copy_from_slice(&self.params[old.range()]);
+            }
+        }
+        Model::from_params(cfg, params)
+    }
+}

@@ -1,0 +1,270 @@
+//! Inference: a forward pass with a KV cache, and sampling (temperature, top-k, top-p).
+//!
+//! Each cache slot holds one sequence; rows of a batch may sit at different lengths, so prompts of any
+//! lengths are batched without padding (each prompt is prefilled into its slot, then all rows decode
+//! one token per step together).
+
+use crate::config::Arch;
+use crate::model::Model;
+use anyhow::{bail, Result};
+use kiln_kernels as k;
+use rand::Rng;
+use rayon::prelude::*;
+
+/// Keys and values of every layer for `slots` sequences of up to `n_ctx` tokens.
+pub struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Tokens already in each slot.
+    pub len: Vec<usize>,
+    slots: usize,
+    n_ctx: usize,
+    c: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &Model, slots: usize) -> Self {
+        let cfg = &model.cfg;
+        let size = cfg.n_layer * slots * cfg.n_ctx * cfg.n_embd;
+        KvCache {
+            k: vec![0.0; size],
+            v: vec![0.0; size],
+            len: vec![0; slots],
+            slots,
+            n_ctx: cfg.n_ctx,
+            c: cfg.n_embd,
+        }
+    }
+
+    fn offset(&self, layer: usize, slot: usize, pos: usize) -> usize {
+        ((layer * self.slots + slot) * self.n_ctx + pos) * self.c
+    }
+}
+
+impl Model {
+    /// Feeds `tq` new tokens to each of the given cache slots (rows: `slots.len()`, tokens row-major
+    /// [rows, tq]) and returns the logits of each row's last new token, [rows, vocab].
+    pub fn forward_cached(&self, cache: &mut KvCache, slots: &[usize], tokens: &[u32], tq: usize) -> Vec<f32> {
+        let cfg = &self.cfg;
+        assert_eq!(cfg.arch, Arch::Decoder, "the KV cache is for decoders");
+        let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
+        let rows = slots.len();
+        let n = rows * tq;
+        assert_eq!(tokens.len(), n);
+        let p = &self.params;
+        let lay = &self.layout;
+        let start: Vec<usize> = slots.iter().map(|&s| cache.len[s]).collect();
+        for &s0 in &start {
+            assert!(s0 + tq <= cfg.n_ctx, "KV cache full: context is {}", cfg.n_ctx);
+        }
+        let positions: Vec<u32> = (0..n).map(|i| (start[i / tq] + i % tq) as u32).collect();
+        let mut x = vec![0.0f32; n * c];
+        k::embedding_forward(&mut x, tokens, &positions, &p[lay.wte.clone()], &p[lay.wpe.clone()], c);
+        let mut ln = vec![0.0f32; n * c];
+        let (mut mean, mut rstd) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let mut qkv = vec![0.0f32; n * 3 * c];
+        let mut atty = vec![0.0f32; n * c];
+        let mut tmp = vec![0.0f32; n * c];
+        let mut fch = vec![0.0f32; n * 4 * c];
+        let mut fch_gelu = vec![0.0f32; n * 4 * c];
+        let scale = 1.0 / (hs as f32).sqrt();
+        for l in 0..cfg.n_layer {
+            let o = &lay.layers[l];
+            k::layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p[o.ln1_w.clone()], &p[o.ln1_b.clone()], n, c);
+            k::linear_forward(&mut qkv, &ln, &p[o.attn_w.clone()], Some(&p[o.attn_b.clone()]), n, c, 3 * c);
+            // Append this step's keys and values to the cache.
+            for i in 0..n {
+                let off = cache.offset(l, slots[i / tq], positions[i] as usize);
+                cache.k[off..off + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
+                cache.v[off..off + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..i * 3 * c + 3 * c]);
+            }
+            // Each (token, head) attends to its slot's keys up to its own position.
+            let cache_ref = &*cache;
+            atty.par_chunks_mut(hs).enumerate().for_each(|(idx, out)| {
+                let (i, h) = (idx / nh, idx % nh);
+                let pos = positions[i] as usize;
+                let base = cache_ref.offset(l, slots[i / tq], 0);
+                let q = &qkv[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
+                let mut scores = Vec::with_capacity(pos + 1);
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..=pos {
+                    let kr = &cache_ref.k[base + j * c + h * hs..base + j * c + (h + 1) * hs];
+                    let s = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                out.fill(0.0);
+                for (j, s) in scores.iter().enumerate() {
+                    let w = s / sum;
+                    let vr = &cache_ref.v[base + j * c + h * hs..base + j * c + (h + 1) * hs];
+                    for (o, v) in out.iter_mut().zip(vr) {
+                        *o += w * v;
+                    }
+                }
+            });
+            k::linear_forward(&mut tmp, &atty, &p[o.proj_w.clone()], Some(&p[o.proj_b.clone()]), n, c, c);
+            k::add_inplace(&mut x, &tmp);
+            k::layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p[o.ln2_w.clone()], &p[o.ln2_b.clone()], n, c);
+            k::linear_forward(&mut fch, &ln, &p[o.fc_w.clone()], Some(&p[o.fc_b.clone()]), n, c, 4 * c);
+            k::gelu_forward(&mut fch_gelu, &fch);
+            k::linear_forward(&mut tmp, &fch_gelu, &p[o.fcproj_w.clone()], Some(&p[o.fcproj_b.clone()]), n, 4 * c, c);
+            k::add_inplace(&mut x, &tmp);
+        }
+        for &s in slots {
+            cache.len[s] += tq;
+        }
+        // Only each row's last token needs logits.
+        let mut last = vec![0.0f32; rows * c];
+        for r in 0..rows {
+            last[r * c..(r + 1) * c].copy_from_slice(&x[((r + 1) * tq - 1) * c..(r + 1) * tq * c]);
+        }
+        let mut lnl = vec![0.0f32; rows * c];
+        let (mut m2, mut r2) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+        k::layernorm_forward(&mut lnl, &mut m2, &mut r2, &last, &p[lay.lnf_w.clone()], &p[lay.lnf_b.clone()], rows, c);
+        let v = cfg.vocab_size;
+        let mut logits = vec![0.0f32; rows * v];
+        k::matmul(&mut logits, &lnl, &p[lay.wte.clone()], rows, c, v, false, true, false);
+        logits
+    }
+}
+
+/// How to pick the next token.
+#[derive(Clone, Debug)]
+pub struct Sampling {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1.0: off).
+    pub top_p: f32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
+    }
+}
+
+/// Picks one token from a row of logits.
+pub fn sample_token<R: Rng>(logits: &[f32], s: &Sampling, rng: &mut R) -> u32 {
+    if s.temperature <= 0.0 {
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i as u32, ((x - max) / s.temperature).exp()))
+        .collect();
+    if s.top_k > 0 || s.top_p < 1.0 {
+        // Stable sort keeps ties in id order, so sampling is deterministic.
+        probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+        if s.top_k > 0 && s.top_k < probs.len() {
+            probs.truncate(s.top_k);
+        }
+        if s.top_p < 1.0 {
+            let total: f32 = probs.iter().map(|p| p.1).sum();
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                acc += p.1 / total;
+                if acc >= s.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+    }
+    let total: f32 = probs.iter().map(|p| p.1).sum();
+    let mut u = rng.gen::<f32>() * total;
+    for &(id, p) in &probs {
+        if u < p {
+            return id;
+        }
+        u -= p;
+    }
+    probs.last().map(|p| p.0).unwrap_or(0)
+}
+
+/// Generation settings.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation of a row ends after it emits one of these (the stop token is kept in the output).
+    pub stop_tokens: Vec<u32>,
+}
+
+/// Generates a continuation of each prompt (batched, KV cache). `on_token(row, token)` is called as each
+/// token is chosen, for streaming. Returns the new tokens of each row.
+pub fn generate<R: Rng>(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    rng: &mut R,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    let n_ctx = model.cfg.n_ctx;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            bail!("prompt {i} is empty");
+        }
+        if p.len() >= n_ctx {
+            bail!(
+                "prompt {i} has {} tokens; the model's context is {n_ctx}, leaving no room to generate",
+                p.len()
+            );
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
+            bail!("prompt {i} has token id {bad}, outside the model's vocabulary ({})", model.cfg.vocab_size);
+        }
+    }
+    let rows = prompts.len();
+    let v = model.cfg.vocab_size;
+    let mut cache = KvCache::new(model, rows);
+    let mut next_logits = vec![0.0f32; rows * v];
+    for (r, p) in prompts.iter().enumerate() {
+        let l = model.forward_cached(&mut cache, &[r], p, p.len());
+        next_logits[r * v..(r + 1) * v].copy_from_slice(&l);
+    }
+    let mut out = vec![Vec::new(); rows];
+    let mut active: Vec<usize> = (0..rows).collect();
+    for _ in 0..opts.max_new_tokens {
+        let mut step_tokens = Vec::with_capacity(active.len());
+        let mut still = Vec::with_capacity(active.len());
+        for &r in &active {
+            let tok = sample_token(&next_logits[r * v..(r + 1) * v], &opts.sampling, rng);
+            out[r].push(tok);
+            on_token(r, tok);
+            if !opts.stop_tokens.contains(&tok) && cache.len[r] < n_ctx {
+                still.push(r);
+                step_tokens.push(tok);
+            }
+        }
+        active = still;
+        if active.is_empty() {
+            break;
+        }
+        let l = model.forward_cached(&mut cache, &active, &step_tokens, 1);
+        for (i, &r) in active.iter().enumerate() {
+            next_logits[r * v..(r + 1) * v].copy_from_slice(&l[i * v..(i + 1) * v]);
+        }
+    }
+    Ok(out)
+}

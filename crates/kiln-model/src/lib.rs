@@ -1,0 +1,13 @@
+//! Kiln's transformer: a GPT-2 decoder (or a bidirectional encoder) over the kernels of `kiln-kernels`,
+//! its heads, KV-cache inference, sampling, and Hugging Face–compatible checkpoints.
+
+pub mod checkpoint;
+pub mod config;
+pub mod infer;
+pub mod model;
+pub mod params;
+
+pub use config::{Arch, ModelConfig};
+pub use infer::{generate, sample_token, GenerateOptions, KvCache, Sampling};
+pub use model::{Activations, Input, Model};
+pub use params::{ParamLayout, TensorInfo};

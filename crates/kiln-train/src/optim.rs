@@ -1,0 +1,144 @@
+//! AdamW over the model's flat parameters, with per-tensor weight decay and state that checkpoints.
+
+use anyhow::{bail, Context, Result};
+use kiln_kernels as k;
+use kiln_model::checkpoint::{bytes_to_tensors, tensors_to_bytes};
+use kiln_model::Model;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// AdamW moments for every parameter (same flat layout as the model).
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Updates taken so far (bias correction uses step + 1).
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(model: &Model, cfg: AdamWConfig) -> Self {
+        AdamW {
+            cfg,
+            m: vec![0.0; model.params.len()],
+            v: vec![0.0; model.params.len()],
+            step: 0,
+        }
+    }
+
+    /// One update with learning rate `lr`; weight decay only on the tensors marked for it (matrices).
+    pub fn update(&mut self, model: &mut Model, lr: f32) {
+        self.step += 1;
+        for t in &model.layout.tensors {
+            let r = t.range();
+            let wd = if t.decay { self.cfg.weight_decay } else { 0.0 };
+            k::adamw_update(
+                &mut model.params[r.clone()],
+                &model.grads[r.clone()],
+                &mut self.m[r.clone()],
+                &mut self.v[r.clone()],
+                lr,
+                self.cfg.beta1,
+                self.cfg.beta2,
+                self.cfg.eps,
+                wd,
+                self.step,
+            );
+        }
+    }
+
+    /// Moments as safetensors (`exp_avg.<name>`, `exp_avg_sq.<name>`, as PyTorch's AdamW calls them).
+    pub fn to_bytes(&self, model: &Model) -> Result<Vec<u8>> {
+        let mut tensors = Vec::new();
+        for t in &model.layout.tensors {
+            tensors.push((format!("exp_avg.{}", t.name), t.shape.clone(), &self.m[t.range()]));
+            tensors.push((format!("exp_avg_sq.{}", t.name), t.shape.clone(), &self.v[t.range()]));
+        }
+        tensors_to_bytes(&tensors)
+    }
+
+    pub fn load_bytes(&mut self, model: &Model, bytes: &[u8], step: u64, what: &str) -> Result<()> {
+        let map = bytes_to_tensors(bytes, what)?;
+        for t in &model.layout.tensors {
+            for (prefix, buf) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
+                let name = format!("{prefix}.{}", t.name);
+                let (shape, data) = map
+                    .get(&name)
+                    .with_context(|| format!("{what}: optimizer tensor {name} missing"))?;
+                if shape != &t.shape {
+                    bail!("{what}: optimizer tensor {name} has shape {shape:?}, expected {:?}", t.shape);
+                }
+                buf[t.range()].copy_from_slice(data);
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Scales gradients so their global L2 norm is at most `max_norm` (0: no clipping). Returns the norm
+/// before clipping.
+pub fn clip_grad_norm(model: &mut Model, max_norm: f32) -> f32 {
+    let norm = k::global_grad_norm(&[&model.grads]);
+    if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
+        k::scale(&mut model.grads, max_norm / (norm + 1e-6));
+    }
+    norm
+}
+
+/// Linear warmup to `max_lr`, then cosine decay to `min_lr` at `total` steps (constant after).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LrSchedule {
+    pub max_lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub total: u64,
+}
+
+impl LrSchedule {
+    pub fn at(&self, step: u64) -> f32 {
+        if step < self.warmup {
+            return self.max_lr * (step + 1) as f32 / self.warmup as f32;
+        }
+        if step >= self.total {
+            return self.min_lr;
+        }
+        let span = (self.total - self.warmup).max(1) as f32;
+        let progress = (step - self.warmup) as f32 / span;
+        self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1.0 + (std::f32::consts::PI * progress).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let s = LrSchedule { max_lr: 1.0, min_lr: 0.1, warmup: 10, total: 110 };
+        assert!((s.at(0) - 0.1).abs() < 1e-6);
+        assert!((s.at(9) - 1.0).abs() < 1e-6);
+        assert!((s.at(10) - 1.0).abs() < 1e-6);
+        assert!((s.at(60) - 0.55).abs() < 1e-5);
+        assert!((s.at(110) - 0.1).abs() < 1e-6);
+        assert!(s.at(30) > s.at(40));
+    }
+}

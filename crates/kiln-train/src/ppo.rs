@@ -1,0 +1,717 @@
+//! RLHF with PPO: an actor (from SFT) and a critic (from the reward model) trained against a frozen
+//! reward model, with a per-token KL penalty to a frozen reference (the SFT model).
+//!
+//! One iteration: sample responses (KV cache) → score them once with every model (old log-probs,
+//! reference log-probs, values, reward) → rewards r_t = −β·(log π_old − log π_ref), plus the normalised
+//! RM score at the last response token → GAE → several epochs of clipped policy and value updates.
+//! Every per-token quantity is indexed by the position that PREDICTS the token (its target row).
+
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::rm::score_rows;
+use crate::run::RunDir;
+use crate::trainer::{fmt_metrics, Metrics, STOP};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_data::template::ids;
+use kiln_kernels::IGNORE;
+use kiln_model::checkpoint::{bytes_to_tensors, model_files, params_from_tensors, read_checked};
+use kiln_model::{generate, Activations, GenerateOptions, Input, Model, ModelConfig, Sampling};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// PPO settings (TOML `[ppo]`, overridable by flags). Defaults follow the mature implementations
+/// (see the RLHF checklist in the README).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoConfig {
+    pub iterations: u64,
+    /// Prompts sampled per iteration.
+    pub rollout_batch: usize,
+    /// Sequences per gradient step.
+    pub minibatch: usize,
+    pub ppo_epochs: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub actor_lr: f32,
+    pub critic_lr: f32,
+    /// KL coefficient (initial value when adaptive).
+    pub kl_coef: f32,
+    /// Target KL (nats per sequence) for the adaptive controller; 0 keeps β fixed.
+    pub kl_target: f32,
+    pub kl_horizon: f32,
+    pub gamma: f32,
+    pub lam: f32,
+    pub clip_eps: f32,
+    pub value_clip: f32,
+    pub vf_coef: f32,
+    pub entropy_coef: f32,
+    pub grad_clip: f32,
+    /// Clip the normalised RM score to ±this (0: off).
+    pub reward_clip: f32,
+    /// Added to the score of a response that never emitted the end token (0: off).
+    pub missing_end_penalty: f32,
+    pub whiten_advantages: bool,
+    pub eval_every: u64,
+    pub ckpt_every: u64,
+    pub keep_last: usize,
+    pub seed: u64,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        PpoConfig {
+            iterations: 40,
+            rollout_batch: 64,
+            minibatch: 16,
+            ppo_epochs: 2,
+            max_new_tokens: 24,
+            temperature: 1.0,
+            actor_lr: 1e-5,
+            critic_lr: 5e-5,
+            kl_coef: 0.05,
+            kl_target: 0.0,
+            kl_horizon: 10_000.0,
+            gamma: 1.0,
+            lam: 0.95,
+            clip_eps: 0.2,
+            value_clip: 0.2,
+            vf_coef: 1.0,
+            entropy_coef: 0.0,
+            grad_clip: 1.0,
+            reward_clip: 5.0,
+            missing_end_penalty: -1.0,
+            whiten_advantages: true,
+            eval_every: 10,
+            ckpt_every: 10,
+            keep_last: 2,
+            seed: 1337,
+        }
+    }
+}
+
+/// Generalised advantage estimation for one sequence: returns (advantages, returns = adv + values).
+pub fn gae(rewards: &[f32], values: &[f32], gamma: f32, lam: f32) -> (Vec<f32>, Vec<f32>) {
+    let n = rewards.len();
+    let mut adv = vec![0.0f32; n];
+    let mut last = 0.0f32;
+    for t in (0..n).rev() {
+        let next_v = if t + 1 < n { values[t + 1] } else { 0.0 };
+        let delta = rewards[t] + gamma * next_v - values[t];
+        last = delta + gamma * lam * last;
+        adv[t] = last;
+    }
+    let ret = adv.iter().zip(values).map(|(a, v)| a + v).collect();
+    (adv, ret)
+}
+
+/// Whitens values in place (mean 0, std 1), as most PPO implementations do with advantages.
+pub fn whiten(x: &mut [f32]) {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let inv = 1.0 / (var.sqrt() + 1e-8);
+    for v in x.iter_mut() {
+        *v = ((*v as f64 - mean) * inv) as f32;
+    }
+}
+
+/// Clipped surrogate for one token: returns (loss, dloss/dlogp_new, clipped?).
+/// loss = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(logp_new − logp_old).
+pub fn policy_loss(logp_new: f32, logp_old: f32, adv: f32, eps: f32) -> (f32, f32, bool) {
+    let ratio = (logp_new - logp_old).exp();
+    let unclipped = -adv * ratio;
+    let clipped = -adv * ratio.clamp(1.0 - eps, 1.0 + eps);
+    if unclipped >= clipped {
+        (unclipped, -adv * ratio, false)
+    } else {
+        (clipped, 0.0, true)
+    }
+}
+
+/// Clipped value loss for one token: returns (loss, dloss/dv). loss = ½·max((v−R)², (v_clip−R)²)
+/// with v_clip = v_old + clip(v − v_old, −ε, ε).
+pub fn value_loss(v: f32, v_old: f32, ret: f32, eps: f32) -> (f32, f32) {
+    let vc = v_old + (v - v_old).clamp(-eps, eps);
+    let (a, b) = ((v - ret).powi(2), (vc - ret).powi(2));
+    if a >= b {
+        (0.5 * a, v - ret)
+    } else {
+        let inside = (v - v_old).abs() < eps;
+        (0.5 * b, if inside { vc - ret } else { 0.0 })
+    }
+}
+
+/// The adaptive KL controller of InstructGPT / TRL: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
+pub fn update_beta(beta: f32, kl: f32, target: f32, n_steps: usize, horizon: f32) -> f32 {
+    if target <= 0.0 {
+        return beta;
+    }
+    let e = (kl / target - 1.0).clamp(-0.2, 0.2);
+    beta * (1.0 + e * n_steps as f32 / horizon)
+}
+
+/// Everything about one rollout batch.
+struct Rollout {
+    /// Right-padded rows [n, t].
+    tokens: Vec<u32>,
+    /// Next-token targets: the response tokens at the positions predicting them, IGNORE elsewhere.
+    targets: Vec<u32>,
+    valid: Vec<bool>,
+    /// Per row: (first prediction position, response length, ended with a stop token).
+    spans: Vec<(usize, usize, bool)>,
+    old_logp: Vec<f32>,
+    values: Vec<f32>,
+    adv: Vec<f32>,
+    returns: Vec<f32>,
+    scores: Vec<f32>,
+    kl: Vec<f32>,
+    responses: Vec<Vec<u32>>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct PpoState {
+    iteration: u64,
+    beta: f32,
+    prompt_epoch: u64,
+    prompt_idx: usize,
+    rng: [u8; 32],
+    rng_word: u128,
+    history: Vec<Metrics>,
+}
+
+/// The frozen reward model and the statistics that normalise its scores.
+pub struct RewardModel {
+    pub model: Model,
+    pub mean: f32,
+    pub std: f32,
+}
+
+/// Evaluates a policy on held-out prompts (e.g. the demo judge); returns metrics.
+pub type PolicyEval<'a> = Box<dyn FnMut(&Model) -> Result<Metrics> + 'a>;
+
+pub struct Ppo<'a> {
+    pub cfg: PpoConfig,
+    pub actor: Model,
+    pub critic: Model,
+    pub reference: Model,
+    pub reward: RewardModel,
+    /// Prompts, already rendered with the chat template (ending in the assistant prefix).
+    pub prompts: Vec<Vec<u32>>,
+    pub stop_tokens: Vec<u32>,
+    pub run: &'a RunDir,
+    pub extra_files: Vec<(String, Vec<u8>)>,
+    pub eval: Option<PolicyEval<'a>>,
+    /// Turns tokens into text for the logged samples.
+    pub decode: Box<dyn Fn(&[u32]) -> String + 'a>,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PpoSummary {
+    pub iterations: u64,
+    pub history: Vec<Metrics>,
+    pub eval_start: Metrics,
+    pub eval_end: Metrics,
+    pub seconds: f64,
+    pub interrupted: bool,
+}
+
+impl<'a> Ppo<'a> {
+    /// Sequence length of the training rows: the longest prompt plus the response budget.
+    fn row_len(&self) -> usize {
+        let longest = self.prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+        (longest + self.cfg.max_new_tokens).min(self.actor.cfg.n_ctx)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n_ctx = self.actor.cfg.n_ctx;
+        if self.prompts.is_empty() {
+            bail!("no prompts for PPO");
+        }
+        for (i, p) in self.prompts.iter().enumerate() {
+            if p.len() >= n_ctx {
+                bail!("prompt {i} has {} tokens, the actor's context is {n_ctx}: no room for a response", p.len());
+            }
+        }
+        for (name, m) in [("reference", &self.reference), ("critic", &self.critic), ("reward model", &self.reward.model)] {
+            if m.cfg.vocab_size != self.actor.cfg.vocab_size {
+                bail!(
+                    "the {name} has a vocabulary of {} tokens but the actor has {} (models from different tokenizers?)",
+                    m.cfg.vocab_size,
+                    self.actor.cfg.vocab_size
+                );
+            }
+        }
+        if self.reference.cfg != self.actor.cfg {
+            bail!("the reference model's architecture differs from the actor's");
+        }
+        if !self.critic.cfg.score_head || !self.reward.model.cfg.score_head {
+            bail!("the critic and the reward model need a score head");
+        }
+        if self.cfg.rollout_batch % self.cfg.minibatch != 0 {
+            bail!("rollout_batch ({}) must be a multiple of minibatch ({})", self.cfg.rollout_batch, self.cfg.minibatch);
+        }
+        Ok(())
+    }
+
+    /// Log-probabilities (at the sampling temperature) and entropies of `rows` of a rollout, through
+    /// `model`'s training forward pass.
+    fn logprobs(model: &Model, acts: &mut Activations, ro: &Rollout, rows: &[usize], t: usize, temperature: f32) -> (Vec<f32>, Vec<f32>) {
+        let (tokens, targets, valid, positions) = gather(ro, rows, t);
+        let input = Input { tokens: &tokens, positions: &positions, valid: Some(&valid), segments: None, b: rows.len(), t };
+        model.forward(acts, &input);
+        model.lm_head(acts, &targets, temperature);
+        (acts.logp.clone(), acts.entropy.clone())
+    }
+
+    fn values(model: &Model, acts: &mut Activations, ro: &Rollout, rows: &[usize], t: usize) -> Vec<f32> {
+        let (tokens, _, valid, positions) = gather(ro, rows, t);
+        let input = Input { tokens: &tokens, positions: &positions, valid: Some(&valid), segments: None, b: rows.len(), t };
+        model.forward(acts, &input);
+        model.score_head(acts)
+    }
+
+    /// Samples responses and scores them with every model.
+    fn rollout(&mut self, prompt_ids: &[usize], beta: f32, rng: &mut ChaCha8Rng, order0: &[usize], t: usize) -> Result<Rollout> {
+        let cfg = &self.cfg;
+        let prompts: Vec<Vec<u32>> = prompt_ids.iter().map(|&i| self.prompts[i].clone()).collect();
+        let opts = GenerateOptions {
+            max_new_tokens: cfg.max_new_tokens,
+            sampling: Sampling { temperature: cfg.temperature, top_k: 0, top_p: 1.0 },
+            stop_tokens: self.stop_tokens.clone(),
+        };
+        let responses = generate(&self.actor, &prompts, &opts, rng, |_, _| {})?;
+        let n = prompts.len();
+        let mut ro = Rollout {
+            tokens: vec![ids::PAD; n * t],
+            targets: vec![IGNORE; n * t],
+            valid: vec![false; n * t],
+            spans: Vec::with_capacity(n),
+            old_logp: vec![0.0; n * t],
+            values: vec![0.0; n * t],
+            adv: vec![0.0; n * t],
+            returns: vec![0.0; n * t],
+            scores: vec![0.0; n],
+            kl: vec![0.0; n],
+            responses: Vec::with_capacity(n),
+        };
+        for (r, (p, resp)) in prompts.iter().zip(&responses).enumerate() {
+            let resp: Vec<u32> = resp.iter().copied().take(t - p.len()).collect();
+            let ended = resp.last().is_some_and(|x| self.stop_tokens.contains(x));
+            let row = &mut ro.tokens[r * t..(r + 1) * t];
+            row[..p.len()].copy_from_slice(p);
+            row[p.len()..p.len() + resp.len()].copy_from_slice(&resp);
+            ro.valid[r * t..r * t + p.len() + resp.len()].fill(true);
+            for (j, &tok) in resp.iter().enumerate() {
+                ro.targets[r * t + p.len() - 1 + j] = tok;
+            }
+            ro.spans.push((p.len() - 1, resp.len(), ended));
+            ro.responses.push(resp);
+        }
+        // Old log-probs and values, computed minibatch by minibatch in the order of the first PPO epoch,
+        // so the first minibatch's ratio is exactly 1.
+        let mb = cfg.minibatch;
+        let mut acts = Activations::new(&self.actor.cfg, mb, t, true);
+        let mut ref_acts = Activations::new(&self.reference.cfg, mb, t, true);
+        let mut vacts = Activations::new(&self.critic.cfg, mb, t, false);
+        let mut ref_logp = vec![0.0f32; n * t];
+        for chunk in order0.chunks(mb) {
+            let (lp, _) = Self::logprobs(&self.actor, &mut acts, &ro, chunk, t, cfg.temperature);
+            let (rlp, _) = Self::logprobs(&self.reference, &mut ref_acts, &ro, chunk, t, cfg.temperature);
+            let v = Self::values(&self.critic, &mut vacts, &ro, chunk, t);
+            for (k, &r) in chunk.iter().enumerate() {
+                ro.old_logp[r * t..(r + 1) * t].copy_from_slice(&lp[k * t..(k + 1) * t]);
+                ref_logp[r * t..(r + 1) * t].copy_from_slice(&rlp[k * t..(k + 1) * t]);
+                ro.values[r * t..(r + 1) * t].copy_from_slice(&v[k * t..(k + 1) * t]);
+            }
+        }
+        // Reward-model scores at each response's last token, normalised with the RM's training statistics.
+        let seqs: Vec<Vec<u32>> = (0..n)
+            .map(|r| {
+                let (start, len, _) = ro.spans[r];
+                ro.tokens[r * t..r * t + start + 1 + len].to_vec()
+            })
+            .collect();
+        let mut racts = Activations::new(&self.reward.model.cfg, mb, t, false);
+        for (c, chunk) in seqs.chunks(mb).enumerate() {
+            let s = score_rows(&self.reward.model, &mut racts, chunk);
+            for (k, x) in s.into_iter().enumerate() {
+                let mut z = (x - self.reward.mean) / self.reward.std;
+                if cfg.reward_clip > 0.0 {
+                    z = z.clamp(-cfg.reward_clip, cfg.reward_clip);
+                }
+                ro.scores[c * mb + k] = z;
+            }
+        }
+        // Per-token rewards and GAE over each response.
+        for r in 0..n {
+            let (start, len, ended) = ro.spans[r];
+            if len == 0 {
+                continue;
+            }
+            let span = r * t + start..r * t + start + len;
+            let mut rewards: Vec<f32> = span.clone().map(|i| -beta * (ro.old_logp[i] - ref_logp[i])).collect();
+            ro.kl[r] = span.clone().map(|i| ro.old_logp[i] - ref_logp[i]).sum();
+            let mut score = ro.scores[r];
+            if !ended {
+                score += cfg.missing_end_penalty;
+            }
+            *rewards.last_mut().unwrap() += score;
+            let (adv, ret) = gae(&rewards, &ro.values[span.clone()], cfg.gamma, cfg.lam);
+            ro.adv[span.clone()].copy_from_slice(&adv);
+            ro.returns[span].copy_from_slice(&ret);
+        }
+        if cfg.whiten_advantages {
+            let idx: Vec<usize> = (0..n * t).filter(|&i| ro.targets[i] != IGNORE).collect();
+            let mut a: Vec<f32> = idx.iter().map(|&i| ro.adv[i]).collect();
+            whiten(&mut a);
+            for (k, &i) in idx.iter().enumerate() {
+                ro.adv[i] = a[k];
+            }
+        }
+        Ok(ro)
+    }
+
+    /// Runs PPO (or, with `resume`, continues it) for `cfg.iterations` iterations.
+    pub fn train(&mut self, resume: bool) -> Result<PpoSummary> {
+        self.validate()?;
+        let cfg = self.cfg.clone();
+        let t = self.row_len();
+        let mut actor_opt = AdamW::new(&self.actor, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
+        let mut critic_opt = AdamW::new(&self.critic, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
+        let mut st = PpoState {
+            iteration: 0,
+            beta: cfg.kl_coef,
+            prompt_epoch: 0,
+            prompt_idx: 0,
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed).get_seed(),
+            rng_word: 0,
+            history: Vec::new(),
+        };
+        let mut summary = PpoSummary::default();
+        if resume {
+            if let Some(dir) = self.run.latest_checkpoint()? {
+                self.load_state(&dir, &mut actor_opt, &mut critic_opt, &mut st)?;
+                self.run.truncate_metrics_after(st.iteration)?;
+                eprintln!("[ppo] resumed from {} (iteration {})", dir.display(), st.iteration);
+            }
+        }
+        let mut rng = ChaCha8Rng::from_seed(st.rng);
+        rng.set_word_pos(st.rng_word);
+        if let Some(f) = self.eval.as_mut() {
+            summary.eval_start = f(&self.actor)?;
+            eprintln!("[ppo] start {}", fmt_metrics(&summary.eval_start));
+        }
+        let pb = if self.progress {
+            let pb = ProgressBar::new(cfg.iterations);
+            pb.set_style(ProgressStyle::with_template("{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}").unwrap());
+            pb.set_prefix("ppo");
+            pb.set_position(st.iteration);
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let start = Instant::now();
+        let mb = cfg.minibatch;
+        let mut acts = Activations::new(&self.actor.cfg, mb, t, true);
+        let mut vacts = Activations::new(&self.critic.cfg, mb, t, false);
+        while st.iteration < cfg.iterations {
+            // The next prompts, cycling through a shuffled prompt list.
+            let mut ids_ = Vec::with_capacity(cfg.rollout_batch);
+            while ids_.len() < cfg.rollout_batch {
+                if st.prompt_idx >= self.prompts.len() {
+                    st.prompt_epoch += 1;
+                    st.prompt_idx = 0;
+                }
+                let order = prompt_order(self.prompts.len(), cfg.seed, st.prompt_epoch);
+                ids_.push(order[st.prompt_idx]);
+                st.prompt_idx += 1;
+            }
+            let n = ids_.len();
+            let epoch_orders: Vec<Vec<usize>> = (0..cfg.ppo_epochs)
+                .map(|e| {
+                    let mut o: Vec<usize> = (0..n).collect();
+                    o.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed ^ (st.iteration << 8) ^ e as u64));
+                    o
+                })
+                .collect();
+            let ro = self.rollout(&ids_, st.beta, &mut rng, &epoch_orders[0], t)?;
+            let mut m = Metrics::new();
+            let (mut clipped, mut ntok, mut approx_kl, mut ent_sum, mut vloss_sum, mut pg_sum) = (0usize, 0usize, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+            let mut first_ratio_err = 0.0f64;
+            for (e, order) in epoch_orders.iter().enumerate() {
+                for (bi, rows) in order.chunks(mb).enumerate() {
+                    let targets: Vec<u32> = gather(&ro, rows, t).1;
+                    let count = targets.iter().filter(|&&x| x != IGNORE).count().max(1) as f32;
+                    // Actor: clipped surrogate (+ entropy bonus).
+                    self.actor.zero_grads();
+                    let (lp, ent) = Self::logprobs(&self.actor, &mut acts, &ro, rows, t, cfg.temperature);
+                    let mut dlogp = vec![0.0f32; rows.len() * t];
+                    let mut dent = vec![0.0f32; rows.len() * t];
+                    for (k, &r) in rows.iter().enumerate() {
+                        for j in 0..t {
+                            let (i, g) = (k * t + j, r * t + j);
+                            if targets[i] == IGNORE {
+                                continue;
+                            }
+                            let (l, d, c) = policy_loss(lp[i], ro.old_logp[g], ro.adv[g], cfg.clip_eps);
+                            dlogp[i] = d / count;
+                            dent[i] = -cfg.entropy_coef / count;
+                            pg_sum += l as f64;
+                            clipped += c as usize;
+                            ntok += 1;
+                            let diff = (lp[i] - ro.old_logp[g]) as f64;
+                            approx_kl += 0.5 * diff * diff;
+                            ent_sum += ent[i] as f64;
+                            if e == 0 && bi == 0 {
+                                first_ratio_err = first_ratio_err.max((diff.exp() - 1.0).abs());
+                            }
+                        }
+                    }
+                    let use_ent = cfg.entropy_coef != 0.0;
+                    self.actor.lm_head_backward(&mut acts, &dlogp, use_ent.then_some(&dent[..]));
+                    self.actor.backward(&mut acts);
+                    clip_grad_norm(&mut self.actor, cfg.grad_clip);
+                    actor_opt.update(&mut self.actor, cfg.actor_lr);
+                    // Critic: clipped value loss.
+                    self.critic.zero_grads();
+                    let v = Self::values(&self.critic, &mut vacts, &ro, rows, t);
+                    let mut dv = vec![0.0f32; rows.len() * t];
+                    for (k, &r) in rows.iter().enumerate() {
+                        for j in 0..t {
+                            let (i, g) = (k * t + j, r * t + j);
+                            if targets[i] == IGNORE {
+                                continue;
+                            }
+                            let (l, d) = value_loss(v[i], ro.values[g], ro.returns[g], cfg.value_clip);
+                            dv[i] = cfg.vf_coef * d / count;
+                            vloss_sum += l as f64;
+                        }
+                    }
+                    self.critic.score_head_backward(&mut vacts, &dv);
+                    self.critic.backward(&mut vacts);
+                    clip_grad_norm(&mut self.critic, cfg.grad_clip);
+                    critic_opt.update(&mut self.critic, cfg.critic_lr);
+                }
+            }
+            // Iteration metrics.
+            let nt = ntok.max(1) as f64;
+            let n_f = n as f64;
+            let mean_kl = ro.kl.iter().map(|&x| x as f64).sum::<f64>() / n_f;
+            let resp_tokens: Vec<usize> = (0..n * t).filter(|&i| ro.targets[i] != IGNORE).collect();
+            let ev = explained_variance(&resp_tokens.iter().map(|&i| ro.values[i] as f64).collect::<Vec<_>>(), &resp_tokens.iter().map(|&i| ro.returns[i] as f64).collect::<Vec<_>>());
+            st.iteration += 1;
+            m.insert("iteration".into(), st.iteration as f64);
+            m.insert("reward".into(), ro.scores.iter().map(|&x| x as f64).sum::<f64>() / n_f);
+            m.insert("kl".into(), mean_kl);
+            m.insert("beta".into(), st.beta as f64);
+            m.insert("entropy".into(), ent_sum / nt);
+            m.insert("clip_frac".into(), clipped as f64 / nt);
+            m.insert("approx_kl".into(), approx_kl / nt);
+            m.insert("policy_loss".into(), pg_sum / nt);
+            m.insert("value_loss".into(), vloss_sum / nt);
+            m.insert("explained_var".into(), ev);
+            m.insert("response_len".into(), ro.spans.iter().map(|s| s.1 as f64).sum::<f64>() / n_f);
+            m.insert("ended_frac".into(), ro.spans.iter().filter(|s| s.2).count() as f64 / n_f);
+            m.insert("first_ratio_err".into(), first_ratio_err);
+            st.beta = update_beta(st.beta, mean_kl as f32, cfg.kl_target, n, cfg.kl_horizon);
+            let last = st.iteration == cfg.iterations;
+            if (cfg.eval_every > 0 && st.iteration % cfg.eval_every == 0) || last {
+                if let Some(f) = self.eval.as_mut() {
+                    for (k, v) in f(&self.actor)? {
+                        m.insert(format!("eval_{k}"), v);
+                    }
+                }
+            }
+            let mut line = serde_json::json!({"step": st.iteration, "stage": "ppo"});
+            for (k, v) in &m {
+                line[k.as_str()] = serde_json::json!(v);
+            }
+            let samples: Vec<String> = ro.responses.iter().take(3).map(|r| (self.decode)(r)).collect();
+            line["samples"] = serde_json::json!(samples);
+            self.run.log(&line)?;
+            pb.set_message(format!("reward {:.3} kl {:.3} len {:.1}", m["reward"], m["kl"], m["response_len"]));
+            pb.set_position(st.iteration);
+            if st.iteration == 1 || st.iteration % cfg.eval_every.max(1) == 0 || last {
+                pb.println(format!(
+                    "[ppo] it {} reward {:.3} kl {:.3} beta {:.4} ent {:.3} clip {:.3} vloss {:.4} len {:.1}{} | {}",
+                    st.iteration, m["reward"], m["kl"], m["beta"], m["entropy"], m["clip_frac"], m["value_loss"], m["response_len"],
+                    m.get("eval_accuracy").map(|a| format!(" acc {a:.3}")).unwrap_or_default(),
+                    samples.first().cloned().unwrap_or_default().replace('\n', " ")
+                ));
+            }
+            st.history.push(m.clone());
+            summary.eval_end = m.iter().filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v))).collect();
+            let stop = STOP.load(Ordering::SeqCst);
+            if (cfg.ckpt_every > 0 && st.iteration % cfg.ckpt_every == 0) || last || stop {
+                st.rng = rng.get_seed();
+                st.rng_word = rng.get_word_pos();
+                self.save(&actor_opt, &critic_opt, &st)?;
+            }
+            if stop {
+                summary.interrupted = true;
+                break;
+            }
+        }
+        pb.finish_and_clear();
+        summary.iterations = st.iteration;
+        summary.history = st.history;
+        summary.seconds = start.elapsed().as_secs_f64();
+        if summary.eval_end.is_empty() {
+            if let Some(f) = self.eval.as_mut() {
+                summary.eval_end = f(&self.actor)?;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The actor's files are at the checkpoint's top level, so the checkpoint is itself a chat model;
+    /// the critic and both optimizers sit beside them.
+    fn save(&self, actor_opt: &AdamW, critic_opt: &AdamW, st: &PpoState) -> Result<()> {
+        let mut files = model_files(&self.actor)?;
+        files.push(("optimizer.safetensors".into(), actor_opt.to_bytes(&self.actor)?));
+        let critic = model_files(&self.critic)?;
+        files.push(("critic.safetensors".into(), critic[0].1.clone()));
+        files.push(("critic_config.json".into(), critic[1].1.clone()));
+        files.push(("critic_optimizer.safetensors".into(), critic_opt.to_bytes(&self.critic)?));
+        files.push(("ppo_state.json".into(), serde_json::to_vec_pretty(&serde_json::json!({"state": st, "config": self.cfg}))?));
+        files.extend(self.extra_files.iter().cloned());
+        self.run.save_checkpoint(st.iteration, &files, self.cfg.keep_last)?;
+        Ok(())
+    }
+
+    fn load_state(&mut self, dir: &std::path::Path, actor_opt: &mut AdamW, critic_opt: &mut AdamW, st: &mut PpoState) -> Result<()> {
+        let actor = kiln_model::checkpoint::load_model(dir)?;
+        if actor.cfg != self.actor.cfg {
+            bail!("{}: the checkpoint's actor has another architecture", dir.display());
+        }
+        self.actor.params = actor.params;
+        let ccfg: serde_json::Value = serde_json::from_slice(&read_checked(dir, "critic_config.json")?)?;
+        let ccfg = ModelConfig::from_hf_json(&ccfg)?;
+        let what = format!("{}/critic.safetensors", dir.display());
+        let tensors = bytes_to_tensors(&read_checked(dir, "critic.safetensors")?, &what)?;
+        self.critic.params = params_from_tensors(&ccfg, &tensors, &what)?;
+        let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, "ppo_state.json")?)?;
+        *st = serde_json::from_value(v["state"].clone()).context("ppo_state.json")?;
+        actor_opt.load_bytes(&self.actor, &read_checked(dir, "optimizer.safetensors")?, st.iteration, "optimizer.safetensors")?;
+        critic_opt.load_bytes(&self.critic, &read_checked(dir, "critic_optimizer.safetensors")?, st.iteration, "critic_optimizer.safetensors")?;
+        Ok(())
+    }
+}
+
+fn prompt_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..n).collect();
+    o.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9))));
+    o
+}
+
+/// Rows of a rollout as a batch: (tokens, targets, valid, positions).
+fn gather(ro: &Rollout, rows: &[usize], t: usize) -> (Vec<u32>, Vec<u32>, Vec<bool>, Vec<u32>) {
+    let mut tokens = Vec::with_capacity(rows.len() * t);
+    let mut targets = Vec::with_capacity(rows.len() * t);
+    let mut valid = Vec::with_capacity(rows.len() * t);
+    for &r in rows {
+        tokens.extend_from_slice(&ro.tokens[r * t..(r + 1) * t]);
+        targets.extend_from_slice(&ro.targets[r * t..(r + 1) * t]);
+        valid.extend_from_slice(&ro.valid[r * t..(r + 1) * t]);
+    }
+    let positions = (0..rows.len() * t).map(|i| (i % t) as u32).collect();
+    (tokens, targets, valid, positions)
+}
+
+/// 1 − Var(returns − values) / Var(returns): how much of the return the critic explains.
+pub fn explained_variance(values: &[f64], returns: &[f64]) -> f64 {
+    let n = values.len().max(1) as f64;
+    let var = |x: &[f64]| {
+        let m = x.iter().sum::<f64>() / n;
+        x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / n
+    };
+    let diff: Vec<f64> = returns.iter().zip(values).map(|(r, v)| r - v).collect();
+    let vr = var(returns);
+    if vr < 1e-12 {
+        return 0.0;
+    }
+    1.0 - var(&diff) / vr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gae_by_hand() {
+        // γ = 1, λ = 0.5; rewards [0, 0, 1], values [0.5, 0.2, 0.4].
+        let (adv, ret) = gae(&[0.0, 0.0, 1.0], &[0.5, 0.2, 0.4], 1.0, 0.5);
+        // δ2 = 1 − 0.4 = 0.6; δ1 = 0 + 0.4 − 0.2 = 0.2; δ0 = 0 + 0.2 − 0.5 = −0.3
+        // A2 = 0.6; A1 = 0.2 + 0.5·0.6 = 0.5; A0 = −0.3 + 0.5·0.5 = −0.05
+        let expect = [-0.05f32, 0.5, 0.6];
+        for (a, e) in adv.iter().zip(expect) {
+            assert!((a - e).abs() < 1e-6, "{adv:?}");
+        }
+        let expect_ret = [0.45f32, 0.7, 1.0];
+        for (a, e) in ret.iter().zip(expect_ret) {
+            assert!((a - e).abs() < 1e-6, "{ret:?}");
+        }
+        // With λ = 1 and γ = 1 the return is the sum of future rewards.
+        let (_, ret) = gae(&[0.1, 0.2, 0.3], &[9.0, -4.0, 2.0], 1.0, 1.0);
+        for (a, e) in ret.iter().zip([0.6f32, 0.5, 0.3]) {
+            assert!((a - e).abs() < 1e-5, "{ret:?}");
+        }
+    }
+
+    #[test]
+    fn clipped_policy_loss_by_hand() {
+        // Ratio 1: loss = −A, gradient −A.
+        let (l, d, c) = policy_loss(-1.0, -1.0, 2.0, 0.2);
+        assert_eq!((l, d, c), (-2.0, -2.0, false));
+        // Ratio e^0.5 ≈ 1.65 with A > 0: clipped at 1.2, no gradient.
+        let (l, d, c) = policy_loss(-0.5, -1.0, 2.0, 0.2);
+        assert!((l + 2.4).abs() < 1e-6 && d == 0.0 && c);
+        // Same ratio with A < 0: the unclipped term is the max, gradient flows.
+        let r = 0.5f32.exp();
+        let (l, d, c) = policy_loss(-0.5, -1.0, -2.0, 0.2);
+        assert!((l - 2.0 * r).abs() < 1e-5 && (d - 2.0 * r).abs() < 1e-5 && !c);
+        // Ratio e^-0.5 ≈ 0.61 with A < 0: clipped at 0.8.
+        let (l, d, c) = policy_loss(-1.5, -1.0, -2.0, 0.2);
+        assert!((l - 1.6).abs() < 1e-6 && d == 0.0 && c);
+    }
+
+    #[test]
+    fn clipped_value_loss_by_hand() {
+        // Inside the clip range: plain squared error.
+        let (l, d) = value_loss(1.1, 1.0, 2.0, 0.2);
+        assert!((l - 0.5 * 0.81).abs() < 1e-6 && (d + 0.9).abs() < 1e-6);
+        // Moved past the range, away from the return: the clipped error is larger and flat in v.
+        let (l, d) = value_loss(0.5, 1.0, 2.0, 0.2);
+        // unclipped (0.5−2)² = 2.25, clipped (0.8−2)² = 1.44 → max is unclipped, gradient v − R = −1.5
+        assert!((l - 1.125).abs() < 1e-6 && (d + 1.5).abs() < 1e-6);
+        let (l, d) = value_loss(1.5, 1.0, 0.0, 0.2);
+        // unclipped 2.25, clipped (1.2)² = 1.44 → unclipped
+        assert!((l - 1.125).abs() < 1e-6 && (d - 1.5).abs() < 1e-6);
+        let (l, d) = value_loss(1.5, 1.0, 2.0, 0.2);
+        // unclipped 0.25, clipped (1.2−2)² = 0.64 → clipped, outside the range: no gradient
+        assert!((l - 0.32).abs() < 1e-6 && d == 0.0);
+    }
+
+    #[test]
+    fn adaptive_beta_moves_toward_target() {
+        let up = update_beta(0.1, 12.0, 6.0, 64, 10_000.0);
+        let down = update_beta(0.1, 1.0, 6.0, 64, 10_000.0);
+        assert!(up > 0.1 && down < 0.1);
+        assert!((up - 0.1 * (1.0 + 0.2 * 64.0 / 10_000.0)).abs() < 1e-7);
+        assert_eq!(update_beta(0.1, 100.0, 0.0, 64, 10_000.0), 0.1);
+    }
+
+    #[test]
+    fn whitening() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        whiten(&mut x);
+        let m: f32 = x.iter().sum::<f32>() / 4.0;
+        let v: f32 = x.iter().map(|a| (a - m).powi(2)).sum::<f32>() / 4.0;
+        assert!(m.abs() < 1e-6 && (v - 1.0).abs() < 1e-4);
+    }
+}

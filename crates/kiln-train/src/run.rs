@@ -1,0 +1,125 @@
+//! A run directory: numbered checkpoints (atomic, checksummed, the last K kept), a `latest` pointer,
+//! `metrics.jsonl`, and the run's recorded configuration.
+
+use anyhow::{Context, Result};
+use kiln_model::checkpoint::{write_checkpoint_dir, CHECKSUMS_FILE};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+/// Writes a small file atomically (temporary name, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    {
+        let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+impl RunDir {
+    pub fn create(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).with_context(|| format!("creating run directory {}", root.display()))?;
+        Ok(RunDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn checkpoint_name(step: u64) -> String {
+        format!("ckpt-{step:07}")
+    }
+
+    /// Appends one JSON line to `metrics.jsonl`.
+    pub fn log(&self, value: &serde_json::Value) -> Result<()> {
+        let path = self.root.join("metrics.jsonl");
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{value}")?;
+        Ok(())
+    }
+
+    /// Drops metric lines logged after `step` (by a run that was killed before its next checkpoint), so a
+    /// resumed run's metrics read as one uninterrupted run.
+    pub fn truncate_metrics_after(&self, step: u64) -> Result<()> {
+        let path = self.root.join("metrics.jsonl");
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())
+    }
+
+    /// Writes checkpoint `step`, points `latest` at it, and keeps only the newest `keep_last`.
+    pub fn save_checkpoint(&self, step: u64, files: &[(String, Vec<u8>)], keep_last: usize) -> Result<PathBuf> {
+        let name = Self::checkpoint_name(step);
+        let dir = self.root.join(&name);
+        write_checkpoint_dir(&dir, files)?;
+        write_atomic(&self.root.join("latest"), name.as_bytes())?;
+        if keep_last > 0 {
+            let all = self.checkpoints()?;
+            if all.len() > keep_last {
+                for (_, old) in &all[..all.len() - keep_last] {
+                    if old != &dir {
+                        let _ = fs::remove_dir_all(old);
+                    }
+                }
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Complete checkpoints (those with a checksums file), oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Ok(out);
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(num) = name.strip_prefix("ckpt-") {
+                if let Ok(step) = num.parse::<u64>() {
+                    if e.path().join(CHECKSUMS_FILE).exists() {
+                        out.push((step, e.path()));
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The checkpoint to resume from: the one `latest` names, else the newest complete one.
+    pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
+        if let Ok(name) = fs::read_to_string(self.root.join("latest")) {
+            let p = self.root.join(name.trim());
+            if p.join(CHECKSUMS_FILE).exists() {
+                return Ok(Some(p));
+            }
+        }
+        Ok(self.checkpoints()?.pop().map(|(_, p)| p))
+    }
+}

@@ -1,0 +1,167 @@
+//! Supervised fine-tuning: next-token loss on response tokens only (prompt and padding ignored).
+
+use crate::trainer::{Metrics, Objective, StepStats};
+use anyhow::{bail, Context, Result};
+use kiln_data::datasets::Conversation;
+use kiln_data::template::{collate, fit_example, ChatTemplate, Rendered, TextEncoder};
+use kiln_kernels::IGNORE;
+use kiln_model::{Activations, Input, Model};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// An extra evaluation run alongside the loss (e.g. the demo judge's task accuracy).
+pub type ExtraEval<'a> = Box<dyn FnMut(&Model) -> Result<Metrics> + 'a>;
+
+/// Renders conversations with the template and fits them to `max_len` tokens. Returns the examples
+/// and how many were skipped because even their response does not fit.
+pub fn render_examples(
+    enc: &dyn TextEncoder,
+    template: &ChatTemplate,
+    convs: &[Conversation],
+    max_len: usize,
+) -> Result<(Vec<Rendered>, usize)> {
+    let mut out = Vec::with_capacity(convs.len());
+    let mut skipped = 0;
+    for (i, c) in convs.iter().enumerate() {
+        let r = template
+            .render_conversation(enc, c)
+            .with_context(|| format!("record {i}"))?;
+        match fit_example(&r, max_len) {
+            Some(r) => out.push(r),
+            None => skipped += 1,
+        }
+    }
+    Ok((out, skipped))
+}
+
+#[derive(Serialize, Deserialize)]
+struct SftState {
+    epoch: u64,
+    idx: usize,
+}
+
+pub struct SftObjective<'a> {
+    train: Vec<Rendered>,
+    val: Vec<Rendered>,
+    b: usize,
+    t: usize,
+    seed: u64,
+    epoch: u64,
+    idx: usize,
+    order: Vec<usize>,
+    acts: Activations,
+    extra_eval: Option<ExtraEval<'a>>,
+}
+
+impl<'a> SftObjective<'a> {
+    pub fn new(model: &Model, train: Vec<Rendered>, val: Vec<Rendered>, b: usize, t: usize, seed: u64, extra_eval: Option<ExtraEval<'a>>) -> Result<Self> {
+        if train.is_empty() {
+            bail!("no SFT training examples (the dataset is empty, or no example fits the context)");
+        }
+        if t > model.cfg.n_ctx {
+            bail!("sequence length {t} exceeds the model's context {}", model.cfg.n_ctx);
+        }
+        let mut s = SftObjective {
+            train,
+            val,
+            b,
+            t,
+            seed,
+            epoch: 0,
+            idx: 0,
+            order: Vec::new(),
+            acts: Activations::new(&model.cfg, b, t, true),
+            extra_eval,
+        };
+        s.shuffle();
+        Ok(s)
+    }
+
+    /// The order of an epoch is a function of (seed, epoch), so resuming needs only (epoch, idx).
+    fn shuffle(&mut self) {
+        self.order = (0..self.train.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(self.epoch));
+        self.order.shuffle(&mut rng);
+    }
+
+    /// Forward over one batch of examples; returns (summed loss, number of targets, the targets).
+    fn forward(&mut self, model: &Model, examples: &[Rendered]) -> (f64, usize, Vec<u32>) {
+        let batch = collate(examples, self.t);
+        let mut full = batch.clone();
+        if batch.b < self.b {
+            // A short last batch: pad with empty rows (no loss, all keys invalid).
+            let extra = (self.b - batch.b) * self.t;
+            full.tokens.extend(std::iter::repeat_n(kiln_data::template::ids::PAD, extra));
+            full.targets.extend(std::iter::repeat_n(IGNORE, extra));
+            full.valid.extend(std::iter::repeat_n(false, extra));
+            full.segments.extend(std::iter::repeat_n(0, extra));
+            full.positions.extend((0..extra).map(|i| (i % self.t) as u32));
+            full.b = self.b;
+        }
+        let input = Input { tokens: &full.tokens, positions: &full.positions, valid: Some(&full.valid), segments: Some(&full.segments), b: self.b, t: self.t };
+        model.forward(&mut self.acts, &input);
+        model.lm_head(&mut self.acts, &full.targets, 1.0);
+        let count = full.targets.iter().filter(|&&x| x != IGNORE).count();
+        let loss: f64 = full.targets.iter().zip(&self.acts.logp).filter(|(t, _)| **t != IGNORE).map(|(_, &l)| -(l as f64)).sum();
+        (loss, count, full.targets)
+    }
+}
+
+impl Objective for SftObjective<'_> {
+    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
+        let mut examples = Vec::with_capacity(self.b);
+        while examples.len() < self.b {
+            if self.idx >= self.order.len() {
+                self.epoch += 1;
+                self.idx = 0;
+                self.shuffle();
+            }
+            examples.push(self.train[self.order[self.idx]].clone());
+            self.idx += 1;
+        }
+        let (loss, count, targets) = self.forward(model, &examples);
+        let w = -grad_scale / count.max(1) as f32;
+        let dlogp: Vec<f32> = targets.iter().map(|&t| if t == IGNORE { 0.0 } else { w }).collect();
+        model.lm_head_backward(&mut self.acts, &dlogp, None);
+        model.backward(&mut self.acts);
+        let tokens = examples.iter().map(|e| e.tokens.len()).sum();
+        let mut extra = Metrics::new();
+        extra.insert("epoch".into(), self.epoch as f64 + self.idx as f64 / self.order.len() as f64);
+        Ok(StepStats { loss: loss / count.max(1) as f64, tokens, extra })
+    }
+
+    fn evaluate(&mut self, model: &Model) -> Result<Metrics> {
+        let mut m = Metrics::new();
+        if !self.val.is_empty() {
+            let (mut loss, mut count) = (0.0, 0);
+            let val = std::mem::take(&mut self.val);
+            for chunk in val.chunks(self.b) {
+                let (l, c, _) = self.forward(model, chunk);
+                loss += l;
+                count += c;
+            }
+            self.val = val;
+            let loss = loss / count.max(1) as f64;
+            m.insert("loss".into(), loss);
+            m.insert("ppl".into(), loss.exp());
+        }
+        if let Some(f) = self.extra_eval.as_mut() {
+            m.extend(f(model)?);
+        }
+        Ok(m)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::to_value(SftState { epoch: self.epoch, idx: self.idx }).unwrap()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let s: SftState = serde_json::from_value(state.clone()).context("trainer_state.json: SFT state")?;
+        self.epoch = s.epoch;
+        self.idx = s.idx;
+        self.shuffle();
+        Ok(())
+    }
+}

@@ -1,0 +1,350 @@
+//! The one training loop every supervised stage shares (pretraining, MLM, SFT, reward model):
+//! gradient accumulation, clipping, AdamW with warmup + cosine decay, evaluation, samples, metrics,
+//! checkpoints, exact resume, non-finite guards and Ctrl-C. What a stage computes is its `Objective`.
+
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::run::RunDir;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_model::checkpoint::{model_files, read_checked};
+use kiln_model::Model;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Set by Ctrl-C: the loop saves a checkpoint and stops at the end of the current step.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler that sets [`STOP`] (a second Ctrl-C exits at once).
+pub fn install_ctrlc() {
+    let _ = ctrlc_handler();
+}
+
+fn ctrlc_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })?;
+    Ok(())
+}
+
+/// What to do when a step's loss or gradient is NaN or infinite.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Skip the update (the weights stay as they were) and count it.
+    #[default]
+    Skip,
+    /// Stop the run with an error; the last checkpoint stays the last good state.
+    Stop,
+}
+
+/// Optimisation settings shared by every stage (TOML `[train]`, overridable by flags).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub max_steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f32,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub ckpt_every: u64,
+    /// Checkpoints kept (0: all).
+    pub keep_last: usize,
+    /// Print a text sample every N steps (0: never).
+    pub sample_every: u64,
+    pub seed: u64,
+    pub non_finite: NonFinite,
+    /// Stop after this many consecutive non-finite steps under `skip` (the learning rate has diverged).
+    pub max_non_finite: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_steps: 1000,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            eval_every: 100,
+            ckpt_every: 200,
+            keep_last: 2,
+            sample_every: 0,
+            seed: 1337,
+            non_finite: NonFinite::Skip,
+            max_non_finite: 20,
+        }
+    }
+}
+
+/// One micro-batch's results.
+#[derive(Clone, Debug, Default)]
+pub struct StepStats {
+    pub loss: f64,
+    /// Tokens processed (for throughput).
+    pub tokens: usize,
+    pub extra: BTreeMap<String, f64>,
+}
+
+pub type Metrics = BTreeMap<String, f64>;
+
+/// A training objective: what one stage computes on its data.
+pub trait Objective {
+    /// Forward and backward on the next micro-batch, adding `grad_scale` × its gradient into
+    /// `model.grads`.
+    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats>;
+    /// Metrics on held-out data (names become `val_<name>` in the logs).
+    fn evaluate(&mut self, model: &Model) -> Result<Metrics>;
+    /// A text sample to show progress (optional).
+    fn sample(&mut self, _model: &Model) -> Result<Option<String>> {
+        Ok(None)
+    }
+    /// Data position and RNG state, for exact resume.
+    fn state(&self) -> serde_json::Value;
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()>;
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub eval: Metrics,
+    /// The first evaluation's metrics (step 0, before training), for before/after reports.
+    pub eval_start: Metrics,
+    pub seconds: f64,
+    pub tokens_per_sec: f64,
+    pub skipped_non_finite: u64,
+    pub interrupted: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    objective: serde_json::Value,
+    skipped_non_finite: u64,
+    tokens_seen: u64,
+    eval_start: Metrics,
+    config: TrainConfig,
+}
+
+pub struct Trainer<'a> {
+    pub cfg: TrainConfig,
+    pub run: &'a RunDir,
+    /// Files added to every checkpoint (tokenizer.json, kiln.json, ...).
+    pub extra_files: Vec<(String, Vec<u8>)>,
+    pub progress: bool,
+    /// A label for the progress bar ("pretrain", "sft", ...).
+    pub label: String,
+}
+
+impl<'a> Trainer<'a> {
+    /// Runs (or, with `resume`, continues) training to `cfg.max_steps`.
+    pub fn train(&self, model: &mut Model, obj: &mut dyn Objective, resume: bool) -> Result<TrainSummary> {
+        let cfg = &self.cfg;
+        if cfg.grad_accum == 0 || cfg.batch_size == 0 {
+            bail!("batch_size and grad_accum must be at least 1");
+        }
+        let mut opt = AdamW::new(
+            model,
+            AdamWConfig {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: 1e-8,
+                weight_decay: cfg.weight_decay,
+            },
+        );
+        let sched = LrSchedule {
+            max_lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup: cfg.warmup_steps,
+            total: cfg.max_steps,
+        };
+        let mut step = 0u64;
+        let mut skipped = 0u64;
+        let mut tokens_seen = 0u64;
+        let mut eval_start = Metrics::new();
+        if resume {
+            if let Some(dir) = self.run.latest_checkpoint()? {
+                let resumed = kiln_model::checkpoint::load_model(&dir)?;
+                if resumed.cfg != model.cfg {
+                    bail!("{}: checkpoint of another architecture than this run's model", dir.display());
+                }
+                model.params = resumed.params;
+                let st: TrainerState = serde_json::from_slice(&read_checked(&dir, "trainer_state.json")?)
+                    .with_context(|| format!("{}/trainer_state.json", dir.display()))?;
+                let opt_bytes = read_checked(&dir, "optimizer.safetensors")?;
+                opt.load_bytes(model, &opt_bytes, st.step, &format!("{}/optimizer.safetensors", dir.display()))?;
+                obj.restore(&st.objective)?;
+                step = st.step;
+                skipped = st.skipped_non_finite;
+                tokens_seen = st.tokens_seen;
+                eval_start = st.eval_start;
+                self.run.truncate_metrics_after(step)?;
+                eprintln!("[{}] resumed from {} (step {step})", self.label, dir.display());
+            } else {
+                eprintln!("[{}] --resume: no checkpoint in {}; starting fresh", self.label, self.run.root.display());
+            }
+        }
+        let mut summary = TrainSummary::default();
+        if step == 0 {
+            // The starting point, for before/after comparisons.
+            eval_start = obj.evaluate(model)?;
+            let mut line = serde_json::json!({"step": 0, "stage": self.label});
+            for (k, v) in &eval_start {
+                line[format!("val_{k}")] = serde_json::json!(v);
+            }
+            self.run.log(&line)?;
+            eprintln!("[{}] step 0 {}", self.label, fmt_metrics(&eval_start));
+        }
+        let pb = if self.progress {
+            let pb = ProgressBar::new(cfg.max_steps);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}",
+                )
+                .unwrap(),
+            );
+            pb.set_prefix(self.label.clone());
+            pb.set_position(step);
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let start = Instant::now();
+        let start_step = step;
+        let mut run_tokens = 0u64;
+        let mut consecutive_bad = 0u64;
+        let mut last_loss = f64::NAN;
+        let save = |model: &Model, opt: &AdamW, obj: &dyn Objective, step: u64, skipped: u64, tokens_seen: u64, eval_start: &Metrics| -> Result<()> {
+            let mut files = model_files(model)?;
+            files.push(("optimizer.safetensors".into(), opt.to_bytes(model)?));
+            let st = TrainerState {
+                step,
+                objective: obj.state(),
+                skipped_non_finite: skipped,
+                tokens_seen,
+                eval_start: eval_start.clone(),
+                config: cfg.clone(),
+            };
+            files.push(("trainer_state.json".into(), serde_json::to_vec_pretty(&st)?));
+            files.extend(self.extra_files.iter().cloned());
+            self.run.save_checkpoint(step, &files, cfg.keep_last)?;
+            Ok(())
+        };
+        while step < cfg.max_steps {
+            model.zero_grads();
+            let mut loss = 0.0;
+            let mut extra: Metrics = BTreeMap::new();
+            let scale = 1.0 / cfg.grad_accum as f32;
+            for _ in 0..cfg.grad_accum {
+                let s = obj.micro_step(model, scale)?;
+                loss += s.loss / cfg.grad_accum as f64;
+                run_tokens += s.tokens as u64;
+                tokens_seen += s.tokens as u64;
+                for (k, v) in s.extra {
+                    *extra.entry(k).or_default() += v / cfg.grad_accum as f64;
+                }
+            }
+            let norm = clip_grad_norm(model, cfg.grad_clip);
+            let lr = sched.at(step);
+            let finite = loss.is_finite() && norm.is_finite();
+            if finite {
+                opt.update(model, lr);
+                consecutive_bad = 0;
+                last_loss = loss;
+            } else {
+                skipped += 1;
+                consecutive_bad += 1;
+                let msg = format!(
+                    "step {}: non-finite loss ({loss}) or gradient norm ({norm}); update skipped",
+                    step + 1
+                );
+                match cfg.non_finite {
+                    NonFinite::Stop => bail!("{msg}; stopping (the last checkpoint holds the last good weights)"),
+                    NonFinite::Skip => pb.println(format!("[{}] warning: {msg}", self.label)),
+                }
+                if consecutive_bad >= cfg.max_non_finite {
+                    bail!(
+                        "{consecutive_bad} consecutive non-finite steps: training has diverged (lower the learning rate, now {})",
+                        cfg.lr
+                    );
+                }
+            }
+            step += 1;
+            let secs = start.elapsed().as_secs_f64().max(1e-9);
+            let tps = run_tokens as f64 / secs;
+            let mut line = serde_json::json!({
+                "step": step, "stage": self.label, "loss": loss, "lr": lr, "grad_norm": norm,
+                "tokens": tokens_seen, "tok_per_s": tps,
+            });
+            for (k, v) in &extra {
+                line[k.as_str()] = serde_json::json!(v);
+            }
+            pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
+            pb.set_position(step);
+            let last = step == cfg.max_steps;
+            if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || last {
+                let m = obj.evaluate(model)?;
+                pb.println(format!("[{}] step {step} loss {loss:.4} {}", self.label, fmt_metrics(&m)));
+                for (k, v) in &m {
+                    line[format!("val_{k}")] = serde_json::json!(v);
+                }
+                summary.eval = m;
+            }
+            if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
+                if let Some(s) = obj.sample(model)? {
+                    pb.println(format!("[{}] sample: {}", self.label, s.replace('\n', " ")));
+                }
+            }
+            self.run.log(&line)?;
+            let stop = STOP.load(Ordering::SeqCst);
+            if (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || last || stop {
+                save(model, &opt, obj, step, skipped, tokens_seen, &eval_start)?;
+            }
+            if stop {
+                pb.abandon_with_message(format!("interrupted at step {step}; resume with --resume"));
+                summary.interrupted = true;
+                break;
+            }
+        }
+        pb.finish_and_clear();
+        let secs = start.elapsed().as_secs_f64();
+        summary.steps = step;
+        summary.final_loss = last_loss;
+        summary.seconds = secs;
+        summary.tokens_per_sec = run_tokens as f64 / secs.max(1e-9);
+        summary.skipped_non_finite = skipped;
+        summary.eval_start = eval_start;
+        if step == start_step && summary.eval.is_empty() {
+            summary.eval = obj.evaluate(model)?;
+        }
+        Ok(summary)
+    }
+}
+
+pub fn fmt_metrics(m: &Metrics) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
