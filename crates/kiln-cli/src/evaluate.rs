@@ -68,6 +68,7 @@ impl Judge {
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let mut total_len = 0usize;
+        let mut tally = kiln_demo::JudgeTally::default();
         for chunk in self.prompts.chunks(64) {
             let rendered: Vec<Vec<u32>> = chunk
                 .iter()
@@ -79,6 +80,7 @@ impl Judge {
                 total_len += out.len();
                 let response = tok.decode_skip_special(&out).trim().to_string();
                 let j = self.world.judge(p, &response);
+                tally.record(&j);
                 samples.push(Sample { prompt: p.clone(), response, correct: j.correct, well_formed: j.well_formed, score: j.score, ended });
             }
         }
@@ -89,6 +91,10 @@ impl Judge {
         m.insert("judge_score".into(), samples.iter().map(|s| s.score as f64).sum::<f64>() / n);
         m.insert("ended".into(), samples.iter().filter(|s| s.ended).count() as f64 / n);
         m.insert("answer_len".into(), total_len as f64 / n);
+        m.insert("macro_accuracy".into(), tally.macro_accuracy());
+        for (kind, t) in &tally.per_kind {
+            m.insert(format!("acc_{}", kind.name()), t.accuracy());
+        }
         Ok((m, samples))
     }
 }

@@ -56,11 +56,77 @@ enum Cmd {
     Generate(chat::GenerateArgs),
     /// Talk to a fine-tuned model (interactive, or --prompt / stdin for scripts).
     Chat(chat::ChatArgs),
+    /// Print a model's logits for some token ids as JSON (for comparing with other implementations).
+    #[command(hide = true)]
+    Logits(LogitsArgs),
+    /// Judge a chat model's answers to held-out demo prompts (task accuracy per kind).
+    Eval(EvalArgs),
     /// Fill in `<|mask|>` tokens with an MLM encoder.
     FillMask(chat::FillMaskArgs),
     /// Speed benchmarks (same shapes and output lines as shared/bench/torch_gpt_bench.py).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A chat model (checkpoint or run directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// The demo world (world.json).
+    #[arg(long)]
+    world: PathBuf,
+    /// Prompts to answer (e.g. eval_prompts.jsonl).
+    #[arg(long)]
+    prompts: PathBuf,
+    /// At most this many prompts (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Print this many judged answers.
+    #[arg(long, default_value_t = 10)]
+    show: usize,
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let b = bundle::load_bundle(&a.model)?;
+    let judge = evaluate::Judge::load(&evaluate::JudgeConfig { world: a.world, prompts: a.prompts, limit: a.limit, max_new_tokens: 32 })?;
+    let (m, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
+    for s in samples.iter().take(a.show) {
+        let verdict = if s.correct && s.well_formed { "ok  " } else if s.correct { "~ok " } else { "FAIL" };
+        println!("{verdict} {:?} -> {:?}", s.prompt, s.response);
+    }
+    for (k, v) in &m {
+        println!("{k:>16} {v:.4}");
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Token ids, separated by spaces or commas.
+    #[arg(long)]
+    tokens: String,
+}
+
+fn run_logits(a: LogitsArgs) -> Result<()> {
+    let dir = kiln_model::checkpoint::resolve_model_dir(&a.model)?;
+    let model = kiln_model::checkpoint::load_model(&dir)?;
+    let tokens: Vec<u32> = a.tokens.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let t = tokens.len();
+    anyhow::ensure!(t > 0 && t <= model.cfg.n_ctx, "give 1..={} token ids", model.cfg.n_ctx);
+    let mut acts = kiln_model::Activations::new(&model.cfg, 1, t, true);
+    let positions: Vec<u32> = (0..t as u32).collect();
+    model.forward(&mut acts, &kiln_model::Input { tokens: &tokens, positions: &positions, valid: None, segments: None, b: 1, t });
+    let v = model.cfg.vocab_size;
+    let c = model.cfg.n_embd;
+    let wte = &model.params[model.layout.wte.clone()];
+    let mut logits = vec![0.0f32; t * v];
+    kiln_kernels::matmul(&mut logits, &acts.hidden, wte, t, c, v, false, true, false);
+    let rows: Vec<&[f32]> = logits.chunks(v).collect();
+    println!("{}", serde_json::json!({ "tokens": tokens, "logits": rows }));
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -266,7 +332,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => demo::run_demo(a, progress),
         Cmd::Pipeline(c) => demo::run_pipeline(c, progress),
         Cmd::Tokenizer(c) => cmd_tokenizer::run(c),
-        Cmd::Data(DataCmd::Prepare(a)) => cmd_data_prepare::run(a),
+        Cmd::Data(DataCmd::Prepare(mut a)) => {
+            a.quiet = !progress;
+            cmd_data_prepare::run(a)
+        }
         Cmd::Data(DataCmd::Demo(a)) => demo::run_data_demo(a),
         Cmd::Pretrain(a) => {
             let mut o = a.train.overrides()?;
@@ -350,6 +419,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => chat::run_generate(a),
         Cmd::Chat(a) => chat::run_chat(a),
         Cmd::FillMask(a) => chat::run_fill_mask(a),
+        Cmd::Eval(a) => run_eval(a),
+        Cmd::Logits(a) => run_logits(a),
         Cmd::Bench(c) => bench::run(c),
     }
 }

@@ -30,6 +30,9 @@ pub struct TokenizerBench {
     pub parallel_mb_s: f64,
     pub parallel_tokens_s: f64,
     pub threads: usize,
+    /// Encoding on one thread through the HF `tokenizers` pipeline (the reference the fast
+    /// encoder must match).
+    pub hf_single_thread_mb_s: f64,
     /// Whether `decode(encode(doc)) == doc` held for every document.
     pub round_trip_ok: bool,
 }
@@ -66,16 +69,38 @@ impl fmt::Display for TokenizerBench {
             "encode 1 thread: {:.2} MB/s, {:.0} tokens/s",
             self.single_thread_mb_s, self.single_thread_tokens_s
         )?;
-        write!(
+        writeln!(
             f,
             "encode {} threads: {:.2} MB/s, {:.0} tokens/s",
             self.threads, self.parallel_mb_s, self.parallel_tokens_s
+        )?;
+        write!(
+            f,
+            "HF encode 1 thread (reference): {:.2} MB/s",
+            self.hf_single_thread_mb_s
         )
     }
 }
 
+/// Runs `f` repeatedly for at least [`MIN_TIMING_SECS`] (at least once); returns its result and the
+/// mean seconds per run.
+fn timed<T>(mut f: impl FnMut() -> T) -> (T, f64) {
+    let t = Instant::now();
+    let mut out = f();
+    let mut runs = 1u32;
+    while t.elapsed().as_secs_f64() < MIN_TIMING_SECS {
+        out = f();
+        runs += 1;
+    }
+    (out, (t.elapsed().as_secs_f64() / runs as f64).max(1e-9))
+}
+
+/// Minimum wall time of each timed encoding measurement.
+pub const MIN_TIMING_SECS: f64 = 0.5;
+
 /// Trains a `vocab`-token tokenizer on `corpus` (one document per string), then times encoding
-/// the corpus on one thread and in parallel, and checks the round trip.
+/// the corpus on one thread, in parallel, and on one thread through the HF pipeline, and checks
+/// that all three agree and round-trip.
 pub fn bench_tokenizer(corpus: &[String], vocab: usize) -> Result<TokenizerBench> {
     if corpus.iter().all(|d| d.is_empty()) {
         return Err(Error::NoText {
@@ -87,18 +112,20 @@ pub fn bench_tokenizer(corpus: &[String], vocab: usize) -> Result<TokenizerBench
     let tok = Tokenizer::train_from_texts(corpus.iter(), vocab)?;
     let train_secs = t.elapsed().as_secs_f64();
 
-    let t = Instant::now();
-    let single: Vec<Vec<u32>> = corpus.iter().map(|d| tok.encode(d)).collect();
-    let single_thread_secs = t.elapsed().as_secs_f64().max(1e-9);
+    let (single, single_thread_secs) =
+        timed(|| corpus.iter().map(|d| tok.encode(d)).collect::<Vec<_>>());
     let tokens: usize = single.iter().map(Vec::len).sum();
 
     let refs: Vec<&str> = corpus.iter().map(String::as_str).collect();
-    let t = Instant::now();
-    let parallel = tok.encode_batch(&refs);
-    let parallel_secs = t.elapsed().as_secs_f64().max(1e-9);
+    let (parallel, parallel_secs) = timed(|| tok.encode_batch(&refs));
+    let (hf, hf_secs) = timed(|| corpus.iter().map(|d| tok.encode_hf(d)).collect::<Vec<_>>());
 
-    let round_trip_ok =
-        parallel == single && single.iter().zip(corpus).all(|(ids, d)| tok.decode(ids) == *d);
+    let round_trip_ok = parallel == single
+        && hf == single
+        && single
+            .iter()
+            .zip(corpus)
+            .all(|(ids, d)| tok.decode(ids) == *d);
 
     Ok(TokenizerBench {
         documents: corpus.len(),
@@ -114,6 +141,7 @@ pub fn bench_tokenizer(corpus: &[String], vocab: usize) -> Result<TokenizerBench
         parallel_mb_s: bytes as f64 / 1e6 / parallel_secs,
         parallel_tokens_s: tokens as f64 / parallel_secs,
         threads: rayon::current_num_threads(),
+        hf_single_thread_mb_s: bytes as f64 / 1e6 / hf_secs,
         round_trip_ok,
     })
 }

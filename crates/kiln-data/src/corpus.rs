@@ -5,6 +5,8 @@
 //!   (default `"text"`). Blank lines are skipped; a line that is not a JSON object, or lacks the
 //!   field, or whose field is not a string, is an error naming the file and line. Empty strings are
 //!   skipped.
+//! - `*.json`: rejected (a JSON document is not a text corpus; see [`crate::datasets`] for
+//!   instruction/chat data).
 //! - anything else (`*.txt`, `*.md`, any explicitly named file; `*.gz` is decompressed): plain
 //!   UTF-8 text, split into documents at blank lines (lines that are empty or only whitespace).
 //!   Inside a document, lines are joined with `\n` (a `\r\n` line ending counts as `\n`); a leading
@@ -50,6 +52,14 @@ pub fn input_format(path: &Path) -> (InputFormat, bool) {
         InputFormat::Text
     };
     (format, gz)
+}
+
+fn is_json_document(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    name.ends_with(".json") || name.ends_with(".json.gz")
 }
 
 fn is_corpus_file_name(path: &Path) -> bool {
@@ -155,6 +165,13 @@ pub fn for_each_document(
     mut f: impl FnMut(String) -> Result<()>,
 ) -> Result<()> {
     let (format, _) = input_format(path);
+    if is_json_document(path) {
+        return Err(Error::Invalid(format!(
+            "{}: a .json file is not a text corpus; use .jsonl (one JSON object per line) or \
+             plain text",
+            path.display()
+        )));
+    }
     let mut reader = open_reader(path)?;
     let mut buf: Vec<u8> = Vec::new();
     let mut doc = String::new();

@@ -376,44 +376,45 @@ pub fn prepare(
     let mut index = 0u64;
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
-    let process = |batch: &mut Vec<String>,
-                   index: &mut u64,
-                   writers: &mut [SplitWriter; 2]|
-     -> Result<()> {
-        // Cut long documents so a batch of few huge documents still uses every thread.
-        let pieces: Vec<(usize, &str)> = batch
-            .iter()
-            .enumerate()
-            .flat_map(|(d, text)| {
-                crate::tokenizer::split_for_parallel(text, PIECE_BYTES)
-                    .into_iter()
-                    .map(move |p| (d, p))
-            })
-            .collect();
-        let encoded: Vec<Vec<u32>> = pieces.par_iter().map(|(_, p)| tokenizer.encode(p)).collect();
-        let mut doc_ids: Vec<Vec<u32>> = vec![Vec::new(); batch.len()];
-        for ((d, _), ids) in pieces.iter().zip(encoded) {
-            if doc_ids[*d].is_empty() {
-                doc_ids[*d] = ids;
-            } else {
-                doc_ids[*d].extend_from_slice(&ids);
+    let process =
+        |batch: &mut Vec<String>, index: &mut u64, writers: &mut [SplitWriter; 2]| -> Result<()> {
+            // Cut long documents so a batch of few huge documents still uses every thread.
+            let pieces: Vec<(usize, &str)> = batch
+                .iter()
+                .enumerate()
+                .flat_map(|(d, text)| {
+                    crate::tokenizer::split_for_parallel(text, PIECE_BYTES)
+                        .into_iter()
+                        .map(move |p| (d, p))
+                })
+                .collect();
+            let encoded: Vec<Vec<u32>> = pieces
+                .par_iter()
+                .map(|(_, p)| tokenizer.encode(p))
+                .collect();
+            let mut doc_ids: Vec<Vec<u32>> = vec![Vec::new(); batch.len()];
+            for ((d, _), ids) in pieces.iter().zip(encoded) {
+                if doc_ids[*d].is_empty() {
+                    doc_ids[*d] = ids;
+                } else {
+                    doc_ids[*d].extend_from_slice(&ids);
+                }
             }
-        }
-        for (ids, text) in doc_ids.iter().zip(batch.iter()) {
-            if *index >= n_docs {
-                return Err(Error::Invalid(format!(
-                    "the inputs changed during preparation (more than the {n_docs} documents \
+            for (ids, text) in doc_ids.iter().zip(batch.iter()) {
+                if *index >= n_docs {
+                    return Err(Error::Invalid(format!(
+                        "the inputs changed during preparation (more than the {n_docs} documents \
                      counted): {}",
-                    describe_inputs(&files)
-                )));
+                        describe_inputs(&files)
+                    )));
+                }
+                writers[split.is_val(*index) as usize].push_document(ids)?;
+                *index += 1;
+                bar.inc(text.len() as u64);
             }
-            writers[split.is_val(*index) as usize].push_document(ids)?;
-            *index += 1;
-            bar.inc(text.len() as u64);
-        }
-        batch.clear();
-        Ok(())
-    };
+            batch.clear();
+            Ok(())
+        };
     for file in &files {
         corpus::for_each_document(file, field, |doc| {
             batch_bytes += doc.len();
@@ -483,7 +484,11 @@ pub fn prepare(
         ..stats
     };
     if progress {
-        eprintln!("prepared {} -> {}", describe_inputs(&files), out_dir.display());
+        eprintln!(
+            "prepared {} -> {}",
+            describe_inputs(&files),
+            out_dir.display()
+        );
         eprintln!("{stats}");
     }
     Ok(stats)
@@ -502,8 +507,8 @@ fn commit(out_dir: &Path, staging: &Path, train: &[String], val: &[String]) -> R
         let entry = entry.map_err(|e| Error::io("read directory", out_dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let old_shard =
-            shards::shard_index(name, "train").is_some() || shards::shard_index(name, "val").is_some();
+        let old_shard = shards::shard_index(name, "train").is_some()
+            || shards::shard_index(name, "val").is_some();
         if old_shard && entry.path().is_file() {
             let p = entry.path();
             fs::remove_file(&p).map_err(|e| Error::io("remove old output", &p, e))?;

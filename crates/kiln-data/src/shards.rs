@@ -92,6 +92,9 @@ impl ShardHeader {
             )));
         }
         let vocab_size = u32_at(16);
+        if vocab_size == 0 {
+            return Err(err("invalid vocab size 0".into()));
+        }
         if token_width == 2 && vocab_size as usize > 1 << 16 {
             return Err(err(format!(
                 "vocab size {vocab_size} does not fit 2-byte tokens"
@@ -119,7 +122,12 @@ impl ShardHeader {
 
 /// Writes a shard atomically (temp file + fsync + rename). Every token must be `< vocab_size`;
 /// `fingerprint` is ASCII of at most 16 bytes (normally [`crate::Tokenizer::fingerprint`]).
-pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize, fingerprint: &str) -> Result<()> {
+pub fn write_shard(
+    path: &Path,
+    tokens: &[u32],
+    vocab_size: usize,
+    fingerprint: &str,
+) -> Result<()> {
     let err = |msg: String| Error::Shard {
         path: path.to_path_buf(),
         msg,
@@ -127,7 +135,9 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize, fingerprint: 
     if vocab_size == 0 || vocab_size > u32::MAX as usize {
         return Err(err(format!("invalid vocab size {vocab_size}")));
     }
-    if fingerprint.len() > FINGERPRINT_FIELD || !fingerprint.is_ascii() || fingerprint.contains('\0')
+    if fingerprint.len() > FINGERPRINT_FIELD
+        || !fingerprint.is_ascii()
+        || fingerprint.contains('\0')
     {
         return Err(err(format!(
             "invalid fingerprint {fingerprint:?} (ASCII, at most {FINGERPRINT_FIELD} bytes)"
@@ -215,7 +225,8 @@ impl Shard {
         }
         // SAFETY: the file is opened read-only; shards are written once (temp + rename) and never
         // modified in place, so the mapping is not mutated while in use.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-map shard", path, e))?;
+        let mmap =
+            unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-map shard", path, e))?;
         let header = ShardHeader::parse(&mmap[..HEADER_LEN], path)?;
         let width = header.token_width as usize;
         let expected = header
@@ -231,6 +242,31 @@ impl Shard {
             )));
         }
         let len = usize::try_from(header.count).map_err(|_| err("too many tokens".into()))?;
+        // A damaged token (a flipped bit) would index past the embedding table; one pass over the
+        // data (memory bandwidth, far less than one training epoch) finds it now, with its place.
+        let vocab = header.vocab_size;
+        let data = &mmap[HEADER_LEN..];
+        let bad = if width == 2 {
+            data.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                .position(|t| t >= vocab)
+        } else {
+            data.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .position(|t| t >= vocab)
+        };
+        if let Some(i) = bad {
+            let o = HEADER_LEN + i * width;
+            let t = if width == 2 {
+                u16::from_le_bytes([mmap[o], mmap[o + 1]]) as u32
+            } else {
+                u32::from_le_bytes([mmap[o], mmap[o + 1], mmap[o + 2], mmap[o + 3]])
+            };
+            return Err(err(format!(
+                "corrupt: token {t} at index {i} (byte offset {o}) is out of range for the \
+                 vocab size {vocab} in the header"
+            )));
+        }
         Ok(Shard {
             path: path.to_path_buf(),
             mmap,
@@ -368,7 +404,11 @@ impl ShardSet {
         let mut found: Vec<(usize, PathBuf)> = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| Error::io("read directory", dir, e))?;
-            if let Some(i) = entry.file_name().to_str().and_then(|n| shard_index(n, split)) {
+            if let Some(i) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| shard_index(n, split))
+            {
                 found.push((i, entry.path()));
             }
         }
@@ -401,7 +441,9 @@ impl ShardSet {
     /// fingerprint; at least one shard is required.
     pub fn from_shards(shards: Vec<Shard>) -> Result<ShardSet> {
         let Some(first) = shards.first() else {
-            return Err(Error::Invalid("a shard set needs at least one shard".into()));
+            return Err(Error::Invalid(
+                "a shard set needs at least one shard".into(),
+            ));
         };
         for s in &shards[1..] {
             if s.vocab_size() != first.vocab_size() || s.fingerprint() != first.fingerprint() {
@@ -470,7 +512,11 @@ impl ShardSet {
 
     /// Token `i` of the stream. Panics if out of range.
     pub fn get(&self, i: usize) -> u32 {
-        assert!(i < self.len(), "token index {i} out of range ({} tokens)", self.len());
+        assert!(
+            i < self.len(),
+            "token index {i} out of range ({} tokens)",
+            self.len()
+        );
         let s = self.starts.partition_point(|&st| st <= i) - 1;
         self.shards[s].get(i - self.starts[s])
     }

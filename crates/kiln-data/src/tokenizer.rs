@@ -112,7 +112,9 @@ fn check_vocab_size(vocab_size: usize) -> Result<()> {
         });
     }
     if vocab_size > u32::MAX as usize {
-        return Err(Error::Invalid(format!("vocab size {vocab_size} is too large")));
+        return Err(Error::Invalid(format!(
+            "vocab size {vocab_size} is too large"
+        )));
     }
     Ok(())
 }
@@ -322,10 +324,11 @@ impl Tokenizer {
                 Error::io("read tokenizer", path, e)
             }
         })?;
-        let inner = tokenizers::Tokenizer::from_str(&json).map_err(|e| Error::InvalidTokenizer {
-            path: path.to_path_buf(),
-            msg: format!("cannot parse tokenizer JSON: {e}"),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_str(&json).map_err(|e| Error::InvalidTokenizer {
+                path: path.to_path_buf(),
+                msg: format!("cannot parse tokenizer JSON: {e}"),
+            })?;
         Self::from_inner(inner).map_err(|msg| Error::InvalidTokenizer {
             path: path.to_path_buf(),
             msg,
@@ -482,13 +485,17 @@ fn char_to_byte_table() -> &'static [Option<u8>; 324] {
 /// merges never cross pre-tokens.
 pub fn parallel_split_points(text: &str) -> impl Iterator<Item = usize> + '_ {
     let bytes = text.as_bytes();
-    memchr_newlines(bytes).filter(move |&i| {
-        // i: index of '\n'; the cut is at i + 1.
-        let prev_ok = i > 0 && !prev_char(text, i).is_whitespace();
-        let next_ok = text[i + 1..].chars().next().is_some_and(|c| !c.is_whitespace());
-        prev_ok && next_ok
-    })
-    .map(|i| i + 1)
+    memchr_newlines(bytes)
+        .filter(move |&i| {
+            // i: index of '\n'; the cut is at i + 1.
+            let prev_ok = i > 0 && !prev_char(text, i).is_whitespace();
+            let next_ok = text[i + 1..]
+                .chars()
+                .next()
+                .is_some_and(|c| !c.is_whitespace());
+            prev_ok && next_ok
+        })
+        .map(|i| i + 1)
 }
 
 fn memchr_newlines(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {

@@ -23,7 +23,10 @@ fn plain_text_splits_at_blank_lines() {
         b"\xEF\xBB\xBFfirst line\r\nsecond line\n\n  \n\nthird\n  indented\n\n\nlast",
     );
     let docs = read_documents(&p, "text").unwrap();
-    assert_eq!(docs, vec!["first line\nsecond line", "third\n  indented", "last"]);
+    assert_eq!(
+        docs,
+        vec!["first line\nsecond line", "third\n  indented", "last"]
+    );
     let empty = write(dir.path(), "empty.txt", b"\n\n");
     assert!(read_documents(&empty, "text").unwrap().is_empty());
 }
@@ -36,18 +39,25 @@ fn jsonl_reads_the_field() {
         "d.jsonl",
         b"{\"text\": \"one\", \"id\": 1}\n\n{\"text\": \"two\\nlines\", \"body\": \"b\"}\n{\"text\": \"\"}\n",
     );
-    assert_eq!(read_documents(&p, "text").unwrap(), vec!["one", "two\nlines"]);
+    assert_eq!(
+        read_documents(&p, "text").unwrap(),
+        vec!["one", "two\nlines"]
+    );
     let e = read_documents(&p, "body").unwrap_err();
     assert!(matches!(e, Error::Jsonl { line: 1, .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("d.jsonl:1") && msg.contains("\"body\""), "{msg}");
+    assert!(
+        msg.contains("d.jsonl:1") && msg.contains("\"body\""),
+        "{msg}"
+    );
 }
 
 #[test]
 fn gzip_inputs_are_decompressed() {
     let dir = tempfile::tempdir().unwrap();
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    enc.write_all(b"{\"text\": \"zipped\"}\n{\"text\": \"again\"}\n").unwrap();
+    enc.write_all(b"{\"text\": \"zipped\"}\n{\"text\": \"again\"}\n")
+        .unwrap();
     let p = write(dir.path(), "d.jsonl.gz", &enc.finish().unwrap());
     assert_eq!(read_documents(&p, "text").unwrap(), vec!["zipped", "again"]);
 }
@@ -77,7 +87,7 @@ fn directories_are_walked_recursively_and_sorted() {
 fn missing_input_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.txt");
-    let e = expand_inputs(&[missing.clone()]).unwrap_err();
+    let e = expand_inputs(std::slice::from_ref(&missing)).unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }));
     assert!(e.to_string().contains("missing.txt"), "{e}");
     let e = read_documents(&missing, "text").unwrap_err();
@@ -91,7 +101,10 @@ fn directory_without_text_is_an_error() {
     write(dir.path(), "data.bin", b"\x00\x01");
     let e = expand_inputs(&[dir.path().to_path_buf()]).unwrap_err();
     assert!(matches!(e, Error::NoText { .. }), "{e}");
-    assert!(e.to_string().contains(&dir.path().display().to_string()), "{e}");
+    assert!(
+        e.to_string().contains(&dir.path().display().to_string()),
+        "{e}"
+    );
     // A directory of empty text files: training finds no text.
     let empty = tempfile::tempdir().unwrap();
     write(empty.path(), "e.txt", b"\n\n");
@@ -105,7 +118,17 @@ fn invalid_utf8_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "bad.txt", b"ok\nfine\n\nbro\xC3\x28ken\nmore");
     let e = read_documents(&p, "text").unwrap_err();
-    assert!(matches!(e, Error::InvalidUtf8 { line: 4, offset: 3, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::InvalidUtf8 {
+                line: 4,
+                offset: 3,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("bad.txt:4"), "{e}");
     // Also through training.
     let e = Tokenizer::train(&[p], "text", 300).unwrap_err();
@@ -123,13 +146,26 @@ fn malformed_jsonl_names_file_and_line() {
     let e = read_documents(&p, "text").unwrap_err();
     assert!(matches!(e, Error::Jsonl { line: 3, .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(msg.contains("bad.jsonl:3") && msg.contains("malformed JSON"), "{msg}");
+    assert!(
+        msg.contains("bad.jsonl:3") && msg.contains("malformed JSON"),
+        "{msg}"
+    );
 
     let p = write(dir.path(), "arr.jsonl", b"[1, 2]\n");
-    assert!(read_documents(&p, "text").unwrap_err().to_string().contains("arr.jsonl:1: expected a JSON object"));
-    let p = write(dir.path(), "num.jsonl", b"{\"text\": \"a\"}\n{\"text\": 5}\n");
+    assert!(read_documents(&p, "text")
+        .unwrap_err()
+        .to_string()
+        .contains("arr.jsonl:1: expected a JSON object"));
+    let p = write(
+        dir.path(),
+        "num.jsonl",
+        b"{\"text\": \"a\"}\n{\"text\": 5}\n",
+    );
     let msg = read_documents(&p, "text").unwrap_err().to_string();
-    assert!(msg.contains("num.jsonl:2") && msg.contains("not a string"), "{msg}");
+    assert!(
+        msg.contains("num.jsonl:2") && msg.contains("not a string"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -137,7 +173,11 @@ fn train_from_files_and_dirs() {
     let dir = tempfile::tempdir().unwrap();
     let body: String = common::corpus().join("\n\n");
     write(dir.path(), "c/part1.txt", body.as_bytes());
-    write(dir.path(), "c/part2.jsonl", b"{\"content\": \"json document about the fox\"}\n");
+    write(
+        dir.path(),
+        "c/part2.jsonl",
+        b"{\"content\": \"json document about the fox\"}\n",
+    );
     let e = Tokenizer::train(&[dir.path().join("c")], "text", 300).unwrap_err();
     assert!(e.to_string().contains("part2.jsonl:1"), "{e}");
     let (tok, stats) =
@@ -145,4 +185,12 @@ fn train_from_files_and_dirs() {
     assert_eq!(stats.documents, common::corpus().len() as u64 + 1);
     assert_eq!(tok.vocab_size(), 320);
     assert_eq!(tok.decode(&tok.encode("the fox")), "the fox");
+}
+
+#[test]
+fn json_documents_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "rows.json", b"[{\"text\": \"a\"}]");
+    let e = read_documents(&p, "text").unwrap_err().to_string();
+    assert!(e.contains("rows.json") && e.contains(".jsonl"), "{e}");
 }

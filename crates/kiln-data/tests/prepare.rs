@@ -10,7 +10,12 @@ use kiln_data::{prepare, special, PrepareMeta, ShardSet, Tokenizer};
 
 fn docs_corpus(n: usize) -> Vec<String> {
     (0..n)
-        .map(|i| format!("Document number {i}.\nIt has two lines, and word{} here.", i * 7 % 13))
+        .map(|i| {
+            format!(
+                "Document number {i}.\nIt has two lines, and word{} here.",
+                i * 7 % 13
+            )
+        })
         .collect()
 }
 
@@ -48,13 +53,30 @@ fn shards_hold_eot_plus_tokens_of_each_document() {
         .collect();
     std::fs::write(inputs.join("b.jsonl"), jsonl).unwrap();
     let out = dir.path().join("out");
-    let stats = prepare(tok, &[inputs.clone()], "text", &out, 0.2, 7, 1_000_000, false).unwrap();
-    assert_eq!(common::ls(&out), vec!["meta.json", "train_000.bin", "val_000.bin"]);
+    let stats = prepare(
+        tok,
+        std::slice::from_ref(&inputs),
+        "text",
+        &out,
+        0.2,
+        7,
+        1_000_000,
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        common::ls(&out),
+        vec!["meta.json", "train_000.bin", "val_000.bin"]
+    );
 
     let split = Split::new(7, 30, 0.2).unwrap();
     let (mut want_train, mut want_val) = (Vec::new(), Vec::new());
     for (i, d) in docs.iter().enumerate() {
-        let target = if split.is_val(i as u64) { &mut want_val } else { &mut want_train };
+        let target = if split.is_val(i as u64) {
+            &mut want_val
+        } else {
+            &mut want_train
+        };
         target.push(special::EOT);
         target.extend(tok.encode(d));
     }
@@ -75,10 +97,16 @@ fn shards_hold_eot_plus_tokens_of_each_document() {
     assert_eq!(stats.train_documents + stats.val_documents, 30);
     assert_eq!(stats.train_tokens as usize, want_train.len());
     assert_eq!(stats.val_tokens as usize, want_val.len());
-    assert_eq!(stats.bytes as usize, docs.iter().map(String::len).sum::<usize>());
+    assert_eq!(
+        stats.bytes as usize,
+        docs.iter().map(String::len).sum::<usize>()
+    );
     assert!(stats.seconds > 0.0 && stats.mb_per_sec() > 0.0);
     let shown = stats.to_string();
-    assert!(shown.contains("documents: 30") && shown.contains("MB/s"), "{shown}");
+    assert!(
+        shown.contains("documents: 30") && shown.contains("MB/s"),
+        "{shown}"
+    );
 
     let meta = PrepareMeta::load(&out).unwrap();
     assert_eq!(meta.tokenizer_fingerprint, tok.fingerprint());
@@ -97,7 +125,17 @@ fn small_shards_split_the_stream() {
     let dir = tempfile::tempdir().unwrap();
     let input = write_txt(dir.path(), "c.txt", &docs_corpus(40));
     let out = dir.path().join("out");
-    let stats = prepare(tok, &[input.clone()], "text", &out, 0.1, 0, 64, false).unwrap();
+    let stats = prepare(
+        tok,
+        std::slice::from_ref(&input),
+        "text",
+        &out,
+        0.1,
+        0,
+        64,
+        false,
+    )
+    .unwrap();
     let train = ShardSet::open_dir(&out, "train").unwrap();
     assert_eq!(train.shards().len(), stats.train_shards);
     assert!(stats.train_shards > 5);
@@ -107,7 +145,17 @@ fn small_shards_split_the_stream() {
     }
     // Same stream as one big shard.
     let out2 = dir.path().join("out2");
-    prepare(tok, &[input.clone()], "text", &out2, 0.1, 0, 1 << 20, false).unwrap();
+    prepare(
+        tok,
+        std::slice::from_ref(&input),
+        "text",
+        &out2,
+        0.1,
+        0,
+        1 << 20,
+        false,
+    )
+    .unwrap();
     let one = ShardSet::open_dir(&out2, "train").unwrap();
     assert_eq!(one.shards().len(), 1);
     let (mut a, mut b) = (vec![0; train.len()], vec![0; one.len()]);
@@ -117,7 +165,10 @@ fn small_shards_split_the_stream() {
 
     // Re-preparing into the same dir with bigger shards removes the stale extra shards.
     prepare(tok, &[input], "text", &out, 0.1, 0, 1 << 20, false).unwrap();
-    assert_eq!(common::ls(&out), vec!["meta.json", "train_000.bin", "val_000.bin"]);
+    assert_eq!(
+        common::ls(&out),
+        vec!["meta.json", "train_000.bin", "val_000.bin"]
+    );
 }
 
 #[test]
@@ -128,7 +179,17 @@ fn val_split_is_disjoint_and_deterministic() {
     let input = write_txt(dir.path(), "c.txt", &docs);
     let run = |seed: u64, name: &str| {
         let out = dir.path().join(name);
-        prepare(tok, &[input.clone()], "text", &out, 0.2, seed, 1 << 20, false).unwrap();
+        prepare(
+            tok,
+            std::slice::from_ref(&input),
+            "text",
+            &out,
+            0.2,
+            seed,
+            1 << 20,
+            false,
+        )
+        .unwrap();
         let train = stream_docs(tok, &ShardSet::open_dir(&out, "train").unwrap());
         let val = stream_docs(tok, &ShardSet::open_dir(&out, "val").unwrap());
         (out, train, val)
@@ -142,14 +203,20 @@ fn val_split_is_disjoint_and_deterministic() {
     assert!(train_set.is_disjoint(&val_set));
     assert_eq!(train_a.len() + val_a.len(), docs.len());
     let all: BTreeSet<&String> = docs.iter().collect();
-    assert_eq!(train_set.union(&val_set).copied().collect::<BTreeSet<_>>(), all);
+    assert_eq!(
+        train_set.union(&val_set).copied().collect::<BTreeSet<_>>(),
+        all
+    );
     // Roughly the requested fraction.
     assert!((20..=60).contains(&val_a.len()), "{} val docs", val_a.len());
 
     // Same seed: the same split and byte-identical files.
     assert_eq!((train_a, val_a.clone()), (train_b, val_b));
     for f in ["train_000.bin", "val_000.bin"] {
-        assert_eq!(std::fs::read(out_a.join(f)).unwrap(), std::fs::read(out_b.join(f)).unwrap());
+        assert_eq!(
+            std::fs::read(out_a.join(f)).unwrap(),
+            std::fs::read(out_b.join(f)).unwrap()
+        );
     }
     // Another seed: another split.
     assert_ne!(val_a, val_c);
@@ -179,7 +246,17 @@ fn tiny_corpora_and_zero_fraction() {
     let tok = common::tokenizer();
     let dir = tempfile::tempdir().unwrap();
     let two = write_txt(dir.path(), "two.txt", &docs_corpus(2));
-    let stats = prepare(tok, &[two], "text", &dir.path().join("o2"), 0.001, 3, 100, false).unwrap();
+    let stats = prepare(
+        tok,
+        &[two],
+        "text",
+        &dir.path().join("o2"),
+        0.001,
+        3,
+        100,
+        false,
+    )
+    .unwrap();
     assert_eq!((stats.train_documents, stats.val_documents), (1, 1));
 
     let many = write_txt(dir.path(), "many.txt", &docs_corpus(20));
@@ -196,7 +273,17 @@ fn failures_leave_the_output_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let good = write_txt(dir.path(), "good.txt", &docs_corpus(10));
     let out = dir.path().join("out");
-    prepare(tok, &[good.clone()], "text", &out, 0.1, 0, 1000, false).unwrap();
+    prepare(
+        tok,
+        std::slice::from_ref(&good),
+        "text",
+        &out,
+        0.1,
+        0,
+        1000,
+        false,
+    )
+    .unwrap();
     let before: Vec<(String, Vec<u8>)> = common::ls(&out)
         .into_iter()
         .map(|f| (f.clone(), std::fs::read(out.join(&f)).unwrap()))
@@ -220,18 +307,49 @@ fn failures_leave_the_output_untouched() {
     assert!(e.to_string().contains("bin.txt:2"), "{e}");
 
     // Missing input.
-    let e = prepare(tok, &[dir.path().join("nope.txt")], "text", &out, 0.1, 0, 5, false)
-        .unwrap_err();
+    let e = prepare(
+        tok,
+        &[dir.path().join("nope.txt")],
+        "text",
+        &out,
+        0.1,
+        0,
+        5,
+        false,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("nope.txt"), "{e}");
 
     // Output directory under a regular file.
-    let e = prepare(tok, &[good.clone()], "text", &good.join("out"), 0.1, 0, 5, false)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("good.txt") && e.contains("output directory"), "{e}");
+    let e = prepare(
+        tok,
+        std::slice::from_ref(&good),
+        "text",
+        &good.join("out"),
+        0.1,
+        0,
+        5,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("good.txt") && e.contains("output directory"),
+        "{e}"
+    );
 
     // Bad arguments.
-    assert!(prepare(tok, &[good.clone()], "text", &out, 1.0, 0, 5, false).is_err());
+    assert!(prepare(
+        tok,
+        std::slice::from_ref(&good),
+        "text",
+        &out,
+        1.0,
+        0,
+        5,
+        false
+    )
+    .is_err());
     assert!(prepare(tok, &[good], "text", &out, 0.1, 0, 0, false).is_err());
     assert_eq!(
         common::ls(&out),
@@ -249,7 +367,17 @@ fn tinyshakespeare_prepare() {
     let docs = kiln_data::read_documents(&path, "text").unwrap();
     let tok = Tokenizer::train_from_texts(docs.iter().take(1000), 512).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let stats = prepare(&tok, &[path.clone()], "text", dir.path(), 0.01, 0, 200_000, false).unwrap();
+    let stats = prepare(
+        &tok,
+        std::slice::from_ref(&path),
+        "text",
+        dir.path(),
+        0.01,
+        0,
+        200_000,
+        false,
+    )
+    .unwrap();
     eprintln!("{stats}");
     assert_eq!(stats.documents as usize, docs.len());
     assert!(stats.train_shards > 1);

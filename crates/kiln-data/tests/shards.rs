@@ -7,10 +7,14 @@ use kiln_data::{write_shard, Error, Shard, ShardSet};
 use proptest::prelude::*;
 
 fn pseudo_tokens(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 33) % vocab as u64) as u32
         })
         .collect()
@@ -30,7 +34,10 @@ fn u16_round_trip_and_header_layout() {
     assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1);
     assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 2);
     assert_eq!(u32::from_le_bytes(bytes[16..20].try_into().unwrap()), 65536);
-    assert_eq!(u64::from_le_bytes(bytes[20..28].try_into().unwrap()), 10_000);
+    assert_eq!(
+        u64::from_le_bytes(bytes[20..28].try_into().unwrap()),
+        10_000
+    );
     assert_eq!(&bytes[28..44], b"0123456789abcdef");
     assert!(bytes[44..64].iter().all(|&b| b == 0));
     assert_eq!(u16::from_le_bytes([bytes[64], bytes[65]]), 65535);
@@ -56,7 +63,10 @@ fn u32_round_trip() {
     tokens[7] = 99_999;
     tokens[8] = 70_000;
     write_shard(&p, &tokens, 100_000, "abc").unwrap();
-    assert_eq!(std::fs::metadata(&p).unwrap().len() as usize, HEADER_LEN + 4 * tokens.len());
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len() as usize,
+        HEADER_LEN + 4 * tokens.len()
+    );
     let s = Shard::open(&p).unwrap();
     assert_eq!(s.token_width(), 4);
     assert_eq!(s.fingerprint(), "abc");
@@ -80,11 +90,19 @@ fn empty_shard() {
 fn write_rejects_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.bin");
-    let e = write_shard(&p, &[1, 2, 300], 300, "f").unwrap_err().to_string();
-    assert!(e.contains("token 300 at index 2") && e.contains("x.bin"), "{e}");
+    let e = write_shard(&p, &[1, 2, 300], 300, "f")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("token 300 at index 2") && e.contains("x.bin"),
+        "{e}"
+    );
     assert!(write_shard(&p, &[1], 300, "0123456789abcdef0").is_err());
     assert!(write_shard(&p, &[1], 300, "é").is_err());
-    assert!(common::ls(dir.path()).is_empty(), "nothing written on error");
+    assert!(
+        common::ls(dir.path()).is_empty(),
+        "nothing written on error"
+    );
 }
 
 #[test]
@@ -125,7 +143,11 @@ fn corrupt_shards_are_rejected_with_clear_messages() {
     bad[12] = 3;
     check("width.bin", &bad, "token width");
     check("short.bin", &bytes[..bytes.len() - 1], "truncated");
-    check("long.bin", &[&bytes[..], &[0, 0]].concat(), "truncated or corrupt");
+    check(
+        "long.bin",
+        &[&bytes[..], &[0, 0]].concat(),
+        "truncated or corrupt",
+    );
     check("tiny.bin", &bytes[..10], "smaller than the 64-byte header");
     let mut bad = bytes.clone();
     bad[20..28].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -158,7 +180,15 @@ fn shard_set_reads_across_boundaries() {
     set.check_fingerprint("fp").unwrap();
     let e = set.check_fingerprint("other").unwrap_err().to_string();
     assert!(e.contains("\"fp\"") && e.contains("other"), "{e}");
-    for (start, len) in [(0, 1000), (290, 20), (299, 2), (300, 350), (640, 360), (999, 1), (1000, 0)] {
+    for (start, len) in [
+        (0, 1000),
+        (290, 20),
+        (299, 2),
+        (300, 350),
+        (640, 360),
+        (999, 1),
+        (1000, 0),
+    ] {
         let mut out = vec![0; len];
         set.read(start, &mut out);
         assert_eq!(out, all[start..start + len], "{start}+{len}");
@@ -182,16 +212,24 @@ fn shard_set_read_out_of_range_panics() {
 #[test]
 fn shard_set_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let e = ShardSet::open_dir(dir.path(), "train").unwrap_err().to_string();
+    let e = ShardSet::open_dir(dir.path(), "train")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no train shards"), "{e}");
     write_shard(&dir.path().join("train_000.bin"), &[1], 300, "fp").unwrap();
     write_shard(&dir.path().join("train_002.bin"), &[1], 300, "fp").unwrap();
-    let e = ShardSet::open_dir(dir.path(), "train").unwrap_err().to_string();
+    let e = ShardSet::open_dir(dir.path(), "train")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("train_001.bin is missing"), "{e}");
     write_shard(&dir.path().join("train_001.bin"), &[1], 300, "other").unwrap();
-    let e = ShardSet::open_dir(dir.path(), "train").unwrap_err().to_string();
+    let e = ShardSet::open_dir(dir.path(), "train")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("train_001.bin") && e.contains("differ"), "{e}");
-    let e = ShardSet::open_dir(&dir.path().join("nope"), "train").unwrap_err().to_string();
+    let e = ShardSet::open_dir(&dir.path().join("nope"), "train")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope"), "{e}");
 }
 

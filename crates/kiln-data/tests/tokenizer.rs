@@ -59,7 +59,10 @@ fn token_bytes_reassemble_the_text() {
     let tok = tokenizer();
     let text = "naïve 🦀 café\n\tend";
     let ids = tok.encode(text);
-    let bytes: Vec<u8> = ids.iter().flat_map(|&i| tok.token_bytes(i).unwrap()).collect();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&i| tok.token_bytes(i).unwrap())
+        .collect();
     assert_eq!(bytes, text.as_bytes());
     assert_eq!(tok.token_bytes(special::END).unwrap(), b"<|end|>");
     assert_eq!(tok.token_bytes(1_000_000), None);
@@ -98,6 +101,27 @@ fn save_load_keeps_fingerprint_and_encoding() {
 }
 
 #[test]
+fn save_to_unwritable_path_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plainfile");
+    std::fs::write(&file, b"x").unwrap();
+    let e = tokenizer().save(&file.join("tokenizer.json")).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+    assert!(e.to_string().contains("plainfile"), "{e}");
+    let e = tokenizer().save(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("directory"), "{e}");
+    assert_eq!(common::ls(dir.path()), vec!["plainfile"]);
+}
+
+#[test]
+fn tokenizer_is_send_sync_clone() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<Tokenizer>();
+    let t = tokenizer().clone();
+    assert_eq!(t.encode("hi there"), tokenizer().encode("hi there"));
+}
+
+#[test]
 fn load_rejects_bad_files() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.json");
@@ -108,7 +132,10 @@ fn load_rejects_bad_files() {
     let garbage = dir.path().join("garbage.json");
     std::fs::write(&garbage, "{not json").unwrap();
     let e = Tokenizer::load(&garbage).unwrap_err().to_string();
-    assert!(e.contains("garbage.json") && e.contains("invalid tokenizer"), "{e}");
+    assert!(
+        e.contains("garbage.json") && e.contains("invalid tokenizer"),
+        "{e}"
+    );
 
     // Swap two specials: ids no longer 0..=7 as required.
     let good = dir.path().join("good.json");
@@ -121,13 +148,25 @@ fn load_rejects_bad_files() {
     let bad = dir.path().join("swapped.json");
     std::fs::write(&bad, swapped).unwrap();
     let e = Tokenizer::load(&bad).unwrap_err().to_string();
-    assert!(e.contains("swapped.json") && e.contains("<|pad|>") && e.contains("expected 1"), "{e}");
+    assert!(
+        e.contains("swapped.json") && e.contains("<|pad|>") && e.contains("expected 1"),
+        "{e}"
+    );
 }
 
 #[test]
 fn vocab_size_too_small_is_an_error() {
     let e = Tokenizer::train_from_texts(["abc".to_string()], MIN_VOCAB_SIZE - 1).unwrap_err();
-    assert!(matches!(e, Error::VocabTooSmall { requested: 263, min: 264 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::VocabTooSmall {
+                requested: 263,
+                min: 264
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("264"));
     // 264 works: bytes + specials only, and still round-trips anything.
     let tok = Tokenizer::train_from_texts(["abc abc".to_string()], MIN_VOCAB_SIZE).unwrap();
@@ -161,6 +200,7 @@ fn tinyshakespeare_round_trip() {
     let tok = Tokenizer::train_from_texts(docs.iter().take(2000), 512).unwrap();
     let ids = tok.encode_parallel(&text, 64 * 1024);
     assert_eq!(ids, tok.encode(&text));
+    assert_eq!(ids, tok.encode_hf(&text), "fast encoder differs from HF");
     assert_eq!(tok.decode(&ids), text);
     let ratio = text.len() as f64 / ids.len() as f64;
     assert!(ratio > 1.5, "bytes/token {ratio}");
@@ -193,8 +233,49 @@ fn whitespace_tokenizer() -> &'static Tokenizer {
     })
 }
 
+/// A tokenizer with merges for long runs of letters, digits, punctuation and spaces (pieces longer
+/// than the fast encoder's rescanning limit go through its heap path).
+fn runs_tokenizer() -> &'static Tokenizer {
+    static TOK: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+    TOK.get_or_init(|| {
+        let mut docs = Vec::new();
+        for n in 1..120 {
+            docs.push(format!(
+                "{} {} {} {}{}",
+                "a".repeat(n),
+                "ab".repeat(n % 40),
+                "1".repeat(n % 50),
+                ".".repeat(n % 30),
+                " ".repeat(n % 20)
+            ));
+        }
+        Tokenizer::train_from_texts(docs, 900).unwrap()
+    })
+}
+
+fn long_runs() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        (1usize..150).prop_map(|n| "a".repeat(n)),
+        (1usize..80).prop_map(|n| "ab".repeat(n)),
+        (1usize..120).prop_map(|n| "1".repeat(n)),
+        (1usize..100).prop_map(|n| ".".repeat(n)),
+        (1usize..100).prop_map(|n| " ".repeat(n)),
+        (1usize..60).prop_map(|n| "é".repeat(n)),
+        "[ab1. \n']{0,20}",
+    ];
+    prop::collection::vec(piece, 0..6).prop_map(|v| v.concat())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn prop_fast_encoder_matches_hf(s in text_with_specials(), r in long_runs()) {
+        for tok in [tokenizer(), whitespace_tokenizer(), runs_tokenizer()] {
+            prop_assert_eq!(tok.encode(&s), tok.encode_hf(&s), "{:?}", s);
+            prop_assert_eq!(tok.encode(&r), tok.encode_hf(&r), "{:?}", r);
+        }
+    }
 
     #[test]
     fn prop_round_trip(s in text_with_specials()) {

@@ -2,7 +2,7 @@
 //!
 //! Layout follows GPT-2's fused `c_attn`: `qkv` is `[b, t, 3c]` with q | k | v along the last dim and
 //! head `h` owning columns `h*hs..(h+1)*hs` of each. One rayon task per (batch, head); inside it,
-//! query rows are processed in blocks of [`QB`] with single-threaded `gemm` calls, and a block only
+//! query rows are processed in blocks of 64 with single-threaded `gemm` calls, and a block only
 //! touches the keys some row of it may attend to (so causal attention does ~half the work).
 #![allow(clippy::too_many_arguments)]
 

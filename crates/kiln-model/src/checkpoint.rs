@@ -100,6 +100,12 @@ pub fn params_from_tensors(cfg: &ModelConfig, tensors: &BTreeMap<String, (Vec<us
 }
 
 /// Writes a checkpoint directory atomically: `files` (name, bytes) plus `checksums.json`.
+///
+/// The files go to `.NAME.tmp-PID`, each fsynced, `checksums.json` last (so a temporary directory
+/// with a checksums file is complete), then the directory is renamed to `NAME`. An existing `NAME`
+/// is first moved aside to `.NAME.old-PID`; a crash between the two renames is repaired by
+/// [`recover_interrupted`]. A failed write (a full disk) removes its temporary directory and leaves
+/// every existing checkpoint as it was.
 pub fn write_checkpoint_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -110,35 +116,114 @@ pub fn write_checkpoint_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(
         .to_string();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
-    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut sums = BTreeMap::new();
-    for (fname, bytes) in files {
-        let path = tmp.join(fname);
-        let mut f = fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-        f.sync_all()?;
-        sums.insert(fname.clone(), sha256_hex(bytes));
+    let written = write_files(&tmp, files);
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "writing checkpoint {} failed (disk full?); the previous checkpoints are intact",
+            dir.display()
+        )));
     }
-    let sums_json = serde_json::to_vec_pretty(&sums)?;
-    let mut f = fs::File::create(tmp.join(CHECKSUMS_FILE))?;
-    f.write_all(&sums_json)?;
-    f.sync_all()?;
     // Replace an existing directory of the same name: move it aside first, so at every moment one
     // complete copy exists.
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if old.exists() {
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
     if dir.exists() {
         fs::rename(dir, &old).with_context(|| format!("moving aside {}", dir.display()))?;
     }
     fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    sync_dir(parent);
     if old.exists() {
-        fs::remove_dir_all(&old)?;
-    }
-    if let Ok(d) = fs::File::open(parent) {
-        let _ = d.sync_all();
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
+}
+
+fn write_files(tmp: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut sums = BTreeMap::new();
+    let write = |path: &Path, bytes: &[u8]| -> Result<()> {
+        let mut f = fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+        Ok(())
+    };
+    for (fname, bytes) in files {
+        write(&tmp.join(fname), bytes)?;
+        sums.insert(fname.clone(), sha256_hex(bytes));
+    }
+    write(&tmp.join(CHECKSUMS_FILE), &serde_json::to_vec_pretty(&sums)?)?;
+    sync_dir(tmp);
+    Ok(())
+}
+
+/// Makes a directory's entries durable (best effort: not every platform can open a directory).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The parts of a leftover hidden name `.NAME.KIND-PID` (KIND: `tmp`, `old` or `del`).
+fn leftover(fname: &str) -> Option<(&str, &str, u32)> {
+    let rest = fname.strip_prefix('.')?;
+    let (head, pid) = rest.rsplit_once('-')?;
+    let pid: u32 = pid.parse().ok()?;
+    let (name, kind) = head.rsplit_once('.')?;
+    if name.is_empty() || !matches!(kind, "tmp" | "old" | "del") {
+        return None;
+    }
+    Some((name, kind, pid))
+}
+
+/// Repairs what a process killed inside [`write_checkpoint_dir`] (or while deleting a checkpoint)
+/// left in `parent`: a checkpoint moved aside to `.NAME.old-PID` whose replacement never got its
+/// name is put back (or replaced by the complete `.NAME.tmp-PID` that was about to take its
+/// place); incomplete temporary directories and half-deleted checkpoints of other processes are
+/// removed. Returns the names of the checkpoints it restored.
+pub fn recover_interrupted(parent: &Path) -> Result<Vec<String>> {
+    let mut restored = Vec::new();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(restored);
+    };
+    let me = std::process::id();
+    let mut found: Vec<(String, String, u32)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().to_string_lossy().to_string();
+            let (name, kind, pid) = leftover(&f)?;
+            Some((name.to_string(), kind.to_string(), pid))
+        })
+        .filter(|(_, _, pid)| *pid != me)
+        .collect();
+    // `old` first: it decides what NAME becomes.
+    found.sort_by_key(|(_, kind, _)| kind != "old");
+    for (name, kind, pid) in found {
+        let path = parent.join(format!(".{name}.{kind}-{pid}"));
+        if !path.exists() {
+            continue;
+        }
+        let target = parent.join(&name);
+        if kind == "old" && !target.exists() {
+            let tmp = parent.join(format!(".{name}.tmp-{pid}"));
+            let from = if tmp.join(CHECKSUMS_FILE).exists() { tmp } else { path.clone() };
+            fs::rename(&from, &target)
+                .with_context(|| format!("restoring {} from {}", target.display(), from.display()))?;
+            restored.push(name.clone());
+            if !path.exists() {
+                continue;
+            }
+        }
+        fs::remove_dir_all(&path).with_context(|| format!("removing the leftover {}", path.display()))?;
+    }
+    if !restored.is_empty() {
+        sync_dir(parent);
+    }
+    Ok(restored)
 }
 
 /// Reads one file of a checkpoint directory, checking it against `checksums.json` when present.
@@ -192,7 +277,22 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
     if latest.exists() {
         let name = fs::read_to_string(&latest)?.trim().to_string();
         let p = path.join(name);
-        if p.join(CONFIG_FILE).exists() {
+        if p.join(CONFIG_FILE).exists() && p.join(CHECKSUMS_FILE).exists() {
+            return Ok(p);
+        }
+    }
+    // No usable `latest`: the newest complete numbered checkpoint.
+    if let Ok(entries) = fs::read_dir(path) {
+        let newest = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step: u64 = name.strip_prefix("ckpt-")?.parse().ok()?;
+                let p = e.path();
+                (p.join(CONFIG_FILE).exists() && p.join(CHECKSUMS_FILE).exists()).then_some((step, p))
+            })
+            .max();
+        if let Some((_, p)) = newest {
             return Ok(p);
         }
     }

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod infer;
+pub mod memory;
 pub mod model;
 pub mod params;
 

@@ -9,7 +9,7 @@
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::rm::score_rows;
 use crate::run::RunDir;
-use crate::trainer::{fmt_metrics, Metrics, STOP};
+use crate::trainer::{fmt_metrics, say, Metrics, STOP};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_data::template::ids;
@@ -180,6 +180,9 @@ struct PpoState {
     prompt_idx: usize,
     rng: [u8; 32],
     rng_word: u128,
+    /// Optimizer updates taken (AdamW's bias correction depends on them).
+    actor_updates: u64,
+    critic_updates: u64,
     history: Vec<Metrics>,
 }
 
@@ -390,6 +393,8 @@ impl<'a> Ppo<'a> {
             prompt_idx: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed).get_seed(),
             rng_word: 0,
+            actor_updates: 0,
+            critic_updates: 0,
             history: Vec::new(),
         };
         let mut summary = PpoSummary::default();
@@ -537,7 +542,7 @@ impl<'a> Ppo<'a> {
             pb.set_message(format!("reward {:.3} kl {:.3} len {:.1}", m["reward"], m["kl"], m["response_len"]));
             pb.set_position(st.iteration);
             if st.iteration == 1 || st.iteration % cfg.eval_every.max(1) == 0 || last {
-                pb.println(format!(
+                say(&pb, format!(
                     "[ppo] it {} reward {:.3} kl {:.3} beta {:.4} ent {:.3} clip {:.3} vloss {:.4} len {:.1}{} | {}",
                     st.iteration, m["reward"], m["kl"], m["beta"], m["entropy"], m["clip_frac"], m["value_loss"], m["response_len"],
                     m.get("eval_accuracy").map(|a| format!(" acc {a:.3}")).unwrap_or_default(),
@@ -550,6 +555,8 @@ impl<'a> Ppo<'a> {
             if (cfg.ckpt_every > 0 && st.iteration % cfg.ckpt_every == 0) || last || stop {
                 st.rng = rng.get_seed();
                 st.rng_word = rng.get_word_pos();
+                st.actor_updates = actor_opt.step;
+                st.critic_updates = critic_opt.step;
                 self.save(&actor_opt, &critic_opt, &st)?;
             }
             if stop {
@@ -597,8 +604,8 @@ impl<'a> Ppo<'a> {
         self.critic.params = params_from_tensors(&ccfg, &tensors, &what)?;
         let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, "ppo_state.json")?)?;
         *st = serde_json::from_value(v["state"].clone()).context("ppo_state.json")?;
-        actor_opt.load_bytes(&self.actor, &read_checked(dir, "optimizer.safetensors")?, st.iteration, "optimizer.safetensors")?;
-        critic_opt.load_bytes(&self.critic, &read_checked(dir, "critic_optimizer.safetensors")?, st.iteration, "critic_optimizer.safetensors")?;
+        actor_opt.load_bytes(&self.actor, &read_checked(dir, "optimizer.safetensors")?, st.actor_updates, "optimizer.safetensors")?;
+        critic_opt.load_bytes(&self.critic, &read_checked(dir, "critic_optimizer.safetensors")?, st.critic_updates, "critic_optimizer.safetensors")?;
         Ok(())
     }
 }

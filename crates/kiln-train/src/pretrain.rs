@@ -223,9 +223,13 @@ impl Objective for LmObjective {
         let n = self.b * self.t;
         let batches = self.eval_batches.max(1).min(self.val.len().div_ceil(n).max(1));
         let (mut loss, mut count, mut correct) = (0.0, 0usize, 0usize);
+        let mut freq = std::collections::HashMap::<u32, usize>::new();
         for i in 0..batches {
             // Fixed masks for evaluation, so figures are comparable across steps.
             let (tokens, targets) = self.batch(true, i * n, Some(0xe7a1 + i as u64));
+            for &t in targets.iter().filter(|&&t| t != IGNORE) {
+                *freq.entry(t).or_default() += 1;
+            }
             let (l, c, k) = self.forward_loss(model, &tokens, &targets);
             loss += l * c as f64;
             count += c;
@@ -237,6 +241,9 @@ impl Objective for LmObjective {
         m.insert("ppl".into(), loss.exp());
         if self.kind == PretrainKind::Mlm {
             m.insert("mlm_acc".into(), correct as f64 / count.max(1) as f64);
+            // Always guessing the most frequent masked token: the bar accuracy must clear.
+            let top = freq.values().copied().max().unwrap_or(0);
+            m.insert("mlm_baseline".into(), top as f64 / count.max(1) as f64);
         }
         Ok(m)
     }

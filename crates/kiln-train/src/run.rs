@@ -2,7 +2,7 @@
 //! `metrics.jsonl`, and the run's recorded configuration.
 
 use anyhow::{Context, Result};
-use kiln_model::checkpoint::{write_checkpoint_dir, CHECKSUMS_FILE};
+use kiln_model::checkpoint::{recover_interrupted, write_checkpoint_dir, CHECKSUMS_FILE};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,7 +84,7 @@ impl RunDir {
             if all.len() > keep_last {
                 for (_, old) in &all[..all.len() - keep_last] {
                     if old != &dir {
-                        let _ = fs::remove_dir_all(old);
+                        remove_checkpoint(old);
                     }
                 }
             }
@@ -112,14 +112,44 @@ impl RunDir {
         Ok(out)
     }
 
-    /// The checkpoint to resume from: the one `latest` names, else the newest complete one.
+    /// The checkpoint to resume from: the newest complete one (normally the one `latest` names; a
+    /// run killed between writing a checkpoint and updating `latest` leaves `latest` one behind).
+    /// First repairs what a kill inside a checkpoint write left behind. When there is no
+    /// checkpoint, the run starts over, so the metrics a killed run logged are discarded.
     pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
+        for name in recover_interrupted(&self.root)? {
+            eprintln!("note: restored {} after an interrupted checkpoint write", self.root.join(name).display());
+        }
+        let newest = self.checkpoints()?.pop();
         if let Ok(name) = fs::read_to_string(self.root.join("latest")) {
             let p = self.root.join(name.trim());
-            if p.join(CHECKSUMS_FILE).exists() {
+            let named_step = name.trim().strip_prefix("ckpt-").and_then(|n| n.parse::<u64>().ok());
+            if p.join(CHECKSUMS_FILE).exists() && newest.as_ref().is_none_or(|(s, _)| named_step.is_none_or(|n| n >= *s)) {
                 return Ok(Some(p));
             }
         }
-        Ok(self.checkpoints()?.pop().map(|(_, p)| p))
+        match newest {
+            Some((_, p)) => Ok(Some(p)),
+            None => {
+                let metrics = self.root.join("metrics.jsonl");
+                if metrics.exists() {
+                    fs::remove_file(&metrics).with_context(|| format!("removing {}", metrics.display()))?;
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Deletes a checkpoint: first renamed to a hidden name, so a kill in the middle never leaves a
+/// partly deleted directory that still looks complete.
+fn remove_checkpoint(dir: &Path) {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let hidden = parent.join(format!(".{name}.del-{}", std::process::id()));
+    if fs::rename(dir, &hidden).is_ok() {
+        let _ = fs::remove_dir_all(&hidden);
+    } else {
+        let _ = fs::remove_dir_all(dir);
     }
 }

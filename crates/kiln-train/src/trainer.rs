@@ -281,7 +281,7 @@ impl<'a> Trainer<'a> {
                 );
                 match cfg.non_finite {
                     NonFinite::Stop => bail!("{msg}; stopping (the last checkpoint holds the last good weights)"),
-                    NonFinite::Skip => pb.println(format!("[{}] warning: {msg}", self.label)),
+                    NonFinite::Skip => say(&pb, format!("[{}] warning: {msg}", self.label)),
                 }
                 if consecutive_bad >= cfg.max_non_finite {
                     bail!(
@@ -305,7 +305,7 @@ impl<'a> Trainer<'a> {
             let last = step == cfg.max_steps;
             if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || last {
                 let m = obj.evaluate(model)?;
-                pb.println(format!("[{}] step {step} loss {loss:.4} {}", self.label, fmt_metrics(&m)));
+                say(&pb, format!("[{}] step {step} loss {loss:.4} {}", self.label, fmt_metrics(&m)));
                 for (k, v) in &m {
                     line[format!("val_{k}")] = serde_json::json!(v);
                 }
@@ -313,7 +313,7 @@ impl<'a> Trainer<'a> {
             }
             if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
                 if let Some(s) = obj.sample(model)? {
-                    pb.println(format!("[{}] sample: {}", self.label, s.replace('\n', " ")));
+                    say(&pb, format!("[{}] sample: {}", self.label, s.replace('\n', " ")));
                 }
             }
             self.run.log(&line)?;
@@ -347,4 +347,13 @@ pub fn fmt_metrics(m: &Metrics) -> String {
         .map(|(k, v)| format!("{k} {v:.4}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Prints a line above the progress bar, or to stderr when there is none (--quiet, CI logs).
+pub(crate) fn say(pb: &indicatif::ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
 }

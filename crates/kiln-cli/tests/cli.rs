@@ -1,0 +1,155 @@
+//! End-to-end tests of the `kiln` binary: the whole pipeline on tiny demo data, exact resume after
+//! a crash, and clear errors (exit code 1, no panic) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["--quiet", "--threads", "2"])
+        .args(args)
+        .output()
+        .expect("running kiln")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = kiln(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "kiln {args:?} failed:\n{err}");
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Runs kiln expecting a clean failure: exit code 1 and a message containing `needle`.
+fn fails(args: &[&str], needle: &str) {
+    let o = kiln(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "kiln {args:?} should fail with exit 1:\n{err}");
+    assert!(!err.contains("panicked"), "kiln {args:?} panicked:\n{err}");
+    assert!(err.contains(needle), "kiln {args:?}: expected {needle:?} in:\n{err}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn tiny_pipeline_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    ok(&["demo", "--size", "tiny", "--out", s(&out)]);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for (stage, key) in [
+        ("pretrain", "val_loss"),
+        ("pretrain", "accuracy"),
+        ("sft", "val_loss"),
+        ("sft", "accuracy"),
+        ("rm", "accuracy"),
+        ("ppo", "reward_start"),
+        ("ppo", "reward_end"),
+        ("ppo", "kl_end"),
+        ("ppo", "accuracy"),
+    ] {
+        assert!(summary[stage][key].is_number(), "summary.json lacks {stage}.{key}: {summary}");
+    }
+    // Pretraining lowered the validation loss from its starting point (≈ ln 512).
+    assert!(summary["pretrain"]["val_loss"].as_f64().unwrap() < summary["pretrain"]["val_loss_start"].as_f64().unwrap() - 0.5);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("side by side"), "{report}");
+    assert!(out.join("pretrain_loss.png").exists());
+    // Every stage's output is a model directory the other commands accept.
+    let gen = ok(&["generate", "--model", s(&out.join("pretrain")), "--prompt", "Mia", "--max-new-tokens", "8", "--seed", "1"]);
+    assert!(gen.starts_with("Mia"), "{gen}");
+    ok(&["chat", "--model", s(&out.join("ppo")), "--prompt", "What is 2 plus 3?", "--max-new-tokens", "8"]);
+    let score = ok(&["rm", "score", "--model", s(&out.join("rm")), "--prompt", "What is 2 plus 3?", "--response", "2 plus 3 is 5."]);
+    assert!(score.starts_with("score "), "{score}");
+    // A second run reuses every finished stage.
+    let o = kiln(&["demo", "--size", "tiny", "--out", s(&out)]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("[ppo] finished earlier"), "{err}");
+}
+
+fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?))
+        })
+        .collect()
+}
+
+fn prepare_tiny(root: &Path) -> (PathBuf, PathBuf) {
+    let data = root.join("data");
+    ok(&["data", "demo", "--out", s(&data), "--size", "tiny"]);
+    let tok = root.join("tokenizer.json");
+    ok(&["tokenizer", "train", "--input", s(&data.join("corpus.jsonl")), "--vocab-size", "400", "--out", s(&tok)]);
+    let shards = root.join("shards");
+    ok(&["data", "prepare", "--tokenizer", s(&tok), "--input", s(&data.join("corpus.jsonl")), "--out", s(&shards), "--val-fraction", "0.05"]);
+    (tok, shards)
+}
+
+#[test]
+fn resume_after_crash_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, shards) = prepare_tiny(dir.path());
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "pretrain", "--data", s(&shards), "--tokenizer", s(&tok), "--out", s(out), "--layers", "2", "--heads", "2", "--dim", "32", "--ctx", "32",
+            "--max-steps", "30", "--batch-size", "4", "--ckpt-every", "10", "--eval-every", "10", "--set", "train.keep_last=0",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let a = dir.path().join("a");
+    let args: Vec<String> = common(&a);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let full = losses(&a);
+    assert_eq!(full.len(), 31, "{full:?}");
+    // A crash after step 10's checkpoint: later checkpoints never written, metrics logged past it.
+    let b = dir.path().join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    for f in ["metrics.jsonl", "run_config.toml"] {
+        std::fs::copy(a.join(f), b.join(f)).unwrap();
+    }
+    copy_dir(&a.join("ckpt-0000010"), &b.join("ckpt-0000010"));
+    std::fs::write(b.join("latest"), "ckpt-0000010").unwrap();
+    // A half-written later checkpoint (no checksums file) must be ignored.
+    std::fs::create_dir_all(b.join(".ckpt-0000020.tmp-1")).unwrap();
+    let mut args = common(&b);
+    args.push("--resume".into());
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let resumed = losses(&b);
+    assert_eq!(resumed.len(), full.len(), "{resumed:?}");
+    for (x, y) in full.iter().zip(&resumed) {
+        assert_eq!(x, y, "losses differ after resume");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails(&["tokenizer", "train", "--input", s(&d.join("missing.txt")), "--vocab-size", "300", "--out", s(&d.join("t.json"))], "missing.txt");
+    std::fs::write(d.join("bad.jsonl"), "{\"text\": \"ok\"}\n{not json\n").unwrap();
+    fails(&["tokenizer", "train", "--input", s(&d.join("bad.jsonl")), "--vocab-size", "300", "--out", s(&d.join("t.json"))], "bad.jsonl:2");
+    std::fs::write(d.join("a.txt"), "hello world\n").unwrap();
+    fails(&["tokenizer", "train", "--input", s(&d.join("a.txt")), "--vocab-size", "100", "--out", s(&d.join("t.json"))], "too small");
+    fails(&["generate", "--model", s(&d.join("nope")), "--prompt", "x"], "nope");
+    let (tok, shards) = prepare_tiny(d);
+    fails(
+        &["pretrain", "--data", s(&shards), "--tokenizer", s(&tok), "--out", s(&d.join("p")), "--heads", "5", "--dim", "32", "--max-steps", "1"],
+        "must divide",
+    );
+    fails(&["pretrain", "--data", s(&shards), "--tokenizer", s(&tok), "--set", "train.bogus=1"], "bogus");
+}

@@ -1,0 +1,161 @@
+//! Memory estimates: refuse a configuration that cannot fit before allocating it, with a clear
+//! message, instead of letting the kernel's OOM killer end the run.
+
+use crate::config::ModelConfig;
+use anyhow::{bail, Result};
+
+/// Environment variable that overrides the memory limit (MiB), e.g. so tests can trigger the refusal.
+pub const LIMIT_ENV: &str = "KILN_MEMORY_LIMIT_MB";
+
+/// Bytes of the activation and gradient-scratch buffers [`crate::Activations::new`] allocates for a
+/// batch of `batch` rows of `seq` tokens (f32 and u32 buffers, 4 bytes each).
+pub fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, lm_head: bool) -> usize {
+    let n = batch.saturating_mul(seq);
+    let c = cfg.n_embd;
+    let nc = n.saturating_mul(c);
+    // Per layer: ln1, atty, res2, ln2, res3 (5 × n·c), qkv (3 n·c), fch and fch_gelu (2 × 4 n·c),
+    // four per-row statistics (n each) and the attention matrix (b · heads · t · t).
+    let att = batch.saturating_mul(cfg.n_head).saturating_mul(seq).saturating_mul(seq);
+    let per_layer = nc
+        .saturating_mul(5 + 3 + 8)
+        .saturating_add(n.saturating_mul(4))
+        .saturating_add(att);
+    let layers = per_layer.saturating_mul(cfg.n_layer);
+    // tokens, positions, targets, lnf mean/rstd, logp, entropy: 7 × n; encoded, hidden, dhidden,
+    // dres, dln, datty, scratch: 7 × n·c; dqkv: 3 n·c; dfch, dfch_gelu: 2 × 4 n·c.
+    let shared = n
+        .saturating_mul(7)
+        .saturating_add(nc.saturating_mul(7 + 3 + 8));
+    let logits = if lm_head {
+        n.saturating_mul(cfg.vocab_size)
+    } else {
+        0
+    };
+    layers
+        .saturating_add(shared)
+        .saturating_add(logits)
+        .saturating_mul(4)
+}
+
+/// Bytes one training process needs for a model: parameters, gradients, the two AdamW moments
+/// (4 copies of the parameters) and the activations of one micro-batch.
+pub fn training_bytes(cfg: &ModelConfig, batch: usize, seq: usize, lm_head: bool) -> usize {
+    let params = crate::params::ParamLayout::new(cfg).total;
+    params
+        .saturating_mul(4 * 4)
+        .saturating_add(activation_bytes(cfg, batch, seq, lm_head))
+}
+
+/// Parses `MemAvailable` (kB) out of the text of `/proc/meminfo`, in bytes.
+pub fn parse_mem_available(meminfo: &str) -> Option<usize> {
+    meminfo.lines().find_map(|l| {
+        let rest = l.strip_prefix("MemAvailable:")?;
+        let kb: usize = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        kb.checked_mul(1024)
+    })
+}
+
+/// The memory this process may use, in bytes: `KILN_MEMORY_LIMIT_MB` when set, else `MemAvailable`
+/// from `/proc/meminfo`; `None` when neither can be read.
+pub fn memory_limit() -> Result<Option<(usize, &'static str)>> {
+    if let Ok(v) = std::env::var(LIMIT_ENV) {
+        let mb: usize = match v.trim().parse() {
+            Ok(mb) => mb,
+            Err(_) => bail!("{LIMIT_ENV}={v:?}: expected a whole number of MiB"),
+        };
+        return Ok(Some((mb.saturating_mul(1 << 20), LIMIT_ENV)));
+    }
+    Ok(std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_mem_available(&t))
+        .map(|b| (b, "available memory (MemAvailable in /proc/meminfo)")))
+}
+
+fn human(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+/// Fails with a clear message when `needed` bytes (for `what`, e.g. "pretraining a 12-layer model
+/// with batch 16 × 128") exceed the memory limit; does nothing when the limit cannot be read.
+pub fn check_memory(needed: usize, what: &str) -> Result<()> {
+    let Some((limit, source)) = memory_limit()? else {
+        return Ok(());
+    };
+    if needed > limit {
+        bail!(
+            "{what} needs about {} of memory, but only {} is available ({source}); use a smaller \
+             batch size, sequence length or model",
+            human(needed),
+            human(limit)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Activations, Arch};
+
+    fn cfg(score_head: bool) -> ModelConfig {
+        ModelConfig {
+            vocab_size: 300,
+            n_ctx: 16,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            arch: Arch::Decoder,
+            score_head,
+        }
+    }
+
+    #[test]
+    fn activation_estimate_matches_the_buffers() {
+        for lm in [true, false] {
+            for (b, t) in [(1, 1), (3, 16), (4, 7)] {
+                let c = cfg(!lm);
+                let a = Activations::new(&c, b, t, lm);
+                // Activations::bytes is itself an approximation (it leaves out the small per-row
+                // buffers and rounds the shared ones up); the two agree to within a few per cent.
+                let est = activation_bytes(&c, b, t, lm) as f64;
+                let got = a.bytes() as f64;
+                assert!((est - got).abs() <= 0.1 * got, "{est} vs {got}");
+            }
+        }
+    }
+
+    #[test]
+    fn training_bytes_counts_four_copies_of_the_parameters() {
+        let c = cfg(false);
+        let p = c.num_params();
+        assert_eq!(training_bytes(&c, 2, 8, true), 16 * p + activation_bytes(&c, 2, 8, true));
+        // Huge shapes saturate instead of overflowing.
+        let big = ModelConfig { n_embd: usize::MAX / 2, n_head: 1, ..c };
+        assert_eq!(activation_bytes(&big, usize::MAX, 2, true), usize::MAX);
+    }
+
+    #[test]
+    fn the_env_limit_refuses_what_cannot_fit() {
+        // The only test in this crate that sets the variable.
+        std::env::set_var(LIMIT_ENV, "1");
+        let err = check_memory(2 << 20, "pretraining a test model").unwrap_err().to_string();
+        assert!(err.contains("pretraining a test model") && err.contains(LIMIT_ENV), "{err}");
+        check_memory(1 << 19, "a small thing").unwrap();
+        std::env::set_var(LIMIT_ENV, "lots");
+        assert!(check_memory(1, "x").is_err());
+        std::env::remove_var(LIMIT_ENV);
+    }
+
+    #[test]
+    fn meminfo_parsing() {
+        let t = "MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n";
+        assert_eq!(parse_mem_available(t), Some(8_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots\n"), None);
+    }
+}
