@@ -3,7 +3,9 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use kiln_model::{generate, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, Sampling};
+use kiln_model::{
+    generate, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, Sampling,
+};
 use kiln_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,7 +62,11 @@ pub struct TokArgs {
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
@@ -71,14 +77,25 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn model_for(s: &Shape) -> Result<Model> {
-    let cfg = ModelConfig { vocab_size: s.vocab, n_ctx: s.ctx, n_layer: s.layers, n_head: s.heads, n_embd: s.dim, arch: Arch::Decoder, score_head: false };
+    let cfg = ModelConfig {
+        vocab_size: s.vocab,
+        n_ctx: s.ctx,
+        n_layer: s.layers,
+        n_head: s.heads,
+        n_embd: s.dim,
+        arch: Arch::Decoder,
+        score_head: false,
+    };
     cfg.validate()?;
     Ok(Model::new(cfg, 0))
 }
 
 fn with_threads<T: Send>(n: Option<usize>, f: impl FnOnce() -> T + Send) -> Result<T> {
     match n {
-        Some(n) => Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(f)),
+        Some(n) => Ok(rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()?
+            .install(f)),
         None => Ok(f()),
     }
 }
@@ -96,7 +113,9 @@ fn bench_train(s: &Shape) -> Result<()> {
     let mut model = model_for(s)?;
     let t = s.ctx;
     let mut rng = ChaCha8Rng::seed_from_u64(1234);
-    let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.gen_range(0..s.vocab as u32)).collect();
+    let data: Vec<u32> = (0..b * (t + 1))
+        .map(|_| rng.gen_range(0..s.vocab as u32))
+        .collect();
     let mut tokens = Vec::with_capacity(b * t);
     let mut targets = Vec::with_capacity(b * t);
     for r in 0..b {
@@ -108,7 +127,13 @@ fn bench_train(s: &Shape) -> Result<()> {
     let mut opt = AdamW::new(&model, AdamWConfig::default());
     println!(
         "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={}",
-        rayon::current_num_threads(), s.vocab, s.layers, s.heads, s.dim, s.ctx, b
+        rayon::current_num_threads(),
+        s.vocab,
+        s.layers,
+        s.heads,
+        s.dim,
+        s.ctx,
+        b
     );
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -116,7 +141,17 @@ fn bench_train(s: &Shape) -> Result<()> {
     for step in 0..s.warmup + s.steps {
         let t0 = Instant::now();
         model.zero_grads();
-        model.forward(&mut acts, &Input { tokens: &tokens, positions: &positions, valid: None, segments: None, b, t });
+        model.forward(
+            &mut acts,
+            &Input {
+                tokens: &tokens,
+                positions: &positions,
+                valid: None,
+                segments: None,
+                b,
+                t,
+            },
+        );
         model.lm_head(&mut acts, &targets, 1.0);
         let loss = -acts.logp.iter().map(|&x| x as f64).sum::<f64>() / (b * t) as f64;
         model.lm_head_backward(&mut acts, &dlogp, None);
@@ -152,9 +187,31 @@ fn bench_generate(s: &Shape) -> Result<()> {
     }
     let model = model_for(s)?;
     let mut rng = ChaCha8Rng::seed_from_u64(1234);
-    let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..s.prompt_tokens).map(|_| rng.gen_range(0..s.vocab as u32)).collect()).collect();
-    let opts = GenerateOptions { max_new_tokens: s.new_tokens, sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 }, stop_tokens: vec![] };
-    println!("kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b}", rayon::current_num_threads(), s.vocab, s.layers, s.heads, s.dim, s.ctx);
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|_| {
+            (0..s.prompt_tokens)
+                .map(|_| rng.gen_range(0..s.vocab as u32))
+                .collect()
+        })
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: s.new_tokens,
+        sampling: Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        stop_tokens: vec![],
+    };
+    println!(
+        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b}",
+        rayon::current_num_threads(),
+        s.vocab,
+        s.layers,
+        s.heads,
+        s.dim,
+        s.ctx
+    );
     let reps = (s.steps / 3).max(1);
     let mut times = Vec::new();
     for rep in 0..s.warmup + reps {

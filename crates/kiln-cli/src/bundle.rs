@@ -48,8 +48,12 @@ impl KilnMeta {
 
     /// The extra files every checkpoint of a stage carries: the tokenizer and this metadata.
     pub fn files(&self, tokenizer_path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-        let tok = std::fs::read(tokenizer_path).with_context(|| format!("reading {}", tokenizer_path.display()))?;
-        Ok(vec![(TOKENIZER_FILE.into(), tok), (META_FILE.into(), serde_json::to_vec_pretty(self)?)])
+        let tok = std::fs::read(tokenizer_path)
+            .with_context(|| format!("reading {}", tokenizer_path.display()))?;
+        Ok(vec![
+            (TOKENIZER_FILE.into(), tok),
+            (META_FILE.into(), serde_json::to_vec_pretty(self)?),
+        ])
     }
 }
 
@@ -72,14 +76,28 @@ pub fn load_bundle(path: &Path) -> Result<Bundle> {
         );
     }
     let meta: KilnMeta = if dir.join(META_FILE).exists() {
-        serde_json::from_slice(&read_checked(&dir, META_FILE)?).with_context(|| format!("{}/{META_FILE}", dir.display()))?
+        serde_json::from_slice(&read_checked(&dir, META_FILE)?)
+            .with_context(|| format!("{}/{META_FILE}", dir.display()))?
     } else {
-        KilnMeta { tokenizer_fingerprint: tokenizer.fingerprint().to_string(), ..Default::default() }
+        KilnMeta {
+            tokenizer_fingerprint: tokenizer.fingerprint().to_string(),
+            ..Default::default()
+        }
     };
-    if !meta.tokenizer_fingerprint.is_empty() && meta.tokenizer_fingerprint != tokenizer.fingerprint() {
-        bail!("{}: tokenizer.json does not match the tokenizer the model was trained with", dir.display());
+    if !meta.tokenizer_fingerprint.is_empty()
+        && meta.tokenizer_fingerprint != tokenizer.fingerprint()
+    {
+        bail!(
+            "{}: tokenizer.json does not match the tokenizer the model was trained with",
+            dir.display()
+        );
     }
-    Ok(Bundle { dir, model, tokenizer, meta })
+    Ok(Bundle {
+        dir,
+        model,
+        tokenizer,
+        meta,
+    })
 }
 
 /// Replaces one file of an existing checkpoint (rewriting the directory atomically, checksums included).

@@ -36,7 +36,11 @@ impl SamplingArgs {
         if self.temperature < 0.0 {
             bail!("--temperature must be >= 0");
         }
-        Ok(Sampling { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p })
+        Ok(Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        })
     }
 }
 
@@ -62,7 +66,10 @@ struct Streamer {
 
 impl Streamer {
     fn push(&mut self, text: &str) {
-        if text.len() > self.printed && text.is_char_boundary(self.printed) && !text.ends_with('\u{fffd}') {
+        if text.len() > self.printed
+            && text.is_char_boundary(self.printed)
+            && !text.ends_with('\u{fffd}')
+        {
             print!("{}", &text[self.printed..]);
             let _ = std::io::stdout().flush();
             self.printed = text.len();
@@ -73,21 +80,36 @@ impl Streamer {
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let b = load_bundle(&a.model)?;
     if b.model.cfg.arch != Arch::Decoder {
-        bail!("{}: an encoder cannot generate; use `kiln fill-mask`", b.dir.display());
+        bail!(
+            "{}: an encoder cannot generate; use `kiln fill-mask`",
+            b.dir.display()
+        );
     }
     let prompts: Vec<Vec<u32>> = a
         .prompt
         .iter()
         .map(|p| -> Result<Vec<u32>> {
             if a.chat {
-                Ok(b.meta.template.render_prompt(&b.tokenizer, &[Message::user(p.clone())])?)
+                Ok(b.meta
+                    .template
+                    .render_prompt(&b.tokenizer, &[Message::user(p.clone())])?)
             } else {
-                Ok(std::iter::once(special::EOT).chain(b.tokenizer.encode(p)).collect())
+                Ok(std::iter::once(special::EOT)
+                    .chain(b.tokenizer.encode(p))
+                    .collect())
             }
         })
         .collect::<Result<_>>()?;
-    let stops = if a.chat { b.meta.template.stop_tokens()? } else { vec![special::EOT] };
-    let opts = GenerateOptions { max_new_tokens: a.sampling.max_new_tokens, sampling: a.sampling.sampling()?, stop_tokens: stops };
+    let stops = if a.chat {
+        b.meta.template.stop_tokens()?
+    } else {
+        vec![special::EOT]
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: a.sampling.max_new_tokens,
+        sampling: a.sampling.sampling()?,
+        stop_tokens: stops,
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(a.sampling.seed);
     let single = prompts.len() == 1;
     let mut acc: Vec<u32> = Vec::new();
@@ -111,7 +133,10 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     let n: usize = outs.iter().map(|o| o.len()).sum();
-    eprintln!("[{n} tokens in {secs:.2}s, {:.0} tok/s]", n as f64 / secs.max(1e-9));
+    eprintln!(
+        "[{n} tokens in {secs:.2}s, {:.0} tok/s]",
+        n as f64 / secs.max(1e-9)
+    );
     Ok(())
 }
 
@@ -137,9 +162,17 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     }
     let template = &b.meta.template;
     let stops = template.stop_tokens()?;
-    let opts = GenerateOptions { max_new_tokens: a.sampling.max_new_tokens, sampling: a.sampling.sampling()?, stop_tokens: stops.clone() };
+    let opts = GenerateOptions {
+        max_new_tokens: a.sampling.max_new_tokens,
+        sampling: a.sampling.sampling()?,
+        stop_tokens: stops.clone(),
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(a.sampling.seed);
-    let start: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
+    let start: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::system(s.clone()))
+        .collect();
     let mut conv = start.clone();
     let interactive = a.prompt.is_none() && std::io::stdin().is_terminal();
     let mut reply = |conv: &mut Vec<Message>, user: String| -> Result<()> {
@@ -153,7 +186,10 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         }
         if tokens.len() >= n_ctx {
             conv.pop();
-            bail!("the message is {} tokens; the model's context is {n_ctx}", tokens.len());
+            bail!(
+                "the message is {} tokens; the model's context is {n_ctx}",
+                tokens.len()
+            );
         }
         let mut acc = Vec::new();
         let mut st = Streamer { printed: 0 };
@@ -164,15 +200,29 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             }
         })?;
         println!();
-        let text: Vec<u32> = out[0].iter().copied().filter(|t| !stops.contains(t)).collect();
-        conv.push(Message::assistant(b.tokenizer.decode_skip_special(&text).trim().to_string()));
+        let text: Vec<u32> = out[0]
+            .iter()
+            .copied()
+            .filter(|t| !stops.contains(t))
+            .collect();
+        conv.push(Message::assistant(
+            b.tokenizer.decode_skip_special(&text).trim().to_string(),
+        ));
         Ok(())
     };
     if let Some(p) = a.prompt {
         return reply(&mut conv, p);
     }
     if interactive {
-        eprintln!("kiln chat — {} ({} model). /reset starts over, /quit exits.", b.dir.display(), if b.meta.stage.is_empty() { "unknown" } else { &b.meta.stage });
+        eprintln!(
+            "kiln chat — {} ({} model). /reset starts over, /quit exits.",
+            b.dir.display(),
+            if b.meta.stage.is_empty() {
+                "unknown"
+            } else {
+                &b.meta.stage
+            }
+        );
     }
     let stdin = std::io::stdin();
     loop {
@@ -219,21 +269,45 @@ pub struct FillMaskArgs {
 pub fn run_fill_mask(a: FillMaskArgs) -> Result<()> {
     let b = load_bundle(&a.model)?;
     if b.model.cfg.arch != Arch::Encoder {
-        bail!("{}: fill-mask needs an encoder trained with --objective mlm", b.dir.display());
+        bail!(
+            "{}: fill-mask needs an encoder trained with --objective mlm",
+            b.dir.display()
+        );
     }
-    let tokens: Vec<u32> = std::iter::once(special::EOT).chain(b.tokenizer.encode_with_specials(&a.text)).collect();
-    let masks: Vec<usize> = (0..tokens.len()).filter(|&i| tokens[i] == special::MASK).collect();
+    // Byte-level BPE words carry their leading space (" brown"), so the space before a mask belongs
+    // to the masked word.
+    let text = a.text.replace(" <|mask|>", "<|mask|>");
+    let tokens: Vec<u32> = std::iter::once(special::EOT)
+        .chain(b.tokenizer.encode_with_specials(&text))
+        .collect();
+    let masks: Vec<usize> = (0..tokens.len())
+        .filter(|&i| tokens[i] == special::MASK)
+        .collect();
     if masks.is_empty() {
         bail!("the text has no <|mask|> token");
     }
     let t = tokens.len();
     if t > b.model.cfg.n_ctx {
-        bail!("the text is {t} tokens; the model's context is {}", b.model.cfg.n_ctx);
+        bail!(
+            "the text is {t} tokens; the model's context is {}",
+            b.model.cfg.n_ctx
+        );
     }
     let mut acts = Activations::new(&b.model.cfg, 1, t, true);
     let positions: Vec<u32> = (0..t as u32).collect();
-    b.model.forward(&mut acts, &Input { tokens: &tokens, positions: &positions, valid: None, segments: None, b: 1, t });
-    b.model.lm_head(&mut acts, &vec![kiln_kernels::IGNORE; t], 1.0);
+    b.model.forward(
+        &mut acts,
+        &Input {
+            tokens: &tokens,
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b: 1,
+            t,
+        },
+    );
+    b.model
+        .lm_head(&mut acts, &vec![kiln_kernels::IGNORE; t], 1.0);
     let v = b.model.cfg.vocab_size;
     for (n, &m) in masks.iter().enumerate() {
         let probs = &acts.logits[m * v..(m + 1) * v];
@@ -241,7 +315,11 @@ pub fn run_fill_mask(a: FillMaskArgs) -> Result<()> {
         idx.sort_by(|&x, &y| probs[y].partial_cmp(&probs[x]).unwrap());
         println!("mask {}:", n + 1);
         for &i in idx.iter().take(a.top_k) {
-            println!("  {:>6.2}%  {:?}", probs[i] * 100.0, b.tokenizer.decode(&[i as u32]));
+            println!(
+                "  {:>6.2}%  {:?}",
+                probs[i] * 100.0,
+                b.tokenizer.decode(&[i as u32])
+            );
         }
     }
     Ok(())
@@ -268,15 +346,24 @@ pub fn run_score(a: ScoreArgs) -> Result<()> {
     }
     let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(path) = &a.input {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-            let get = |keys: [&str; 2]| keys.iter().find_map(|k| v.get(*k).and_then(|x| x.as_str()).map(str::to_string));
-            let p = get(["prompt", "input"]).with_context(|| format!("{}:{}: field \"prompt\": missing", path.display(), i + 1))?;
-            let r = get(["response", "output"]).with_context(|| format!("{}:{}: field \"response\": missing", path.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let get = |keys: [&str; 2]| {
+                keys.iter()
+                    .find_map(|k| v.get(*k).and_then(|x| x.as_str()).map(str::to_string))
+            };
+            let p = get(["prompt", "input"]).with_context(|| {
+                format!("{}:{}: field \"prompt\": missing", path.display(), i + 1)
+            })?;
+            let r = get(["response", "output"]).with_context(|| {
+                format!("{}:{}: field \"response\": missing", path.display(), i + 1)
+            })?;
             pairs.push((p, r));
         }
     } else {
@@ -289,8 +376,13 @@ pub fn run_score(a: ScoreArgs) -> Result<()> {
     let seqs: Vec<Vec<u32>> = pairs
         .iter()
         .map(|(p, r)| -> Result<Vec<u32>> {
-            let rendered = b.meta.template.render_prompt_response(&b.tokenizer, &[Message::user(p.clone())], r)?;
-            let fit = kiln_data::template::fit_example(&rendered, n_ctx - 1).context("the response does not fit the model's context")?;
+            let rendered = b.meta.template.render_prompt_response(
+                &b.tokenizer,
+                &[Message::user(p.clone())],
+                r,
+            )?;
+            let fit = kiln_data::template::fit_example(&rendered, n_ctx - 1)
+                .context("the response does not fit the model's context")?;
             Ok(fit.tokens)
         })
         .collect::<Result<_>>()?;
@@ -305,9 +397,16 @@ pub fn run_score(a: ScoreArgs) -> Result<()> {
             _ => None,
         };
         if a.input.is_some() {
-            println!("{}", serde_json::json!({"prompt": p, "response": r, "score": s, "normalized": norm}));
+            println!(
+                "{}",
+                serde_json::json!({"prompt": p, "response": r, "score": s, "normalized": norm})
+            );
         } else {
-            println!("score {s:.4}{}", norm.map(|z| format!(" (normalised {z:.3})")).unwrap_or_default());
+            println!(
+                "score {s:.4}{}",
+                norm.map(|z| format!(" (normalised {z:.3})"))
+                    .unwrap_or_default()
+            );
         }
     }
     Ok(())

@@ -26,7 +26,14 @@ impl Overrides {
     }
     pub fn paths(&mut self, key: &str, v: &[std::path::PathBuf]) {
         if !v.is_empty() {
-            self.set(key, Value::Array(v.iter().map(|p| Value::String(p.display().to_string())).collect()));
+            self.set(
+                key,
+                Value::Array(
+                    v.iter()
+                        .map(|p| Value::String(p.display().to_string()))
+                        .collect(),
+                ),
+            );
         }
     }
     /// `--set a.b=value`: the value is read as a TOML literal (number, bool, array...), else a string.
@@ -65,27 +72,38 @@ fn set_path(root: &mut Value, key: &str, v: Value) -> Result<()> {
     let mut cur = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, p) in parts.iter().enumerate() {
-        let Value::Table(t) = cur else { bail!("setting {key}: {} is not a table", parts[..i].join(".")) };
+        let Value::Table(t) = cur else {
+            bail!("setting {key}: {} is not a table", parts[..i].join("."))
+        };
         if i + 1 == parts.len() {
             t.insert(p.to_string(), v);
             return Ok(());
         }
-        cur = t.entry(p.to_string()).or_insert_with(|| Value::Table(Default::default()));
+        cur = t
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Table(Default::default()));
     }
     Ok(())
 }
 
 /// Defaults ← TOML file ← overrides, checked against the config's fields (unknown keys are errors).
-pub fn build<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>, overrides: Overrides) -> Result<T> {
+pub fn build<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&Path>,
+    overrides: Overrides,
+) -> Result<T> {
     let mut v = Value::try_from(T::default())?;
     if let Some(f) = file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading config {}", f.display()))?;
-        let t: toml::Table = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading config {}", f.display()))?;
+        let t: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", f.display()))?;
         merge(&mut v, Value::Table(t));
     }
     for (k, val) in overrides.0 {
         set_path(&mut v, &k, val)?;
     }
-    let what = file.map(|f| f.display().to_string()).unwrap_or_else(|| "flags".into());
+    let what = file
+        .map(|f| f.display().to_string())
+        .unwrap_or_else(|| "flags".into());
     T::deserialize(v).with_context(|| format!("invalid configuration ({what})"))
 }

@@ -4,7 +4,9 @@
 
 use crate::bundle::load_bundle;
 use crate::evaluate::{Judge, JudgeConfig, Sample};
-use crate::stages::{self, ModelShape, PpoStageConfig, PretrainConfig, RmConfig, SftConfig, StageResult};
+use crate::stages::{
+    self, ModelShape, PpoStageConfig, PretrainConfig, RmConfig, SftConfig, StageResult,
+};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use kiln_data::datasets::Message;
@@ -92,7 +94,12 @@ pub struct CorpusConfig {
 
 impl Default for CorpusConfig {
     fn default() -> Self {
-        CorpusConfig { input: Vec::new(), field: "text".into(), vocab_size: 2048, val_fraction: 0.02 }
+        CorpusConfig {
+            input: Vec::new(),
+            field: "text".into(),
+            vocab_size: 2048,
+            val_fraction: 0.02,
+        }
     }
 }
 
@@ -129,19 +136,64 @@ impl Default for PipelineConfig {
 
 /// The demo's settings per size, tuned for a 2-core CPU.
 pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineConfig {
-    let mut c = PipelineConfig { out: out.to_path_buf(), seed, ..Default::default() };
+    let mut c = PipelineConfig {
+        out: out.to_path_buf(),
+        seed,
+        ..Default::default()
+    };
     let d = |f: &str| data.join(f);
     c.corpus.input = vec![d("corpus.jsonl")];
-    c.judge = Some(JudgeConfig { world: d("world.json"), prompts: d("eval_prompts.jsonl"), limit: 0, max_new_tokens: 24 });
+    c.judge = Some(JudgeConfig {
+        world: d("world.json"),
+        prompts: d("eval_prompts.jsonl"),
+        limit: 0,
+        max_new_tokens: 24,
+    });
     c.sft.data = vec![d("sft_train.jsonl")];
     c.sft.val_data = Some(d("sft_val.jsonl"));
     c.rm.data = vec![d("rm_train.jsonl")];
     c.rm.val_data = Some(d("rm_val.jsonl"));
     c.ppo.prompts = d("ppo_prompts.jsonl");
     let (shape, vocab, pre_steps, sft_steps, rm_steps, ppo_iters) = match size {
-        Size::Tiny => (ModelShape { n_layer: 2, n_head: 2, n_embd: 64, n_ctx: 64 }, 512, 60, 40, 30, 4),
-        Size::Small => (ModelShape { n_layer: 4, n_head: 4, n_embd: 128, n_ctx: 64 }, 1024, 1500, 400, 300, 30),
-        Size::Full => (ModelShape { n_layer: 6, n_head: 6, n_embd: 192, n_ctx: 128 }, 2048, 4000, 1200, 800, 60),
+        Size::Tiny => (
+            ModelShape {
+                n_layer: 2,
+                n_head: 2,
+                n_embd: 64,
+                n_ctx: 64,
+            },
+            512,
+            60,
+            40,
+            30,
+            4,
+        ),
+        Size::Small => (
+            ModelShape {
+                n_layer: 4,
+                n_head: 4,
+                n_embd: 128,
+                n_ctx: 64,
+            },
+            1024,
+            3000,
+            800,
+            2000,
+            40,
+        ),
+        Size::Full => (
+            ModelShape {
+                n_layer: 6,
+                n_head: 6,
+                n_embd: 192,
+                n_ctx: 128,
+            },
+            2048,
+            6000,
+            2000,
+            3000,
+            80,
+        ),
     };
     c.corpus.vocab_size = vocab;
     c.pretrain.model = shape;
@@ -150,14 +202,22 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
     c.pretrain.train.eval_every = (pre_steps / 6).max(1);
     c.pretrain.train.ckpt_every = (pre_steps / 4).max(1);
     c.pretrain.train.warmup_steps = (pre_steps / 20).max(1);
+    // Demo answers are short: packing several per row makes each step see more of them.
+    c.sft.packing = true;
+    c.sft.train.lr = 2e-3;
     c.sft.train.max_steps = sft_steps;
     c.sft.train.eval_every = (sft_steps / 2).max(1);
     c.sft.train.ckpt_every = (sft_steps / 2).max(1);
     c.sft.train.warmup_steps = (sft_steps / 10).max(1);
+    c.rm.train.lr = 2e-3;
+    c.rm.train.batch_size = 8;
     c.rm.train.max_steps = rm_steps;
     c.rm.train.eval_every = (rm_steps / 3).max(1);
     c.rm.train.ckpt_every = (rm_steps / 2).max(1);
     c.rm.train.warmup_steps = (rm_steps / 10).max(1);
+    // A model this small moves little at the 1e-5 that suits large ones.
+    c.ppo.ppo.actor_lr = 1e-4;
+    c.ppo.ppo.critic_lr = 1e-4;
     c.ppo.ppo.iterations = ppo_iters;
     c.ppo.ppo.eval_every = (ppo_iters / 3).max(1);
     c.ppo.ppo.ckpt_every = (ppo_iters / 3).max(1);
@@ -179,7 +239,10 @@ pub fn run_data_and_demo_config(a: &DemoArgs) -> Result<PipelineConfig> {
         std::fs::remove_dir_all(&a.out).with_context(|| format!("removing {}", a.out.display()))?;
     }
     let data = a.out.join("data");
-    if kiln_demo::DemoManifest::load(&data).map(|m| m.seed == a.seed && m.size == a.size).unwrap_or(false) {
+    if kiln_demo::DemoManifest::load(&data)
+        .map(|m| m.seed == a.seed && m.size == a.size)
+        .unwrap_or(false)
+    {
         eprintln!("[data] reusing the demo data in {}", data.display());
     } else {
         let t0 = Instant::now();
@@ -213,7 +276,12 @@ pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
             run_pipeline_config(&cfg, progress)
         }
         PipelineCmd::Example { size } => {
-            let cfg = demo_config(Path::new("runs/demo/data"), Path::new("runs/mine"), size, 1337);
+            let cfg = demo_config(
+                Path::new("runs/demo/data"),
+                Path::new("runs/mine"),
+                size,
+                1337,
+            );
             print!("{}", toml::to_string_pretty(&cfg)?);
             Ok(())
         }
@@ -221,9 +289,18 @@ pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
 }
 
 /// Runs `f` unless the stage's `done.json` says it finished; records its time.
-fn stage<F: FnOnce() -> Result<StageResult>>(name: &str, dir: &Path, results: &mut BTreeMap<String, StageResult>, f: F) -> Result<()> {
+fn stage<F: FnOnce() -> Result<StageResult>>(
+    name: &str,
+    dir: &Path,
+    results: &mut BTreeMap<String, StageResult>,
+    f: F,
+) -> Result<()> {
     if let Some(r) = StageResult::load(dir) {
-        eprintln!("[{name}] finished earlier ({:.0}s); reusing {}", r.seconds, dir.display());
+        eprintln!(
+            "[{name}] finished earlier ({:.0}s); reusing {}",
+            r.seconds,
+            dir.display()
+        );
         results.insert(name.into(), r);
         return Ok(());
     }
@@ -241,7 +318,12 @@ fn stage<F: FnOnce() -> Result<StageResult>>(name: &str, dir: &Path, results: &m
 }
 
 fn summary_result(s: &kiln_train::TrainSummary) -> StageResult {
-    StageResult { metrics_start: s.eval_start.clone(), metrics_end: s.eval.clone(), extra: serde_json::json!({"steps": s.steps, "tokens_per_sec": s.tokens_per_sec, "final_loss": s.final_loss}), ..Default::default() }
+    StageResult {
+        metrics_start: s.eval_start.clone(),
+        metrics_end: s.eval.clone(),
+        extra: serde_json::json!({"steps": s.steps, "tokens_per_sec": s.tokens_per_sec, "final_loss": s.final_loss}),
+        ..Default::default()
+    }
 }
 
 pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
@@ -249,7 +331,10 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     let total = Instant::now();
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    kiln_train::run::write_atomic(&out.join("pipeline.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+    kiln_train::run::write_atomic(
+        &out.join("pipeline.toml"),
+        toml::to_string_pretty(cfg)?.as_bytes(),
+    )?;
     let mut results = BTreeMap::new();
     if cfg.corpus.input.is_empty() {
         bail!("pipeline: corpus.input names no files");
@@ -259,17 +344,40 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     let tok_path = tok_dir.join("tokenizer.json");
     stage("tokenizer", &tok_dir, &mut results, || {
         let t0 = Instant::now();
-        let (tok, _stats) = kiln_data::Tokenizer::train_with_stats(&cfg.corpus.input, &cfg.corpus.field, cfg.corpus.vocab_size)?;
+        let (tok, _stats) = kiln_data::Tokenizer::train_with_stats(
+            &cfg.corpus.input,
+            &cfg.corpus.field,
+            cfg.corpus.vocab_size,
+        )?;
         tok.save(&tok_path)?;
-        eprintln!("[tokenizer] vocabulary of {} trained in {:.1}s", tok.vocab_size(), t0.elapsed().as_secs_f64());
-        Ok(StageResult { extra: serde_json::json!({"vocab_size": tok.vocab_size()}), ..Default::default() })
+        eprintln!(
+            "[tokenizer] vocabulary of {} trained in {:.1}s",
+            tok.vocab_size(),
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(StageResult {
+            extra: serde_json::json!({"vocab_size": tok.vocab_size()}),
+            ..Default::default()
+        })
     })?;
     // Shards.
     let shards = out.join("shards");
     stage("prepare", &shards, &mut results, || {
         let tok = kiln_data::Tokenizer::load(&tok_path)?;
-        let s = kiln_data::prepare(&tok, &cfg.corpus.input, &cfg.corpus.field, &shards, cfg.corpus.val_fraction, cfg.seed, kiln_data::prepare::DEFAULT_SHARD_TOKENS, progress)?;
-        Ok(StageResult { extra: serde_json::json!({"train_tokens": s.train_tokens, "val_tokens": s.val_tokens, "documents": s.documents}), ..Default::default() })
+        let s = kiln_data::prepare(
+            &tok,
+            &cfg.corpus.input,
+            &cfg.corpus.field,
+            &shards,
+            cfg.corpus.val_fraction,
+            cfg.seed,
+            kiln_data::prepare::DEFAULT_SHARD_TOKENS,
+            progress,
+        )?;
+        Ok(StageResult {
+            extra: serde_json::json!({"train_tokens": s.train_tokens, "val_tokens": s.val_tokens, "documents": s.documents}),
+            ..Default::default()
+        })
     })?;
     // Pretraining.
     let mut pre = cfg.pretrain.clone();
@@ -277,20 +385,26 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     pre.tokenizer = tok_path.clone();
     pre.out = out.join("pretrain");
     pre.train.seed = cfg.seed;
-    stage("pretrain", &pre.out.clone(), &mut results, || Ok(summary_result(&stages::pretrain(&pre, true, progress)?)))?;
+    stage("pretrain", &pre.out.clone(), &mut results, || {
+        Ok(summary_result(&stages::pretrain(&pre, true, progress)?))
+    })?;
     // SFT.
     let mut sft = cfg.sft.clone();
     sft.init = pre.out.clone();
     sft.out = out.join("sft");
     sft.judge = cfg.judge.clone();
     sft.train.seed = cfg.seed;
-    stage("sft", &sft.out.clone(), &mut results, || Ok(summary_result(&stages::sft(&sft, true, progress)?)))?;
+    stage("sft", &sft.out.clone(), &mut results, || {
+        Ok(summary_result(&stages::sft(&sft, true, progress)?))
+    })?;
     // Reward model.
     let mut rm = cfg.rm.clone();
     rm.init = sft.out.clone();
     rm.out = out.join("rm");
     rm.train.seed = cfg.seed;
-    stage("rm", &rm.out.clone(), &mut results, || Ok(summary_result(&stages::reward_model(&rm, true, progress)?)))?;
+    stage("rm", &rm.out.clone(), &mut results, || {
+        Ok(summary_result(&stages::reward_model(&rm, true, progress)?))
+    })?;
     // PPO.
     let mut ppo = cfg.ppo.clone();
     ppo.actor = sft.out.clone();
@@ -300,12 +414,21 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     ppo.ppo.seed = cfg.seed;
     stage("ppo", &ppo.out.clone(), &mut results, || {
         let s = stages::ppo(&ppo, true, progress)?;
-        Ok(StageResult { metrics_start: s.eval_start.clone(), metrics_end: s.eval_end.clone(), extra: serde_json::json!({"history": s.history, "iterations": s.iterations}), ..Default::default() })
+        Ok(StageResult {
+            metrics_start: s.eval_start.clone(),
+            metrics_end: s.eval_end.clone(),
+            extra: serde_json::json!({"history": s.history, "iterations": s.iterations}),
+            ..Default::default()
+        })
     })?;
     // Report.
     let t0 = Instant::now();
     crate::report::write_report(cfg, &results, &pre.out, &sft.out, &rm.out, &ppo.out)?;
-    eprintln!("[report] written in {:.1}s: {}", t0.elapsed().as_secs_f64(), out.join("report.md").display());
+    eprintln!(
+        "[report] written in {:.1}s: {}",
+        t0.elapsed().as_secs_f64(),
+        out.join("report.md").display()
+    );
     eprintln!("pipeline finished in {:.1}s", total.elapsed().as_secs_f64());
     Ok(())
 }
@@ -322,20 +445,41 @@ pub fn eval_model(name: &str, dir: &Path, judge: &Judge, rm_dir: &Path) -> Resul
     let b = load_bundle(dir)?;
     let (mut metrics, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
     let rm = load_bundle(rm_dir)?;
-    let (mean, std) = (rm.meta.reward_mean.unwrap_or(0.0), rm.meta.reward_std.unwrap_or(1.0));
+    let (mean, std) = (
+        rm.meta.reward_mean.unwrap_or(0.0),
+        rm.meta.reward_std.unwrap_or(1.0),
+    );
     let n_ctx = rm.model.cfg.n_ctx;
     let seqs: Vec<Vec<u32>> = samples
         .iter()
         .map(|s| {
-            let r = rm.meta.template.render_prompt_response(&rm.tokenizer, &[Message::user(s.prompt.clone())], &s.response)?;
-            Ok(kiln_data::template::fit_example(&r, n_ctx).map(|f| f.tokens).unwrap_or_else(|| r.tokens[r.tokens.len().saturating_sub(n_ctx)..].to_vec()))
+            let r = rm.meta.template.render_prompt_response(
+                &rm.tokenizer,
+                &[Message::user(s.prompt.clone())],
+                &s.response,
+            )?;
+            Ok(kiln_data::template::fit_example(&r, n_ctx)
+                .map(|f| f.tokens)
+                .unwrap_or_else(|| r.tokens[r.tokens.len().saturating_sub(n_ctx)..].to_vec()))
         })
         .collect::<Result<_>>()?;
     let mut acts = Activations::new(&rm.model.cfg, 32, n_ctx, false);
     let mut rm_scores = Vec::new();
     for chunk in seqs.chunks(32) {
-        rm_scores.extend(kiln_train::rm::score_rows(&rm.model, &mut acts, chunk).into_iter().map(|s| (s - mean) / std));
+        rm_scores.extend(
+            kiln_train::rm::score_rows(&rm.model, &mut acts, chunk)
+                .into_iter()
+                .map(|s| (s - mean) / std),
+        );
     }
-    metrics.insert("rm_score".into(), rm_scores.iter().map(|&x| x as f64).sum::<f64>() / rm_scores.len().max(1) as f64);
-    Ok(ModelEval { name: name.into(), metrics, samples, rm_scores })
+    metrics.insert(
+        "rm_score".into(),
+        rm_scores.iter().map(|&x| x as f64).sum::<f64>() / rm_scores.len().max(1) as f64,
+    );
+    Ok(ModelEval {
+        name: name.into(),
+        metrics,
+        samples,
+        rm_scores,
+    })
 }

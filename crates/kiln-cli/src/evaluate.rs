@@ -53,17 +53,30 @@ impl Judge {
         if cfg.limit > 0 {
             prompts.truncate(cfg.limit);
         }
-        Ok(Judge { world, prompts, max_new_tokens: cfg.max_new_tokens })
+        Ok(Judge {
+            world,
+            prompts,
+            max_new_tokens: cfg.max_new_tokens,
+        })
     }
 
     /// Greedy answers to every prompt, judged: accuracy, well-formedness, mean score, the share that
     /// stopped at the end token, and mean length in tokens.
-    pub fn evaluate(&self, model: &Model, tok: &Tokenizer, template: &ChatTemplate) -> Result<(Metrics, Vec<Sample>)> {
+    pub fn evaluate(
+        &self,
+        model: &Model,
+        tok: &Tokenizer,
+        template: &ChatTemplate,
+    ) -> Result<(Metrics, Vec<Sample>)> {
         let stops = template.stop_tokens()?;
         let mut samples = Vec::with_capacity(self.prompts.len());
         let opts = GenerateOptions {
             max_new_tokens: self.max_new_tokens,
-            sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 },
+            sampling: Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
             stop_tokens: stops.clone(),
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -81,15 +94,34 @@ impl Judge {
                 let response = tok.decode_skip_special(&out).trim().to_string();
                 let j = self.world.judge(p, &response);
                 tally.record(&j);
-                samples.push(Sample { prompt: p.clone(), response, correct: j.correct, well_formed: j.well_formed, score: j.score, ended });
+                samples.push(Sample {
+                    prompt: p.clone(),
+                    response,
+                    correct: j.correct,
+                    well_formed: j.well_formed,
+                    score: j.score,
+                    ended,
+                });
             }
         }
         let n = samples.len().max(1) as f64;
         let mut m = Metrics::new();
-        m.insert("accuracy".into(), samples.iter().filter(|s| s.correct).count() as f64 / n);
-        m.insert("well_formed".into(), samples.iter().filter(|s| s.well_formed).count() as f64 / n);
-        m.insert("judge_score".into(), samples.iter().map(|s| s.score as f64).sum::<f64>() / n);
-        m.insert("ended".into(), samples.iter().filter(|s| s.ended).count() as f64 / n);
+        m.insert(
+            "accuracy".into(),
+            samples.iter().filter(|s| s.correct).count() as f64 / n,
+        );
+        m.insert(
+            "well_formed".into(),
+            samples.iter().filter(|s| s.well_formed).count() as f64 / n,
+        );
+        m.insert(
+            "judge_score".into(),
+            samples.iter().map(|s| s.score as f64).sum::<f64>() / n,
+        );
+        m.insert(
+            "ended".into(),
+            samples.iter().filter(|s| s.ended).count() as f64 / n,
+        );
         m.insert("answer_len".into(), total_len as f64 / n);
         m.insert("macro_accuracy".into(), tally.macro_accuracy());
         for (kind, t) in &tally.per_kind {
@@ -101,6 +133,7 @@ impl Judge {
 
 /// The prompt texts of a prompt file (`{"prompt"}` or Alpaca records).
 pub fn read_prompt_texts(path: &Path) -> Result<Vec<String>> {
-    let loaded = kiln_data::datasets::load_prompts(path, &Default::default()).with_context(|| format!("loading prompts from {}", path.display()))?;
+    let loaded = kiln_data::datasets::load_prompts(path, &Default::default())
+        .with_context(|| format!("loading prompts from {}", path.display()))?;
     Ok(loaded.records.into_iter().map(|r| r.raw).collect())
 }

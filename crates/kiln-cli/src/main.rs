@@ -89,10 +89,21 @@ struct EvalArgs {
 
 fn run_eval(a: EvalArgs) -> Result<()> {
     let b = bundle::load_bundle(&a.model)?;
-    let judge = evaluate::Judge::load(&evaluate::JudgeConfig { world: a.world, prompts: a.prompts, limit: a.limit, max_new_tokens: 32 })?;
+    let judge = evaluate::Judge::load(&evaluate::JudgeConfig {
+        world: a.world,
+        prompts: a.prompts,
+        limit: a.limit,
+        max_new_tokens: 32,
+    })?;
     let (m, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
     for s in samples.iter().take(a.show) {
-        let verdict = if s.correct && s.well_formed { "ok  " } else if s.correct { "~ok " } else { "FAIL" };
+        let verdict = if s.correct && s.well_formed {
+            "ok  "
+        } else if s.correct {
+            "~ok "
+        } else {
+            "FAIL"
+        };
         println!("{verdict} {:?} -> {:?}", s.prompt, s.response);
     }
     for (k, v) in &m {
@@ -113,19 +124,41 @@ struct LogitsArgs {
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let dir = kiln_model::checkpoint::resolve_model_dir(&a.model)?;
     let model = kiln_model::checkpoint::load_model(&dir)?;
-    let tokens: Vec<u32> = a.tokens.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let tokens: Vec<u32> = a
+        .tokens
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
     let t = tokens.len();
-    anyhow::ensure!(t > 0 && t <= model.cfg.n_ctx, "give 1..={} token ids", model.cfg.n_ctx);
+    anyhow::ensure!(
+        t > 0 && t <= model.cfg.n_ctx,
+        "give 1..={} token ids",
+        model.cfg.n_ctx
+    );
     let mut acts = kiln_model::Activations::new(&model.cfg, 1, t, true);
     let positions: Vec<u32> = (0..t as u32).collect();
-    model.forward(&mut acts, &kiln_model::Input { tokens: &tokens, positions: &positions, valid: None, segments: None, b: 1, t });
+    model.forward(
+        &mut acts,
+        &kiln_model::Input {
+            tokens: &tokens,
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b: 1,
+            t,
+        },
+    );
     let v = model.cfg.vocab_size;
     let c = model.cfg.n_embd;
     let wte = &model.params[model.layout.wte.clone()];
     let mut logits = vec![0.0f32; t * v];
     kiln_kernels::matmul(&mut logits, &acts.hidden, wte, t, c, v, false, true, false);
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
-    println!("{}", serde_json::json!({ "tokens": tokens, "logits": rows }));
+    println!(
+        "{}",
+        serde_json::json!({ "tokens": tokens, "logits": rows })
+    );
     Ok(())
 }
 
@@ -229,6 +262,9 @@ struct SftArgs {
     /// Skip malformed records (counted and reported) instead of failing.
     #[arg(long)]
     skip_bad_records: bool,
+    /// Pack several short examples into each row (attention never crosses examples).
+    #[arg(long)]
+    packing: bool,
     /// Demo world (world.json) for judged task accuracy, with --judge-prompts.
     #[arg(long)]
     judge_world: Option<PathBuf>,
@@ -314,7 +350,11 @@ struct PpoArgs {
     seed: Option<i64>,
 }
 
-fn judge_overrides(o: &mut Overrides, world: &Option<PathBuf>, prompts: &Option<PathBuf>) -> Result<()> {
+fn judge_overrides(
+    o: &mut Overrides,
+    world: &Option<PathBuf>,
+    prompts: &Option<PathBuf>,
+) -> Result<()> {
     match (world, prompts) {
         (Some(w), Some(p)) => {
             o.set("judge.world", w.display().to_string());
@@ -351,7 +391,13 @@ fn run(cli: Cli) -> Result<()> {
             let cfg: stages::PretrainConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::pretrain(&cfg, a.train.resume, progress)?;
-            println!("pretrain: {} steps in {:.1}s ({:.0} tok/s), final {}", s.steps, s.seconds, s.tokens_per_sec, kiln_train::trainer::fmt_metrics(&s.eval));
+            println!(
+                "pretrain: {} steps in {:.1}s ({:.0} tok/s), final {}",
+                s.steps,
+                s.seconds,
+                s.tokens_per_sec,
+                kiln_train::trainer::fmt_metrics(&s.eval)
+            );
             Ok(())
         }
         Cmd::Sft(a) => {
@@ -364,14 +410,25 @@ fn run(cli: Cli) -> Result<()> {
             if a.skip_bad_records {
                 o.set("skip_bad_records", true);
             }
+            if a.packing {
+                o.set("packing", true);
+            }
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::sft(&cfg, a.train.resume, progress)?;
-            println!("sft: {} steps in {:.1}s, final {}", s.steps, s.seconds, kiln_train::trainer::fmt_metrics(&s.eval));
+            println!(
+                "sft: {} steps in {:.1}s, final {}",
+                s.steps,
+                s.seconds,
+                kiln_train::trainer::fmt_metrics(&s.eval)
+            );
             Ok(())
         }
-        Cmd::Rm(RmCmd { sub: Some(RmSub::Score(s)), .. }) => chat::run_score(s),
+        Cmd::Rm(RmCmd {
+            sub: Some(RmSub::Score(s)),
+            ..
+        }) => chat::run_score(s),
         Cmd::Rm(RmCmd { sub: None, args: a }) => {
             let mut o = a.train.overrides()?;
             o.path("init", &a.init);
@@ -386,7 +443,12 @@ fn run(cli: Cli) -> Result<()> {
             let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;
-            println!("rm: {} steps in {:.1}s, final {}", s.steps, s.seconds, kiln_train::trainer::fmt_metrics(&s.eval));
+            println!(
+                "rm: {} steps in {:.1}s, final {}",
+                s.steps,
+                s.seconds,
+                kiln_train::trainer::fmt_metrics(&s.eval)
+            );
             Ok(())
         }
         Cmd::Ppo(a) => {
@@ -408,11 +470,20 @@ fn run(cli: Cli) -> Result<()> {
             if let (Some(first), Some(last)) = (s.history.first(), s.history.last()) {
                 println!(
                     "ppo: {} iterations in {:.1}s; reward {:.3} → {:.3}, KL {:.3} → {:.3}",
-                    s.iterations, s.seconds, first["reward"], last["reward"], first["kl"], last["kl"]
+                    s.iterations,
+                    s.seconds,
+                    first["reward"],
+                    last["reward"],
+                    first["kl"],
+                    last["kl"]
                 );
             }
             if !s.eval_end.is_empty() {
-                println!("ppo: held-out {} → {}", kiln_train::trainer::fmt_metrics(&s.eval_start), kiln_train::trainer::fmt_metrics(&s.eval_end));
+                println!(
+                    "ppo: held-out {} → {}",
+                    kiln_train::trainer::fmt_metrics(&s.eval_start),
+                    kiln_train::trainer::fmt_metrics(&s.eval_end)
+                );
             }
             Ok(())
         }
@@ -428,7 +499,10 @@ fn run(cli: Cli) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+        {
             eprintln!("error: cannot set up {n} threads: {e}");
             std::process::exit(1);
         }

@@ -11,7 +11,12 @@ const LEFT: usize = 70;
 const RIGHT: usize = 20;
 const TOP: usize = 34;
 const BOTTOM: usize = 40;
-const COLOURS: [[u8; 3]; 4] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189]];
+const COLOURS: [[u8; 3]; 4] = [
+    [31, 119, 180],
+    [214, 39, 40],
+    [44, 160, 44],
+    [148, 103, 189],
+];
 
 struct Canvas {
     px: Vec<u8>,
@@ -19,7 +24,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Self {
-        Canvas { px: vec![255; W * H * 3] }
+        Canvas {
+            px: vec![255; W * H * 3],
+        }
     }
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
         if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
@@ -31,7 +38,10 @@ impl Canvas {
         let steps = ((x1 - x0).abs().max((y1 - y0).abs()) as usize).max(1);
         for s in 0..=steps {
             let t = s as f64 / steps as f64;
-            let (x, y) = ((x0 + (x1 - x0) * t).round() as i64, (y0 + (y1 - y0) * t).round() as i64);
+            let (x, y) = (
+                (x0 + (x1 - x0) * t).round() as i64,
+                (y0 + (y1 - y0) * t).round() as i64,
+            );
             self.set(x, y, c);
             if thick {
                 self.set(x, y + 1, c);
@@ -61,7 +71,8 @@ impl Canvas {
             let mut w = enc.write_header()?;
             w.write_image_data(&self.px)?;
         }
-        kiln_train::run::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+        kiln_train::run::write_atomic(path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))
     }
 }
 
@@ -76,8 +87,17 @@ fn fmt_tick(v: f64) -> String {
 }
 
 /// Draws named series of (x, y) points on shared axes and writes a PNG.
-pub fn line_chart(path: &Path, title: &str, xlabel: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<bool> {
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<bool> {
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
     if pts.len() < 2 {
         return Ok(false);
     }
@@ -102,22 +122,52 @@ pub fn line_chart(path: &Path, title: &str, xlabel: &str, series: &[(&str, Vec<(
     let black = [0, 0, 0];
     for i in 0..=4 {
         let y = y0 + (y1 - y0) * i as f64 / 4.0;
-        c.line((LEFT as f64, sy(y)), ((W - RIGHT) as f64, sy(y)), grey, false);
+        c.line(
+            (LEFT as f64, sy(y)),
+            ((W - RIGHT) as f64, sy(y)),
+            grey,
+            false,
+        );
         let label = fmt_tick(y);
-        c.text(LEFT.saturating_sub(6 + 8 * label.len()), sy(y) as usize - 4, &label, black);
+        c.text(
+            LEFT.saturating_sub(6 + 8 * label.len()),
+            sy(y) as usize - 4,
+            &label,
+            black,
+        );
         let x = x0 + (x1 - x0) * i as f64 / 4.0;
         let label = fmt_tick(x);
-        c.text((sx(x) as usize).saturating_sub(4 * label.len()), H - BOTTOM + 8, &label, black);
+        c.text(
+            (sx(x) as usize).saturating_sub(4 * label.len()),
+            H - BOTTOM + 8,
+            &label,
+            black,
+        );
     }
-    c.line((LEFT as f64, TOP as f64), (LEFT as f64, (H - BOTTOM) as f64), black, false);
-    c.line((LEFT as f64, (H - BOTTOM) as f64), ((W - RIGHT) as f64, (H - BOTTOM) as f64), black, false);
+    c.line(
+        (LEFT as f64, TOP as f64),
+        (LEFT as f64, (H - BOTTOM) as f64),
+        black,
+        false,
+    );
+    c.line(
+        (LEFT as f64, (H - BOTTOM) as f64),
+        ((W - RIGHT) as f64, (H - BOTTOM) as f64),
+        black,
+        false,
+    );
     c.text(LEFT, 10, title, black);
     c.text(W / 2 - 4 * xlabel.len(), H - 14, xlabel, black);
     let mut legend_x = W - RIGHT;
     for (i, (name, s)) in series.iter().enumerate().rev() {
         let col = COLOURS[i % COLOURS.len()];
         legend_x -= 8 * name.len() + 24;
-        c.line((legend_x as f64, 14.0), (legend_x as f64 + 12.0, 14.0), col, true);
+        c.line(
+            (legend_x as f64, 14.0),
+            (legend_x as f64 + 12.0, 14.0),
+            col,
+            true,
+        );
         c.text(legend_x + 16, 10, name, col);
         let mut prev: Option<(f64, f64)> = None;
         for &(x, y) in s.iter().filter(|p| p.0.is_finite() && p.1.is_finite()) {
@@ -135,19 +185,61 @@ pub fn line_chart(path: &Path, title: &str, xlabel: &str, series: &[(&str, Vec<(
 }
 
 /// The report's charts; returns the file names written.
-pub fn write_plots(out: &Path, pre: &Path, sft: &Path, rm: &Path, ppo: &Path) -> Result<Vec<String>> {
+pub fn write_plots(
+    out: &Path,
+    pre: &Path,
+    sft: &Path,
+    rm: &Path,
+    ppo: &Path,
+) -> Result<Vec<String>> {
     use crate::report::series;
     let mut names = Vec::new();
-    let mut chart = |name: &str, title: &str, x: &str, s: Vec<(&str, Vec<(f64, f64)>)>| -> Result<()> {
-        if line_chart(&out.join(name), title, x, &s)? {
-            names.push(name.to_string());
-        }
-        Ok(())
-    };
-    chart("pretrain_loss.png", "Pretraining loss", "step", vec![("train", series(pre, "loss")), ("val", series(pre, "val_loss"))])?;
-    chart("sft.png", "SFT: response loss and task accuracy", "step", vec![("train loss", series(sft, "loss")), ("val loss", series(sft, "val_loss")), ("accuracy", series(sft, "val_accuracy"))])?;
-    chart("rm.png", "Reward model: pairwise accuracy", "step", vec![("train", series(rm, "acc")), ("val", series(rm, "val_acc"))])?;
-    chart("ppo_reward.png", "PPO: reward and KL to the reference", "iteration", vec![("reward", series(ppo, "reward")), ("KL", series(ppo, "kl"))])?;
-    chart("ppo_accuracy.png", "PPO: held-out task accuracy", "iteration", vec![("accuracy", series(ppo, "eval_accuracy")), ("well-formed", series(ppo, "eval_well_formed"))])?;
+    let mut chart =
+        |name: &str, title: &str, x: &str, s: Vec<(&str, Vec<(f64, f64)>)>| -> Result<()> {
+            if line_chart(&out.join(name), title, x, &s)? {
+                names.push(name.to_string());
+            }
+            Ok(())
+        };
+    chart(
+        "pretrain_loss.png",
+        "Pretraining loss",
+        "step",
+        vec![
+            ("train", series(pre, "loss")),
+            ("val", series(pre, "val_loss")),
+        ],
+    )?;
+    chart(
+        "sft.png",
+        "SFT: response loss and task accuracy",
+        "step",
+        vec![
+            ("train loss", series(sft, "loss")),
+            ("val loss", series(sft, "val_loss")),
+            ("accuracy", series(sft, "val_accuracy")),
+        ],
+    )?;
+    chart(
+        "rm.png",
+        "Reward model: pairwise accuracy",
+        "step",
+        vec![("train", series(rm, "acc")), ("val", series(rm, "val_acc"))],
+    )?;
+    chart(
+        "ppo_reward.png",
+        "PPO: reward and KL to the reference",
+        "iteration",
+        vec![("reward", series(ppo, "reward")), ("KL", series(ppo, "kl"))],
+    )?;
+    chart(
+        "ppo_accuracy.png",
+        "PPO: held-out task accuracy",
+        "iteration",
+        vec![
+            ("accuracy", series(ppo, "eval_accuracy")),
+            ("well-formed", series(ppo, "eval_well_formed")),
+        ],
+    )?;
     Ok(names)
 }

@@ -28,7 +28,11 @@ pub fn series(dir: &Path, key: &str) -> Vec<(f64, f64)> {
 
 fn get(r: &BTreeMap<String, StageResult>, stage: &str, key: &str, end: bool) -> Option<f64> {
     let s = r.get(stage)?;
-    let m = if end { &s.metrics_end } else { &s.metrics_start };
+    let m = if end {
+        &s.metrics_end
+    } else {
+        &s.metrics_start
+    };
     m.get(key).copied()
 }
 
@@ -36,20 +40,48 @@ fn f(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into())
 }
 
-pub fn write_report(cfg: &PipelineConfig, results: &BTreeMap<String, StageResult>, pre: &Path, sft: &Path, rm: &Path, ppo: &Path) -> Result<()> {
+pub fn write_report(
+    cfg: &PipelineConfig,
+    results: &BTreeMap<String, StageResult>,
+    pre: &Path,
+    sft: &Path,
+    rm: &Path,
+    ppo: &Path,
+) -> Result<()> {
     let out = &cfg.out;
     let evals: Vec<ModelEval> = match &cfg.judge {
         Some(j) => {
             let judge = Judge::load(j)?;
-            vec![eval_model("pretrained", pre, &judge, rm)?, eval_model("SFT", sft, &judge, rm)?, eval_model("PPO", ppo, &judge, rm)?]
+            vec![
+                eval_model("pretrained", pre, &judge, rm)?,
+                eval_model("SFT", sft, &judge, rm)?,
+                eval_model("PPO", ppo, &judge, rm)?,
+            ]
         }
         None => Vec::new(),
     };
-    let acc = |name: &str, key: &str| evals.iter().find(|e| e.name == name).and_then(|e| e.metrics.get(key).copied());
-    let ppo_hist: Vec<serde_json::Value> = results.get("ppo").and_then(|r| r.extra.get("history")).and_then(|h| h.as_array().cloned()).unwrap_or_default();
-    let hist = |i: usize, k: &str| ppo_hist.get(i).and_then(|m| m.get(k)).and_then(|v| v.as_f64());
+    let acc = |name: &str, key: &str| {
+        evals
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.metrics.get(key).copied())
+    };
+    let ppo_hist: Vec<serde_json::Value> = results
+        .get("ppo")
+        .and_then(|r| r.extra.get("history"))
+        .and_then(|h| h.as_array().cloned())
+        .unwrap_or_default();
+    let hist = |i: usize, k: &str| {
+        ppo_hist
+            .get(i)
+            .and_then(|m| m.get(k))
+            .and_then(|v| v.as_f64())
+    };
     let last = ppo_hist.len().saturating_sub(1);
-    let seconds: BTreeMap<String, f64> = results.iter().map(|(k, v)| (k.clone(), v.seconds)).collect();
+    let seconds: BTreeMap<String, f64> = results
+        .iter()
+        .map(|(k, v)| (k.clone(), v.seconds))
+        .collect();
     let summary = serde_json::json!({
         "pretrain": {"val_loss": get(results, "pretrain", "loss", true), "val_loss_start": get(results, "pretrain", "loss", false), "val_ppl": get(results, "pretrain", "ppl", true), "accuracy": acc("pretrained", "accuracy")},
         "sft": {"val_loss": get(results, "sft", "loss", true), "accuracy": acc("SFT", "accuracy"), "well_formed": acc("SFT", "well_formed"), "ended": acc("SFT", "ended"), "rm_score": acc("SFT", "rm_score")},
@@ -58,7 +90,10 @@ pub fn write_report(cfg: &PipelineConfig, results: &BTreeMap<String, StageResult
         "seconds": seconds,
         "seed": cfg.seed,
     });
-    kiln_train::run::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+    kiln_train::run::write_atomic(
+        &out.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary)?,
+    )?;
     let plots = crate::plot::write_plots(out, pre, sft, rm, ppo).unwrap_or_else(|e| {
         eprintln!("[report] plots skipped: {e:#}");
         Vec::new()
@@ -68,14 +103,70 @@ pub fn write_report(cfg: &PipelineConfig, results: &BTreeMap<String, StageResult
     writeln!(md, "# Kiln pipeline report\n")?;
     writeln!(md, "Run folder `{}`, seed {}. Configuration: `pipeline.toml`; per-stage metrics: `<stage>/metrics.jsonl`; figures: `summary.json`.\n", out.display(), cfg.seed)?;
     writeln!(md, "| stage | time (s) | headline |\n|---|---:|---|")?;
-    let t = |s: &str| seconds.get(s).map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into());
-    writeln!(md, "| tokenizer | {} | vocabulary {} |", t("tokenizer"), results.get("tokenizer").and_then(|r| r.extra.get("vocab_size")).map(|v| v.to_string()).unwrap_or_default())?;
-    let prep = results.get("prepare").map(|r| r.extra.clone()).unwrap_or_default();
-    writeln!(md, "| prepare | {} | {} documents → {} train / {} val tokens |", t("prepare"), prep["documents"], prep["train_tokens"], prep["val_tokens"])?;
-    writeln!(md, "| pretrain | {} | val loss {} → {} (ppl {}) |", t("pretrain"), f(get(results, "pretrain", "loss", false)), f(get(results, "pretrain", "loss", true)), f(get(results, "pretrain", "ppl", true)))?;
-    writeln!(md, "| sft | {} | val loss {} → {}; task accuracy {} → {} |", t("sft"), f(get(results, "sft", "loss", false)), f(get(results, "sft", "loss", true)), f(get(results, "sft", "accuracy", false)), f(get(results, "sft", "accuracy", true)))?;
-    writeln!(md, "| rm | {} | pairwise accuracy {} → {} (margin {}) |", t("rm"), f(get(results, "rm", "acc", false)), f(get(results, "rm", "acc", true)), f(get(results, "rm", "margin", true)))?;
-    writeln!(md, "| ppo | {} | reward {} → {}, KL {} → {}, length {} → {} |", t("ppo"), f(hist(0, "reward")), f(hist(last, "reward")), f(hist(0, "kl")), f(hist(last, "kl")), f(hist(0, "response_len")), f(hist(last, "response_len")))?;
+    let t = |s: &str| {
+        seconds
+            .get(s)
+            .map(|x| format!("{x:.1}"))
+            .unwrap_or_else(|| "–".into())
+    };
+    writeln!(
+        md,
+        "| tokenizer | {} | vocabulary {} |",
+        t("tokenizer"),
+        results
+            .get("tokenizer")
+            .and_then(|r| r.extra.get("vocab_size"))
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    )?;
+    let prep = results
+        .get("prepare")
+        .map(|r| r.extra.clone())
+        .unwrap_or_default();
+    writeln!(
+        md,
+        "| prepare | {} | {} documents → {} train / {} val tokens |",
+        t("prepare"),
+        prep["documents"],
+        prep["train_tokens"],
+        prep["val_tokens"]
+    )?;
+    writeln!(
+        md,
+        "| pretrain | {} | val loss {} → {} (ppl {}) |",
+        t("pretrain"),
+        f(get(results, "pretrain", "loss", false)),
+        f(get(results, "pretrain", "loss", true)),
+        f(get(results, "pretrain", "ppl", true))
+    )?;
+    writeln!(
+        md,
+        "| sft | {} | val loss {} → {}; task accuracy {} → {} |",
+        t("sft"),
+        f(get(results, "sft", "loss", false)),
+        f(get(results, "sft", "loss", true)),
+        f(get(results, "sft", "accuracy", false)),
+        f(get(results, "sft", "accuracy", true))
+    )?;
+    writeln!(
+        md,
+        "| rm | {} | pairwise accuracy {} → {} (margin {}) |",
+        t("rm"),
+        f(get(results, "rm", "acc", false)),
+        f(get(results, "rm", "acc", true)),
+        f(get(results, "rm", "margin", true))
+    )?;
+    writeln!(
+        md,
+        "| ppo | {} | reward {} → {}, KL {} → {}, length {} → {} |",
+        t("ppo"),
+        f(hist(0, "reward")),
+        f(hist(last, "reward")),
+        f(hist(0, "kl")),
+        f(hist(last, "kl")),
+        f(hist(0, "response_len")),
+        f(hist(last, "response_len"))
+    )?;
     writeln!(md)?;
     if !evals.is_empty() {
         writeln!(md, "## Held-out prompts: the three models side by side\n")?;
@@ -83,15 +174,40 @@ pub fn write_report(cfg: &PipelineConfig, results: &BTreeMap<String, StageResult
         writeln!(md, "| model | task accuracy | well-formed | judge score | stops at end token | mean RM score |\n|---|---:|---:|---:|---:|---:|")?;
         for e in &evals {
             let g = |k: &str| f(e.metrics.get(k).copied());
-            writeln!(md, "| {} | {} | {} | {} | {} | {} |", e.name, g("accuracy"), g("well_formed"), g("judge_score"), g("ended"), g("rm_score"))?;
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                e.name,
+                g("accuracy"),
+                g("well_formed"),
+                g("judge_score"),
+                g("ended"),
+                g("rm_score")
+            )?;
         }
         writeln!(md, "\n### Sample answers\n")?;
         for i in 0..evals[0].samples.len().min(8) {
-            writeln!(md, "**Prompt:** {}\n", evals[0].samples[i].prompt.replace('\n', " / "))?;
+            writeln!(
+                md,
+                "**Prompt:** {}\n",
+                evals[0].samples[i].prompt.replace('\n', " / ")
+            )?;
             for e in &evals {
                 let s = &e.samples[i];
-                let verdict = if s.correct && s.well_formed { "✔" } else if s.correct { "≈" } else { "✘" };
-                writeln!(md, "- {} {verdict} `{}` (RM {:.2})", e.name, s.response.replace('\n', " ").replace('`', "'"), e.rm_scores[i])?;
+                let verdict = if s.correct && s.well_formed {
+                    "✔"
+                } else if s.correct {
+                    "≈"
+                } else {
+                    "✘"
+                };
+                writeln!(
+                    md,
+                    "- {} {verdict} `{}` (RM {:.2})",
+                    e.name,
+                    s.response.replace('\n', " ").replace('`', "'"),
+                    e.rm_scores[i]
+                )?;
             }
             writeln!(md)?;
         }
@@ -102,7 +218,11 @@ pub fn write_report(cfg: &PipelineConfig, results: &BTreeMap<String, StageResult
             writeln!(md, "![{p}]({p})\n")?;
         }
     }
-    writeln!(md, "## Settings\n\n```toml\n{}```", toml::to_string_pretty(cfg)?)?;
+    writeln!(
+        md,
+        "## Settings\n\n```toml\n{}```",
+        toml::to_string_pretty(cfg)?
+    )?;
     kiln_train::run::write_atomic(&out.join("report.md"), md.as_bytes())?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use kiln_data::datasets::{load_preferences, load_sft, LoadOptions};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
+use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
 use kiln_model::{Arch, Model, ModelConfig};
 use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
 use kiln_train::pretrain::{LmObjective, PretrainKind};
@@ -28,8 +29,30 @@ pub struct ModelShape {
 
 impl Default for ModelShape {
     fn default() -> Self {
-        ModelShape { n_layer: 4, n_head: 4, n_embd: 128, n_ctx: 128 }
+        ModelShape {
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            n_ctx: 128,
+        }
     }
+}
+
+/// Opens a stage's run directory. Without `resume`, a directory that already holds checkpoints is
+/// refused (a fresh run would mix with them, and a later --resume would pick them up).
+fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
+    let run = RunDir::create(out)?;
+    if !resume && !run.checkpoints()?.is_empty() {
+        bail!(
+            "{} already holds checkpoints of an earlier run: add --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    if !resume {
+        // Metrics of an earlier run that never reached a checkpoint.
+        let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+    }
+    Ok(run)
 }
 
 fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
@@ -86,7 +109,14 @@ impl Default for PretrainConfig {
             model: ModelShape::default(),
             seq_len: 0,
             eval_batches: 8,
-            train: TrainConfig { lr: 3e-3, min_lr: 3e-4, warmup_steps: 50, max_steps: 1000, batch_size: 16, ..TrainConfig::default() },
+            train: TrainConfig {
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 50,
+                max_steps: 1000,
+                batch_size: 16,
+                ..TrainConfig::default()
+            },
         }
     }
 }
@@ -106,11 +136,28 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
         score_head: false,
     };
     mcfg.validate()?;
-    let seq_len = if cfg.seq_len == 0 { cfg.model.n_ctx } else { cfg.seq_len };
+    let seq_len = if cfg.seq_len == 0 {
+        cfg.model.n_ctx
+    } else {
+        cfg.seq_len
+    };
+    check_memory(
+        training_bytes(&mcfg, cfg.train.batch_size, seq_len, true),
+        "pretraining",
+    )?;
     let mut model = Model::new(mcfg, cfg.train.seed);
-    let mut obj = LmObjective::new(cfg.objective, &cfg.data, &model, cfg.train.batch_size, seq_len, cfg.eval_batches, cfg.train.seed, Some(tok.clone()))?;
+    let mut obj = LmObjective::new(
+        cfg.objective,
+        &cfg.data,
+        &model,
+        cfg.train.batch_size,
+        seq_len,
+        cfg.eval_batches,
+        cfg.train.seed,
+        Some(tok.clone()),
+    )?;
+    let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let run = RunDir::create(&cfg.out)?;
     let meta = KilnMeta::new("pretrain", ChatTemplate::default(), &tok, cfg.train.seed);
     eprintln!(
         "[pretrain] {:?} model: {} layers, {} heads, width {}, context {}, vocab {} ({:.2}M parameters)",
@@ -122,7 +169,13 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
         model.cfg.vocab_size,
         model.params.len() as f64 / 1e6
     );
-    let trainer = Trainer { cfg: cfg.train.clone(), run: &run, extra_files: meta.files(&cfg.tokenizer)?, progress, label: "pretrain".into() };
+    let trainer = Trainer {
+        cfg: cfg.train.clone(),
+        run: &run,
+        extra_files: meta.files(&cfg.tokenizer)?,
+        progress,
+        label: "pretrain".into(),
+    };
     trainer.train(&mut model, &mut obj, resume)
 }
 
@@ -145,6 +198,8 @@ pub struct SftConfig {
     /// A chat template JSON file (default: Kiln's template).
     pub template: Option<PathBuf>,
     pub skip_bad_records: bool,
+    /// Pack several short examples into each row (attention never crosses examples).
+    pub packing: bool,
     /// Task accuracy by the demo judge during evaluation.
     pub judge: Option<JudgeConfig>,
     pub train: TrainConfig,
@@ -161,18 +216,42 @@ impl Default for SftConfig {
             seq_len: 0,
             template: None,
             skip_bad_records: false,
+            packing: false,
             judge: None,
-            train: TrainConfig { lr: 1e-3, min_lr: 1e-4, warmup_steps: 20, max_steps: 300, batch_size: 16, eval_every: 100, weight_decay: 0.0, ..TrainConfig::default() },
+            train: TrainConfig {
+                lr: 1e-3,
+                min_lr: 1e-4,
+                warmup_steps: 20,
+                max_steps: 300,
+                batch_size: 16,
+                eval_every: 100,
+                weight_decay: 0.0,
+                ..TrainConfig::default()
+            },
         }
     }
+}
+
+fn report_skipped<T>(stage: &str, path: &Path, l: kiln_data::datasets::Loaded<T>) -> Vec<T> {
+    if l.skipped > 0 {
+        eprintln!(
+            "[{stage}] {}: skipped {} bad records (first: {})",
+            path.display(),
+            l.skipped,
+            l.first_error.unwrap_or_default()
+        );
+    }
+    l.records
 }
 
 fn load_template(path: &Option<PathBuf>) -> Result<ChatTemplate> {
     match path {
         None => Ok(ChatTemplate::default()),
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            ChatTemplate::from_json(&text).with_context(|| format!("{}: invalid chat template", p.display()))
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            ChatTemplate::from_json(&text)
+                .with_context(|| format!("{}: invalid chat template", p.display()))
         }
     }
 }
@@ -203,27 +282,32 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     }
     let b = load_bundle(&cfg.init)?;
     if b.model.cfg.arch != Arch::Decoder {
-        bail!("sft needs a decoder (GPT) model; {} is an encoder", b.dir.display());
+        bail!(
+            "sft needs a decoder (GPT) model; {} is an encoder",
+            b.dir.display()
+        );
     }
     let template = match &cfg.template {
         Some(_) => load_template(&cfg.template)?,
         None => b.meta.template.clone(),
     };
     template.validate()?;
-    let opts = LoadOptions { skip_bad: cfg.skip_bad_records };
+    let opts = LoadOptions {
+        skip_bad: cfg.skip_bad_records,
+    };
     let mut convs = Vec::new();
     for p in &cfg.data {
-        let l = load_sft(p, &opts)?;
-        if l.skipped > 0 {
-            eprintln!("[sft] {}: skipped {} bad records (first: {})", p.display(), l.skipped, l.first_error.unwrap_or_default());
-        }
-        convs.extend(l.records);
+        convs.extend(report_skipped("sft", p, load_sft(p, &opts)?));
     }
     let (train_c, val_c) = match &cfg.val_data {
-        Some(v) => (convs, load_sft(v, &opts)?.records),
+        Some(v) => (convs, report_skipped("sft", v, load_sft(v, &opts)?)),
         None => split_val(convs, cfg.val_fraction, cfg.train.seed),
     };
-    let seq_len = if cfg.seq_len == 0 { b.model.cfg.n_ctx } else { cfg.seq_len.min(b.model.cfg.n_ctx) };
+    let seq_len = if cfg.seq_len == 0 {
+        b.model.cfg.n_ctx
+    } else {
+        cfg.seq_len.min(b.model.cfg.n_ctx)
+    };
     let (train, skipped) = render_examples(&b.tokenizer, &template, &train_c, seq_len)?;
     let (val, vskipped) = render_examples(&b.tokenizer, &template, &val_c, seq_len)?;
     eprintln!(
@@ -236,15 +320,33 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let tok = b.tokenizer.clone();
     let tpl = template.clone();
-    let extra: Option<ExtraEval> = judge.map(|j| {
-        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval
-    });
+    let extra: Option<ExtraEval> =
+        judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
+    check_memory(
+        training_bytes(&b.model.cfg, cfg.train.batch_size, seq_len, true),
+        "SFT",
+    )?;
     let mut model = b.model;
-    let mut obj = SftObjective::new(&model, train, val, cfg.train.batch_size, seq_len, cfg.train.seed, extra)?;
+    let mut obj = SftObjective::new(
+        &model,
+        train,
+        val,
+        cfg.train.batch_size,
+        seq_len,
+        cfg.train.seed,
+        cfg.packing,
+        extra,
+    )?;
+    let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let run = RunDir::create(&cfg.out)?;
     let meta = KilnMeta::new("sft", template, &b.tokenizer, cfg.train.seed);
-    let trainer = Trainer { cfg: cfg.train.clone(), run: &run, extra_files: meta.files(&b.dir.join(TOKENIZER_FILE))?, progress, label: "sft".into() };
+    let trainer = Trainer {
+        cfg: cfg.train.clone(),
+        run: &run,
+        extra_files: meta.files(&b.dir.join(TOKENIZER_FILE))?,
+        progress,
+        label: "sft".into(),
+    };
     trainer.train(&mut model, &mut obj, resume)
 }
 
@@ -283,7 +385,16 @@ impl Default for RmConfig {
             margin: 0.0,
             center: 0.01,
             skip_bad_records: false,
-            train: TrainConfig { lr: 3e-4, min_lr: 3e-5, warmup_steps: 20, max_steps: 300, batch_size: 4, eval_every: 100, weight_decay: 0.0, ..TrainConfig::default() },
+            train: TrainConfig {
+                lr: 3e-4,
+                min_lr: 3e-5,
+                warmup_steps: 20,
+                max_steps: 300,
+                batch_size: 4,
+                eval_every: 100,
+                weight_decay: 0.0,
+                ..TrainConfig::default()
+            },
         }
     }
 }
@@ -294,33 +405,72 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     }
     let b = load_bundle(&cfg.init)?;
     let template = b.meta.template.clone();
-    let opts = LoadOptions { skip_bad: cfg.skip_bad_records };
+    let opts = LoadOptions {
+        skip_bad: cfg.skip_bad_records,
+    };
     let mut records = Vec::new();
     for p in &cfg.data {
-        let l = load_preferences(p, &opts)?;
-        if l.skipped > 0 {
-            eprintln!("[rm] {}: skipped {} bad records (first: {})", p.display(), l.skipped, l.first_error.unwrap_or_default());
-        }
-        records.extend(l.records);
+        records.extend(report_skipped("rm", p, load_preferences(p, &opts)?));
     }
     let (train_r, val_r) = match &cfg.val_data {
-        Some(v) => (records, load_preferences(v, &opts)?.records),
+        Some(v) => (
+            records,
+            report_skipped("rm", v, load_preferences(v, &opts)?),
+        ),
         None => split_val(records, cfg.val_fraction, cfg.train.seed),
     };
-    let seq_len = if cfg.seq_len == 0 { b.model.cfg.n_ctx } else { cfg.seq_len.min(b.model.cfg.n_ctx) };
+    let seq_len = if cfg.seq_len == 0 {
+        b.model.cfg.n_ctx
+    } else {
+        cfg.seq_len.min(b.model.cfg.n_ctx)
+    };
     // The encoder spends one position on its [CLS] token.
-    let fit = if b.model.cfg.arch == Arch::Encoder { seq_len - 1 } else { seq_len };
+    let fit = if b.model.cfg.arch == Arch::Encoder {
+        seq_len - 1
+    } else {
+        seq_len
+    };
     let (train, skipped) = render_groups(&b.tokenizer, &template, &train_r, fit)?;
     let (val, vskipped) = render_groups(&b.tokenizer, &template, &val_r, fit)?;
-    let pairs: usize = train.iter().map(|g| kiln_data::datasets::expand_pairs(&g.ranks).len()).sum();
-    eprintln!("[rm] {} train prompts ({pairs} comparisons) / {} val ({} + {} skipped: too long)", train.len(), val.len(), skipped, vskipped);
+    let pairs: usize = train
+        .iter()
+        .map(|g| kiln_data::datasets::expand_pairs(&g.ranks).len())
+        .sum();
+    eprintln!(
+        "[rm] {} train prompts ({pairs} comparisons) / {} val ({} + {} skipped: too long)",
+        train.len(),
+        val.len(),
+        skipped,
+        vskipped
+    );
     let mut model = b.model.with_score_head(true);
-    let mut obj = RmObjective::new(&model, train, val, cfg.loss, cfg.margin, cfg.center, cfg.train.batch_size, seq_len, cfg.train.seed)?;
+    let max_k = train.iter().map(|g| g.seqs.len()).max().unwrap_or(1);
+    check_memory(
+        training_bytes(&model.cfg, cfg.train.batch_size * max_k, seq_len, false),
+        "reward-model training",
+    )?;
+    let mut obj = RmObjective::new(
+        &model,
+        train,
+        val,
+        cfg.loss,
+        cfg.margin,
+        cfg.center,
+        cfg.train.batch_size,
+        seq_len,
+        cfg.train.seed,
+    )?;
+    let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let run = RunDir::create(&cfg.out)?;
     let mut meta = KilnMeta::new("rm", template, &b.tokenizer, cfg.train.seed);
     let tok_path = b.dir.join(TOKENIZER_FILE);
-    let trainer = Trainer { cfg: cfg.train.clone(), run: &run, extra_files: meta.files(&tok_path)?, progress, label: "rm".into() };
+    let trainer = Trainer {
+        cfg: cfg.train.clone(),
+        run: &run,
+        extra_files: meta.files(&tok_path)?,
+        progress,
+        label: "rm".into(),
+    };
     let summary = trainer.train(&mut model, &mut obj, resume)?;
     // PPO normalises rewards with the statistics of the training responses.
     let (mean, std) = obj.reward_stats(&model);
@@ -379,13 +529,19 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         bail!("{}: not a reward model (no score head)", rm.dir.display());
     }
     if rm.model.cfg.arch != Arch::Decoder {
-        bail!("{}: PPO's critic starts from the reward model and must be a decoder", rm.dir.display());
+        bail!(
+            "{}: PPO's critic starts from the reward model and must be a decoder",
+            rm.dir.display()
+        );
     }
     let critic = match &cfg.critic {
         Some(p) => load_bundle(p)?.model.with_score_head(true),
         None => rm.model.clone(),
     };
-    let (mean, std) = (rm.meta.reward_mean.unwrap_or(0.0), rm.meta.reward_std.unwrap_or(1.0));
+    let (mean, std) = (
+        rm.meta.reward_mean.unwrap_or(0.0),
+        rm.meta.reward_std.unwrap_or(1.0),
+    );
     let template = actor.meta.template.clone();
     let loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &Default::default())?;
     let prompts: Vec<Vec<u32>> = loaded
@@ -393,15 +549,18 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         .iter()
         .map(|r| template.render_prompt(&actor.tokenizer, &r.prompt))
         .collect::<Result<_, _>>()?;
-    eprintln!("[ppo] {} prompts; reward normalisation mean {mean:.3} std {std:.3}", prompts.len());
+    eprintln!(
+        "[ppo] {} prompts; reward normalisation mean {mean:.3} std {std:.3}",
+        prompts.len()
+    );
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let tok = actor.tokenizer.clone();
     let tpl = template.clone();
     let eval = judge.map(|j| {
         Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
     });
+    let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let run = RunDir::create(&cfg.out)?;
     let meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
     let tok2 = actor.tokenizer.clone();
     let mut ppo = Ppo {
@@ -409,7 +568,11 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         reference: actor.model.clone(),
         actor: actor.model,
         critic,
-        reward: RewardModel { model: rm.model, mean, std },
+        reward: RewardModel {
+            model: rm.model,
+            mean,
+            std,
+        },
         prompts,
         stop_tokens: template.stop_tokens()?,
         run: &run,

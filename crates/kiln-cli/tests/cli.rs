@@ -23,9 +23,16 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str], needle: &str) {
     let o = kiln(args);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "kiln {args:?} should fail with exit 1:\n{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "kiln {args:?} should fail with exit 1:\n{err}"
+    );
     assert!(!err.contains("panicked"), "kiln {args:?} panicked:\n{err}");
-    assert!(err.contains(needle), "kiln {args:?}: expected {needle:?} in:\n{err}");
+    assert!(
+        err.contains(needle),
+        "kiln {args:?}: expected {needle:?} in:\n{err}"
+    );
 }
 
 fn s(p: &Path) -> &str {
@@ -37,7 +44,8 @@ fn tiny_pipeline_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
     ok(&["demo", "--size", "tiny", "--out", s(&out)]);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     for (stage, key) in [
         ("pretrain", "val_loss"),
         ("pretrain", "accuracy"),
@@ -49,18 +57,51 @@ fn tiny_pipeline_end_to_end() {
         ("ppo", "kl_end"),
         ("ppo", "accuracy"),
     ] {
-        assert!(summary[stage][key].is_number(), "summary.json lacks {stage}.{key}: {summary}");
+        assert!(
+            summary[stage][key].is_number(),
+            "summary.json lacks {stage}.{key}: {summary}"
+        );
     }
     // Pretraining lowered the validation loss from its starting point (≈ ln 512).
-    assert!(summary["pretrain"]["val_loss"].as_f64().unwrap() < summary["pretrain"]["val_loss_start"].as_f64().unwrap() - 0.5);
+    assert!(
+        summary["pretrain"]["val_loss"].as_f64().unwrap()
+            < summary["pretrain"]["val_loss_start"].as_f64().unwrap() - 0.5
+    );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("side by side"), "{report}");
     assert!(out.join("pretrain_loss.png").exists());
     // Every stage's output is a model directory the other commands accept.
-    let gen = ok(&["generate", "--model", s(&out.join("pretrain")), "--prompt", "Mia", "--max-new-tokens", "8", "--seed", "1"]);
+    let gen = ok(&[
+        "generate",
+        "--model",
+        s(&out.join("pretrain")),
+        "--prompt",
+        "Mia",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "1",
+    ]);
     assert!(gen.starts_with("Mia"), "{gen}");
-    ok(&["chat", "--model", s(&out.join("ppo")), "--prompt", "What is 2 plus 3?", "--max-new-tokens", "8"]);
-    let score = ok(&["rm", "score", "--model", s(&out.join("rm")), "--prompt", "What is 2 plus 3?", "--response", "2 plus 3 is 5."]);
+    ok(&[
+        "chat",
+        "--model",
+        s(&out.join("ppo")),
+        "--prompt",
+        "What is 2 plus 3?",
+        "--max-new-tokens",
+        "8",
+    ]);
+    let score = ok(&[
+        "rm",
+        "score",
+        "--model",
+        s(&out.join("rm")),
+        "--prompt",
+        "What is 2 plus 3?",
+        "--response",
+        "2 plus 3 is 5.",
+    ]);
     assert!(score.starts_with("score "), "{score}");
     // A second run reuses every finished stage.
     let o = kiln(&["demo", "--size", "tiny", "--out", s(&out)]);
@@ -84,9 +125,29 @@ fn prepare_tiny(root: &Path) -> (PathBuf, PathBuf) {
     let data = root.join("data");
     ok(&["data", "demo", "--out", s(&data), "--size", "tiny"]);
     let tok = root.join("tokenizer.json");
-    ok(&["tokenizer", "train", "--input", s(&data.join("corpus.jsonl")), "--vocab-size", "400", "--out", s(&tok)]);
+    ok(&[
+        "tokenizer",
+        "train",
+        "--input",
+        s(&data.join("corpus.jsonl")),
+        "--vocab-size",
+        "400",
+        "--out",
+        s(&tok),
+    ]);
     let shards = root.join("shards");
-    ok(&["data", "prepare", "--tokenizer", s(&tok), "--input", s(&data.join("corpus.jsonl")), "--out", s(&shards), "--val-fraction", "0.05"]);
+    ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tok),
+        "--input",
+        s(&data.join("corpus.jsonl")),
+        "--out",
+        s(&shards),
+        "--val-fraction",
+        "0.05",
+    ]);
     (tok, shards)
 }
 
@@ -96,8 +157,31 @@ fn resume_after_crash_continues_exactly() {
     let (tok, shards) = prepare_tiny(dir.path());
     let common = |out: &Path| -> Vec<String> {
         [
-            "pretrain", "--data", s(&shards), "--tokenizer", s(&tok), "--out", s(out), "--layers", "2", "--heads", "2", "--dim", "32", "--ctx", "32",
-            "--max-steps", "30", "--batch-size", "4", "--ckpt-every", "10", "--eval-every", "10", "--set", "train.keep_last=0",
+            "pretrain",
+            "--data",
+            s(&shards),
+            "--tokenizer",
+            s(&tok),
+            "--out",
+            s(out),
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+            "--dim",
+            "32",
+            "--ctx",
+            "32",
+            "--max-steps",
+            "30",
+            "--batch-size",
+            "4",
+            "--ckpt-every",
+            "10",
+            "--eval-every",
+            "10",
+            "--set",
+            "train.keep_last=0",
         ]
         .iter()
         .map(|x| x.to_string())
@@ -107,7 +191,8 @@ fn resume_after_crash_continues_exactly() {
     let args: Vec<String> = common(&a);
     ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let full = losses(&a);
-    assert_eq!(full.len(), 31, "{full:?}");
+    // Steps 1..=30 log a loss (step 0 logs only the starting evaluation).
+    assert_eq!(full.len(), 30, "{full:?}");
     // A crash after step 10's checkpoint: later checkpoints never written, metrics logged past it.
     let b = dir.path().join("b");
     std::fs::create_dir_all(&b).unwrap();
@@ -140,16 +225,185 @@ fn copy_dir(from: &Path, to: &Path) {
 fn bad_input_gives_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    fails(&["tokenizer", "train", "--input", s(&d.join("missing.txt")), "--vocab-size", "300", "--out", s(&d.join("t.json"))], "missing.txt");
+    fails(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            s(&d.join("missing.txt")),
+            "--vocab-size",
+            "300",
+            "--out",
+            s(&d.join("t.json")),
+        ],
+        "missing.txt",
+    );
     std::fs::write(d.join("bad.jsonl"), "{\"text\": \"ok\"}\n{not json\n").unwrap();
-    fails(&["tokenizer", "train", "--input", s(&d.join("bad.jsonl")), "--vocab-size", "300", "--out", s(&d.join("t.json"))], "bad.jsonl:2");
+    fails(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            s(&d.join("bad.jsonl")),
+            "--vocab-size",
+            "300",
+            "--out",
+            s(&d.join("t.json")),
+        ],
+        "bad.jsonl:2",
+    );
     std::fs::write(d.join("a.txt"), "hello world\n").unwrap();
-    fails(&["tokenizer", "train", "--input", s(&d.join("a.txt")), "--vocab-size", "100", "--out", s(&d.join("t.json"))], "too small");
-    fails(&["generate", "--model", s(&d.join("nope")), "--prompt", "x"], "nope");
+    fails(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            s(&d.join("a.txt")),
+            "--vocab-size",
+            "100",
+            "--out",
+            s(&d.join("t.json")),
+        ],
+        "too small",
+    );
+    fails(
+        &["generate", "--model", s(&d.join("nope")), "--prompt", "x"],
+        "nope",
+    );
     let (tok, shards) = prepare_tiny(d);
     fails(
-        &["pretrain", "--data", s(&shards), "--tokenizer", s(&tok), "--out", s(&d.join("p")), "--heads", "5", "--dim", "32", "--max-steps", "1"],
+        &[
+            "pretrain",
+            "--data",
+            s(&shards),
+            "--tokenizer",
+            s(&tok),
+            "--out",
+            s(&d.join("p")),
+            "--heads",
+            "5",
+            "--dim",
+            "32",
+            "--max-steps",
+            "1",
+        ],
         "must divide",
     );
-    fails(&["pretrain", "--data", s(&shards), "--tokenizer", s(&tok), "--set", "train.bogus=1"], "bogus");
+    fails(
+        &[
+            "pretrain",
+            "--data",
+            s(&shards),
+            "--tokenizer",
+            s(&tok),
+            "--set",
+            "train.bogus=1",
+        ],
+        "bogus",
+    );
+}
+
+fn shared_data() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if p.join("alpaca_tiny.json").exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping: ../shared/data is absent");
+        None
+    }
+}
+
+#[test]
+fn real_data_samples_load_and_train_a_few_steps() {
+    let Some(shared) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tok = d.join("tokenizer.json");
+    let shakespeare = shared.join("tinyshakespeare.txt");
+    ok(&[
+        "tokenizer",
+        "train",
+        "--input",
+        s(&shakespeare),
+        "--vocab-size",
+        "600",
+        "--out",
+        s(&tok),
+    ]);
+    ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tok),
+        "--input",
+        s(&shakespeare),
+        "--out",
+        s(&d.join("shards")),
+    ]);
+    let pre = d.join("pre");
+    ok(&[
+        "pretrain",
+        "--data",
+        s(&d.join("shards")),
+        "--tokenizer",
+        s(&tok),
+        "--out",
+        s(&pre),
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--dim",
+        "32",
+        "--ctx",
+        "128",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+    ]);
+    for (i, f) in ["alpaca_tiny.json", "chat_tiny.json"].iter().enumerate() {
+        let out = d.join(format!("sft{i}"));
+        let o = ok(&[
+            "sft",
+            "--init",
+            s(&pre),
+            "--data",
+            s(&shared.join(f)),
+            "--out",
+            s(&out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+        ]);
+        assert!(o.contains("sft: 3 steps"), "{o}");
+    }
+    for (i, f) in [
+        "hh_rlhf_harmless_base_test.jsonl.gz",
+        "stack_exchange_paired_tiny.json",
+        "hh_rlhf_tiny.json",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = d.join(format!("rm{i}"));
+        let o = ok(&[
+            "rm",
+            "--init",
+            s(&pre),
+            "--data",
+            s(&shared.join(f)),
+            "--out",
+            s(&out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--skip-bad-records",
+            "--set",
+            "val_fraction=0",
+        ]);
+        assert!(o.contains("rm: 2 steps"), "{o}");
+    }
 }

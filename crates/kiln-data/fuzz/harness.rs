@@ -33,7 +33,8 @@ unsafe impl GlobalAlloc for Counting {
         let p = System.realloc(ptr, layout, new_size);
         if !p.is_null() {
             if new_size >= layout.size() {
-                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
+                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
+                    - layout.size();
                 PEAK.fetch_max(now, Ordering::Relaxed);
             } else {
                 LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
@@ -53,9 +54,29 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Longest a reader may take on one small input.
 pub const HANG: Duration = Duration::from_secs(10);
 
+/// Panics seen by the hook (including ones a reader catches itself: they still count as bugs).
+pub static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            prev(info)
+        }));
+    });
+}
+
 /// Runs `f` on a watchdog thread: fails on a panic, on a hang (longer than [`HANG`]) and when the
 /// heap grows more than `mem_limit` bytes above where it started. Returns what `f` returned.
-pub fn guarded<T: Send + 'static>(what: &str, mem_limit: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn guarded<T: Send + 'static>(
+    what: &str,
+    mem_limit: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    count_panics();
+    let panics = PANICS.load(Ordering::SeqCst);
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -70,9 +91,19 @@ pub fn guarded<T: Send + 'static>(what: &str, mem_limit: usize, f: impl FnOnce()
     }
     let r = h.join().expect("watchdog thread");
     let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
-    assert!(peak <= mem_limit, "{what}: used {peak} bytes of heap (limit {mem_limit})");
+    assert!(
+        peak <= mem_limit,
+        "{what}: used {peak} bytes of heap (limit {mem_limit})"
+    );
     match r {
-        Ok(v) => v,
+        Ok(v) => {
+            let n = PANICS.load(Ordering::SeqCst) - panics;
+            assert_eq!(
+                n, 0,
+                "{what}: {n} panic(s) inside the reader (caught, but a bug)"
+            );
+            v
+        }
         Err(e) => {
             let msg = e
                 .downcast_ref::<String>()
@@ -98,7 +129,12 @@ pub fn seeds(reader: &str) -> Vec<(String, Vec<u8>)> {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()
         .filter(|e| e.path().is_file())
-        .map(|e| (e.file_name().to_string_lossy().to_string(), std::fs::read(e.path()).unwrap()))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
         .collect();
     out.sort();
     assert!(!out.is_empty(), "{}: no seed inputs", dir.display());
@@ -121,28 +157,91 @@ pub enum Mutation {
 
 /// Byte sequences that matter to the readers' formats.
 const TOKENS: &[&[u8]] = &[
-    b"{", b"}", b"[", b"]", b"\"", b":", b",", b"\n", b"\r\n", b"\\", b"\\u0000", b"\\ud800", b"null", b"true",
-    b"1e400", b"-0", b"18446744073709551616", b"\"role\"", b"\"content\"", b"\"messages\"", b"\"instruction\"",
-    b"\"output\"", b"\"choices\"", b"\"rank\"", b"\"score\"", b"\"chosen\"", b"\"rejected\"", b"\"prompt\"",
-    b"\"text\"", b"\"input\"", b"\"Human: \"", b"\n\nAssistant:", b"\xEF\xBB\xBF", b"\xff\xfe", b"\x1f\x8b",
-    b"\xc3", b"\xe2\x82", b"\x00", b"KILNTOK\x00", b"\"dtype\"", b"\"F32\"", b"\"BF16\"", b"\"shape\"",
-    b"\"data_offsets\"", b"\"vocab\"", b"\"merges\"", b"\"n_embd\"", b"\"n_head\"", b"\"n_layer\"",
-    b"\"vocab_size\"", b"\"n_positions\"", b"<|endoftext|>", b"<|user|>", b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"\"",
+    b":",
+    b",",
+    b"\n",
+    b"\r\n",
+    b"\\",
+    b"\\u0000",
+    b"\\ud800",
+    b"null",
+    b"true",
+    b"1e400",
+    b"-0",
+    b"18446744073709551616",
+    b"\"role\"",
+    b"\"content\"",
+    b"\"messages\"",
+    b"\"instruction\"",
+    b"\"output\"",
+    b"\"choices\"",
+    b"\"rank\"",
+    b"\"score\"",
+    b"\"chosen\"",
+    b"\"rejected\"",
+    b"\"prompt\"",
+    b"\"text\"",
+    b"\"input\"",
+    b"\"Human: \"",
+    b"\n\nAssistant:",
+    b"\xEF\xBB\xBF",
+    b"\xff\xfe",
+    b"\x1f\x8b",
+    b"\xc3",
+    b"\xe2\x82",
+    b"\x00",
+    b"KILNTOK\x00",
+    b"\"dtype\"",
+    b"\"F32\"",
+    b"\"BF16\"",
+    b"\"shape\"",
+    b"\"data_offsets\"",
+    b"\"vocab\"",
+    b"\"merges\"",
+    b"\"n_embd\"",
+    b"\"n_head\"",
+    b"\"n_layer\"",
+    b"\"vocab_size\"",
+    b"\"n_positions\"",
+    b"<|endoftext|>",
+    b"<|user|>",
+    b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
 ];
 
 pub fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), 0u8..8).prop_map(|(i, b)| Mutation::FlipBit(i, b)),
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::SetByte(i, b)),
-        (any::<usize>(), prop_oneof![
-            prop::sample::select(TOKENS).prop_map(|t| t.to_vec()),
-            prop::collection::vec(any::<u8>(), 1..8),
-        ])
+        (
+            any::<usize>(),
+            prop_oneof![
+                prop::sample::select(TOKENS).prop_map(|t| t.to_vec()),
+                prop::collection::vec(any::<u8>(), 1..8),
+            ]
+        )
             .prop_map(|(i, v)| Mutation::Insert(i, v)),
         (any::<usize>(), 1usize..64).prop_map(|(i, n)| Mutation::Delete(i, n)),
         any::<usize>().prop_map(Mutation::Truncate),
-        (any::<usize>(), any::<usize>(), 1usize..256).prop_map(|(a, b, n)| Mutation::Splice(a, b, n)),
-        (any::<usize>(), prop_oneof![Just(0u64), Just(1), Just(u32::MAX as u64), Just(u64::MAX), Just(1 << 31), Just(1 << 40), any::<u64>()], any::<bool>())
+        (any::<usize>(), any::<usize>(), 1usize..256)
+            .prop_map(|(a, b, n)| Mutation::Splice(a, b, n)),
+        (
+            any::<usize>(),
+            prop_oneof![
+                Just(0u64),
+                Just(1),
+                Just(u32::MAX as u64),
+                Just(u64::MAX),
+                Just(1 << 31),
+                Just(1 << 40),
+                any::<u64>()
+            ],
+            any::<bool>()
+        )
             .prop_map(|(i, v, wide)| Mutation::Integer(i, v, wide)),
     ]
 }
@@ -200,7 +299,10 @@ pub fn input(seeds: Vec<(String, Vec<u8>)>) -> impl Strategy<Value = (String, Ve
 /// Cases per property: a quick default, or `$PROPTEST_CASES` for the sustained (ignored) runs.
 pub fn cases(quick: u32, sustained: bool) -> u32 {
     if sustained {
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000)
     } else {
         quick
     }
@@ -240,6 +342,9 @@ pub fn fuzz(reader: &str, cases: u32, check: impl Fn(&str, &[u8])) {
         panic!("{reader}: {e}");
     }
     if cases > 1000 {
-        eprintln!("{reader}: {cases} cases in {:.1}s", t0.elapsed().as_secs_f64());
+        eprintln!(
+            "{reader}: {cases} cases in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
     }
 }

@@ -324,11 +324,28 @@ impl Tokenizer {
                 Error::io("read tokenizer", path, e)
             }
         })?;
-        let inner =
-            tokenizers::Tokenizer::from_str(&json).map_err(|e| Error::InvalidTokenizer {
-                path: path.to_path_buf(),
-                msg: format!("cannot parse tokenizer JSON: {e}"),
+        let invalid = |msg: String| Error::InvalidTokenizer {
+            path: path.to_path_buf(),
+            msg,
+        };
+        // The `tokenizers` crate panics on some malformed files (a syntax error inside the
+        // decoder, a bad precompiled normalizer): check the JSON and what Kiln rejects anyway
+        // first, and turn any remaining panic into an error.
+        let value: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(invalid("expected a JSON object".into()));
+        }
+        if !value.get("normalizer").is_none_or(|n| n.is_null()) {
+            return Err(invalid(
+                "unexpected normalizer (kiln tokenizers have none)".into(),
+            ));
+        }
+        let parsed =
+            std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(&json)).map_err(|_| {
+                invalid("cannot parse tokenizer JSON (the tokenizers library panicked)".into())
             })?;
+        let inner = parsed.map_err(|e| invalid(format!("cannot parse tokenizer JSON: {e}")))?;
         Self::from_inner(inner).map_err(|msg| Error::InvalidTokenizer {
             path: path.to_path_buf(),
             msg,

@@ -35,7 +35,10 @@ fn mem_limit(bytes: &[u8]) -> usize {
 /// An error message must name the file it is about.
 fn names_file(err: &str, path: &Path, what: &str) {
     let name = path.file_name().unwrap().to_string_lossy();
-    assert!(err.contains(&*name), "{what}: the error does not name the file: {err}");
+    assert!(
+        err.contains(&*name),
+        "{what}: the error does not name the file: {err}"
+    );
 }
 
 fn check_corpus(name: &str, bytes: &[u8]) {
@@ -45,7 +48,10 @@ fn check_corpus(name: &str, bytes: &[u8]) {
         kiln_data::corpus::read_documents(&p, "text").map_err(|e| e.to_string())
     });
     match r {
-        Ok(docs) => assert!(docs.iter().all(|d| !d.is_empty()), "{name}: an empty document"),
+        Ok(docs) => assert!(
+            docs.iter().all(|d| !d.is_empty()),
+            "{name}: an empty document"
+        ),
         Err(e) => names_file(&e, &path, name),
     }
 }
@@ -57,13 +63,22 @@ fn check_dataset(name: &str, bytes: &[u8], kind: &'static str) {
         let opts = LoadOptions { skip_bad };
         let r = guarded(name, mem_limit(bytes), move || match kind {
             "sft" => load_sft(&p, &opts).map(|l| (l.records.len(), l.skipped, l.first_error)),
-            "preferences" => load_preferences(&p, &opts).map(|l| (l.records.len(), l.skipped, l.first_error)),
+            "preferences" => {
+                load_preferences(&p, &opts).map(|l| (l.records.len(), l.skipped, l.first_error))
+            }
             _ => load_prompts(&p, &opts).map(|l| (l.records.len(), l.skipped, l.first_error)),
         });
         match r {
             Ok((_, skipped, first)) => {
-                assert!(skip_bad || skipped == 0, "{name}: skipped records without --skip-bad-records");
-                assert_eq!(skipped > 0, first.is_some(), "{name}: skipped {skipped} but first error {first:?}");
+                assert!(
+                    skip_bad || skipped == 0,
+                    "{name}: skipped records without --skip-bad-records"
+                );
+                assert_eq!(
+                    skipped > 0,
+                    first.is_some(),
+                    "{name}: skipped {skipped} but first error {first:?}"
+                );
             }
             Err(e) => names_file(&e.to_string(), &path, name),
         }
@@ -74,12 +89,20 @@ fn check_shard(name: &str, bytes: &[u8]) {
     let (_d, path) = file("train_000.bin", bytes);
     let p = path.clone();
     let r = guarded(name, mem_limit(bytes), move || {
-        Shard::open(&p).map(|s| (s.vocab_size(), s.to_vec())).map_err(|e| e.to_string())
+        Shard::open(&p)
+            .map(|s| (s.vocab_size(), s.to_vec()))
+            .map_err(|e| e.to_string())
     });
     match r {
         Ok((vocab, tokens)) => {
-            assert_eq!(tokens.len() * 2 + 64 <= bytes.len(), true, "{name}: more tokens than bytes");
-            assert!(tokens.iter().all(|&t| (t as usize) < vocab), "{name}: a token out of the vocabulary");
+            assert!(
+                tokens.len() * 2 + 64 <= bytes.len(),
+                "{name}: more tokens than bytes"
+            );
+            assert!(
+                tokens.iter().all(|&t| (t as usize) < vocab),
+                "{name}: a token out of the vocabulary"
+            );
         }
         Err(e) => names_file(&e, &path, name),
     }
@@ -99,7 +122,10 @@ fn check_tokenizer(name: &str, bytes: &[u8]) {
     });
     match r {
         Ok((vocab, ids, ids2, _)) => {
-            assert!(ids.iter().chain(&ids2).all(|&i| (i as usize) < vocab), "{name}: an id out of the vocabulary");
+            assert!(
+                ids.iter().chain(&ids2).all(|&i| (i as usize) < vocab),
+                "{name}: an id out of the vocabulary"
+            );
         }
         Err(e) => names_file(&e, &path, name),
     }
@@ -127,7 +153,9 @@ fn fuzz_sft() {
 
 #[test]
 fn fuzz_preferences() {
-    fuzz("preferences", QUICK, |n, b| check_dataset(n, b, "preferences"));
+    fuzz("preferences", QUICK, |n, b| {
+        check_dataset(n, b, "preferences")
+    });
 }
 
 #[test]

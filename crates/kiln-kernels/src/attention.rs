@@ -147,6 +147,64 @@ pub fn attention_forward(
         });
 }
 
+/// One query row of one head against `len` cached keys and values (token-by-token inference with a
+/// KV cache): `out = softmax(scale * q . K[0..len]^T) @ V[0..len]`, no mask (the cache holds only
+/// visible positions). Key and value `j` are `keys[j*stride..][..hs]` / `values[j*stride..][..hs]`
+/// with `hs = q.len() = out.len()`; `scores` is scratch of at least `len`.
+pub fn attention_cached_row(
+    out: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    len: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let hs = q.len();
+    assert_eq!(
+        out.len(),
+        hs,
+        "attention_cached_row: out and q differ in length"
+    );
+    assert!(
+        scores.len() >= len,
+        "attention_cached_row: scores too small"
+    );
+    if len == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let need = (len - 1) * stride + hs;
+    assert!(
+        keys.len() >= need && values.len() >= need,
+        "attention_cached_row: cache too small"
+    );
+    cached_row(out, q, keys, values, stride, &mut scores[..len], scale);
+}
+
+simd::multiversion! {
+    fn cached_row(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], stride: usize, scores: &mut [f32], scale: f32) {
+        let hs = q.len();
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = simd::dot(q, &keys[j * stride..j * stride + hs]) * scale;
+        }
+        let mx = simd::max(scores);
+        for s in scores.iter_mut() {
+            *s = simd::exp(*s - mx);
+        }
+        let inv = 1.0 / simd::sum(scores);
+        out.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let w = p * inv;
+            let v = &values[j * stride..j * stride + hs];
+            for (o, &x) in out.iter_mut().zip(v) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
 simd::multiversion! {
     /// In place: raw scores -> masked softmax probabilities for one query row (restricted to the
     /// keys `0..row.len()`). Rows with no allowed key become all zeros.
@@ -469,6 +527,42 @@ mod tests {
         let d: Vec<f32> = dqkv.iter().map(|v| v - g0).collect();
         let num = numgrad(&qkv, 1e-2, |x| weighted_sum(&case.forward(x).0, &lw));
         assert_grad(&d, &num, "attention dqkv");
+    }
+
+    #[test]
+    fn cached_row_matches_causal_forward() {
+        let (b, t, c, nh) = (1, 37, 64, 2);
+        let hs = c / nh;
+        let mut rng = rng(33);
+        let qkv = randn(&mut rng, b * t * 3 * c, 1.5);
+        let case = Case {
+            b,
+            t,
+            c,
+            nh,
+            causal: true,
+            key_valid: None,
+            segments: None,
+        };
+        let (rout, _) = case.reference(&qkv);
+        let mut got = vec![0.0f32; t * c];
+        let mut scores = vec![0.0f32; t];
+        for i in 0..t {
+            for h in 0..nh {
+                let q = &qkv[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
+                attention_cached_row(
+                    &mut got[i * c + h * hs..i * c + (h + 1) * hs],
+                    q,
+                    &qkv[c + h * hs..],
+                    &qkv[2 * c + h * hs..],
+                    3 * c,
+                    i + 1,
+                    1.0 / (hs as f32).sqrt(),
+                    &mut scores,
+                );
+            }
+        }
+        assert_close(&got, &rout, 1e-5, "cached attention row");
     }
 
     #[test]

@@ -47,13 +47,36 @@ simd::multiversion! {
         let n = dinp.len();
         let (inp, dout) = (&inp[..n], &dout[..n]);
         for ((d, &x), &dy) in dinp.iter_mut().zip(inp).zip(dout) {
-            let x2 = x * x;
-            let u = SQRT_2_OVER_PI * (x + GELU_C * x2 * x);
-            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x2);
-            let s = 1.0 / (1.0 + simd::exp(-2.0 * u)); // = 0.5 (1 + tanh u)
-            // d/dx [x s(2u)] = s + x * 2 s (1 - s) u'   (since 1 - tanh^2 = 4 s (1 - s))
-            let grad = s + 2.0 * x * s * (1.0 - s) * du;
-            *d += grad * dy;
+            *d += gelu_grad(x) * dy;
+        }
+    }
+}
+
+/// `gelu'(x)`.
+#[inline(always)]
+fn gelu_grad(x: f32) -> f32 {
+    let x2 = x * x;
+    let u = SQRT_2_OVER_PI * (x + GELU_C * x2 * x);
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x2);
+    let s = 1.0 / (1.0 + simd::exp(-2.0 * u)); // = 0.5 (1 + tanh u)
+                                               // d/dx [x s(2u)] = s + x * 2 s (1 - s) u'   (since 1 - tanh^2 = 4 s (1 - s))
+    s + 2.0 * x * s * (1.0 - s) * du
+}
+
+/// In place: `d = gelu'(inp) * d` (the backward of [`gelu_forward`] when nothing else has added into
+/// the input gradient yet, so no zeroed buffer is needed).
+pub fn gelu_backward_inplace(d: &mut [f32], inp: &[f32]) {
+    assert_eq!(d.len(), inp.len(), "gelu_backward_inplace: length mismatch");
+    d.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(d, x)| gelu_backward_inplace_chunk(d, x));
+}
+
+simd::multiversion! {
+    fn gelu_backward_inplace_chunk(d: &mut [f32], inp: &[f32]) {
+        let inp = &inp[..d.len()];
+        for (d, &x) in d.iter_mut().zip(inp) {
+            *d *= gelu_grad(x);
         }
     }
 }
@@ -106,6 +129,12 @@ mod tests {
             weighted_sum(&out, &lw)
         });
         assert_grad(&d, &num, "gelu dinp");
+        // The in-place form gives the same gradient (from zero), bit for bit.
+        let mut inplace = lw.clone();
+        gelu_backward_inplace(&mut inplace, &inp);
+        let mut from_zero = vec![0.0; n];
+        gelu_backward(&mut from_zero, &inp, &lw);
+        assert_eq!(inplace, from_zero);
         // And against the analytic tanh-form derivative in f64, tightly.
         for i in 0..n {
             let x = inp[i] as f64;

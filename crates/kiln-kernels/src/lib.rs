@@ -20,9 +20,9 @@ mod simd;
 #[cfg(test)]
 mod testutil;
 
-pub use attention::{attention_backward, attention_forward, AttnMask};
+pub use attention::{attention_backward, attention_cached_row, attention_forward, AttnMask};
 pub use embed::{embedding_backward, embedding_forward};
-pub use gelu::{gelu_backward, gelu_forward};
+pub use gelu::{gelu_backward, gelu_backward_inplace, gelu_forward};
 pub use layernorm::{layernorm_backward, layernorm_forward, LN_EPS};
 pub use loss::{token_logprob_backward, token_logprob_forward, IGNORE};
 pub use matmul::{linear_backward, linear_forward, matmul};

@@ -73,6 +73,289 @@ fn parallelism_for(m: usize, k: usize, n: usize) -> Parallelism {
     }
 }
 
+/// Products with only a few rows (token-by-token inference: matrix-vector and batch-16 shapes), where
+/// `gemm`'s packing costs as much as the arithmetic and its vector path is slow. The weights are
+/// streamed once per group of rows straight from their row-major storage; the columns (or, for a
+/// transposed `b`, the rows of `b`) are split into one contiguous part per thread. Each output
+/// element is one dot product summed in `k` order whatever the split, so the result is independent
+/// of the thread count.
+mod skinny {
+    use rayon::prelude::*;
+
+    /// At most this many rows take the skinny path.
+    pub(super) const MAX_ROWS: usize = 16;
+    /// Below this many multiply-adds one thread does it all.
+    const PAR_MACS: usize = 1 << 16;
+
+    fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::atomic::{AtomicU8, Ordering};
+            static OK: AtomicU8 = AtomicU8::new(u8::MAX);
+            match OK.load(Ordering::Relaxed) {
+                0 => false,
+                1 => true,
+                _ => {
+                    let ok = std::is_x86_feature_detected!("avx512f");
+                    OK.store(ok as u8, Ordering::Relaxed);
+                    ok
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `out[m,n] (+)= a[m,k] @ op(b)`; returns false (doing nothing) when the shape or CPU is not
+    /// one this path handles.
+    pub(super) fn matmul(
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        trans_b: bool,
+        accumulate: bool,
+    ) -> bool {
+        if m == 0 || m > MAX_ROWS || k == 0 || n == 0 || !available() {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let threads = if m * k * n >= PAR_MACS {
+                rayon::current_num_threads().max(1)
+            } else {
+                1
+            };
+            // Columns per part, a multiple of 16 (one vector) so parts never share a vector.
+            let per = n.div_ceil(threads).div_ceil(16) * 16;
+            let parts = n.div_ceil(per);
+            let out_p = crate::simd::SyncPtr(out.as_mut_ptr());
+            let run = |part: usize| {
+                let (j0, j1) = (part * per, ((part + 1) * per).min(n));
+                // SAFETY: the caller checked the buffer sizes; parts write disjoint column ranges.
+                unsafe {
+                    if trans_b {
+                        x86::nt_cols(out_p.get(), a, b, m, k, n, j0, j1, accumulate);
+                    } else {
+                        x86::nn_cols(out_p.get(), a, b, m, k, n, j0, j1, accumulate);
+                    }
+                }
+            };
+            if parts == 1 {
+                run(0);
+            } else {
+                (0..parts).into_par_iter().for_each(run);
+            }
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (out, a, b, trans_b, accumulate);
+            false
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        #[inline(always)]
+        fn tail_mask(cols: usize, v: usize) -> __mmask16 {
+            let lo = v * 16;
+            if cols >= lo + 16 {
+                0xffff
+            } else if cols > lo {
+                ((1u32 << (cols - lo)) - 1) as __mmask16
+            } else {
+                0
+            }
+        }
+
+        /// Columns `j0..j1` of `out = a @ b` for `b` stored `[k, n]`: blocks of `16*V` columns times
+        /// groups of `R` rows, the block's rows of `b` loaded once per row group.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn nn_cols(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            m: usize,
+            k: usize,
+            n: usize,
+            j0: usize,
+            j1: usize,
+            acc: bool,
+        ) {
+            let mut j = j0;
+            while j < j1 {
+                if m <= 4 {
+                    let cols = (j1 - j).min(64);
+                    let mut r = 0;
+                    while r < m {
+                        match m - r {
+                            1 => nn_block::<1, 4>(out, a, b, r, k, n, j, cols, acc),
+                            2 => nn_block::<2, 4>(out, a, b, r, k, n, j, cols, acc),
+                            3 => nn_block::<3, 4>(out, a, b, r, k, n, j, cols, acc),
+                            _ => nn_block::<4, 4>(out, a, b, r, k, n, j, cols, acc),
+                        }
+                        r += 4;
+                    }
+                    j += cols;
+                } else {
+                    let cols = (j1 - j).min(32);
+                    let mut r = 0;
+                    while r < m {
+                        match m - r {
+                            1 => nn_block::<1, 2>(out, a, b, r, k, n, j, cols, acc),
+                            2 => nn_block::<2, 2>(out, a, b, r, k, n, j, cols, acc),
+                            3 => nn_block::<3, 2>(out, a, b, r, k, n, j, cols, acc),
+                            4 => nn_block::<4, 2>(out, a, b, r, k, n, j, cols, acc),
+                            5 => nn_block::<5, 2>(out, a, b, r, k, n, j, cols, acc),
+                            6 => nn_block::<6, 2>(out, a, b, r, k, n, j, cols, acc),
+                            7 => nn_block::<7, 2>(out, a, b, r, k, n, j, cols, acc),
+                            _ => nn_block::<8, 2>(out, a, b, r, k, n, j, cols, acc),
+                        }
+                        r += 8;
+                    }
+                    j += cols;
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn nn_block<const R: usize, const V: usize>(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            r0: usize,
+            k: usize,
+            n: usize,
+            j: usize,
+            cols: usize,
+            acc: bool,
+        ) {
+            let mut masks = [0 as __mmask16; V];
+            for (v, mk) in masks.iter_mut().enumerate() {
+                *mk = tail_mask(cols, v);
+            }
+            let mut s = [[_mm512_setzero_ps(); V]; R];
+            if acc {
+                for (r, sr) in s.iter_mut().enumerate() {
+                    let o = out.wrapping_add((r0 + r) * n + j);
+                    for v in 0..V {
+                        sr[v] = _mm512_maskz_loadu_ps(masks[v], o.wrapping_add(v * 16));
+                    }
+                }
+            }
+            let ap = a.as_ptr().add(r0 * k);
+            let bp = b.as_ptr().wrapping_add(j);
+            for p in 0..k {
+                let br = bp.wrapping_add(p * n);
+                let mut w = [_mm512_setzero_ps(); V];
+                for v in 0..V {
+                    w[v] = _mm512_maskz_loadu_ps(masks[v], br.wrapping_add(v * 16));
+                }
+                for (r, sr) in s.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*ap.add(r * k + p));
+                    for v in 0..V {
+                        sr[v] = _mm512_fmadd_ps(x, w[v], sr[v]);
+                    }
+                }
+            }
+            for (r, sr) in s.iter().enumerate() {
+                let o = out.wrapping_add((r0 + r) * n + j);
+                for v in 0..V {
+                    _mm512_mask_storeu_ps(o.wrapping_add(v * 16), masks[v], sr[v]);
+                }
+            }
+        }
+
+        /// Columns `j0..j1` of `out = a @ b^T` for `b` stored `[n, k]`: dot products of rows, four rows
+        /// of `b` times up to four rows of `a` at a time.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn nt_cols(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            m: usize,
+            k: usize,
+            n: usize,
+            j0: usize,
+            j1: usize,
+            acc: bool,
+        ) {
+            let mut j = j0;
+            while j < j1 {
+                let cnt = (j1 - j).min(4);
+                let mut r = 0;
+                while r < m {
+                    match (m - r).min(4) * 4 + cnt {
+                        5 => nt_block::<1, 1>(out, a, b, r, k, n, j, acc),
+                        6 => nt_block::<1, 2>(out, a, b, r, k, n, j, acc),
+                        7 => nt_block::<1, 3>(out, a, b, r, k, n, j, acc),
+                        8 => nt_block::<1, 4>(out, a, b, r, k, n, j, acc),
+                        9 => nt_block::<2, 1>(out, a, b, r, k, n, j, acc),
+                        10 => nt_block::<2, 2>(out, a, b, r, k, n, j, acc),
+                        11 => nt_block::<2, 3>(out, a, b, r, k, n, j, acc),
+                        12 => nt_block::<2, 4>(out, a, b, r, k, n, j, acc),
+                        13 => nt_block::<3, 1>(out, a, b, r, k, n, j, acc),
+                        14 => nt_block::<3, 2>(out, a, b, r, k, n, j, acc),
+                        15 => nt_block::<3, 3>(out, a, b, r, k, n, j, acc),
+                        16 => nt_block::<3, 4>(out, a, b, r, k, n, j, acc),
+                        17 => nt_block::<4, 1>(out, a, b, r, k, n, j, acc),
+                        18 => nt_block::<4, 2>(out, a, b, r, k, n, j, acc),
+                        19 => nt_block::<4, 3>(out, a, b, r, k, n, j, acc),
+                        _ => nt_block::<4, 4>(out, a, b, r, k, n, j, acc),
+                    }
+                    r += 4;
+                }
+                j += cnt;
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn nt_block<const R: usize, const J: usize>(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            r0: usize,
+            k: usize,
+            n: usize,
+            j: usize,
+            acc: bool,
+        ) {
+            let mut s = [[_mm512_setzero_ps(); J]; R];
+            let ap = a.as_ptr().add(r0 * k);
+            let bp = b.as_ptr().add(j * k);
+            let mut p = 0;
+            while p < k {
+                let mk = tail_mask(k - p, 0);
+                let mut w = [_mm512_setzero_ps(); J];
+                for (q, wq) in w.iter_mut().enumerate() {
+                    *wq = _mm512_maskz_loadu_ps(mk, bp.wrapping_add(q * k + p));
+                }
+                for (r, sr) in s.iter_mut().enumerate() {
+                    let x = _mm512_maskz_loadu_ps(mk, ap.wrapping_add(r * k + p));
+                    for q in 0..J {
+                        sr[q] = _mm512_fmadd_ps(x, w[q], sr[q]);
+                    }
+                }
+                p += 16;
+            }
+            for (r, sr) in s.iter().enumerate() {
+                for (q, &sq) in sr.iter().enumerate() {
+                    let o = out.add((r0 + r) * n + j + q);
+                    let d = _mm512_reduce_add_ps(sq);
+                    *o = if acc { *o + d } else { d };
+                }
+            }
+        }
+    }
+}
+
 /// `out[m,n] (+)= op(a)[m,k] @ op(b)[k,n]`.
 ///
 /// `a` is stored `[m,k]` (or `[k,m]` when `trans_a`), `b` is stored `[k,n]` (or `[n,k]` when
@@ -93,6 +376,9 @@ pub fn matmul(
     assert!(a.len() >= m * k, "matmul: a too small");
     assert!(b.len() >= k * n, "matmul: b too small");
     // A transpose is the same memory read with row and column strides swapped.
+    if !trans_a && skinny::matmul(out, a, b, m, k, n, trans_b, accumulate) {
+        return;
+    }
     let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
     // SAFETY: the length asserts above cover every element the strides reach; `out` is a unique
@@ -169,29 +455,36 @@ pub fn linear_backward(
 
 /// `dst[j] += sum_r src[r, j]` for a row-major `src` with `c` columns.
 ///
-/// Rows are summed in blocks whose size depends only on the row count (one rayon task each), then
-/// the block partials are added in block order: deterministic, parallel, and more accurate than one
-/// long running sum.
+/// Rows are summed in blocks whose size depends only on the row count, then the block partials are
+/// added in block order: deterministic, and more accurate than one long running sum. Tasks own
+/// disjoint column ranges (so nothing is allocated and no partials are exchanged).
 pub(crate) fn col_sum_accumulate(dst: &mut [f32], src: &[f32], c: usize) {
     if c == 0 || src.is_empty() {
         return;
     }
     let rows = src.len() / c;
     let rb = simd::rows_per_block(rows, ROW_BLOCK);
-    let nblocks = rows.div_ceil(rb);
-    let mut partials = vec![0.0f32; nblocks * c];
-    partials
-        .par_chunks_mut(c)
-        .zip(src[..rows * c].par_chunks(rb * c))
-        .for_each(|(part, block)| {
-            for row in block.chunks_exact(c) {
-                add_row(part, row);
+    let src = &src[..rows * c];
+    dst[..c]
+        .par_chunks_mut(COL_BLOCK)
+        .enumerate()
+        .for_each(|(ci, d)| {
+            let j0 = ci * COL_BLOCK;
+            let w = d.len();
+            let mut part = [0.0f32; COL_BLOCK];
+            for block in src.chunks(rb * c) {
+                let part = &mut part[..w];
+                part.fill(0.0);
+                for row in block.chunks_exact(c) {
+                    add_row(part, &row[j0..j0 + w]);
+                }
+                add_row(d, part);
             }
         });
-    for part in partials.chunks_exact(c) {
-        add_row(dst, part);
-    }
 }
+
+/// Columns per task in [`col_sum_accumulate`].
+const COL_BLOCK: usize = 64;
 
 simd::multiversion! {
     /// `out += x` for one row.
@@ -241,6 +534,44 @@ mod tests {
                     let want_acc: Vec<f64> =
                         want.iter().zip(&init).map(|(w, i)| w + *i as f64).collect();
                     assert_close(&acc, &want_acc, 1e-5, "matmul accumulate");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn skinny_shapes_match_naive_and_thread_counts() {
+        let mut rng = rng(6);
+        for &(m, k, n) in &[
+            (1, 384, 1152),
+            (1, 37, 70),
+            (2, 64, 33),
+            (5, 19, 130),
+            (16, 96, 1000),
+            (9, 200, 17),
+        ] {
+            for tb in [false, true] {
+                let a = randn(&mut rng, m * k, 1.0);
+                let b = randn(&mut rng, k * n, 1.0);
+                let init = randn(&mut rng, m * n, 1.0);
+                let run = || {
+                    let mut out = init.clone();
+                    matmul(&mut out, &a, &b, m, k, n, false, tb, true);
+                    out
+                };
+                let got = run();
+                let want: Vec<f64> = naive(&a, &b, m, k, n, false, tb)
+                    .iter()
+                    .zip(&init)
+                    .map(|(w, i)| w + *i as f64)
+                    .collect();
+                assert_close(&got, &want, 1e-5, "skinny matmul");
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    assert_bits_eq(&got, &pool.install(run));
                 }
             }
         }

@@ -15,6 +15,7 @@ pub(crate) const LANES: usize = 32;
 pub(crate) enum Level {
     Base,
     V3,
+    V4,
 }
 
 /// Detected once, then a single relaxed load (integer atomics, not float ones).
@@ -27,15 +28,24 @@ pub(crate) fn level() -> Level {
         match LEVEL.load(Ordering::Relaxed) {
             0 => Level::Base,
             1 => Level::V3,
+            2 => Level::V4,
             _ => {
                 let v3 =
                     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-                LEVEL.store(v3 as u8, Ordering::Relaxed);
-                if v3 {
+                let v4 = v3
+                    && std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512vl");
+                let level = if v4 {
+                    Level::V4
+                } else if v3 {
                     Level::V3
                 } else {
                     Level::Base
-                }
+                };
+                LEVEL.store(level as u8, Ordering::Relaxed);
+                level
             }
         }
     }
@@ -45,7 +55,8 @@ pub(crate) fn level() -> Level {
     }
 }
 
-/// Defines a function whose body is compiled twice (baseline and AVX2+FMA) and dispatched at runtime.
+/// Defines a function whose body is compiled three times (baseline, AVX2+FMA, AVX-512) and dispatched
+/// at runtime.
 /// The body must only call `#[inline(always)]` helpers in its inner loops, so they get the wide build.
 macro_rules! multiversion {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
@@ -62,9 +73,16 @@ macro_rules! multiversion {
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
-                if $crate::simd::level() == $crate::simd::Level::V3 {
-                    // SAFETY: `level()` verified at runtime that the CPU supports AVX2 and FMA.
-                    return unsafe { v3($($arg),*) };
+                #[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                match $crate::simd::level() {
+                    // SAFETY: `level()` verified at runtime that the CPU supports these features.
+                    $crate::simd::Level::V4 => return unsafe { v4($($arg),*) },
+                    $crate::simd::Level::V3 => return unsafe { v3($($arg),*) },
+                    $crate::simd::Level::Base => {}
                 }
             }
             imp($($arg),*)

@@ -32,15 +32,23 @@ pub fn tensors_to_bytes(tensors: &[(String, Vec<usize>, &[f32])]) -> Result<Vec<
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .zip(&raw)
-        .map(|((name, shape, _), bytes)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
+        .map(|((name, shape, _), bytes)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     Ok(safetensors::serialize(views, Some(meta))?)
 }
 
+/// Named tensors read from a file: name → (shape, values).
+pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Reads every tensor of a safetensors buffer as f32 (F32 and BF16 accepted).
-pub fn bytes_to_tensors(bytes: &[u8], what: &str) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn bytes_to_tensors(bytes: &[u8], what: &str) -> Result<Tensors> {
     let st = SafeTensors::deserialize(bytes)
         .with_context(|| format!("{what}: not a valid safetensors file (truncated or corrupt?)"))?;
     let mut out = BTreeMap::new();
@@ -77,11 +85,30 @@ pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>> {
 /// Fills a flat buffer in `model`'s layout from named tensors. Accepts the names `transformers` writes
 /// for GPT2LMHeadModel (`transformer.` prefix) and GPT2Model (no prefix); ignores the attention-mask
 /// buffers and the tied `lm_head.weight`.
-pub fn params_from_tensors(cfg: &ModelConfig, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, what: &str) -> Result<Vec<f32>> {
+pub fn params_from_tensors(cfg: &ModelConfig, tensors: &Tensors, what: &str) -> Result<Vec<f32>> {
+    // A config read from a damaged or foreign file can imply any size: check it against what the
+    // file holds before laying it out (which allocates and loops per layer).
+    let held: usize = tensors.values().map(|(_, d)| d.len()).sum();
+    match crate::memory::checked_num_params(cfg) {
+        Some(n) if n <= held => {}
+        n => bail!(
+            "{what}: config.json implies {} parameters ({} layers, width {}, vocab {}, context {}), but the \
+             file holds {held} values (checkpoint of another architecture, or a damaged config.json?)",
+            n.map_or("too many".to_string(), |n| n.to_string()),
+            cfg.n_layer,
+            cfg.n_embd,
+            cfg.vocab_size,
+            cfg.n_ctx
+        ),
+    }
     let layout = crate::params::ParamLayout::new(cfg);
     let mut params = vec![0.0f32; layout.total];
     for t in &layout.tensors {
-        let alt = t.name.strip_prefix("transformer.").unwrap_or(&t.name).to_string();
+        let alt = t
+            .name
+            .strip_prefix("transformer.")
+            .unwrap_or(&t.name)
+            .to_string();
         let (shape, data) = tensors
             .get(&t.name)
             .or_else(|| tensors.get(&alt))
@@ -107,7 +134,10 @@ pub fn params_from_tensors(cfg: &ModelConfig, tensors: &BTreeMap<String, (Vec<us
 /// [`recover_interrupted`]. A failed write (a full disk) removes its temporary directory and leaves
 /// every existing checkpoint as it was.
 pub fn write_checkpoint_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dir
         .file_name()
@@ -135,7 +165,8 @@ pub fn write_checkpoint_dir(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(
     if dir.exists() {
         fs::rename(dir, &old).with_context(|| format!("moving aside {}", dir.display()))?;
     }
-    fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     sync_dir(parent);
     if old.exists() {
         fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
@@ -147,16 +178,22 @@ fn write_files(tmp: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut sums = BTreeMap::new();
     let write = |path: &Path, bytes: &[u8]| -> Result<()> {
-        let mut f = fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+        let mut f =
+            fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", path.display()))?;
         Ok(())
     };
     for (fname, bytes) in files {
         write(&tmp.join(fname), bytes)?;
         sums.insert(fname.clone(), sha256_hex(bytes));
     }
-    write(&tmp.join(CHECKSUMS_FILE), &serde_json::to_vec_pretty(&sums)?)?;
+    write(
+        &tmp.join(CHECKSUMS_FILE),
+        &serde_json::to_vec_pretty(&sums)?,
+    )?;
     sync_dir(tmp);
     Ok(())
 }
@@ -184,7 +221,8 @@ fn leftover(fname: &str) -> Option<(&str, &str, u32)> {
 /// left in `parent`: a checkpoint moved aside to `.NAME.old-PID` whose replacement never got its
 /// name is put back (or replaced by the complete `.NAME.tmp-PID` that was about to take its
 /// place); incomplete temporary directories and half-deleted checkpoints of other processes are
-/// removed. Returns the names of the checkpoints it restored.
+/// removed, and so are the temporary files of killed atomic writes of small files. Returns the
+/// names of the checkpoints it restored.
 pub fn recover_interrupted(parent: &Path) -> Result<Vec<String>> {
     let mut restored = Vec::new();
     let Ok(entries) = fs::read_dir(parent) else {
@@ -208,17 +246,31 @@ pub fn recover_interrupted(parent: &Path) -> Result<Vec<String>> {
             continue;
         }
         let target = parent.join(&name);
+        if !path.is_dir() {
+            // A small file a killed process was writing atomically (its temporary name).
+            if kind == "tmp" {
+                fs::remove_file(&path)
+                    .with_context(|| format!("removing the leftover {}", path.display()))?;
+            }
+            continue;
+        }
         if kind == "old" && !target.exists() {
             let tmp = parent.join(format!(".{name}.tmp-{pid}"));
-            let from = if tmp.join(CHECKSUMS_FILE).exists() { tmp } else { path.clone() };
-            fs::rename(&from, &target)
-                .with_context(|| format!("restoring {} from {}", target.display(), from.display()))?;
+            let from = if tmp.join(CHECKSUMS_FILE).exists() {
+                tmp
+            } else {
+                path.clone()
+            };
+            fs::rename(&from, &target).with_context(|| {
+                format!("restoring {} from {}", target.display(), from.display())
+            })?;
             restored.push(name.clone());
             if !path.exists() {
                 continue;
             }
         }
-        fs::remove_dir_all(&path).with_context(|| format!("removing the leftover {}", path.display()))?;
+        fs::remove_dir_all(&path)
+            .with_context(|| format!("removing the leftover {}", path.display()))?;
     }
     if !restored.is_empty() {
         sync_dir(parent);
@@ -289,7 +341,8 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
                 let name = e.file_name().to_string_lossy().to_string();
                 let step: u64 = name.strip_prefix("ckpt-")?.parse().ok()?;
                 let p = e.path();
-                (p.join(CONFIG_FILE).exists() && p.join(CHECKSUMS_FILE).exists()).then_some((step, p))
+                (p.join(CONFIG_FILE).exists() && p.join(CHECKSUMS_FILE).exists())
+                    .then_some((step, p))
             })
             .max();
         if let Some((_, p)) = newest {

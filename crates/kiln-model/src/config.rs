@@ -104,7 +104,9 @@ impl ModelConfig {
             }
         }
         let arch = match v.get("kiln_arch") {
-            Some(a) => serde_json::from_value(a.clone()).context("config.json: field \"kiln_arch\"")?,
+            Some(a) => {
+                serde_json::from_value(a.clone()).context("config.json: field \"kiln_arch\"")?
+            }
             None => Arch::Decoder,
         };
         let score_head = v
@@ -126,8 +128,8 @@ impl ModelConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", path.display()))?;
         Self::from_hf_json(&v).with_context(|| format!("in {}", path.display()))

@@ -44,7 +44,13 @@ impl KvCache {
 impl Model {
     /// Feeds `tq` new tokens to each of the given cache slots (rows: `slots.len()`, tokens row-major
     /// [rows, tq]) and returns the logits of each row's last new token, [rows, vocab].
-    pub fn forward_cached(&self, cache: &mut KvCache, slots: &[usize], tokens: &[u32], tq: usize) -> Vec<f32> {
+    pub fn forward_cached(
+        &self,
+        cache: &mut KvCache,
+        slots: &[usize],
+        tokens: &[u32],
+        tq: usize,
+    ) -> Vec<f32> {
         let cfg = &self.cfg;
         assert_eq!(cfg.arch, Arch::Decoder, "the KV cache is for decoders");
         let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
@@ -55,11 +61,22 @@ impl Model {
         let lay = &self.layout;
         let start: Vec<usize> = slots.iter().map(|&s| cache.len[s]).collect();
         for &s0 in &start {
-            assert!(s0 + tq <= cfg.n_ctx, "KV cache full: context is {}", cfg.n_ctx);
+            assert!(
+                s0 + tq <= cfg.n_ctx,
+                "KV cache full: context is {}",
+                cfg.n_ctx
+            );
         }
         let positions: Vec<u32> = (0..n).map(|i| (start[i / tq] + i % tq) as u32).collect();
         let mut x = vec![0.0f32; n * c];
-        k::embedding_forward(&mut x, tokens, &positions, &p[lay.wte.clone()], &p[lay.wpe.clone()], c);
+        k::embedding_forward(
+            &mut x,
+            tokens,
+            &positions,
+            &p[lay.wte.clone()],
+            &p[lay.wpe.clone()],
+            c,
+        );
         let mut ln = vec![0.0f32; n * c];
         let (mut mean, mut rstd) = (vec![0.0f32; n], vec![0.0f32; n]);
         let mut qkv = vec![0.0f32; n * 3 * c];
@@ -70,49 +87,100 @@ impl Model {
         let scale = 1.0 / (hs as f32).sqrt();
         for l in 0..cfg.n_layer {
             let o = &lay.layers[l];
-            k::layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p[o.ln1_w.clone()], &p[o.ln1_b.clone()], n, c);
-            k::linear_forward(&mut qkv, &ln, &p[o.attn_w.clone()], Some(&p[o.attn_b.clone()]), n, c, 3 * c);
+            k::layernorm_forward(
+                &mut ln,
+                &mut mean,
+                &mut rstd,
+                &x,
+                &p[o.ln1_w.clone()],
+                &p[o.ln1_b.clone()],
+                n,
+                c,
+            );
+            k::linear_forward(
+                &mut qkv,
+                &ln,
+                &p[o.attn_w.clone()],
+                Some(&p[o.attn_b.clone()]),
+                n,
+                c,
+                3 * c,
+            );
             // Append this step's keys and values to the cache.
             for i in 0..n {
                 let off = cache.offset(l, slots[i / tq], positions[i] as usize);
                 cache.k[off..off + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
                 cache.v[off..off + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..i * 3 * c + 3 * c]);
             }
-            // Each (token, head) attends to its slot's keys up to its own position.
+            // Each (token, head) attends to its slot's keys up to its own position: one task per
+            // token and head when there is enough work for the pool, in line for a single token.
             let cache_ref = &*cache;
-            atty.par_chunks_mut(hs).enumerate().for_each(|(idx, out)| {
+            let head = |idx: usize, out: &mut [f32], scores: &mut Vec<f32>| {
                 let (i, h) = (idx / nh, idx % nh);
-                let pos = positions[i] as usize;
-                let base = cache_ref.offset(l, slots[i / tq], 0);
+                let len = positions[i] as usize + 1;
+                let base = cache_ref.offset(l, slots[i / tq], 0) + h * hs;
+                scores.resize(len, 0.0);
                 let q = &qkv[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
-                let mut scores = Vec::with_capacity(pos + 1);
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..=pos {
-                    let kr = &cache_ref.k[base + j * c + h * hs..base + j * c + (h + 1) * hs];
-                    let s = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(s);
-                    scores.push(s);
+                k::attention_cached_row(
+                    out,
+                    q,
+                    &cache_ref.k[base..],
+                    &cache_ref.v[base..],
+                    c,
+                    len,
+                    scale,
+                    scores,
+                );
+            };
+            if n == 1 {
+                let mut scores = Vec::new();
+                for (idx, out) in atty.chunks_mut(hs).enumerate() {
+                    head(idx, out, &mut scores);
                 }
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                out.fill(0.0);
-                for (j, s) in scores.iter().enumerate() {
-                    let w = s / sum;
-                    let vr = &cache_ref.v[base + j * c + h * hs..base + j * c + (h + 1) * hs];
-                    for (o, v) in out.iter_mut().zip(vr) {
-                        *o += w * v;
-                    }
-                }
-            });
-            k::linear_forward(&mut tmp, &atty, &p[o.proj_w.clone()], Some(&p[o.proj_b.clone()]), n, c, c);
+            } else {
+                atty.par_chunks_mut(hs)
+                    .enumerate()
+                    .for_each_init(Vec::new, |scores, (idx, out)| head(idx, out, scores));
+            }
+            k::linear_forward(
+                &mut tmp,
+                &atty,
+                &p[o.proj_w.clone()],
+                Some(&p[o.proj_b.clone()]),
+                n,
+                c,
+                c,
+            );
             k::add_inplace(&mut x, &tmp);
-            k::layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p[o.ln2_w.clone()], &p[o.ln2_b.clone()], n, c);
-            k::linear_forward(&mut fch, &ln, &p[o.fc_w.clone()], Some(&p[o.fc_b.clone()]), n, c, 4 * c);
+            k::layernorm_forward(
+                &mut ln,
+                &mut mean,
+                &mut rstd,
+                &x,
+                &p[o.ln2_w.clone()],
+                &p[o.ln2_b.clone()],
+                n,
+                c,
+            );
+            k::linear_forward(
+                &mut fch,
+                &ln,
+                &p[o.fc_w.clone()],
+                Some(&p[o.fc_b.clone()]),
+                n,
+                c,
+                4 * c,
+            );
             k::gelu_forward(&mut fch_gelu, &fch);
-            k::linear_forward(&mut tmp, &fch_gelu, &p[o.fcproj_w.clone()], Some(&p[o.fcproj_b.clone()]), n, 4 * c, c);
+            k::linear_forward(
+                &mut tmp,
+                &fch_gelu,
+                &p[o.fcproj_w.clone()],
+                Some(&p[o.fcproj_b.clone()]),
+                n,
+                4 * c,
+                c,
+            );
             k::add_inplace(&mut x, &tmp);
         }
         for &s in slots {
@@ -125,10 +193,29 @@ impl Model {
         }
         let mut lnl = vec![0.0f32; rows * c];
         let (mut m2, mut r2) = (vec![0.0f32; rows], vec![0.0f32; rows]);
-        k::layernorm_forward(&mut lnl, &mut m2, &mut r2, &last, &p[lay.lnf_w.clone()], &p[lay.lnf_b.clone()], rows, c);
+        k::layernorm_forward(
+            &mut lnl,
+            &mut m2,
+            &mut r2,
+            &last,
+            &p[lay.lnf_w.clone()],
+            &p[lay.lnf_b.clone()],
+            rows,
+            c,
+        );
         let v = cfg.vocab_size;
         let mut logits = vec![0.0f32; rows * v];
-        k::matmul(&mut logits, &lnl, &p[lay.wte.clone()], rows, c, v, false, true, false);
+        k::matmul(
+            &mut logits,
+            &lnl,
+            &p[lay.wte.clone()],
+            rows,
+            c,
+            v,
+            false,
+            true,
+            false,
+        );
         logits
     }
 }
@@ -232,7 +319,10 @@ pub fn generate<R: Rng>(
             );
         }
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
-            bail!("prompt {i} has token id {bad}, outside the model's vocabulary ({})", model.cfg.vocab_size);
+            bail!(
+                "prompt {i} has token id {bad}, outside the model's vocabulary ({})",
+                model.cfg.vocab_size
+            );
         }
     }
     let rows = prompts.len();

@@ -15,7 +15,10 @@ pub fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, lm_head: bo
     let nc = n.saturating_mul(c);
     // Per layer: ln1, atty, res2, ln2, res3 (5 × n·c), qkv (3 n·c), fch and fch_gelu (2 × 4 n·c),
     // four per-row statistics (n each) and the attention matrix (b · heads · t · t).
-    let att = batch.saturating_mul(cfg.n_head).saturating_mul(seq).saturating_mul(seq);
+    let att = batch
+        .saturating_mul(cfg.n_head)
+        .saturating_mul(seq)
+        .saturating_mul(seq);
     let per_layer = nc
         .saturating_mul(5 + 3 + 8)
         .saturating_add(n.saturating_mul(4))
@@ -35,6 +38,23 @@ pub fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, lm_head: bo
         .saturating_add(shared)
         .saturating_add(logits)
         .saturating_mul(4)
+}
+
+/// The number of parameters of `cfg` (as [`crate::ParamLayout`] lays them out), or `None` when it
+/// does not fit a `usize`: a check to make before building the layout of a config read from a file.
+pub fn checked_num_params(cfg: &ModelConfig) -> Option<usize> {
+    let c = cfg.n_embd;
+    let c2 = c.checked_mul(c)?;
+    // Per block: 2 LayerNorms (4c), c_attn (3c² + 3c), attn c_proj (c² + c), c_fc (4c² + 4c),
+    // mlp c_proj (4c² + c).
+    let per_layer = c2.checked_mul(12)?.checked_add(c.checked_mul(13)?)?;
+    let score = if cfg.score_head { c } else { 0 };
+    cfg.vocab_size
+        .checked_mul(c)?
+        .checked_add(cfg.n_ctx.checked_mul(c)?)?
+        .checked_add(per_layer.checked_mul(cfg.n_layer)?)?
+        .checked_add(c.checked_mul(2)?)?
+        .checked_add(score)
 }
 
 /// Bytes one training process needs for a model: parameters, gradients, the two AdamW moments
@@ -133,9 +153,16 @@ mod tests {
     fn training_bytes_counts_four_copies_of_the_parameters() {
         let c = cfg(false);
         let p = c.num_params();
-        assert_eq!(training_bytes(&c, 2, 8, true), 16 * p + activation_bytes(&c, 2, 8, true));
+        assert_eq!(
+            training_bytes(&c, 2, 8, true),
+            16 * p + activation_bytes(&c, 2, 8, true)
+        );
         // Huge shapes saturate instead of overflowing.
-        let big = ModelConfig { n_embd: usize::MAX / 2, n_head: 1, ..c };
+        let big = ModelConfig {
+            n_embd: usize::MAX / 2,
+            n_head: 1,
+            ..c
+        };
         assert_eq!(activation_bytes(&big, usize::MAX, 2, true), usize::MAX);
     }
 
@@ -143,12 +170,30 @@ mod tests {
     fn the_env_limit_refuses_what_cannot_fit() {
         // The only test in this crate that sets the variable.
         std::env::set_var(LIMIT_ENV, "1");
-        let err = check_memory(2 << 20, "pretraining a test model").unwrap_err().to_string();
-        assert!(err.contains("pretraining a test model") && err.contains(LIMIT_ENV), "{err}");
+        let err = check_memory(2 << 20, "pretraining a test model")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pretraining a test model") && err.contains(LIMIT_ENV),
+            "{err}"
+        );
         check_memory(1 << 19, "a small thing").unwrap();
         std::env::set_var(LIMIT_ENV, "lots");
         assert!(check_memory(1, "x").is_err());
         std::env::remove_var(LIMIT_ENV);
+    }
+
+    #[test]
+    fn checked_param_count_matches_the_layout() {
+        for score in [false, true] {
+            let c = cfg(score);
+            assert_eq!(checked_num_params(&c), Some(c.num_params()));
+        }
+        let huge = ModelConfig {
+            n_layer: usize::MAX / 4,
+            ..cfg(false)
+        };
+        assert_eq!(checked_num_params(&huge), None);
     }
 
     #[test]

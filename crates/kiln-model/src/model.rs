@@ -78,7 +78,6 @@ pub struct Activations {
     dln: Vec<f32>,
     dqkv: Vec<f32>,
     datty: Vec<f32>,
-    dfch: Vec<f32>,
     dfch_gelu: Vec<f32>,
     scratch: Vec<f32>,
 }
@@ -129,7 +128,6 @@ impl Activations {
             dln: z(n * c),
             dqkv: z(n * 3 * c),
             datty: z(n * c),
-            dfch: z(n * 4 * c),
             dfch_gelu: z(n * 4 * c),
             scratch: z(n * c),
         }
@@ -141,18 +139,14 @@ impl Activations {
             .layers
             .iter()
             .map(|a| {
-                a.ln1.len() * 5
-                    + a.qkv.len()
-                    + a.att.len()
-                    + a.fch.len() * 2
-                    + a.ln1_mean.len() * 4
+                a.ln1.len() * 5 + a.qkv.len() + a.att.len() + a.fch.len() * 2 + a.ln1_mean.len() * 4
             })
             .sum();
         4 * (l
             + self.encoded.len() * 9
             + self.logits.len()
             + self.dqkv.len()
-            + self.dfch.len() * 2)
+            + self.dfch_gelu.len())
     }
 }
 
@@ -167,7 +161,10 @@ pub struct Model {
 
 /// Splits one buffer into several disjoint mutable slices (the flat gradient buffer holds every
 /// tensor; a kernel needs two or three of them at once).
-fn disjoint_mut<'a, const N: usize>(buf: &'a mut [f32], ranges: [&Range<usize>; N]) -> [&'a mut [f32]; N] {
+fn disjoint_mut<'a, const N: usize>(
+    buf: &'a mut [f32],
+    ranges: [&Range<usize>; N],
+) -> [&'a mut [f32]; N] {
     for (i, a) in ranges.iter().enumerate() {
         assert!(a.end <= buf.len());
         for b in &ranges[i + 1..] {
@@ -213,38 +210,116 @@ impl Model {
     pub fn forward(&self, acts: &mut Activations, input: &Input) {
         let cfg = &self.cfg;
         let (b, t, c, nh) = (input.b, input.t, cfg.n_embd, cfg.n_head);
-        assert_eq!((acts.b, acts.t), (b, t), "activations were built for another batch shape");
-        assert!(t <= cfg.n_ctx, "sequence length {t} exceeds the context {}", cfg.n_ctx);
+        assert_eq!(
+            (acts.b, acts.t),
+            (b, t),
+            "activations were built for another batch shape"
+        );
+        assert!(
+            t <= cfg.n_ctx,
+            "sequence length {t} exceeds the context {}",
+            cfg.n_ctx
+        );
         let n = b * t;
         assert_eq!(input.tokens.len(), n);
         let p = &self.params;
         let lay = &self.layout;
         acts.tokens.copy_from_slice(input.tokens);
         acts.positions.copy_from_slice(input.positions);
-        k::embedding_forward(&mut acts.encoded, input.tokens, input.positions, &p[lay.wte.clone()], &p[lay.wpe.clone()], c);
+        k::embedding_forward(
+            &mut acts.encoded,
+            input.tokens,
+            input.positions,
+            &p[lay.wte.clone()],
+            &p[lay.wpe.clone()],
+            c,
+        );
         let mask = input.mask(cfg.arch);
         for l in 0..cfg.n_layer {
             let o = &lay.layers[l];
             let (prev, rest) = acts.layers.split_at_mut(l);
             let a = &mut rest[0];
-            let x_in: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].res3 };
-            k::layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, x_in, &p[o.ln1_w.clone()], &p[o.ln1_b.clone()], n, c);
-            k::linear_forward(&mut a.qkv, &a.ln1, &p[o.attn_w.clone()], Some(&p[o.attn_b.clone()]), n, c, 3 * c);
+            let x_in: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &prev[l - 1].res3
+            };
+            k::layernorm_forward(
+                &mut a.ln1,
+                &mut a.ln1_mean,
+                &mut a.ln1_rstd,
+                x_in,
+                &p[o.ln1_w.clone()],
+                &p[o.ln1_b.clone()],
+                n,
+                c,
+            );
+            k::linear_forward(
+                &mut a.qkv,
+                &a.ln1,
+                &p[o.attn_w.clone()],
+                Some(&p[o.attn_b.clone()]),
+                n,
+                c,
+                3 * c,
+            );
             k::attention_forward(&mut a.atty, &mut a.att, &a.qkv, b, t, c, nh, &mask);
-            k::linear_forward(&mut acts.scratch, &a.atty, &p[o.proj_w.clone()], Some(&p[o.proj_b.clone()]), n, c, c);
+            k::linear_forward(
+                &mut acts.scratch,
+                &a.atty,
+                &p[o.proj_w.clone()],
+                Some(&p[o.proj_b.clone()]),
+                n,
+                c,
+                c,
+            );
             for ((r, x), y) in a.res2.iter_mut().zip(x_in).zip(&acts.scratch) {
                 *r = x + y;
             }
-            k::layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res2, &p[o.ln2_w.clone()], &p[o.ln2_b.clone()], n, c);
-            k::linear_forward(&mut a.fch, &a.ln2, &p[o.fc_w.clone()], Some(&p[o.fc_b.clone()]), n, c, 4 * c);
+            k::layernorm_forward(
+                &mut a.ln2,
+                &mut a.ln2_mean,
+                &mut a.ln2_rstd,
+                &a.res2,
+                &p[o.ln2_w.clone()],
+                &p[o.ln2_b.clone()],
+                n,
+                c,
+            );
+            k::linear_forward(
+                &mut a.fch,
+                &a.ln2,
+                &p[o.fc_w.clone()],
+                Some(&p[o.fc_b.clone()]),
+                n,
+                c,
+                4 * c,
+            );
             k::gelu_forward(&mut a.fch_gelu, &a.fch);
-            k::linear_forward(&mut acts.scratch, &a.fch_gelu, &p[o.fcproj_w.clone()], Some(&p[o.fcproj_b.clone()]), n, 4 * c, c);
+            k::linear_forward(
+                &mut acts.scratch,
+                &a.fch_gelu,
+                &p[o.fcproj_w.clone()],
+                Some(&p[o.fcproj_b.clone()]),
+                n,
+                4 * c,
+                c,
+            );
             for ((r, x), y) in a.res3.iter_mut().zip(&a.res2).zip(&acts.scratch) {
                 *r = x + y;
             }
         }
         let last = &acts.layers[cfg.n_layer - 1].res3;
-        k::layernorm_forward(&mut acts.hidden, &mut acts.lnf_mean, &mut acts.lnf_rstd, last, &p[lay.lnf_w.clone()], &p[lay.lnf_b.clone()], n, c);
+        k::layernorm_forward(
+            &mut acts.hidden,
+            &mut acts.lnf_mean,
+            &mut acts.lnf_rstd,
+            last,
+            &p[lay.lnf_w.clone()],
+            &p[lay.lnf_b.clone()],
+            n,
+            c,
+        );
         acts.dhidden.fill(0.0);
     }
 
@@ -252,21 +327,63 @@ impl Model {
     /// Results in `acts.logp` / `acts.entropy`; `acts.logits` keeps the probabilities for the backward.
     pub fn lm_head(&self, acts: &mut Activations, targets: &[u32], temperature: f32) {
         let (n, c, v) = (acts.b * acts.t, self.cfg.n_embd, self.cfg.vocab_size);
-        assert!(!acts.logits.is_empty(), "activations were built without an LM head");
+        assert!(
+            !acts.logits.is_empty(),
+            "activations were built without an LM head"
+        );
         let wte = &self.params[self.layout.wte.clone()];
-        k::matmul(&mut acts.logits, &acts.hidden, wte, n, c, v, false, true, false);
+        k::matmul(
+            &mut acts.logits,
+            &acts.hidden,
+            wte,
+            n,
+            c,
+            v,
+            false,
+            true,
+            false,
+        );
         acts.targets.copy_from_slice(targets);
         acts.temperature = temperature;
-        k::token_logprob_forward(&mut acts.logits, targets, temperature, &mut acts.logp, Some(&mut acts.entropy), v);
+        k::token_logprob_forward(
+            &mut acts.logits,
+            targets,
+            temperature,
+            &mut acts.logp,
+            Some(&mut acts.entropy),
+            v,
+        );
     }
 
     /// Backward of [`Model::lm_head`] given dL/dlogp and optionally dL/dentropy per row: accumulates the
     /// tied embedding's gradient and adds into `acts.dhidden`.
-    pub fn lm_head_backward(&mut self, acts: &mut Activations, dlogp: &[f32], dentropy: Option<&[f32]>) {
+    pub fn lm_head_backward(
+        &mut self,
+        acts: &mut Activations,
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+    ) {
         let (n, c, v) = (acts.b * acts.t, self.cfg.n_embd, self.cfg.vocab_size);
-        k::token_logprob_backward(&mut acts.logits, &acts.targets, acts.temperature, dlogp, dentropy, v);
+        k::token_logprob_backward(
+            &mut acts.logits,
+            &acts.targets,
+            acts.temperature,
+            dlogp,
+            dentropy,
+            v,
+        );
         let wte = &self.params[self.layout.wte.clone()];
-        k::matmul(&mut acts.dhidden, &acts.logits, wte, n, v, c, false, false, true);
+        k::matmul(
+            &mut acts.dhidden,
+            &acts.logits,
+            wte,
+            n,
+            v,
+            c,
+            false,
+            false,
+            true,
+        );
         let dwte = &mut self.grads[self.layout.wte.clone()];
         k::matmul(dwte, &acts.logits, &acts.hidden, v, n, c, true, false, true);
     }
@@ -287,7 +404,12 @@ impl Model {
         let range = self.layout.score.clone().expect("model has no score head");
         let w = &self.params[range.clone()];
         let dw = &mut self.grads[range];
-        for ((h, dh), &d) in acts.hidden.chunks_exact(c).zip(acts.dhidden.chunks_exact_mut(c)).zip(dscore) {
+        for ((h, dh), &d) in acts
+            .hidden
+            .chunks_exact(c)
+            .zip(acts.dhidden.chunks_exact_mut(c))
+            .zip(dscore)
+        {
             if d == 0.0 {
                 continue;
             }
@@ -310,34 +432,152 @@ impl Model {
         {
             let last = &acts.layers[cfg.n_layer - 1].res3;
             let [dw, db] = disjoint_mut(g, [&lay.lnf_w, &lay.lnf_b]);
-            k::layernorm_backward(&mut acts.dres, dw, db, &acts.dhidden, last, &p[lay.lnf_w.clone()], &acts.lnf_mean, &acts.lnf_rstd, n, c);
+            k::layernorm_backward(
+                &mut acts.dres,
+                dw,
+                db,
+                &acts.dhidden,
+                last,
+                &p[lay.lnf_w.clone()],
+                &acts.lnf_mean,
+                &acts.lnf_rstd,
+                n,
+                c,
+            );
         }
         for l in (0..cfg.n_layer).rev() {
             let o = &lay.layers[l];
             let a = &acts.layers[l];
-            let x_in: &[f32] = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].res3 };
+            let x_in: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &acts.layers[l - 1].res3
+            };
             // res3 = res2 + mlp(res2): dres is d(res3); the MLP branch adds into it through ln_2.
-            acts.dfch_gelu.fill(0.0);
+            // Input gradients that nothing else adds into are written, not accumulated, by the
+            // matmuls (no zeroing pass over the scratch), and gelu's backward runs in place.
             let [dw, db] = disjoint_mut(g, [&o.fcproj_w, &o.fcproj_b]);
-            k::linear_backward(Some(&mut acts.dfch_gelu), dw, Some(db), &acts.dres, &a.fch_gelu, &p[o.fcproj_w.clone()], n, 4 * c, c);
-            acts.dfch.fill(0.0);
-            k::gelu_backward(&mut acts.dfch, &a.fch, &acts.dfch_gelu);
-            acts.dln.fill(0.0);
+            k::matmul(
+                &mut acts.dfch_gelu,
+                &acts.dres,
+                &p[o.fcproj_w.clone()],
+                n,
+                c,
+                4 * c,
+                false,
+                true,
+                false,
+            );
+            k::linear_backward(
+                None,
+                dw,
+                Some(db),
+                &acts.dres,
+                &a.fch_gelu,
+                &p[o.fcproj_w.clone()],
+                n,
+                4 * c,
+                c,
+            );
+            k::gelu_backward_inplace(&mut acts.dfch_gelu, &a.fch);
             let [dw, db] = disjoint_mut(g, [&o.fc_w, &o.fc_b]);
-            k::linear_backward(Some(&mut acts.dln), dw, Some(db), &acts.dfch, &a.ln2, &p[o.fc_w.clone()], n, c, 4 * c);
+            k::matmul(
+                &mut acts.dln,
+                &acts.dfch_gelu,
+                &p[o.fc_w.clone()],
+                n,
+                4 * c,
+                c,
+                false,
+                true,
+                false,
+            );
+            k::linear_backward(
+                None,
+                dw,
+                Some(db),
+                &acts.dfch_gelu,
+                &a.ln2,
+                &p[o.fc_w.clone()],
+                n,
+                c,
+                4 * c,
+            );
             let [dw, db] = disjoint_mut(g, [&o.ln2_w, &o.ln2_b]);
-            k::layernorm_backward(&mut acts.dres, dw, db, &acts.dln, &a.res2, &p[o.ln2_w.clone()], &a.ln2_mean, &a.ln2_rstd, n, c);
+            k::layernorm_backward(
+                &mut acts.dres,
+                dw,
+                db,
+                &acts.dln,
+                &a.res2,
+                &p[o.ln2_w.clone()],
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                n,
+                c,
+            );
             // res2 = x + attn(x): dres is now d(res2).
-            acts.datty.fill(0.0);
             let [dw, db] = disjoint_mut(g, [&o.proj_w, &o.proj_b]);
-            k::linear_backward(Some(&mut acts.datty), dw, Some(db), &acts.dres, &a.atty, &p[o.proj_w.clone()], n, c, c);
+            k::matmul(
+                &mut acts.datty,
+                &acts.dres,
+                &p[o.proj_w.clone()],
+                n,
+                c,
+                c,
+                false,
+                true,
+                false,
+            );
+            k::linear_backward(
+                None,
+                dw,
+                Some(db),
+                &acts.dres,
+                &a.atty,
+                &p[o.proj_w.clone()],
+                n,
+                c,
+                c,
+            );
             acts.dqkv.fill(0.0);
             k::attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, c, nh);
-            acts.dln.fill(0.0);
             let [dw, db] = disjoint_mut(g, [&o.attn_w, &o.attn_b]);
-            k::linear_backward(Some(&mut acts.dln), dw, Some(db), &acts.dqkv, &a.ln1, &p[o.attn_w.clone()], n, c, 3 * c);
+            k::matmul(
+                &mut acts.dln,
+                &acts.dqkv,
+                &p[o.attn_w.clone()],
+                n,
+                3 * c,
+                c,
+                false,
+                true,
+                false,
+            );
+            k::linear_backward(
+                None,
+                dw,
+                Some(db),
+                &acts.dqkv,
+                &a.ln1,
+                &p[o.attn_w.clone()],
+                n,
+                c,
+                3 * c,
+            );
             let [dw, db] = disjoint_mut(g, [&o.ln1_w, &o.ln1_b]);
-            k::layernorm_backward(&mut acts.dres, dw, db, &acts.dln, x_in, &p[o.ln1_w.clone()], &a.ln1_mean, &a.ln1_rstd, n, c);
+            k::layernorm_backward(
+                &mut acts.dres,
+                dw,
+                db,
+                &acts.dln,
+                x_in,
+                &p[o.ln1_w.clone()],
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                n,
+                c,
+            );
         }
         let [dwte, dwpe] = disjoint_mut(g, [&lay.wte, &lay.wpe]);
         k::embedding_backward(dwte, dwpe, &acts.dres, &acts.tokens, &acts.positions, c);

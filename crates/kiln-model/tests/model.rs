@@ -3,12 +3,22 @@
 
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{load_model, model_files, write_checkpoint_dir};
-use kiln_model::{generate, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, Sampling};
+use kiln_model::{
+    generate, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, Sampling,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn tiny(arch: Arch, score_head: bool) -> ModelConfig {
-    ModelConfig { vocab_size: 13, n_ctx: 8, n_layer: 2, n_head: 2, n_embd: 8, arch, score_head }
+    ModelConfig {
+        vocab_size: 13,
+        n_ctx: 8,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 8,
+        arch,
+        score_head,
+    }
 }
 
 struct Case {
@@ -27,26 +37,68 @@ struct Case {
 fn case(cfg: &ModelConfig, seed: u64) -> Case {
     let (b, t) = (2, 6);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let tokens: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect();
+    let tokens: Vec<u32> = (0..b * t)
+        .map(|_| rng.gen_range(0..cfg.vocab_size as u32))
+        .collect();
     // Row 1 is padded after 4 tokens and packs two segments; row 0 is one full example.
     let valid: Vec<bool> = (0..b * t).map(|i| i < t || i % t < 4).collect();
-    let segments: Vec<u32> = (0..b * t).map(|i| if i >= t && i % t >= 2 { 1 } else { 0 }).collect();
-    let positions: Vec<u32> = (0..b * t).map(|i| if i >= t && i % t >= 2 { (i % t - 2) as u32 } else { (i % t) as u32 }).collect();
-    let targets: Vec<u32> = (0..b * t).map(|i| if i % 5 == 3 { IGNORE } else { rng.gen_range(0..cfg.vocab_size as u32) }).collect();
+    let segments: Vec<u32> = (0..b * t)
+        .map(|i| if i >= t && i % t >= 2 { 1 } else { 0 })
+        .collect();
+    let positions: Vec<u32> = (0..b * t)
+        .map(|i| {
+            if i >= t && i % t >= 2 {
+                (i % t - 2) as u32
+            } else {
+                (i % t) as u32
+            }
+        })
+        .collect();
+    let targets: Vec<u32> = (0..b * t)
+        .map(|i| {
+            if i % 5 == 3 {
+                IGNORE
+            } else {
+                rng.gen_range(0..cfg.vocab_size as u32)
+            }
+        })
+        .collect();
     let weights: Vec<f32> = (0..b * t).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let ent_w: Vec<f32> = (0..b * t).map(|_| rng.gen_range(-0.5..0.5)).collect();
     let score_w: Vec<f32> = (0..b * t).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    Case { tokens, positions, valid, segments, targets, weights, ent_w, score_w, b, t }
+    Case {
+        tokens,
+        positions,
+        valid,
+        segments,
+        targets,
+        weights,
+        ent_w,
+        score_w,
+        b,
+        t,
+    }
 }
 
 /// L = Σ w_i·logp_i + Σ e_i·H_i (+ Σ s_i·score_i), evaluated in f64.
 fn loss(model: &Model, acts: &mut Activations, c: &Case, temperature: f32) -> f64 {
-    let input = Input { tokens: &c.tokens, positions: &c.positions, valid: Some(&c.valid), segments: Some(&c.segments), b: c.b, t: c.t };
+    let input = Input {
+        tokens: &c.tokens,
+        positions: &c.positions,
+        valid: Some(&c.valid),
+        segments: Some(&c.segments),
+        b: c.b,
+        t: c.t,
+    };
     model.forward(acts, &input);
     let mut l = 0.0f64;
     if model.cfg.score_head {
         let s = model.score_head(acts);
-        l += s.iter().zip(&c.score_w).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
+        l += s
+            .iter()
+            .zip(&c.score_w)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum::<f64>();
     }
     model.lm_head(acts, &c.targets, temperature);
     for i in 0..c.b * c.t {
@@ -114,7 +166,15 @@ fn gradients_match_finite_differences_encoder() {
 
 #[test]
 fn initial_loss_is_ln_vocab() {
-    let cfg = ModelConfig { vocab_size: 512, n_ctx: 32, n_layer: 2, n_head: 4, n_embd: 64, arch: Arch::Decoder, score_head: false };
+    let cfg = ModelConfig {
+        vocab_size: 512,
+        n_ctx: 32,
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 64,
+        arch: Arch::Decoder,
+        score_head: false,
+    };
     let model = Model::new(cfg.clone(), 1);
     let (b, t) = (4, 32);
     let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -122,15 +182,37 @@ fn initial_loss_is_ln_vocab() {
     let targets: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..512)).collect();
     let positions: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
     let mut acts = Activations::new(&cfg, b, t, true);
-    model.forward(&mut acts, &Input { tokens: &tokens, positions: &positions, valid: None, segments: None, b, t });
+    model.forward(
+        &mut acts,
+        &Input {
+            tokens: &tokens,
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b,
+            t,
+        },
+    );
     model.lm_head(&mut acts, &targets, 1.0);
     let l = -acts.logp.iter().map(|&x| x as f64).sum::<f64>() / (b * t) as f64;
-    assert!((l - (512f64).ln()).abs() < 0.1, "initial loss {l} vs ln V {}", (512f64).ln());
+    assert!(
+        (l - (512f64).ln()).abs() < 0.1,
+        "initial loss {l} vs ln V {}",
+        (512f64).ln()
+    );
 }
 
 #[test]
 fn overfits_one_batch() {
-    let cfg = ModelConfig { vocab_size: 64, n_ctx: 16, n_layer: 2, n_head: 2, n_embd: 32, arch: Arch::Decoder, score_head: false };
+    let cfg = ModelConfig {
+        vocab_size: 64,
+        n_ctx: 16,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 32,
+        arch: Arch::Decoder,
+        score_head: false,
+    };
     let mut model = Model::new(cfg.clone(), 4);
     let (b, t) = (2, 16);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -142,27 +224,64 @@ fn overfits_one_batch() {
     let mut last = f64::MAX;
     for step in 1..=300 {
         model.zero_grads();
-        model.forward(&mut acts, &Input { tokens, positions: &positions, valid: None, segments: None, b, t });
+        model.forward(
+            &mut acts,
+            &Input {
+                tokens,
+                positions: &positions,
+                valid: None,
+                segments: None,
+                b,
+                t,
+            },
+        );
         model.lm_head(&mut acts, targets, 1.0);
         last = -acts.logp.iter().map(|&x| x as f64).sum::<f64>() / (b * t) as f64;
         let d = vec![-1.0 / (b * t) as f32; b * t];
         model.lm_head_backward(&mut acts, &d, None);
         model.backward(&mut acts);
-        kiln_kernels::adamw_update(&mut model.params, &model.grads, &mut m, &mut v, 3e-3, 0.9, 0.99, 1e-8, 0.0, step);
+        kiln_kernels::adamw_update(
+            &mut model.params,
+            &model.grads,
+            &mut m,
+            &mut v,
+            3e-3,
+            0.9,
+            0.99,
+            1e-8,
+            0.0,
+            step,
+        );
     }
     assert!(last < 0.05, "loss after overfitting: {last}");
 }
 
 #[test]
 fn kv_cache_generation_equals_recomputation() {
-    let cfg = ModelConfig { vocab_size: 50, n_ctx: 24, n_layer: 2, n_head: 2, n_embd: 16, arch: Arch::Decoder, score_head: false };
+    let cfg = ModelConfig {
+        vocab_size: 50,
+        n_ctx: 24,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 16,
+        arch: Arch::Decoder,
+        score_head: false,
+    };
     let mut model = Model::new(cfg.clone(), 8);
     // Larger weights make the logits decisive, so greedy choices are not decided by rounding.
     for x in model.params.iter_mut() {
         *x *= 8.0;
     }
     let prompts = vec![vec![3u32, 7, 9], vec![1u32, 2, 3, 4, 5, 6]];
-    let opts = GenerateOptions { max_new_tokens: 12, sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 }, stop_tokens: vec![] };
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        stop_tokens: vec![],
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let cached = generate(&model, &prompts, &opts, &mut rng, |_, _| {}).unwrap();
     for (p, got) in prompts.iter().zip(&cached) {
@@ -171,13 +290,30 @@ fn kv_cache_generation_equals_recomputation() {
             let t = seq.len();
             let mut acts = Activations::new(&cfg, 1, t, true);
             let positions: Vec<u32> = (0..t as u32).collect();
-            model.forward(&mut acts, &Input { tokens: &seq, positions: &positions, valid: None, segments: None, b: 1, t });
+            model.forward(
+                &mut acts,
+                &Input {
+                    tokens: &seq,
+                    positions: &positions,
+                    valid: None,
+                    segments: None,
+                    b: 1,
+                    t,
+                },
+            );
             model.lm_head(&mut acts, &vec![IGNORE; t], 1.0);
             let row = &acts.logits[(t - 1) * 50..t * 50];
-            let next = row.iter().enumerate().fold(0, |b, (j, &x)| if x > row[b] { j } else { b });
+            let next = row
+                .iter()
+                .enumerate()
+                .fold(0, |b, (j, &x)| if x > row[b] { j } else { b });
             seq.push(next as u32);
         }
-        assert_eq!(&seq[p.len()..], &got[..], "KV-cache generation differs from recomputation");
+        assert_eq!(
+            &seq[p.len()..],
+            &got[..],
+            "KV-cache generation differs from recomputation"
+        );
     }
 }
 
@@ -208,17 +344,39 @@ fn checkpoint_round_trip_and_corruption() {
 
 #[test]
 fn bad_config_is_rejected() {
-    let cfg = ModelConfig { vocab_size: 50, n_ctx: 24, n_layer: 2, n_head: 5, n_embd: 16, arch: Arch::Decoder, score_head: false };
+    let cfg = ModelConfig {
+        vocab_size: 50,
+        n_ctx: 24,
+        n_layer: 2,
+        n_head: 5,
+        n_embd: 16,
+        arch: Arch::Decoder,
+        score_head: false,
+    };
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("must divide"), "{err}");
 }
 
 #[test]
 fn prompt_longer_than_context_is_an_error() {
-    let cfg = ModelConfig { vocab_size: 50, n_ctx: 8, n_layer: 1, n_head: 2, n_embd: 8, arch: Arch::Decoder, score_head: false };
+    let cfg = ModelConfig {
+        vocab_size: 50,
+        n_ctx: 8,
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 8,
+        arch: Arch::Decoder,
+        score_head: false,
+    };
     let model = Model::new(cfg, 1);
-    let opts = GenerateOptions { max_new_tokens: 4, sampling: Sampling::default(), stop_tokens: vec![] };
+    let opts = GenerateOptions {
+        max_new_tokens: 4,
+        sampling: Sampling::default(),
+        stop_tokens: vec![],
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let err = generate(&model, &[vec![1; 9]], &opts, &mut rng, |_, _| {}).unwrap_err().to_string();
+    let err = generate(&model, &[vec![1; 9]], &opts, &mut rng, |_, _| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("context"), "{err}");
 }

@@ -10,4 +10,6 @@ pub mod sft;
 pub mod trainer;
 
 pub use run::RunDir;
-pub use trainer::{install_ctrlc, Metrics, Objective, StepStats, TrainConfig, TrainSummary, Trainer};
+pub use trainer::{
+    install_ctrlc, Metrics, Objective, StepStats, TrainConfig, TrainSummary, Trainer,
+};

@@ -69,8 +69,16 @@ impl AdamW {
     pub fn to_bytes(&self, model: &Model) -> Result<Vec<u8>> {
         let mut tensors = Vec::new();
         for t in &model.layout.tensors {
-            tensors.push((format!("exp_avg.{}", t.name), t.shape.clone(), &self.m[t.range()]));
-            tensors.push((format!("exp_avg_sq.{}", t.name), t.shape.clone(), &self.v[t.range()]));
+            tensors.push((
+                format!("exp_avg.{}", t.name),
+                t.shape.clone(),
+                &self.m[t.range()],
+            ));
+            tensors.push((
+                format!("exp_avg_sq.{}", t.name),
+                t.shape.clone(),
+                &self.v[t.range()],
+            ));
         }
         tensors_to_bytes(&tensors)
     }
@@ -84,7 +92,10 @@ impl AdamW {
                     .get(&name)
                     .with_context(|| format!("{what}: optimizer tensor {name} missing"))?;
                 if shape != &t.shape {
-                    bail!("{what}: optimizer tensor {name} has shape {shape:?}, expected {:?}", t.shape);
+                    bail!(
+                        "{what}: optimizer tensor {name} has shape {shape:?}, expected {:?}",
+                        t.shape
+                    );
                 }
                 buf[t.range()].copy_from_slice(data);
             }
@@ -123,7 +134,8 @@ impl LrSchedule {
         }
         let span = (self.total - self.warmup).max(1) as f32;
         let progress = (step - self.warmup) as f32 / span;
-        self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1.0 + (std::f32::consts::PI * progress).cos())
+        self.min_lr
+            + 0.5 * (self.max_lr - self.min_lr) * (1.0 + (std::f32::consts::PI * progress).cos())
     }
 }
 
@@ -133,7 +145,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let s = LrSchedule { max_lr: 1.0, min_lr: 0.1, warmup: 10, total: 110 };
+        let s = LrSchedule {
+            max_lr: 1.0,
+            min_lr: 0.1,
+            warmup: 10,
+            total: 110,
+        };
         assert!((s.at(0) - 0.1).abs() < 1e-6);
         assert!((s.at(9) - 1.0).abs() < 1e-6);
         assert!((s.at(10) - 1.0).abs() < 1e-6);

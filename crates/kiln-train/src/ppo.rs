@@ -240,7 +240,11 @@ impl<'a> Ppo<'a> {
                 bail!("prompt {i} has {} tokens, the actor's context is {n_ctx}: no room for a response", p.len());
             }
         }
-        for (name, m) in [("reference", &self.reference), ("critic", &self.critic), ("reward model", &self.reward.model)] {
+        for (name, m) in [
+            ("reference", &self.reference),
+            ("critic", &self.critic),
+            ("reward model", &self.reward.model),
+        ] {
             if m.cfg.vocab_size != self.actor.cfg.vocab_size {
                 bail!(
                     "the {name} has a vocabulary of {} tokens but the actor has {} (models from different tokenizers?)",
@@ -256,35 +260,80 @@ impl<'a> Ppo<'a> {
             bail!("the critic and the reward model need a score head");
         }
         if self.cfg.rollout_batch % self.cfg.minibatch != 0 {
-            bail!("rollout_batch ({}) must be a multiple of minibatch ({})", self.cfg.rollout_batch, self.cfg.minibatch);
+            bail!(
+                "rollout_batch ({}) must be a multiple of minibatch ({})",
+                self.cfg.rollout_batch,
+                self.cfg.minibatch
+            );
         }
         Ok(())
     }
 
     /// Log-probabilities (at the sampling temperature) and entropies of `rows` of a rollout, through
     /// `model`'s training forward pass.
-    fn logprobs(model: &Model, acts: &mut Activations, ro: &Rollout, rows: &[usize], t: usize, temperature: f32) -> (Vec<f32>, Vec<f32>) {
+    fn logprobs(
+        model: &Model,
+        acts: &mut Activations,
+        ro: &Rollout,
+        rows: &[usize],
+        t: usize,
+        temperature: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
         let (tokens, targets, valid, positions) = gather(ro, rows, t);
-        let input = Input { tokens: &tokens, positions: &positions, valid: Some(&valid), segments: None, b: rows.len(), t };
+        let input = Input {
+            tokens: &tokens,
+            positions: &positions,
+            valid: Some(&valid),
+            segments: None,
+            b: rows.len(),
+            t,
+        };
         model.forward(acts, &input);
         model.lm_head(acts, &targets, temperature);
         (acts.logp.clone(), acts.entropy.clone())
     }
 
-    fn values(model: &Model, acts: &mut Activations, ro: &Rollout, rows: &[usize], t: usize) -> Vec<f32> {
+    fn values(
+        model: &Model,
+        acts: &mut Activations,
+        ro: &Rollout,
+        rows: &[usize],
+        t: usize,
+    ) -> Vec<f32> {
         let (tokens, _, valid, positions) = gather(ro, rows, t);
-        let input = Input { tokens: &tokens, positions: &positions, valid: Some(&valid), segments: None, b: rows.len(), t };
+        let input = Input {
+            tokens: &tokens,
+            positions: &positions,
+            valid: Some(&valid),
+            segments: None,
+            b: rows.len(),
+            t,
+        };
         model.forward(acts, &input);
         model.score_head(acts)
     }
 
     /// Samples responses and scores them with every model.
-    fn rollout(&mut self, prompt_ids: &[usize], beta: f32, rng: &mut ChaCha8Rng, order0: &[usize], t: usize) -> Result<Rollout> {
+    fn rollout(
+        &mut self,
+        prompt_ids: &[usize],
+        beta: f32,
+        rng: &mut ChaCha8Rng,
+        order0: &[usize],
+        t: usize,
+    ) -> Result<Rollout> {
         let cfg = &self.cfg;
-        let prompts: Vec<Vec<u32>> = prompt_ids.iter().map(|&i| self.prompts[i].clone()).collect();
+        let prompts: Vec<Vec<u32>> = prompt_ids
+            .iter()
+            .map(|&i| self.prompts[i].clone())
+            .collect();
         let opts = GenerateOptions {
             max_new_tokens: cfg.max_new_tokens,
-            sampling: Sampling { temperature: cfg.temperature, top_k: 0, top_p: 1.0 },
+            sampling: Sampling {
+                temperature: cfg.temperature,
+                top_k: 0,
+                top_p: 1.0,
+            },
             stop_tokens: self.stop_tokens.clone(),
         };
         let responses = generate(&self.actor, &prompts, &opts, rng, |_, _| {})?;
@@ -324,7 +373,14 @@ impl<'a> Ppo<'a> {
         let mut ref_logp = vec![0.0f32; n * t];
         for chunk in order0.chunks(mb) {
             let (lp, _) = Self::logprobs(&self.actor, &mut acts, &ro, chunk, t, cfg.temperature);
-            let (rlp, _) = Self::logprobs(&self.reference, &mut ref_acts, &ro, chunk, t, cfg.temperature);
+            let (rlp, _) = Self::logprobs(
+                &self.reference,
+                &mut ref_acts,
+                &ro,
+                chunk,
+                t,
+                cfg.temperature,
+            );
             let v = Self::values(&self.critic, &mut vacts, &ro, chunk, t);
             for (k, &r) in chunk.iter().enumerate() {
                 ro.old_logp[r * t..(r + 1) * t].copy_from_slice(&lp[k * t..(k + 1) * t]);
@@ -357,7 +413,10 @@ impl<'a> Ppo<'a> {
                 continue;
             }
             let span = r * t + start..r * t + start + len;
-            let mut rewards: Vec<f32> = span.clone().map(|i| -beta * (ro.old_logp[i] - ref_logp[i])).collect();
+            let mut rewards: Vec<f32> = span
+                .clone()
+                .map(|i| -beta * (ro.old_logp[i] - ref_logp[i]))
+                .collect();
             ro.kl[r] = span.clone().map(|i| ro.old_logp[i] - ref_logp[i]).sum();
             let mut score = ro.scores[r];
             if !ended {
@@ -384,8 +443,20 @@ impl<'a> Ppo<'a> {
         self.validate()?;
         let cfg = self.cfg.clone();
         let t = self.row_len();
-        let mut actor_opt = AdamW::new(&self.actor, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
-        let mut critic_opt = AdamW::new(&self.critic, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
+        let mut actor_opt = AdamW::new(
+            &self.actor,
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+        );
+        let mut critic_opt = AdamW::new(
+            &self.critic,
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+        );
         let mut st = PpoState {
             iteration: 0,
             beta: cfg.kl_coef,
@@ -402,7 +473,11 @@ impl<'a> Ppo<'a> {
             if let Some(dir) = self.run.latest_checkpoint()? {
                 self.load_state(&dir, &mut actor_opt, &mut critic_opt, &mut st)?;
                 self.run.truncate_metrics_after(st.iteration)?;
-                eprintln!("[ppo] resumed from {} (iteration {})", dir.display(), st.iteration);
+                eprintln!(
+                    "[ppo] resumed from {} (iteration {})",
+                    dir.display(),
+                    st.iteration
+                );
             }
         }
         let mut rng = ChaCha8Rng::from_seed(st.rng);
@@ -413,7 +488,12 @@ impl<'a> Ppo<'a> {
         }
         let pb = if self.progress {
             let pb = ProgressBar::new(cfg.iterations);
-            pb.set_style(ProgressStyle::with_template("{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}").unwrap());
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}",
+                )
+                .unwrap(),
+            );
             pb.set_prefix("ppo");
             pb.set_position(st.iteration);
             pb
@@ -440,13 +520,16 @@ impl<'a> Ppo<'a> {
             let epoch_orders: Vec<Vec<usize>> = (0..cfg.ppo_epochs)
                 .map(|e| {
                     let mut o: Vec<usize> = (0..n).collect();
-                    o.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed ^ (st.iteration << 8) ^ e as u64));
+                    o.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                        cfg.seed ^ (st.iteration << 8) ^ e as u64,
+                    ));
                     o
                 })
                 .collect();
             let ro = self.rollout(&ids_, st.beta, &mut rng, &epoch_orders[0], t)?;
             let mut m = Metrics::new();
-            let (mut clipped, mut ntok, mut approx_kl, mut ent_sum, mut vloss_sum, mut pg_sum) = (0usize, 0usize, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+            let (mut clipped, mut ntok, mut approx_kl, mut ent_sum, mut vloss_sum, mut pg_sum) =
+                (0usize, 0usize, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
             let mut first_ratio_err = 0.0f64;
             for (e, order) in epoch_orders.iter().enumerate() {
                 for (bi, rows) in order.chunks(mb).enumerate() {
@@ -454,7 +537,8 @@ impl<'a> Ppo<'a> {
                     let count = targets.iter().filter(|&&x| x != IGNORE).count().max(1) as f32;
                     // Actor: clipped surrogate (+ entropy bonus).
                     self.actor.zero_grads();
-                    let (lp, ent) = Self::logprobs(&self.actor, &mut acts, &ro, rows, t, cfg.temperature);
+                    let (lp, ent) =
+                        Self::logprobs(&self.actor, &mut acts, &ro, rows, t, cfg.temperature);
                     let mut dlogp = vec![0.0f32; rows.len() * t];
                     let mut dent = vec![0.0f32; rows.len() * t];
                     for (k, &r) in rows.iter().enumerate() {
@@ -463,7 +547,8 @@ impl<'a> Ppo<'a> {
                             if targets[i] == IGNORE {
                                 continue;
                             }
-                            let (l, d, c) = policy_loss(lp[i], ro.old_logp[g], ro.adv[g], cfg.clip_eps);
+                            let (l, d, c) =
+                                policy_loss(lp[i], ro.old_logp[g], ro.adv[g], cfg.clip_eps);
                             dlogp[i] = d / count;
                             dent[i] = -cfg.entropy_coef / count;
                             pg_sum += l as f64;
@@ -478,7 +563,8 @@ impl<'a> Ppo<'a> {
                         }
                     }
                     let use_ent = cfg.entropy_coef != 0.0;
-                    self.actor.lm_head_backward(&mut acts, &dlogp, use_ent.then_some(&dent[..]));
+                    self.actor
+                        .lm_head_backward(&mut acts, &dlogp, use_ent.then_some(&dent[..]));
                     self.actor.backward(&mut acts);
                     clip_grad_norm(&mut self.actor, cfg.grad_clip);
                     actor_opt.update(&mut self.actor, cfg.actor_lr);
@@ -492,7 +578,8 @@ impl<'a> Ppo<'a> {
                             if targets[i] == IGNORE {
                                 continue;
                             }
-                            let (l, d) = value_loss(v[i], ro.values[g], ro.returns[g], cfg.value_clip);
+                            let (l, d) =
+                                value_loss(v[i], ro.values[g], ro.returns[g], cfg.value_clip);
                             dv[i] = cfg.vf_coef * d / count;
                             vloss_sum += l as f64;
                         }
@@ -508,10 +595,22 @@ impl<'a> Ppo<'a> {
             let n_f = n as f64;
             let mean_kl = ro.kl.iter().map(|&x| x as f64).sum::<f64>() / n_f;
             let resp_tokens: Vec<usize> = (0..n * t).filter(|&i| ro.targets[i] != IGNORE).collect();
-            let ev = explained_variance(&resp_tokens.iter().map(|&i| ro.values[i] as f64).collect::<Vec<_>>(), &resp_tokens.iter().map(|&i| ro.returns[i] as f64).collect::<Vec<_>>());
+            let ev = explained_variance(
+                &resp_tokens
+                    .iter()
+                    .map(|&i| ro.values[i] as f64)
+                    .collect::<Vec<_>>(),
+                &resp_tokens
+                    .iter()
+                    .map(|&i| ro.returns[i] as f64)
+                    .collect::<Vec<_>>(),
+            );
             st.iteration += 1;
             m.insert("iteration".into(), st.iteration as f64);
-            m.insert("reward".into(), ro.scores.iter().map(|&x| x as f64).sum::<f64>() / n_f);
+            m.insert(
+                "reward".into(),
+                ro.scores.iter().map(|&x| x as f64).sum::<f64>() / n_f,
+            );
             m.insert("kl".into(), mean_kl);
             m.insert("beta".into(), st.beta as f64);
             m.insert("entropy".into(), ent_sum / nt);
@@ -520,8 +619,14 @@ impl<'a> Ppo<'a> {
             m.insert("policy_loss".into(), pg_sum / nt);
             m.insert("value_loss".into(), vloss_sum / nt);
             m.insert("explained_var".into(), ev);
-            m.insert("response_len".into(), ro.spans.iter().map(|s| s.1 as f64).sum::<f64>() / n_f);
-            m.insert("ended_frac".into(), ro.spans.iter().filter(|s| s.2).count() as f64 / n_f);
+            m.insert(
+                "response_len".into(),
+                ro.spans.iter().map(|s| s.1 as f64).sum::<f64>() / n_f,
+            );
+            m.insert(
+                "ended_frac".into(),
+                ro.spans.iter().filter(|s| s.2).count() as f64 / n_f,
+            );
             m.insert("first_ratio_err".into(), first_ratio_err);
             st.beta = update_beta(st.beta, mean_kl as f32, cfg.kl_target, n, cfg.kl_horizon);
             let last = st.iteration == cfg.iterations;
@@ -536,10 +641,18 @@ impl<'a> Ppo<'a> {
             for (k, v) in &m {
                 line[k.as_str()] = serde_json::json!(v);
             }
-            let samples: Vec<String> = ro.responses.iter().take(3).map(|r| (self.decode)(r)).collect();
+            let samples: Vec<String> = ro
+                .responses
+                .iter()
+                .take(3)
+                .map(|r| (self.decode)(r))
+                .collect();
             line["samples"] = serde_json::json!(samples);
             self.run.log(&line)?;
-            pb.set_message(format!("reward {:.3} kl {:.3} len {:.1}", m["reward"], m["kl"], m["response_len"]));
+            pb.set_message(format!(
+                "reward {:.3} kl {:.3} len {:.1}",
+                m["reward"], m["kl"], m["response_len"]
+            ));
             pb.set_position(st.iteration);
             if st.iteration == 1 || st.iteration % cfg.eval_every.max(1) == 0 || last {
                 say(&pb, format!(
@@ -550,7 +663,10 @@ impl<'a> Ppo<'a> {
                 ));
             }
             st.history.push(m.clone());
-            summary.eval_end = m.iter().filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v))).collect();
+            summary.eval_end = m
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v)))
+                .collect();
             let stop = STOP.load(Ordering::SeqCst);
             if (cfg.ckpt_every > 0 && st.iteration % cfg.ckpt_every == 0) || last || stop {
                 st.rng = rng.get_seed();
@@ -580,39 +696,71 @@ impl<'a> Ppo<'a> {
     /// the critic and both optimizers sit beside them.
     fn save(&self, actor_opt: &AdamW, critic_opt: &AdamW, st: &PpoState) -> Result<()> {
         let mut files = model_files(&self.actor)?;
-        files.push(("optimizer.safetensors".into(), actor_opt.to_bytes(&self.actor)?));
+        files.push((
+            "optimizer.safetensors".into(),
+            actor_opt.to_bytes(&self.actor)?,
+        ));
         let critic = model_files(&self.critic)?;
         files.push(("critic.safetensors".into(), critic[0].1.clone()));
         files.push(("critic_config.json".into(), critic[1].1.clone()));
-        files.push(("critic_optimizer.safetensors".into(), critic_opt.to_bytes(&self.critic)?));
-        files.push(("ppo_state.json".into(), serde_json::to_vec_pretty(&serde_json::json!({"state": st, "config": self.cfg}))?));
+        files.push((
+            "critic_optimizer.safetensors".into(),
+            critic_opt.to_bytes(&self.critic)?,
+        ));
+        files.push((
+            "ppo_state.json".into(),
+            serde_json::to_vec_pretty(&serde_json::json!({"state": st, "config": self.cfg}))?,
+        ));
         files.extend(self.extra_files.iter().cloned());
-        self.run.save_checkpoint(st.iteration, &files, self.cfg.keep_last)?;
+        self.run
+            .save_checkpoint(st.iteration, &files, self.cfg.keep_last)?;
         Ok(())
     }
 
-    fn load_state(&mut self, dir: &std::path::Path, actor_opt: &mut AdamW, critic_opt: &mut AdamW, st: &mut PpoState) -> Result<()> {
+    fn load_state(
+        &mut self,
+        dir: &std::path::Path,
+        actor_opt: &mut AdamW,
+        critic_opt: &mut AdamW,
+        st: &mut PpoState,
+    ) -> Result<()> {
         let actor = kiln_model::checkpoint::load_model(dir)?;
         if actor.cfg != self.actor.cfg {
-            bail!("{}: the checkpoint's actor has another architecture", dir.display());
+            bail!(
+                "{}: the checkpoint's actor has another architecture",
+                dir.display()
+            );
         }
         self.actor.params = actor.params;
-        let ccfg: serde_json::Value = serde_json::from_slice(&read_checked(dir, "critic_config.json")?)?;
+        let ccfg: serde_json::Value =
+            serde_json::from_slice(&read_checked(dir, "critic_config.json")?)?;
         let ccfg = ModelConfig::from_hf_json(&ccfg)?;
         let what = format!("{}/critic.safetensors", dir.display());
         let tensors = bytes_to_tensors(&read_checked(dir, "critic.safetensors")?, &what)?;
         self.critic.params = params_from_tensors(&ccfg, &tensors, &what)?;
         let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, "ppo_state.json")?)?;
         *st = serde_json::from_value(v["state"].clone()).context("ppo_state.json")?;
-        actor_opt.load_bytes(&self.actor, &read_checked(dir, "optimizer.safetensors")?, st.actor_updates, "optimizer.safetensors")?;
-        critic_opt.load_bytes(&self.critic, &read_checked(dir, "critic_optimizer.safetensors")?, st.critic_updates, "critic_optimizer.safetensors")?;
+        actor_opt.load_bytes(
+            &self.actor,
+            &read_checked(dir, "optimizer.safetensors")?,
+            st.actor_updates,
+            "optimizer.safetensors",
+        )?;
+        critic_opt.load_bytes(
+            &self.critic,
+            &read_checked(dir, "critic_optimizer.safetensors")?,
+            st.critic_updates,
+            "critic_optimizer.safetensors",
+        )?;
         Ok(())
     }
 }
 
 fn prompt_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut o: Vec<usize> = (0..n).collect();
-    o.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9))));
+    o.shuffle(&mut ChaCha8Rng::seed_from_u64(
+        seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9)),
+    ));
     o
 }
 

@@ -26,7 +26,9 @@ pub enum PretrainKind {
 /// targets: the original token at chosen positions, `IGNORE` elsewhere.
 pub fn mlm_mask<R: Rng>(tokens: &mut [u32], vocab: usize, rate: f64, rng: &mut R) -> Vec<u32> {
     let mut targets = vec![IGNORE; tokens.len()];
-    let mut eligible: Vec<usize> = (0..tokens.len()).filter(|&i| tokens[i] >= special::COUNT).collect();
+    let mut eligible: Vec<usize> = (0..tokens.len())
+        .filter(|&i| tokens[i] >= special::COUNT)
+        .collect();
     if eligible.is_empty() {
         return targets;
     }
@@ -96,8 +98,10 @@ impl LmObjective {
         seed: u64,
         tokenizer: Option<Tokenizer>,
     ) -> Result<Self> {
-        let train = ShardSet::open_dir(data_dir, "train").with_context(|| format!("opening the train shards in {}", data_dir.display()))?;
-        let val = ShardSet::open_dir(data_dir, "val").with_context(|| format!("opening the val shards in {}", data_dir.display()))?;
+        let train = ShardSet::open_dir(data_dir, "train")
+            .with_context(|| format!("opening the train shards in {}", data_dir.display()))?;
+        let val = ShardSet::open_dir(data_dir, "val")
+            .with_context(|| format!("opening the val shards in {}", data_dir.display()))?;
         let vocab = model.cfg.vocab_size;
         for (name, set) in [("train", &train), ("val", &val)] {
             if set.len() == 0 {
@@ -122,7 +126,10 @@ impl LmObjective {
             }
         }
         if t > model.cfg.n_ctx {
-            bail!("sequence length {t} exceeds the model's context {}", model.cfg.n_ctx);
+            bail!(
+                "sequence length {t} exceeds the model's context {}",
+                model.cfg.n_ctx
+            );
         }
         let expected = match kind {
             PretrainKind::Causal => Arch::Decoder,
@@ -149,7 +156,12 @@ impl LmObjective {
     }
 
     /// Builds (tokens, targets) for one batch starting at `start` of `split`.
-    fn batch(&mut self, from_val: bool, start: usize, rng_seed: Option<u64>) -> (Vec<u32>, Vec<u32>) {
+    fn batch(
+        &mut self,
+        from_val: bool,
+        start: usize,
+        rng_seed: Option<u64>,
+    ) -> (Vec<u32>, Vec<u32>) {
         let (b, t) = (self.b, self.t);
         let set = if from_val { &self.val } else { &self.train };
         read_wrapping(set, start, &mut self.buf);
@@ -176,10 +188,22 @@ impl LmObjective {
         }
     }
 
-    fn forward_loss(&mut self, model: &Model, tokens: &[u32], targets: &[u32]) -> (f64, usize, usize) {
+    fn forward_loss(
+        &mut self,
+        model: &Model,
+        tokens: &[u32],
+        targets: &[u32],
+    ) -> (f64, usize, usize) {
         let (b, t) = (self.b, self.t);
         let positions: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
-        let input = Input { tokens, positions: &positions, valid: None, segments: None, b, t };
+        let input = Input {
+            tokens,
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b,
+            t,
+        };
         model.forward(&mut self.acts, &input);
         model.lm_head(&mut self.acts, targets, 1.0);
         let mut loss = 0.0f64;
@@ -193,7 +217,10 @@ impl LmObjective {
             loss -= self.acts.logp[i] as f64;
             count += 1;
             let row = &self.acts.logits[i * v..(i + 1) * v];
-            let argmax = row.iter().enumerate().fold(0, |best, (j, &p)| if p > row[best] { j } else { best });
+            let argmax = row
+                .iter()
+                .enumerate()
+                .fold(0, |best, (j, &p)| if p > row[best] { j } else { best });
             if argmax as u32 == tg {
                 correct += 1;
             }
@@ -209,19 +236,29 @@ impl Objective for LmObjective {
         self.pos = (self.pos + n) % self.train.len();
         let (loss, count, correct) = self.forward_loss(model, &tokens, &targets);
         let w = -grad_scale / count.max(1) as f32;
-        let dlogp: Vec<f32> = targets.iter().map(|&tg| if tg == IGNORE { 0.0 } else { w }).collect();
+        let dlogp: Vec<f32> = targets
+            .iter()
+            .map(|&tg| if tg == IGNORE { 0.0 } else { w })
+            .collect();
         model.lm_head_backward(&mut self.acts, &dlogp, None);
         model.backward(&mut self.acts);
         let mut extra = Metrics::new();
         if self.kind == PretrainKind::Mlm {
             extra.insert("mlm_acc".into(), correct as f64 / count.max(1) as f64);
         }
-        Ok(StepStats { loss, tokens: n, extra })
+        Ok(StepStats {
+            loss,
+            tokens: n,
+            extra,
+        })
     }
 
     fn evaluate(&mut self, model: &Model) -> Result<Metrics> {
         let n = self.b * self.t;
-        let batches = self.eval_batches.max(1).min(self.val.len().div_ceil(n).max(1));
+        let batches = self
+            .eval_batches
+            .max(1)
+            .min(self.val.len().div_ceil(n).max(1));
         let (mut loss, mut count, mut correct) = (0.0, 0usize, 0usize);
         let mut freq = std::collections::HashMap::<u32, usize>::new();
         for i in 0..batches {
@@ -249,16 +286,28 @@ impl Objective for LmObjective {
     }
 
     fn sample(&mut self, model: &Model) -> Result<Option<String>> {
-        let Some(tok) = &self.tokenizer else { return Ok(None) };
+        let Some(tok) = &self.tokenizer else {
+            return Ok(None);
+        };
         if self.kind != PretrainKind::Causal {
             return Ok(None);
         }
         let opts = GenerateOptions {
             max_new_tokens: 48.min(model.cfg.n_ctx - 1),
-            sampling: Sampling { temperature: 0.8, top_k: 40, top_p: 1.0 },
+            sampling: Sampling {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 1.0,
+            },
             stop_tokens: vec![special::EOT],
         };
-        let out = kiln_model::generate(model, &[vec![special::EOT]], &opts, &mut self.sample_rng, |_, _| {})?;
+        let out = kiln_model::generate(
+            model,
+            &[vec![special::EOT]],
+            &opts,
+            &mut self.sample_rng,
+            |_, _| {},
+        )?;
         Ok(Some(tok.decode_skip_special(&out[0])))
     }
 
@@ -272,7 +321,8 @@ impl Objective for LmObjective {
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
-        let s: LmState = serde_json::from_value(state.clone()).context("trainer_state.json: objective state")?;
+        let s: LmState =
+            serde_json::from_value(state.clone()).context("trainer_state.json: objective state")?;
         self.pos = s.pos;
         self.rng = ChaCha8Rng::from_seed(s.rng);
         self.rng.set_word_pos(s.rng_word);
@@ -290,7 +340,15 @@ mod tests {
         let (mut chosen, mut masked, mut random, mut kept, mut eligible) = (0, 0, 0, 0, 0);
         for s in 0..2000 {
             // Sequences with special tokens sprinkled in, which must never be chosen.
-            let orig: Vec<u32> = (0..64).map(|i| if (i + s) % 9 == 0 { special::EOT } else { 100 + ((i * 7 + s) % 300) as u32 }).collect();
+            let orig: Vec<u32> = (0..64)
+                .map(|i| {
+                    if (i + s) % 9 == 0 {
+                        special::EOT
+                    } else {
+                        100 + ((i * 7 + s) % 300) as u32
+                    }
+                })
+                .collect();
             let mut toks = orig.clone();
             let targets = mlm_mask(&mut toks, 500, 0.15, &mut rng);
             for i in 0..64 {
@@ -319,9 +377,21 @@ mod tests {
         let rate = chosen as f64 / eligible as f64;
         assert!((rate - 0.15).abs() < 0.01, "chosen rate {rate}");
         let c = chosen as f64;
-        assert!((masked as f64 / c - 0.8).abs() < 0.02, "mask {}", masked as f64 / c);
+        assert!(
+            (masked as f64 / c - 0.8).abs() < 0.02,
+            "mask {}",
+            masked as f64 / c
+        );
         // A random token may equal the original by chance (1/492): that counts as kept.
-        assert!((random as f64 / c - 0.1).abs() < 0.02, "random {}", random as f64 / c);
-        assert!((kept as f64 / c - 0.1).abs() < 0.02, "kept {}", kept as f64 / c);
+        assert!(
+            (random as f64 / c - 0.1).abs() < 0.02,
+            "random {}",
+            random as f64 / c
+        );
+        assert!(
+            (kept as f64 / c - 0.1).abs() < 0.02,
+            "kept {}",
+            kept as f64 / c
+        );
     }
 }

@@ -34,18 +34,34 @@ pub struct RmGroup {
 
 /// Renders preference records into groups fitting `max_len` tokens. Responses that do not fit are
 /// dropped; a group left with fewer than two ranked responses is skipped. Returns (groups, skipped).
-pub fn render_groups(enc: &dyn TextEncoder, template: &ChatTemplate, records: &[PrefRecord], max_len: usize) -> Result<(Vec<RmGroup>, usize)> {
+pub fn render_groups(
+    enc: &dyn TextEncoder,
+    template: &ChatTemplate,
+    records: &[PrefRecord],
+    max_len: usize,
+) -> Result<(Vec<RmGroup>, usize)> {
     let mut out = Vec::new();
     let mut skipped = 0;
     for (i, rec) in records.iter().enumerate() {
         let (prompt, responses, ranks, score) = match rec {
-            PrefRecord::Ranked(r) => (&r.prompt, r.choices.iter().map(|c| c.0.clone()).collect::<Vec<_>>(), r.choices.iter().map(|c| c.1).collect::<Vec<_>>(), None),
-            PrefRecord::Scored { prompt, response, score } => (prompt, vec![response.clone()], Vec::new(), Some(*score)),
+            PrefRecord::Ranked(r) => (
+                &r.prompt,
+                r.choices.iter().map(|c| c.0.clone()).collect::<Vec<_>>(),
+                r.choices.iter().map(|c| c.1).collect::<Vec<_>>(),
+                None,
+            ),
+            PrefRecord::Scored {
+                prompt,
+                response,
+                score,
+            } => (prompt, vec![response.clone()], Vec::new(), Some(*score)),
         };
         let mut seqs = Vec::new();
         let mut kept_ranks = Vec::new();
         for (j, resp) in responses.iter().enumerate() {
-            let r = template.render_prompt_response(enc, prompt, resp).with_context(|| format!("record {i}"))?;
+            let r = template
+                .render_prompt_response(enc, prompt, resp)
+                .with_context(|| format!("record {i}"))?;
             if let Some(fit) = fit_example(&r, max_len) {
                 seqs.push(fit.tokens);
                 if !ranks.is_empty() {
@@ -53,9 +69,17 @@ pub fn render_groups(enc: &dyn TextEncoder, template: &ChatTemplate, records: &[
                 }
             }
         }
-        let usable = if score.is_some() { seqs.len() == 1 } else { !expand_pairs(&kept_ranks).is_empty() };
+        let usable = if score.is_some() {
+            seqs.len() == 1
+        } else {
+            !expand_pairs(&kept_ranks).is_empty()
+        };
         if usable {
-            out.push(RmGroup { seqs, ranks: kept_ranks, score });
+            out.push(RmGroup {
+                seqs,
+                ranks: kept_ranks,
+                score,
+            });
         } else {
             skipped += 1;
         }
@@ -83,14 +107,24 @@ pub fn score_rows(model: &Model, acts: &mut Activations, seqs: &[Vec<u32>]) -> V
     for (r, s) in seqs.iter().enumerate() {
         let row: Vec<u32> = match model.cfg.arch {
             // The encoder reads its score at a [CLS] token (<|endoftext|>) in front.
-            Arch::Encoder => std::iter::once(ids::EOT).chain(s.iter().copied()).take(t).collect(),
+            Arch::Encoder => std::iter::once(ids::EOT)
+                .chain(s.iter().copied())
+                .take(t)
+                .collect(),
             Arch::Decoder => s.clone(),
         };
         let n = row.len().min(t);
         tokens[r * t..r * t + n].copy_from_slice(&row[..n]);
         valid[r * t..r * t + n].fill(true);
     }
-    let input = Input { tokens: &tokens, positions: &positions, valid: Some(&valid), segments: None, b, t };
+    let input = Input {
+        tokens: &tokens,
+        positions: &positions,
+        valid: Some(&valid),
+        segments: None,
+        b,
+        t,
+    };
     model.forward(acts, &input);
     let all = model.score_head(acts);
     seqs.iter()
@@ -136,7 +170,11 @@ fn group_loss(g: &RmGroup, r: &[f32], loss: RmLoss, margin: f32) -> (f64, Vec<f3
             // −log σ(x) = softplus(−x); its derivative is −σ(−x).
             RmLoss::Pairwise | RmLoss::Mse => {
                 let x = diff - margin;
-                let l = if x > 0.0 { (-x).exp().ln_1p() } else { -x + x.exp().ln_1p() };
+                let l = if x > 0.0 {
+                    (-x).exp().ln_1p()
+                } else {
+                    -x + x.exp().ln_1p()
+                };
                 (l, -1.0 / (1.0 + x.exp()))
             }
             RmLoss::Hinge => {
@@ -155,7 +193,17 @@ fn group_loss(g: &RmGroup, r: &[f32], loss: RmLoss, margin: f32) -> (f64, Vec<f3
 }
 
 impl RmObjective {
-    pub fn new(model: &Model, train: Vec<RmGroup>, val: Vec<RmGroup>, loss: RmLoss, margin: f32, center: f32, groups_per_batch: usize, t: usize, seed: u64) -> Result<Self> {
+    pub fn new(
+        model: &Model,
+        train: Vec<RmGroup>,
+        val: Vec<RmGroup>,
+        loss: RmLoss,
+        margin: f32,
+        center: f32,
+        groups_per_batch: usize,
+        t: usize,
+        seed: u64,
+    ) -> Result<Self> {
         if !model.cfg.score_head {
             bail!("the reward model needs a score head");
         }
@@ -165,8 +213,23 @@ impl RmObjective {
         if loss == RmLoss::Mse && train.iter().any(|g| g.score.is_none()) {
             bail!("--loss mse needs scored data ({{\"input\",\"output\",\"score\"}} records)");
         }
-        let max_k = train.iter().chain(&val).map(|g| g.seqs.len()).max().unwrap_or(1);
+        let max_k = train
+            .iter()
+            .chain(&val)
+            .map(|g| g.seqs.len())
+            .max()
+            .unwrap_or(1);
         let rows = groups_per_batch * max_k;
+        // Rows as long as the longest response needs (plus the encoder's [CLS]), not the whole context:
+        // padding costs as much as tokens.
+        let longest = train
+            .iter()
+            .chain(&val)
+            .flat_map(|g| g.seqs.iter())
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1);
+        let t = t.min(longest + (model.cfg.arch == Arch::Encoder) as usize);
         let mut s = RmObjective {
             train,
             val,
@@ -186,7 +249,8 @@ impl RmObjective {
 
     fn shuffle(&mut self) {
         self.order = (0..self.train.len()).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(7_000_003).wrapping_add(self.epoch));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(7_000_003).wrapping_add(self.epoch));
         self.order.shuffle(&mut rng);
     }
 
@@ -267,13 +331,22 @@ impl Objective for RmObjective {
         if pairs > 0 {
             extra.insert("acc".into(), correct as f64 / pairs as f64);
         }
-        let tokens = groups.iter().flat_map(|g| g.seqs.iter()).map(|s| s.len()).sum();
-        Ok(StepStats { loss: loss + center_loss, tokens, extra })
+        let tokens = groups
+            .iter()
+            .flat_map(|g| g.seqs.iter())
+            .map(|s| s.len())
+            .sum();
+        Ok(StepStats {
+            loss: loss + center_loss,
+            tokens,
+            extra,
+        })
     }
 
     fn evaluate(&mut self, model: &Model) -> Result<Metrics> {
         let val = std::mem::take(&mut self.val);
-        let (mut pairs, mut correct, mut margin_sum, mut loss_sum) = (0usize, 0usize, 0.0f64, 0.0f64);
+        let (mut pairs, mut correct, mut margin_sum, mut loss_sum) =
+            (0usize, 0usize, 0.0f64, 0.0f64);
         let (mut preds, mut targets) = (Vec::new(), Vec::new());
         for chunk in val.chunks(self.groups_per_batch) {
             let refs: Vec<&RmGroup> = chunk.iter().collect();
@@ -304,18 +377,31 @@ impl Objective for RmObjective {
         }
         if !preds.is_empty() {
             let k = preds.len() as f64;
-            m.insert("mse".into(), preds.iter().zip(&targets).map(|(p, t)| (p - t).powi(2)).sum::<f64>() / k);
+            m.insert(
+                "mse".into(),
+                preds
+                    .iter()
+                    .zip(&targets)
+                    .map(|(p, t)| (p - t).powi(2))
+                    .sum::<f64>()
+                    / k,
+            );
             m.insert("corr".into(), pearson(&preds, &targets));
         }
         Ok(m)
     }
 
     fn state(&self) -> serde_json::Value {
-        serde_json::to_value(RmState { epoch: self.epoch, idx: self.idx }).unwrap()
+        serde_json::to_value(RmState {
+            epoch: self.epoch,
+            idx: self.idx,
+        })
+        .unwrap()
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
-        let s: RmState = serde_json::from_value(state.clone()).context("trainer_state.json: RM state")?;
+        let s: RmState =
+            serde_json::from_value(state.clone()).context("trainer_state.json: RM state")?;
         self.epoch = s.epoch;
         self.idx = s.idx;
         self.shuffle();
@@ -338,7 +424,11 @@ mod tests {
 
     #[test]
     fn pairwise_loss_and_gradient_by_hand() {
-        let g = RmGroup { seqs: vec![vec![], vec![], vec![]], ranks: vec![1, 2, 2], score: None };
+        let g = RmGroup {
+            seqs: vec![vec![], vec![], vec![]],
+            ranks: vec![1, 2, 2],
+            score: None,
+        };
         let r = [1.0f32, 0.0, -1.0];
         let (l, d) = group_loss(&g, &r, RmLoss::Pairwise, 0.0);
         // Pairs (0,1) and (0,2); the tie (1,2) is never paired.
@@ -354,12 +444,20 @@ mod tests {
 
     #[test]
     fn hinge_and_mse_by_hand() {
-        let g = RmGroup { seqs: vec![vec![], vec![]], ranks: vec![2, 1], score: None };
+        let g = RmGroup {
+            seqs: vec![vec![], vec![]],
+            ranks: vec![2, 1],
+            score: None,
+        };
         let (l, d) = group_loss(&g, &[0.2, 0.0], RmLoss::Hinge, 1.0);
         // Better is index 1: margin 1 − (0 − 0.2) = 1.2.
         assert!((l - 1.2).abs() < 1e-6);
         assert_eq!(d, vec![1.0, -1.0]);
-        let s = RmGroup { seqs: vec![vec![]], ranks: vec![], score: Some(0.5) };
+        let s = RmGroup {
+            seqs: vec![vec![]],
+            ranks: vec![],
+            score: Some(0.5),
+        };
         let (l, d) = group_loss(&s, &[1.5], RmLoss::Mse, 0.0);
         assert!((l - 1.0).abs() < 1e-6);
         assert_eq!(d, vec![2.0]);

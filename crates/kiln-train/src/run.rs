@@ -13,7 +13,10 @@ pub struct RunDir {
 
 /// Writes a small file atomically (temporary name, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -22,16 +25,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     {
         let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()?;
     }
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
 impl RunDir {
     pub fn create(root: &Path) -> Result<Self> {
-        fs::create_dir_all(root).with_context(|| format!("creating run directory {}", root.display()))?;
+        fs::create_dir_all(root)
+            .with_context(|| format!("creating run directory {}", root.display()))?;
         Ok(RunDir {
             root: root.to_path_buf(),
         })
@@ -74,7 +80,12 @@ impl RunDir {
     }
 
     /// Writes checkpoint `step`, points `latest` at it, and keeps only the newest `keep_last`.
-    pub fn save_checkpoint(&self, step: u64, files: &[(String, Vec<u8>)], keep_last: usize) -> Result<PathBuf> {
+    pub fn save_checkpoint(
+        &self,
+        step: u64,
+        files: &[(String, Vec<u8>)],
+        keep_last: usize,
+    ) -> Result<PathBuf> {
         let name = Self::checkpoint_name(step);
         let dir = self.root.join(&name);
         write_checkpoint_dir(&dir, files)?;
@@ -118,22 +129,41 @@ impl RunDir {
     /// checkpoint, the run starts over, so the metrics a killed run logged are discarded.
     pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
         for name in recover_interrupted(&self.root)? {
-            eprintln!("note: restored {} after an interrupted checkpoint write", self.root.join(name).display());
+            eprintln!(
+                "note: restored {} after an interrupted checkpoint write",
+                self.root.join(name).display()
+            );
         }
         let newest = self.checkpoints()?.pop();
         if let Ok(name) = fs::read_to_string(self.root.join("latest")) {
             let p = self.root.join(name.trim());
-            let named_step = name.trim().strip_prefix("ckpt-").and_then(|n| n.parse::<u64>().ok());
-            if p.join(CHECKSUMS_FILE).exists() && newest.as_ref().is_none_or(|(s, _)| named_step.is_none_or(|n| n >= *s)) {
+            let named_step = name
+                .trim()
+                .strip_prefix("ckpt-")
+                .and_then(|n| n.parse::<u64>().ok());
+            if p.join(CHECKSUMS_FILE).exists()
+                && newest
+                    .as_ref()
+                    .is_none_or(|(s, _)| named_step.is_none_or(|n| n >= *s))
+            {
                 return Ok(Some(p));
             }
         }
         match newest {
-            Some((_, p)) => Ok(Some(p)),
+            Some((step, p)) => {
+                // Point `latest` at it, so what reads the run directory next (the next stage,
+                // `generate`) sees the same checkpoint even if no new one is written.
+                write_atomic(
+                    &self.root.join("latest"),
+                    Self::checkpoint_name(step).as_bytes(),
+                )?;
+                Ok(Some(p))
+            }
             None => {
                 let metrics = self.root.join("metrics.jsonl");
                 if metrics.exists() {
-                    fs::remove_file(&metrics).with_context(|| format!("removing {}", metrics.display()))?;
+                    fs::remove_file(&metrics)
+                        .with_context(|| format!("removing {}", metrics.display()))?;
                 }
                 Ok(None)
             }
@@ -144,7 +174,11 @@ impl RunDir {
 /// Deletes a checkpoint: first renamed to a hidden name, so a kill in the middle never leaves a
 /// partly deleted directory that still looks complete.
 fn remove_checkpoint(dir: &Path) {
-    let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let name = dir
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
     let parent = dir.parent().unwrap_or(Path::new("."));
     let hidden = parent.join(format!(".{name}.del-{}", std::process::id()));
     if fs::rename(dir, &hidden).is_ok() {

@@ -159,7 +159,12 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// Runs (or, with `resume`, continues) training to `cfg.max_steps`.
-    pub fn train(&self, model: &mut Model, obj: &mut dyn Objective, resume: bool) -> Result<TrainSummary> {
+    pub fn train(
+        &self,
+        model: &mut Model,
+        obj: &mut dyn Objective,
+        resume: bool,
+    ) -> Result<TrainSummary> {
         let cfg = &self.cfg;
         if cfg.grad_accum == 0 || cfg.batch_size == 0 {
             bail!("batch_size and grad_accum must be at least 1");
@@ -187,22 +192,39 @@ impl<'a> Trainer<'a> {
             if let Some(dir) = self.run.latest_checkpoint()? {
                 let resumed = kiln_model::checkpoint::load_model(&dir)?;
                 if resumed.cfg != model.cfg {
-                    bail!("{}: checkpoint of another architecture than this run's model", dir.display());
+                    bail!(
+                        "{}: checkpoint of another architecture than this run's model",
+                        dir.display()
+                    );
                 }
                 model.params = resumed.params;
-                let st: TrainerState = serde_json::from_slice(&read_checked(&dir, "trainer_state.json")?)
-                    .with_context(|| format!("{}/trainer_state.json", dir.display()))?;
+                let st: TrainerState =
+                    serde_json::from_slice(&read_checked(&dir, "trainer_state.json")?)
+                        .with_context(|| format!("{}/trainer_state.json", dir.display()))?;
                 let opt_bytes = read_checked(&dir, "optimizer.safetensors")?;
-                opt.load_bytes(model, &opt_bytes, st.step, &format!("{}/optimizer.safetensors", dir.display()))?;
+                opt.load_bytes(
+                    model,
+                    &opt_bytes,
+                    st.step,
+                    &format!("{}/optimizer.safetensors", dir.display()),
+                )?;
                 obj.restore(&st.objective)?;
                 step = st.step;
                 skipped = st.skipped_non_finite;
                 tokens_seen = st.tokens_seen;
                 eval_start = st.eval_start;
                 self.run.truncate_metrics_after(step)?;
-                eprintln!("[{}] resumed from {} (step {step})", self.label, dir.display());
+                eprintln!(
+                    "[{}] resumed from {} (step {step})",
+                    self.label,
+                    dir.display()
+                );
             } else {
-                eprintln!("[{}] --resume: no checkpoint in {}; starting fresh", self.label, self.run.root.display());
+                eprintln!(
+                    "[{}] --resume: no checkpoint in {}; starting fresh",
+                    self.label,
+                    self.run.root.display()
+                );
             }
         }
         let mut summary = TrainSummary::default();
@@ -235,7 +257,14 @@ impl<'a> Trainer<'a> {
         let mut run_tokens = 0u64;
         let mut consecutive_bad = 0u64;
         let mut last_loss = f64::NAN;
-        let save = |model: &Model, opt: &AdamW, obj: &dyn Objective, step: u64, skipped: u64, tokens_seen: u64, eval_start: &Metrics| -> Result<()> {
+        let save = |model: &Model,
+                    opt: &AdamW,
+                    obj: &dyn Objective,
+                    step: u64,
+                    skipped: u64,
+                    tokens_seen: u64,
+                    eval_start: &Metrics|
+         -> Result<()> {
             let mut files = model_files(model)?;
             files.push(("optimizer.safetensors".into(), opt.to_bytes(model)?));
             let st = TrainerState {
@@ -280,7 +309,9 @@ impl<'a> Trainer<'a> {
                     step + 1
                 );
                 match cfg.non_finite {
-                    NonFinite::Stop => bail!("{msg}; stopping (the last checkpoint holds the last good weights)"),
+                    NonFinite::Stop => {
+                        bail!("{msg}; stopping (the last checkpoint holds the last good weights)")
+                    }
                     NonFinite::Skip => say(&pb, format!("[{}] warning: {msg}", self.label)),
                 }
                 if consecutive_bad >= cfg.max_non_finite {
@@ -305,7 +336,14 @@ impl<'a> Trainer<'a> {
             let last = step == cfg.max_steps;
             if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || last {
                 let m = obj.evaluate(model)?;
-                say(&pb, format!("[{}] step {step} loss {loss:.4} {}", self.label, fmt_metrics(&m)));
+                say(
+                    &pb,
+                    format!(
+                        "[{}] step {step} loss {loss:.4} {}",
+                        self.label,
+                        fmt_metrics(&m)
+                    ),
+                );
                 for (k, v) in &m {
                     line[format!("val_{k}")] = serde_json::json!(v);
                 }
@@ -313,7 +351,10 @@ impl<'a> Trainer<'a> {
             }
             if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
                 if let Some(s) = obj.sample(model)? {
-                    say(&pb, format!("[{}] sample: {}", self.label, s.replace('\n', " ")));
+                    say(
+                        &pb,
+                        format!("[{}] sample: {}", self.label, s.replace('\n', " ")),
+                    );
                 }
             }
             self.run.log(&line)?;
@@ -322,7 +363,9 @@ impl<'a> Trainer<'a> {
                 save(model, &opt, obj, step, skipped, tokens_seen, &eval_start)?;
             }
             if stop {
-                pb.abandon_with_message(format!("interrupted at step {step}; resume with --resume"));
+                pb.abandon_with_message(format!(
+                    "interrupted at step {step}; resume with --resume"
+                ));
                 summary.interrupted = true;
                 break;
             }

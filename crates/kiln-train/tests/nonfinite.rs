@@ -27,7 +27,11 @@ struct Faulty {
 
 impl Faulty {
     fn new(faults: &[(u64, Fault)]) -> Self {
-        Faulty { faults: faults.iter().copied().collect(), step: 0, seen: Vec::new() }
+        Faulty {
+            faults: faults.iter().copied().collect(),
+            step: 0,
+            seen: Vec::new(),
+        }
     }
 }
 
@@ -49,10 +53,18 @@ impl Objective for Faulty {
             Some(Fault::InfGrad) => model.grads[7] = f32::NEG_INFINITY,
             None => {}
         }
-        Ok(StepStats { loss, tokens: 1, extra: BTreeMap::new() })
+        Ok(StepStats {
+            loss,
+            tokens: 1,
+            extra: BTreeMap::new(),
+        })
     }
     fn evaluate(&mut self, model: &Model) -> Result<Metrics> {
-        let l: f64 = model.params.iter().map(|&p| ((p - 0.5) * (p - 0.5)) as f64).sum();
+        let l: f64 = model
+            .params
+            .iter()
+            .map(|&p| ((p - 0.5) * (p - 0.5)) as f64)
+            .sum();
         Ok(Metrics::from([("loss".to_string(), l)]))
     }
     fn state(&self) -> serde_json::Value {
@@ -65,7 +77,15 @@ impl Objective for Faulty {
 }
 
 fn model() -> Model {
-    let cfg = ModelConfig { vocab_size: 8, n_ctx: 4, n_layer: 1, n_head: 1, n_embd: 4, arch: Arch::Decoder, score_head: false };
+    let cfg = ModelConfig {
+        vocab_size: 8,
+        n_ctx: 4,
+        n_layer: 1,
+        n_head: 1,
+        n_embd: 4,
+        arch: Arch::Decoder,
+        score_head: false,
+    };
     Model::new(cfg, 7)
 }
 
@@ -84,9 +104,19 @@ fn train_cfg(max_steps: u64) -> TrainConfig {
     }
 }
 
-fn train(dir: &std::path::Path, cfg: TrainConfig, obj: &mut Faulty) -> (Result<kiln_train::TrainSummary>, Model) {
+fn train(
+    dir: &std::path::Path,
+    cfg: TrainConfig,
+    obj: &mut Faulty,
+) -> (Result<kiln_train::TrainSummary>, Model) {
     let run = RunDir::create(dir).unwrap();
-    let trainer = Trainer { cfg, run: &run, extra_files: Vec::new(), progress: false, label: "test".into() };
+    let trainer = Trainer {
+        cfg,
+        run: &run,
+        extra_files: Vec::new(),
+        progress: false,
+        label: "test".into(),
+    };
     let mut m = model();
     let r = trainer.train(&mut m, obj, false);
     (r, m)
@@ -95,7 +125,12 @@ fn train(dir: &std::path::Path, cfg: TrainConfig, obj: &mut Faulty) -> (Result<k
 #[test]
 fn a_bad_step_is_skipped_and_counted_with_the_weights_untouched() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = [(3, Fault::NanLoss), (5, Fault::InfGrad), (6, Fault::NanGrad), (9, Fault::InfLoss)];
+    let faults = [
+        (3, Fault::NanLoss),
+        (5, Fault::InfGrad),
+        (6, Fault::NanGrad),
+        (9, Fault::InfLoss),
+    ];
     let mut obj = Faulty::new(&faults);
     let (r, m) = train(dir.path(), train_cfg(10), &mut obj);
     let s = r.unwrap();
@@ -107,14 +142,22 @@ fn a_bad_step_is_skipped_and_counted_with_the_weights_untouched() {
     for step in 1..10u64 {
         let (before, after) = (&seen[step as usize - 1], &seen[step as usize]);
         if faults.iter().any(|(s, _)| *s == step) {
-            assert_eq!(before, after, "step {step} was bad: the weights must not change");
+            assert_eq!(
+                before, after,
+                "step {step} was bad: the weights must not change"
+            );
         } else {
-            assert_ne!(before, after, "step {step} was good: the weights must change");
+            assert_ne!(
+                before, after,
+                "step {step} was good: the weights must change"
+            );
         }
     }
     // The count is also in the checkpoint's trainer state.
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("ckpt-0000010/trainer_state.json")).unwrap()).unwrap();
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("ckpt-0000010/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(st["skipped_non_finite"], 4);
 }
 
@@ -151,12 +194,18 @@ fn stop_policy_fails_and_keeps_the_last_good_checkpoint() {
     let mut obj = Faulty::new(&[(5, Fault::NanGrad)]);
     let (r, _) = train(dir.path(), cfg, &mut obj);
     let err = format!("{:#}", r.unwrap_err());
-    assert!(err.contains("step 5") && err.contains("non-finite") && err.contains("stopping"), "{err}");
+    assert!(
+        err.contains("step 5") && err.contains("non-finite") && err.contains("stopping"),
+        "{err}"
+    );
     let run = RunDir::create(dir.path()).unwrap();
     let last = run.latest_checkpoint().unwrap().unwrap();
     assert!(last.ends_with("ckpt-0000004"), "{}", last.display());
     let good = kiln_model::checkpoint::load_model(&last).unwrap();
-    assert_eq!(good.params, obj.seen[4], "the last checkpoint holds the weights step 5 started from");
+    assert_eq!(
+        good.params, obj.seen[4],
+        "the last checkpoint holds the weights step 5 started from"
+    );
     assert!(!dir.path().join("ckpt-0000005").exists());
 }
 
@@ -173,15 +222,28 @@ fn too_many_consecutive_bad_steps_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = train_cfg(20);
     cfg.max_non_finite = 3;
-    let faults = [(4, Fault::NanLoss), (5, Fault::InfGrad), (6, Fault::NanGrad), (7, Fault::NanLoss)];
+    let faults = [
+        (4, Fault::NanLoss),
+        (5, Fault::InfGrad),
+        (6, Fault::NanGrad),
+        (7, Fault::NanLoss),
+    ];
     let mut obj = Faulty::new(&faults);
     let (r, _) = train(dir.path(), cfg.clone(), &mut obj);
     let err = format!("{:#}", r.unwrap_err());
-    assert!(err.contains("3 consecutive non-finite steps") && err.contains("diverged"), "{err}");
+    assert!(
+        err.contains("3 consecutive non-finite steps") && err.contains("diverged"),
+        "{err}"
+    );
     assert_eq!(obj.step, 6, "stopped at the third bad step in a row");
     // As many bad steps, not in a row, are skipped and the run completes.
     let dir2 = tempfile::tempdir().unwrap();
-    let spread = [(4, Fault::NanLoss), (6, Fault::InfGrad), (8, Fault::NanGrad), (10, Fault::InfLoss)];
+    let spread = [
+        (4, Fault::NanLoss),
+        (6, Fault::InfGrad),
+        (8, Fault::NanGrad),
+        (10, Fault::InfLoss),
+    ];
     let mut obj2 = Faulty::new(&spread);
     let (r2, _) = train(dir2.path(), cfg, &mut obj2);
     assert_eq!(r2.unwrap().skipped_non_finite, 4);
@@ -198,5 +260,8 @@ fn a_diverging_learning_rate_is_reported() {
     let mut obj = Faulty::new(&[]);
     let (r, _) = train(dir.path(), cfg, &mut obj);
     let err = format!("{:#}", r.unwrap_err());
-    assert!(err.contains("diverged") && err.contains("learning rate"), "{err}");
+    assert!(
+        err.contains("diverged") && err.contains("learning rate"),
+        "{err}"
+    );
 }

@@ -8,7 +8,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn cfg(score: bool) -> ModelConfig {
-    ModelConfig { vocab_size: 24, n_ctx: 24, n_layer: 1, n_head: 2, n_embd: 16, arch: Arch::Decoder, score_head: score }
+    ModelConfig {
+        vocab_size: 24,
+        n_ctx: 24,
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 16,
+        arch: Arch::Decoder,
+        score_head: score,
+    }
 }
 
 fn run(dir: &std::path::Path, beta: f32, iterations: u64, resume: bool) -> PpoSummary {
@@ -40,7 +48,11 @@ fn run(dir: &std::path::Path, beta: f32, iterations: u64, resume: bool) -> PpoSu
         reference: actor.clone(),
         actor,
         critic: rm.clone(),
-        reward: RewardModel { model: rm, mean: 0.0, std: 1.0 },
+        reward: RewardModel {
+            model: rm,
+            mean: 0.0,
+            std: 1.0,
+        },
         prompts,
         stop_tokens: vec![5],
         run: &run_dir,
@@ -62,7 +74,10 @@ fn first_minibatch_ratio_is_exactly_one() {
     let dir = tempfile::tempdir().unwrap();
     let s = run(dir.path(), 0.05, 3, false);
     for m in &s.history {
-        assert_eq!(m["first_ratio_err"], 0.0, "rollout and training forward passes disagree: {m:?}");
+        assert_eq!(
+            m["first_ratio_err"], 0.0,
+            "rollout and training forward passes disagree: {m:?}"
+        );
         assert!(m["approx_kl"].is_finite());
     }
 }
@@ -79,10 +94,22 @@ fn beta_controls_the_drift_from_the_reference() {
     let gain_free = mean(h0, "reward", 12..16) - mean(h0, "reward", 0..4);
     let gain_pinned = mean(h1, "reward", 12..16) - mean(h1, "reward", 0..4);
     eprintln!("β=0: KL {kl_free:.4}, reward gain {gain_free:.4}; β=5: KL {kl_pinned:.4}, reward gain {gain_pinned:.4}");
-    assert!(gain_free > 0.1, "with β = 0 the reward should rise: {gain_free}");
-    assert!(kl_free > 4.0 * kl_pinned.abs().max(1e-3), "KL: free {kl_free}, pinned {kl_pinned}");
-    assert!(kl_pinned.abs() < 0.1, "a large β keeps the policy near the reference: KL {kl_pinned}");
-    assert!(gain_free > gain_pinned, "reward rises faster without the penalty");
+    assert!(
+        gain_free > 0.1,
+        "with β = 0 the reward should rise: {gain_free}"
+    );
+    assert!(
+        kl_free > 4.0 * kl_pinned.abs().max(1e-3),
+        "KL: free {kl_free}, pinned {kl_pinned}"
+    );
+    assert!(
+        kl_pinned.abs() < 0.1,
+        "a large β keeps the policy near the reference: KL {kl_pinned}"
+    );
+    assert!(
+        gain_free > gain_pinned,
+        "reward rises faster without the penalty"
+    );
 }
 
 #[test]

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Kiln against PyTorch eager on the standard benchmark shapes (issue 9).
+#
+# Runs `kiln bench` and shared/bench/torch_gpt_bench.py alternately for ROUNDS rounds (so both see the
+# same machine load), then prints the median tokens/s of each, their ratio, and peak memory, for
+# training, generation at batch 1 and generation at batch 16; then a kiln-only scaling table (train
+# tok/s over context length and over width). Without PyTorch it prints the kiln figures only.
+#
+# Environment: ROUNDS (3), THREADS (2), KILN (./target/release/kiln, built if missing),
+# TORCH_PY (/tmp/torch-venv/bin/python), TORCH_SCRIPT (shared/bench/torch_gpt_bench.py),
+# SCALING (1; 0 skips the scaling table).
+set -u
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+THREADS=${THREADS:-2}
+KILN=${KILN:-./target/release/kiln}
+TORCH_PY=${TORCH_PY:-/tmp/torch-venv/bin/python}
+SCALING=${SCALING:-1}
+if [ -z "${TORCH_SCRIPT:-}" ]; then
+    for c in shared/bench/torch_gpt_bench.py /work/shared/bench/torch_gpt_bench.py; do
+        [ -f "$c" ] && TORCH_SCRIPT=$c && break
+    done
+fi
+TORCH_SCRIPT=${TORCH_SCRIPT:-}
+
+if [ ! -x "$KILN" ]; then
+    echo "building $KILN ..." >&2
+    cargo build --release -q || exit 1
+fi
+
+HAVE_TORCH=0
+if [ -n "$TORCH_SCRIPT" ] && [ -x "$TORCH_PY" ] && "$TORCH_PY" -c 'import torch' 2>/dev/null; then
+    HAVE_TORCH=1
+else
+    echo "PyTorch not available (TORCH_PY=$TORCH_PY, TORCH_SCRIPT=${TORCH_SCRIPT:-none}): kiln figures only" >&2
+fi
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# field NAME < line: the value of NAME=... on a RESULT line (empty if absent).
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" | head -n1; }
+
+# median of the numbers on stdin (empty input: empty output).
+median() { sort -g | awk '{v[NR]=$1} END {if (NR) print v[int((NR+1)/2)]}'; }
+
+# run_kiln KEY ARGS...: appends "tok peak" to $TMP/kiln.KEY
+run_kiln() {
+    local key=$1
+    shift
+    local line
+    line=$("$KILN" bench "$@" --threads "$THREADS" 2>/dev/null | grep '^RESULT' | tail -n1)
+    if [ -z "$line" ]; then
+        echo "kiln bench $* failed" >&2
+        return
+    fi
+    echo "$(echo "$line" | field tok_per_s) $(echo "$line" | field peak_mib)" >>"$TMP/kiln.$key"
+}
+
+# run_torch KEY ARGS...: appends "tok peak" to $TMP/torch.KEY; peak RSS from getrusage in a wrapper
+# (the shared script itself is left as it is).
+run_torch() {
+    local key=$1
+    shift
+    local out line peak
+    out=$("$TORCH_PY" -c '
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+' "$TORCH_SCRIPT" "$@" --threads "$THREADS" 2>/dev/null)
+    line=$(echo "$out" | grep '^RESULT' | tail -n1)
+    peak=$(echo "$out" | awk '/^PEAK_KIB/ {printf "%.0f", $2 / 1024}')
+    if [ -z "$line" ]; then
+        echo "torch $* failed" >&2
+        return
+    fi
+    echo "$(echo "$line" | field tok_per_s) $peak" >>"$TMP/torch.$key"
+}
+
+for r in $(seq 1 "$ROUNDS"); do
+    echo "round $r/$ROUNDS ..." >&2
+    run_kiln train train
+    [ $HAVE_TORCH = 1 ] && run_torch train train
+    run_kiln gen1 generate
+    [ $HAVE_TORCH = 1 ] && run_torch gen1 generate --batch 1
+    run_kiln gen16 generate --batch 16
+    [ $HAVE_TORCH = 1 ] && run_torch gen16 generate --batch 16
+done
+
+col() { [ -f "$2" ] && awk -v c="$1" '{print $c}' "$2" | median; }
+
+echo
+echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB)"
+printf "%-22s %10s %10s %8s %10s %10s\n" benchmark kiln torch ratio kiln_MiB torch_MiB
+for key in train gen1 gen16; do
+    case $key in
+        train) name="train (b8 x 256)" ;;
+        gen1) name="generate batch 1" ;;
+        gen16) name="generate batch 16" ;;
+    esac
+    kt=$(col 1 "$TMP/kiln.$key")
+    km=$(col 2 "$TMP/kiln.$key")
+    tt=$(col 1 "$TMP/torch.$key")
+    tm=$(col 2 "$TMP/torch.$key")
+    ratio=-
+    if [ -n "$kt" ] && [ -n "$tt" ]; then
+        ratio=$(awk -v a="$kt" -v b="$tt" 'BEGIN {if (b > 0) printf "%.2fx", a / b; else print "-"}')
+    fi
+    printf "%-22s %10s %10s %8s %10s %10s\n" "$name" "${kt:--}" "${tt:--}" "$ratio" "${km:--}" "${tm:--}"
+done
+
+if [ "$SCALING" != 0 ]; then
+    echo
+    echo "Kiln train scaling (batch 8, 6 layers, vocab 8192, head size 64; tok/s, peak MiB; one run each)"
+    printf "%-28s %10s %10s\n" shape tok_per_s peak_MiB
+    scale_row() {
+        local name=$1
+        shift
+        local line
+        line=$("$KILN" bench train "$@" --warmup 1 --steps 3 --threads "$THREADS" 2>/dev/null | grep '^RESULT' | tail -n1)
+        printf "%-28s %10s %10s\n" "$name" "$(echo "$line" | field tok_per_s)" "$(echo "$line" | field peak_mib)"
+    }
+    for ctx in 256 512 1024; do
+        scale_row "ctx $ctx, width 384" --ctx "$ctx" --dim 384 --heads 6
+    done
+    scale_row "ctx 256, width 256 (4 heads)" --ctx 256 --dim 256 --heads 4
+    scale_row "ctx 256, width 384 (6 heads)" --ctx 256 --dim 384 --heads 6
+    scale_row "ctx 256, width 768 (12 heads)" --ctx 256 --dim 768 --heads 12
+fi
