@@ -178,7 +178,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
             1024,
             3000,
             800,
-            2000,
+            4000,
             40,
         ),
         Size::Full => (
@@ -191,7 +191,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
             2048,
             6000,
             2000,
-            3000,
+            6000,
             80,
         ),
     };
@@ -216,7 +216,8 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
     c.rm.train.ckpt_every = (rm_steps / 2).max(1);
     c.rm.train.warmup_steps = (rm_steps / 10).max(1);
     // A model this small moves little at the 1e-5 that suits large ones.
-    c.ppo.ppo.actor_lr = 1e-4;
+    c.ppo.ppo.actor_lr = 5e-5;
+    c.ppo.ppo.kl_coef = 0.1;
     c.ppo.ppo.critic_lr = 1e-4;
     c.ppo.ppo.iterations = ppo_iters;
     c.ppo.ppo.eval_every = (ppo_iters / 3).max(1);

@@ -366,6 +366,14 @@ fn judge_overrides(
     }
 }
 
+/// After Ctrl-C the stage has saved a checkpoint; say so and exit with the shell's code for SIGINT.
+fn exit_if_interrupted(interrupted: bool, step: u64) {
+    if interrupted {
+        eprintln!("interrupted: checkpoint saved at step {step}; continue with the same command and --resume");
+        std::process::exit(130);
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     let progress = !cli.quiet;
     match cli.cmd {
@@ -391,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg: stages::PretrainConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::pretrain(&cfg, a.train.resume, progress)?;
+            exit_if_interrupted(s.interrupted, s.steps);
             println!(
                 "pretrain: {} steps in {:.1}s ({:.0} tok/s), final {}",
                 s.steps,
@@ -417,6 +426,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::sft(&cfg, a.train.resume, progress)?;
+            exit_if_interrupted(s.interrupted, s.steps);
             println!(
                 "sft: {} steps in {:.1}s, final {}",
                 s.steps,
@@ -443,6 +453,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;
+            exit_if_interrupted(s.interrupted, s.steps);
             println!(
                 "rm: {} steps in {:.1}s, final {}",
                 s.steps,
@@ -467,6 +478,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg: stages::PpoStageConfig = config::build(a.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::ppo(&cfg, a.resume, progress)?;
+            exit_if_interrupted(s.interrupted, s.iterations);
             if let (Some(first), Some(last)) = (s.history.first(), s.history.last()) {
                 println!(
                     "ppo: {} iterations in {:.1}s; reward {:.3} → {:.3}, KL {:.3} → {:.3}",

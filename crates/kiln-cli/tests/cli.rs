@@ -407,3 +407,86 @@ fn real_data_samples_load_and_train_a_few_steps() {
         assert!(o.contains("rm: 2 steps"), "{o}");
     }
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, shards) = prepare_tiny(dir.path());
+    let out = dir.path().join("run");
+    let args = [
+        "--quiet",
+        "pretrain",
+        "--data",
+        s(&shards),
+        "--tokenizer",
+        s(&tok),
+        "--out",
+        s(&out),
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--dim",
+        "32",
+        "--ctx",
+        "32",
+        "--max-steps",
+        "100000",
+        "--batch-size",
+        "4",
+        "--ckpt-every",
+        "0",
+        "--eval-every",
+        "0",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way, then interrupt it as Ctrl-C would.
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+        < 5
+    {
+        assert!(t0.elapsed().as_secs() < 60, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("checkpoint saved at step"), "{err}");
+    let saved = std::fs::read_to_string(out.join("latest")).unwrap();
+    let step: u64 = saved.trim().trim_start_matches("ckpt-").parse().unwrap();
+    assert!(step >= 4 && step < 100_000, "{saved}");
+    // A fresh run into the same folder is refused: it would mix with the saved one.
+    fails(
+        &[
+            "pretrain",
+            "--data",
+            s(&shards),
+            "--tokenizer",
+            s(&tok),
+            "--out",
+            s(&out),
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+            "--dim",
+            "32",
+            "--ctx",
+            "32",
+            "--max-steps",
+            "5",
+        ],
+        "--resume",
+    );
+}

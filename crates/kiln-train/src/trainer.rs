@@ -236,7 +236,7 @@ impl<'a> Trainer<'a> {
                 line[format!("val_{k}")] = serde_json::json!(v);
             }
             self.run.log(&line)?;
-            eprintln!("[{}] step 0 {}", self.label, fmt_metrics(&eval_start));
+            eprintln!("[{}] step 0 | val {}", self.label, fmt_metrics(&eval_start));
         }
         let pb = if self.progress {
             let pb = ProgressBar::new(cfg.max_steps);
@@ -385,8 +385,10 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// Metrics on one line for the console (per-kind breakdowns `acc_*` stay in metrics.jsonl).
 pub fn fmt_metrics(m: &Metrics) -> String {
     m.iter()
+        .filter(|(k, _)| !k.starts_with("acc_"))
         .map(|(k, v)| format!("{k} {v:.4}"))
         .collect::<Vec<_>>()
         .join(" ")
