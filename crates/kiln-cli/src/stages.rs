@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use kiln_data::datasets::{load_preferences, load_sft, LoadOptions};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
-use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
+use kiln_model::memory::{check_memory, training_bytes};
 use kiln_model::{Arch, Model, ModelConfig};
 use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
 use kiln_train::pretrain::{LmObjective, PretrainKind};

@@ -439,7 +439,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
         "--eval-every",
         "0",
     ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -465,7 +465,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
     assert!(err.contains("checkpoint saved at step"), "{err}");
     let saved = std::fs::read_to_string(out.join("latest")).unwrap();
     let step: u64 = saved.trim().trim_start_matches("ckpt-").parse().unwrap();
-    assert!(step >= 4 && step < 100_000, "{saved}");
+    assert!((4..100_000).contains(&step), "{saved}");
     // A fresh run into the same folder is refused: it would mix with the saved one.
     fails(
         &[

@@ -31,7 +31,7 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             bail!(
                 "model config: n_head ({}) must divide n_embd ({})",
                 self.n_head,

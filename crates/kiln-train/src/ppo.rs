@@ -193,6 +193,9 @@ pub struct RewardModel {
     pub std: f32,
 }
 
+/// Turns token ids into text.
+pub type Decode<'a> = Box<dyn Fn(&[u32]) -> String + 'a>;
+
 /// Evaluates a policy on held-out prompts (e.g. the demo judge); returns metrics.
 pub type PolicyEval<'a> = Box<dyn FnMut(&Model) -> Result<Metrics> + 'a>;
 
@@ -209,7 +212,7 @@ pub struct Ppo<'a> {
     pub extra_files: Vec<(String, Vec<u8>)>,
     pub eval: Option<PolicyEval<'a>>,
     /// Turns tokens into text for the logged samples.
-    pub decode: Box<dyn Fn(&[u32]) -> String + 'a>,
+    pub decode: Decode<'a>,
     pub progress: bool,
 }
 
@@ -259,7 +262,7 @@ impl<'a> Ppo<'a> {
         if !self.critic.cfg.score_head || !self.reward.model.cfg.score_head {
             bail!("the critic and the reward model need a score head");
         }
-        if self.cfg.rollout_batch % self.cfg.minibatch != 0 {
+        if !self.cfg.rollout_batch.is_multiple_of(self.cfg.minibatch) {
             bail!(
                 "rollout_batch ({}) must be a multiple of minibatch ({})",
                 self.cfg.rollout_batch,
@@ -630,7 +633,7 @@ impl<'a> Ppo<'a> {
             m.insert("first_ratio_err".into(), first_ratio_err);
             st.beta = update_beta(st.beta, mean_kl as f32, cfg.kl_target, n, cfg.kl_horizon);
             let last = st.iteration == cfg.iterations;
-            if (cfg.eval_every > 0 && st.iteration % cfg.eval_every == 0) || last {
+            if (cfg.eval_every > 0 && st.iteration.is_multiple_of(cfg.eval_every)) || last {
                 if let Some(f) = self.eval.as_mut() {
                     for (k, v) in f(&self.actor)? {
                         m.insert(format!("eval_{k}"), v);
@@ -654,7 +657,7 @@ impl<'a> Ppo<'a> {
                 m["reward"], m["kl"], m["response_len"]
             ));
             pb.set_position(st.iteration);
-            if st.iteration == 1 || st.iteration % cfg.eval_every.max(1) == 0 || last {
+            if st.iteration == 1 || st.iteration.is_multiple_of(cfg.eval_every.max(1)) || last {
                 say(&pb, format!(
                     "[ppo] it {} reward {:.3} kl {:.3} beta {:.4} ent {:.3} clip {:.3} vloss {:.4} len {:.1}{} | {}",
                     st.iteration, m["reward"], m["kl"], m["beta"], m["entropy"], m["clip_frac"], m["value_loss"], m["response_len"],
@@ -668,7 +671,7 @@ impl<'a> Ppo<'a> {
                 .filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v)))
                 .collect();
             let stop = STOP.load(Ordering::SeqCst);
-            if (cfg.ckpt_every > 0 && st.iteration % cfg.ckpt_every == 0) || last || stop {
+            if (cfg.ckpt_every > 0 && st.iteration.is_multiple_of(cfg.ckpt_every)) || last || stop {
                 st.rng = rng.get_seed();
                 st.rng_word = rng.get_word_pos();
                 st.actor_updates = actor_opt.step;

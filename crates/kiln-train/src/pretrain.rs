@@ -88,6 +88,7 @@ pub struct LmObjective {
 }
 
 impl LmObjective {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: PretrainKind,
         data_dir: &Path,
@@ -104,7 +105,7 @@ impl LmObjective {
             .with_context(|| format!("opening the val shards in {}", data_dir.display()))?;
         let vocab = model.cfg.vocab_size;
         for (name, set) in [("train", &train), ("val", &val)] {
-            if set.len() == 0 {
+            if set.is_empty() {
                 bail!("{}: the {name} split has no tokens", data_dir.display());
             }
             if set.vocab_size() > vocab {

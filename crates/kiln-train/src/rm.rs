@@ -193,6 +193,7 @@ fn group_loss(g: &RmGroup, r: &[f32], loss: RmLoss, margin: f32) -> (f64, Vec<f3
 }
 
 impl RmObjective {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &Model,
         train: Vec<RmGroup>,

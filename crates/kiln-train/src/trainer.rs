@@ -334,7 +334,7 @@ impl<'a> Trainer<'a> {
             pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
             pb.set_position(step);
             let last = step == cfg.max_steps;
-            if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || last {
+            if (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || last {
                 let m = obj.evaluate(model)?;
                 say(
                     &pb,
@@ -349,7 +349,7 @@ impl<'a> Trainer<'a> {
                 }
                 summary.eval = m;
             }
-            if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
+            if cfg.sample_every > 0 && step.is_multiple_of(cfg.sample_every) {
                 if let Some(s) = obj.sample(model)? {
                     say(
                         &pb,
@@ -359,7 +359,7 @@ impl<'a> Trainer<'a> {
             }
             self.run.log(&line)?;
             let stop = STOP.load(Ordering::SeqCst);
-            if (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || last || stop {
+            if (cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every)) || last || stop {
                 save(model, &opt, obj, step, skipped, tokens_seen, &eval_start)?;
             }
             if stop {
