@@ -219,12 +219,6 @@ impl<'a> Trainer<'a> {
                     self.label,
                     dir.display()
                 );
-            } else {
-                eprintln!(
-                    "[{}] --resume: no checkpoint in {}; starting fresh",
-                    self.label,
-                    self.run.root.display()
-                );
             }
         }
         let mut summary = TrainSummary::default();
@@ -339,7 +333,7 @@ impl<'a> Trainer<'a> {
                 say(
                     &pb,
                     format!(
-                        "[{}] step {step} loss {loss:.4} {}",
+                        "[{}] step {step} train loss {loss:.4} | val {}",
                         self.label,
                         fmt_metrics(&m)
                     ),
