@@ -176,6 +176,24 @@ fn disjoint_mut<'a, const N: usize>(
     ranges.map(|r| unsafe { std::slice::from_raw_parts_mut(ptr.add(r.start), r.len()) })
 }
 
+/// A linear layer's backward that OVERWRITES d(input) (its buffer needs no zeroing first) and
+/// accumulates the weight and bias gradients.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward_overwrite(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    i: usize,
+    o: usize,
+) {
+    k::matmul(dinp, dout, w, n, o, i, false, true, false);
+    k::linear_backward(None, dw, Some(db), dout, inp, w, n, i, o);
+}
+
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Model({:?}, {} parameters)", self.cfg, self.params.len())
@@ -457,21 +475,10 @@ impl Model {
             // Input gradients that nothing else adds into are written, not accumulated, by the
             // matmuls (no zeroing pass over the scratch), and gelu's backward runs in place.
             let [dw, db] = disjoint_mut(g, [&o.fcproj_w, &o.fcproj_b]);
-            k::matmul(
+            linear_backward_overwrite(
                 &mut acts.dfch_gelu,
-                &acts.dres,
-                &p[o.fcproj_w.clone()],
-                n,
-                c,
-                4 * c,
-                false,
-                true,
-                false,
-            );
-            k::linear_backward(
-                None,
                 dw,
-                Some(db),
+                db,
                 &acts.dres,
                 &a.fch_gelu,
                 &p[o.fcproj_w.clone()],
@@ -481,21 +488,10 @@ impl Model {
             );
             k::gelu_backward_inplace(&mut acts.dfch_gelu, &a.fch);
             let [dw, db] = disjoint_mut(g, [&o.fc_w, &o.fc_b]);
-            k::matmul(
+            linear_backward_overwrite(
                 &mut acts.dln,
-                &acts.dfch_gelu,
-                &p[o.fc_w.clone()],
-                n,
-                4 * c,
-                c,
-                false,
-                true,
-                false,
-            );
-            k::linear_backward(
-                None,
                 dw,
-                Some(db),
+                db,
                 &acts.dfch_gelu,
                 &a.ln2,
                 &p[o.fc_w.clone()],
@@ -518,21 +514,10 @@ impl Model {
             );
             // res2 = x + attn(x): dres is now d(res2).
             let [dw, db] = disjoint_mut(g, [&o.proj_w, &o.proj_b]);
-            k::matmul(
+            linear_backward_overwrite(
                 &mut acts.datty,
-                &acts.dres,
-                &p[o.proj_w.clone()],
-                n,
-                c,
-                c,
-                false,
-                true,
-                false,
-            );
-            k::linear_backward(
-                None,
                 dw,
-                Some(db),
+                db,
                 &acts.dres,
                 &a.atty,
                 &p[o.proj_w.clone()],
@@ -543,21 +528,10 @@ impl Model {
             acts.dqkv.fill(0.0);
             k::attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, c, nh);
             let [dw, db] = disjoint_mut(g, [&o.attn_w, &o.attn_b]);
-            k::matmul(
+            linear_backward_overwrite(
                 &mut acts.dln,
-                &acts.dqkv,
-                &p[o.attn_w.clone()],
-                n,
-                3 * c,
-                c,
-                false,
-                true,
-                false,
-            );
-            k::linear_backward(
-                None,
                 dw,
-                Some(db),
+                db,
                 &acts.dqkv,
                 &a.ln1,
                 &p[o.attn_w.clone()],
