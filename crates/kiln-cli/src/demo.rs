@@ -181,18 +181,19 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
             4000,
             40,
         ),
+        // Demo documents and answers are short: a 64-token context loses little and halves the cost.
         Size::Full => (
             ModelShape {
                 n_layer: 6,
                 n_head: 6,
                 n_embd: 192,
-                n_ctx: 128,
+                n_ctx: 64,
             },
             2048,
-            6000,
-            2000,
-            6000,
-            80,
+            4000,
+            1500,
+            5000,
+            60,
         ),
     };
     c.corpus.vocab_size = vocab;
