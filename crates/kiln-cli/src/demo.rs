@@ -414,6 +414,9 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     ppo.out = out.join("ppo");
     ppo.judge = cfg.judge.clone();
     ppo.ppo.seed = cfg.seed;
+    if ppo.ppo.ptx_coef > 0.0 && ppo.ptx_data.is_none() {
+        ppo.ptx_data = Some(shards.clone());
+    }
     stage("ppo", &ppo.out.clone(), &mut results, || {
         let s = stages::ppo(&ppo, true, progress)?;
         Ok(StageResult {

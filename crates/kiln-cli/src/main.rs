@@ -335,6 +335,12 @@ struct PpoArgs {
     /// Target KL per sequence for the adaptive β (0: fixed β).
     #[arg(long)]
     kl_target: Option<f64>,
+    /// PPO-ptx: weight of the pretraining loss mixed into the policy updates (needs --ptx-data).
+    #[arg(long)]
+    ptx_coef: Option<f64>,
+    /// Pretraining shards (from `kiln data prepare`) for PPO-ptx.
+    #[arg(long)]
+    ptx_data: Option<PathBuf>,
     #[arg(long)]
     judge_world: Option<PathBuf>,
     #[arg(long)]
@@ -473,6 +479,8 @@ fn run(cli: Cli) -> Result<()> {
             o.opt("ppo.iterations", a.iterations);
             o.opt("ppo.kl_coef", a.kl_coef);
             o.opt("ppo.kl_target", a.kl_target);
+            o.opt("ppo.ptx_coef", a.ptx_coef);
+            o.path("ptx_data", &a.ptx_data);
             o.opt("ppo.seed", a.seed);
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
             let cfg: stages::PpoStageConfig = config::build(a.config.as_deref(), o)?;

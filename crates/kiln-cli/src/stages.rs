@@ -498,6 +498,8 @@ pub struct PpoStageConfig {
     pub prompts: PathBuf,
     pub out: PathBuf,
     pub judge: Option<JudgeConfig>,
+    /// Pretraining shards for PPO-ptx (used when `ppo.ptx_coef` > 0).
+    pub ptx_data: Option<PathBuf>,
     pub ppo: PpoConfig,
 }
 
@@ -510,6 +512,7 @@ impl Default for PpoStageConfig {
             prompts: PathBuf::from("prompts.jsonl"),
             out: PathBuf::from("runs/ppo"),
             judge: None,
+            ptx_data: None,
             ppo: PpoConfig::default(),
         }
     }
@@ -562,6 +565,21 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
     let meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
+    let ptx: Option<Box<dyn kiln_train::Objective>> = match (&cfg.ptx_data, cfg.ppo.ptx_coef > 0.0)
+    {
+        (Some(dir), true) => Some(Box::new(LmObjective::new(
+            PretrainKind::Causal,
+            dir,
+            &actor.model,
+            cfg.ppo.minibatch,
+            actor.model.cfg.n_ctx,
+            1,
+            cfg.ppo.seed,
+            Some(actor.tokenizer.clone()),
+        )?)),
+        (None, true) => bail!("ppo.ptx_coef > 0 needs ptx_data (pretraining shards)"),
+        _ => None,
+    };
     let tok2 = actor.tokenizer.clone();
     let mut ppo = Ppo {
         cfg: cfg.ppo.clone(),
@@ -580,6 +598,7 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         eval,
         decode: Box::new(move |t| tok2.decode_skip_special(t)),
         progress,
+        ptx,
     };
     ppo.train(resume)
 }

@@ -49,6 +49,9 @@ pub struct PpoConfig {
     pub value_clip: f32,
     pub vf_coef: f32,
     pub entropy_coef: f32,
+    /// PPO-ptx (InstructGPT): add this × the pretraining LM loss to every policy update (0: off;
+    /// needs `Ppo::ptx`).
+    pub ptx_coef: f32,
     pub grad_clip: f32,
     /// Clip the normalised RM score to ±this (0: off).
     pub reward_clip: f32,
@@ -81,6 +84,7 @@ impl Default for PpoConfig {
             value_clip: 0.2,
             vf_coef: 1.0,
             entropy_coef: 0.0,
+            ptx_coef: 0.0,
             grad_clip: 1.0,
             reward_clip: 5.0,
             missing_end_penalty: -1.0,
@@ -183,6 +187,9 @@ struct PpoState {
     /// Optimizer updates taken (AdamW's bias correction depends on them).
     actor_updates: u64,
     critic_updates: u64,
+    /// Data position of the PPO-ptx objective.
+    #[serde(default)]
+    ptx: serde_json::Value,
     history: Vec<Metrics>,
 }
 
@@ -214,6 +221,8 @@ pub struct Ppo<'a> {
     /// Turns tokens into text for the logged samples.
     pub decode: Decode<'a>,
     pub progress: bool,
+    /// PPO-ptx: the pretraining objective mixed into the policy updates with `cfg.ptx_coef`.
+    pub ptx: Option<Box<dyn crate::trainer::Objective + 'a>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -261,6 +270,12 @@ impl<'a> Ppo<'a> {
         }
         if !self.critic.cfg.score_head || !self.reward.model.cfg.score_head {
             bail!("the critic and the reward model need a score head");
+        }
+        if self.cfg.ptx_coef > 0.0 && self.ptx.is_none() {
+            bail!(
+                "ptx_coef is {} but no pretraining data was given for PPO-ptx",
+                self.cfg.ptx_coef
+            );
         }
         if !self.cfg.rollout_batch.is_multiple_of(self.cfg.minibatch) {
             bail!(
@@ -469,6 +484,7 @@ impl<'a> Ppo<'a> {
             rng_word: 0,
             actor_updates: 0,
             critic_updates: 0,
+            ptx: serde_json::Value::Null,
             history: Vec::new(),
         };
         let mut summary = PpoSummary::default();
@@ -531,6 +547,7 @@ impl<'a> Ppo<'a> {
                 .collect();
             let ro = self.rollout(&ids_, st.beta, &mut rng, &epoch_orders[0], t)?;
             let mut m = Metrics::new();
+            let (mut ptx_loss, mut ptx_steps) = (0.0f64, 0usize);
             let (mut clipped, mut ntok, mut approx_kl, mut ent_sum, mut vloss_sum, mut pg_sum) =
                 (0usize, 0usize, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
             let mut first_ratio_err = 0.0f64;
@@ -569,6 +586,14 @@ impl<'a> Ppo<'a> {
                     self.actor
                         .lm_head_backward(&mut acts, &dlogp, use_ent.then_some(&dent[..]));
                     self.actor.backward(&mut acts);
+                    if cfg.ptx_coef > 0.0 {
+                        let ptx = self
+                            .ptx
+                            .as_mut()
+                            .context("ptx_coef > 0 needs pretraining data (ptx_data)")?;
+                        ptx_loss += ptx.micro_step(&mut self.actor, cfg.ptx_coef)?.loss;
+                        ptx_steps += 1;
+                    }
                     clip_grad_norm(&mut self.actor, cfg.grad_clip);
                     actor_opt.update(&mut self.actor, cfg.actor_lr);
                     // Critic: clipped value loss.
@@ -631,6 +656,9 @@ impl<'a> Ppo<'a> {
                 ro.spans.iter().filter(|s| s.2).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
+            if ptx_steps > 0 {
+                m.insert("ptx_loss".into(), ptx_loss / ptx_steps as f64);
+            }
             st.beta = update_beta(st.beta, mean_kl as f32, cfg.kl_target, n, cfg.kl_horizon);
             let last = st.iteration == cfg.iterations;
             if (cfg.eval_every > 0 && st.iteration.is_multiple_of(cfg.eval_every)) || last {
@@ -676,6 +704,7 @@ impl<'a> Ppo<'a> {
                 st.rng_word = rng.get_word_pos();
                 st.actor_updates = actor_opt.step;
                 st.critic_updates = critic_opt.step;
+                st.ptx = self.ptx.as_ref().map(|p| p.state()).unwrap_or_default();
                 self.save(&actor_opt, &critic_opt, &st)?;
             }
             if stop {
@@ -743,6 +772,11 @@ impl<'a> Ppo<'a> {
         self.critic.params = params_from_tensors(&ccfg, &tensors, &what)?;
         let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, "ppo_state.json")?)?;
         *st = serde_json::from_value(v["state"].clone()).context("ppo_state.json")?;
+        if let Some(p) = self.ptx.as_mut() {
+            if !st.ptx.is_null() {
+                p.restore(&st.ptx)?;
+            }
+        }
         actor_opt.load_bytes(
             &self.actor,
             &read_checked(dir, "optimizer.safetensors")?,

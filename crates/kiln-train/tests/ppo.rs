@@ -60,6 +60,7 @@ fn run(dir: &std::path::Path, beta: f32, iterations: u64, resume: bool) -> PpoSu
         eval: None,
         decode: Box::new(|t| format!("{t:?}")),
         progress: false,
+        ptx: None,
     };
     ppo.train(resume).unwrap()
 }
@@ -133,4 +134,81 @@ fn resume_continues_exactly() {
         assert_eq!(a["kl"], b["kl"]);
         assert_eq!(a["value_loss"], b["value_loss"]);
     }
+}
+
+/// Records how PPO calls the PPO-ptx objective.
+struct CountingPtx {
+    calls: std::rc::Rc<std::cell::RefCell<Vec<f32>>>,
+}
+
+impl kiln_train::Objective for CountingPtx {
+    fn micro_step(
+        &mut self,
+        model: &mut Model,
+        grad_scale: f32,
+    ) -> anyhow::Result<kiln_train::StepStats> {
+        self.calls.borrow_mut().push(grad_scale);
+        // A gradient that only this objective produces: the policy update must include it.
+        model.grads[0] += grad_scale;
+        Ok(kiln_train::StepStats {
+            loss: 2.0,
+            tokens: 1,
+            extra: Default::default(),
+        })
+    }
+    fn evaluate(&mut self, _: &Model) -> anyhow::Result<kiln_train::Metrics> {
+        Ok(Default::default())
+    }
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!(self.calls.borrow().len())
+    }
+    fn restore(&mut self, _: &serde_json::Value) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn ppo_ptx_mixes_the_pretraining_loss_into_every_policy_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let actor = Model::new(cfg(false), 1);
+    let rm = Model::new(cfg(true), 2);
+    let run_dir = RunDir::create(dir.path()).unwrap();
+    let mut ppo = Ppo {
+        cfg: PpoConfig {
+            iterations: 2,
+            rollout_batch: 16,
+            minibatch: 8,
+            ppo_epochs: 2,
+            max_new_tokens: 4,
+            ptx_coef: 0.5,
+            ..PpoConfig::default()
+        },
+        reference: actor.clone(),
+        actor,
+        critic: rm.clone(),
+        reward: RewardModel {
+            model: rm,
+            mean: 0.0,
+            std: 1.0,
+        },
+        prompts: (0..16).map(|i| vec![8 + (i % 10) as u32, 9]).collect(),
+        stop_tokens: vec![5],
+        run: &run_dir,
+        extra_files: vec![],
+        eval: None,
+        decode: Box::new(|t| format!("{t:?}")),
+        progress: false,
+        ptx: Some(Box::new(CountingPtx {
+            calls: calls.clone(),
+        })),
+    };
+    let s = ppo.train(false).unwrap();
+    // 2 iterations × 2 epochs × 2 minibatches, each with the coefficient as the gradient scale.
+    assert_eq!(*calls.borrow(), vec![0.5; 8]);
+    assert_eq!(s.history[0]["ptx_loss"], 2.0);
+    // Without data, a positive coefficient is refused up front.
+    ppo.ptx = None;
+    let err = ppo.train(false).unwrap_err().to_string();
+    assert!(err.contains("ptx"), "{err}");
 }
