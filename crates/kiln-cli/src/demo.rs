@@ -284,6 +284,9 @@ pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
                 size,
                 1337,
             );
+            println!("# A Kiln pipeline. Name your data: corpus.input, sft.data / sft.val_data, rm.data / rm.val_data,");
+            println!("# ppo.prompts (and judge, for the demo world only). Paths between stages (pretrain.data,");
+            println!("# pretrain.tokenizer, sft.init, rm.init, ppo.actor, ppo.reward_model, every out) are derived from `out`.");
             print!("{}", toml::to_string_pretty(&cfg)?);
             Ok(())
         }
