@@ -192,8 +192,8 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
             2048,
             4000,
             1500,
-            5000,
-            60,
+            3000,
+            40,
         ),
     };
     c.corpus.vocab_size = vocab;
