@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use kiln_data::datasets::{load_preferences, load_sft, LoadOptions};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
-use kiln_model::memory::{check_memory, training_bytes};
+use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
 use kiln_model::{Arch, Model, ModelConfig};
 use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
 use kiln_train::pretrain::{LmObjective, PretrainKind};
@@ -562,6 +562,15 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     let eval = judge.map(|j| {
         Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
     });
+    // Trainable actor and critic, frozen reference and reward model, and rollout scoring.
+    let row_len = kiln_train::ppo::row_len(&prompts, cfg.ppo.max_new_tokens, actor.model.cfg.n_ctx);
+    check_memory(
+        training_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true)
+            + training_bytes(&critic.cfg, cfg.ppo.minibatch, row_len, false)
+            + 4 * (actor.model.params.len() + rm.model.params.len())
+            + activation_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true),
+        "PPO",
+    )?;
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
     let meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);

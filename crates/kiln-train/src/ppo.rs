@@ -238,8 +238,7 @@ pub struct PpoSummary {
 impl<'a> Ppo<'a> {
     /// Sequence length of the training rows: the longest prompt plus the response budget.
     fn row_len(&self) -> usize {
-        let longest = self.prompts.iter().map(|p| p.len()).max().unwrap_or(1);
-        (longest + self.cfg.max_new_tokens).min(self.actor.cfg.n_ctx)
+        row_len(&self.prompts, self.cfg.max_new_tokens, self.actor.cfg.n_ctx)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -791,6 +790,12 @@ impl<'a> Ppo<'a> {
         )?;
         Ok(())
     }
+}
+
+/// Length of PPO's training rows: the longest prompt plus the response budget, within the context.
+pub fn row_len(prompts: &[Vec<u32>], max_new_tokens: usize, n_ctx: usize) -> usize {
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+    (longest + max_new_tokens).min(n_ctx)
 }
 
 fn prompt_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
