@@ -153,6 +153,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
     c.sft.val_data = Some(d("sft_val.jsonl"));
     c.rm.data = vec![d("rm_train.jsonl")];
     c.rm.val_data = Some(d("rm_val.jsonl"));
+    c.rm.test_data = Some(d("rm_heldout.jsonl"));
     c.ppo.prompts = d("ppo_prompts.jsonl");
     let (shape, vocab, pre_steps, sft_steps, rm_steps, ppo_iters) = match size {
         Size::Tiny => (
@@ -178,7 +179,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
             1024,
             3000,
             800,
-            4000,
+            6000,
             40,
         ),
         // Demo documents and answers are short: a 64-token context loses little and halves the cost.
@@ -190,9 +191,9 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
                 n_ctx: 64,
             },
             2048,
-            4000,
+            3500,
             1500,
-            3000,
+            4000,
             40,
         ),
     };
@@ -242,7 +243,9 @@ pub fn run_data_and_demo_config(a: &DemoArgs) -> Result<PipelineConfig> {
     }
     let data = a.out.join("data");
     if kiln_demo::DemoManifest::load(&data)
-        .map(|m| m.seed == a.seed && m.size == a.size)
+        .map(|m| {
+            m.seed == a.seed && m.size == a.size && m.format_version == kiln_demo::FORMAT_VERSION
+        })
         .unwrap_or(false)
     {
         eprintln!("[data] reusing the demo data in {}", data.display());

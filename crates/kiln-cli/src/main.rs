@@ -299,6 +299,9 @@ struct RmArgs {
     data: Vec<PathBuf>,
     #[arg(long)]
     val_data: Option<PathBuf>,
+    /// Rankings evaluated once at the end (never trained on), reported as test_acc.
+    #[arg(long)]
+    test_data: Option<PathBuf>,
     #[arg(long)]
     out: Option<PathBuf>,
     /// pairwise | hinge | mse
@@ -450,6 +453,7 @@ fn run(cli: Cli) -> Result<()> {
             o.path("init", &a.init);
             o.paths("data", &a.data);
             o.path("val_data", &a.val_data);
+            o.path("test_data", &a.test_data);
             o.path("out", &a.out);
             o.opt("loss", a.loss.clone());
             o.opt("margin", a.margin);

@@ -85,7 +85,7 @@ pub fn write_report(
     let summary = serde_json::json!({
         "pretrain": {"val_loss": get(results, "pretrain", "loss", true), "val_loss_start": get(results, "pretrain", "loss", false), "val_ppl": get(results, "pretrain", "ppl", true), "accuracy": acc("pretrained", "accuracy")},
         "sft": {"val_loss": get(results, "sft", "loss", true), "accuracy": acc("SFT", "accuracy"), "well_formed": acc("SFT", "well_formed"), "ended": acc("SFT", "ended"), "rm_score": acc("SFT", "rm_score")},
-        "rm": {"accuracy": get(results, "rm", "acc", true), "accuracy_start": get(results, "rm", "acc", false), "margin": get(results, "rm", "margin", true)},
+        "rm": {"accuracy": get(results, "rm", "acc", true), "accuracy_start": get(results, "rm", "acc", false), "margin": get(results, "rm", "margin", true), "accuracy_heldout": get(results, "rm", "test_acc", true)},
         "ppo": {"reward_start": hist(0, "reward"), "reward_end": hist(last, "reward"), "kl_end": hist(last, "kl"), "accuracy": acc("PPO", "accuracy"), "well_formed": acc("PPO", "well_formed"), "rm_score": acc("PPO", "rm_score"), "response_len_end": hist(last, "response_len")},
         "seconds": seconds,
         "seed": cfg.seed,
@@ -150,11 +150,12 @@ pub fn write_report(
     )?;
     writeln!(
         md,
-        "| rm | {} | pairwise accuracy {} → {} (margin {}) |",
+        "| rm | {} | pairwise accuracy {} → {} (margin {}); on held-out topics {} |",
         t("rm"),
         f(get(results, "rm", "acc", false)),
         f(get(results, "rm", "acc", true)),
-        f(get(results, "rm", "margin", true))
+        f(get(results, "rm", "margin", true)),
+        f(get(results, "rm", "test_acc", true))
     )?;
     writeln!(
         md,

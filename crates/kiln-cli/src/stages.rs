@@ -4,7 +4,7 @@
 use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE, TOKENIZER_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
-use kiln_data::datasets::{load_preferences, load_sft, LoadOptions};
+use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, Role};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
@@ -362,6 +362,9 @@ pub struct RmConfig {
     pub data: Vec<PathBuf>,
     pub val_data: Option<PathBuf>,
     pub val_fraction: f64,
+    /// Rankings evaluated once at the end and reported as `test_acc` etc., e.g. prompts about
+    /// topics absent from the training data, to see how far the reward model carries.
+    pub test_data: Option<PathBuf>,
     pub out: PathBuf,
     pub seq_len: usize,
     pub loss: RmLoss,
@@ -379,6 +382,7 @@ impl Default for RmConfig {
             data: Vec::new(),
             val_data: None,
             val_fraction: 0.05,
+            test_data: None,
             out: PathBuf::from("runs/rm"),
             seq_len: 0,
             loss: RmLoss::Pairwise,
@@ -462,7 +466,7 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     )?;
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let mut meta = KilnMeta::new("rm", template, &b.tokenizer, cfg.train.seed);
+    let mut meta = KilnMeta::new("rm", template.clone(), &b.tokenizer, cfg.train.seed);
     let tok_path = b.dir.join(TOKENIZER_FILE);
     let trainer = Trainer {
         cfg: cfg.train.clone(),
@@ -471,7 +475,20 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
         progress,
         label: "rm".into(),
     };
-    let summary = trainer.train(&mut model, &mut obj, resume)?;
+    let mut summary = trainer.train(&mut model, &mut obj, resume)?;
+    if let Some(path) = &cfg.test_data {
+        let records = report_skipped("rm", path, load_preferences(path, &opts)?);
+        let (test, _) = render_groups(&b.tokenizer, &template, &records, fit)?;
+        let m = obj.evaluate_groups(&model, &test);
+        eprintln!(
+            "[rm] test ({}): {}",
+            path.display(),
+            kiln_train::trainer::fmt_metrics(&m)
+        );
+        summary
+            .eval
+            .extend(m.into_iter().map(|(k, v)| (format!("test_{k}"), v)));
+    }
     // PPO normalises rewards with the statistics of the training responses.
     let (mean, std) = obj.reward_stats(&model);
     meta.reward_mean = Some(mean as f32);
@@ -557,6 +574,24 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         prompts.len()
     );
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
+    // The judge also grades every rollout answer, to show whether the RM agrees with it.
+    let grader = judge.as_ref().map(|j| {
+        let world = j.world.clone();
+        // The question is the last user turn.
+        let texts: Vec<String> = loaded
+            .records
+            .iter()
+            .map(|r| {
+                let user = r.prompt.iter().rev().find(|m| m.role == Role::User);
+                user.map(|m| m.content.clone()).unwrap_or_default()
+            })
+            .collect();
+        let tok = actor.tokenizer.clone();
+        Box::new(move |i: usize, resp: &[u32]| {
+            let v = world.judge(&texts[i], &tok.decode_skip_special(resp));
+            v.task.map(|_| f64::from(u8::from(v.correct)))
+        }) as kiln_train::ppo::Grader
+    });
     let tok = actor.tokenizer.clone();
     let tpl = template.clone();
     let eval = judge.map(|j| {
@@ -608,6 +643,7 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         decode: Box::new(move |t| tok2.decode_skip_special(t)),
         progress,
         ptx,
+        grader,
     };
     ppo.train(resume)
 }

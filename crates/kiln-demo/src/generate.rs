@@ -18,11 +18,16 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::corpus;
-use crate::task::{Question, MAX_COMPARED, MAX_OPERAND};
+use crate::task::{Question, HEDGE, MAX_COMPARED, MAX_OPERAND};
 use crate::{rng, streams, TaskKind, World};
 
 /// Version of the file formats written here; bump when they change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// How often SFT demonstrations answer "I do not know." to questions that look hard, and to
+/// the others.
+const HEDGE_HARD: f64 = 0.6;
+const HEDGE_EASY: f64 = 0.03;
 
 /// Percentage of each kind's questions held out for PPO, and again for eval.
 const HELD_OUT_PERCENT: usize = 12;
@@ -179,6 +184,9 @@ pub struct DemoFiles {
     pub rm_val: String,
     pub rm_scored_train: String,
     pub rm_scored_val: String,
+    /// Rankings about the eval units, which no stage trains on: how well the reward model
+    /// carries to unseen questions.
+    pub rm_heldout: String,
     pub ppo_prompts: String,
     pub eval_prompts: String,
 }
@@ -194,6 +202,7 @@ impl Default for DemoFiles {
             rm_val: "rm_val.jsonl".into(),
             rm_scored_train: "rm_scored_train.jsonl".into(),
             rm_scored_val: "rm_scored_val.jsonl".into(),
+            rm_heldout: "rm_heldout.jsonl".into(),
             ppo_prompts: "ppo_prompts.jsonl".into(),
             eval_prompts: "eval_prompts.jsonl".into(),
         }
@@ -211,6 +220,7 @@ pub struct DemoCounts {
     pub rm_val: usize,
     pub rm_scored_train: usize,
     pub rm_scored_val: usize,
+    pub rm_heldout: usize,
     pub ppo_prompts: usize,
     pub eval_prompts: usize,
 }
@@ -294,9 +304,23 @@ pub fn generate(out_dir: &Path, seed: u64, size: Size) -> Result<DemoManifest> {
     let sft_train = sft(spec.sft_train, streams::SFT_TRAIN);
     let sft_val = sft(spec.sft_val, streams::SFT_VAL);
 
-    let rm = |n, stream| rank_records(&world, &split.train, n, &mut rng(seed, stream));
+    // As in InstructGPT, the reward model's comparisons cover the prompts PPO will see (its
+    // units, not its exact prompt list); the eval units stay unseen by every stage.
+    let rm_pools: Vec<Vec<Question>> = split
+        .train
+        .iter()
+        .zip(&split.ppo)
+        .map(|(train, ppo)| train.iter().chain(ppo).cloned().collect())
+        .collect();
+    let rm = |n, stream| rank_records(&world, &rm_pools, n, &mut rng(seed, stream));
     let rm_train = rm(spec.rm_train, streams::RM_TRAIN);
     let rm_val = rm(spec.rm_val, streams::RM_VAL);
+    let rm_heldout = rank_records(
+        &world,
+        &split.eval,
+        spec.rm_val,
+        &mut rng(seed, streams::RM_HELDOUT),
+    );
     let rm_scored_train = scored_records(&world, &rm_train);
     let rm_scored_val = scored_records(&world, &rm_val);
 
@@ -326,6 +350,7 @@ pub fn generate(out_dir: &Path, seed: u64, size: Size) -> Result<DemoManifest> {
         &to_jsonl(&rm_scored_train)?,
     )?;
     write_file(out_dir, &files.rm_scored_val, &to_jsonl(&rm_scored_val)?)?;
+    write_file(out_dir, &files.rm_heldout, &to_jsonl(&rm_heldout)?)?;
     write_file(out_dir, &files.ppo_prompts, &to_jsonl(&ppo_prompts)?)?;
     write_file(out_dir, &files.eval_prompts, &to_jsonl(&eval_prompts)?)?;
 
@@ -343,6 +368,7 @@ pub fn generate(out_dir: &Path, seed: u64, size: Size) -> Result<DemoManifest> {
             rm_val: rm_val.len(),
             rm_scored_train: rm_scored_train.len(),
             rm_scored_val: rm_scored_val.len(),
+            rm_heldout: rm_heldout.len(),
             ppo_prompts: ppo_prompts.len(),
             eval_prompts: eval_prompts.len(),
         },
@@ -397,10 +423,14 @@ impl Split {
             eval: questions(&eval),
             held_out: HeldOut {
                 policy: format!(
-                    "ppo and eval prompts are disjoint from each other and from every sft/rm \
-                     prompt: {HELD_OUT_PERCENT}% of each kind's units (operand pairs, \
-                     characters, objects, words) are held out for each. The corpus states \
-                     every fact, but its question/answer paragraphs use training questions only."
+                    "{HELD_OUT_PERCENT}% of each kind's units (operand pairs, characters, \
+                     objects, words) are held out for ppo and another {HELD_OUT_PERCENT}% for \
+                     eval. SFT trains on the other units only; the reward model's rankings \
+                     cover the SFT and ppo units (never the exact ppo prompts' answers by the \
+                     policy); eval units are in no training file (rm_heldout.jsonl ranks \
+                     answers about them, to measure the reward model, never to train it). The \
+                     corpus states every fact, but its question/answer paragraphs use SFT \
+                     questions only."
                 ),
                 ppo,
                 eval,
@@ -540,7 +570,18 @@ fn sft_records(
     balanced(pools, n, rng)
         .iter()
         .map(|q| {
-            let task = q.task(world).expect("pool questions are demo tasks");
+            let mut task = q.task(world).expect("pool questions are demo tasks");
+            // Demonstrations are imperfect, as real ones are: demonstrators hedge on questions
+            // that look hard. SFT copies the habit; the rankings (which always put a hedge
+            // last) are what teach the reward model, and through it PPO, to answer instead.
+            let hedge = if q.looks_hard() {
+                HEDGE_HARD
+            } else {
+                HEDGE_EASY
+            };
+            if rng.gen_bool(hedge) {
+                task.output = HEDGE.to_string();
+            }
             // Tasks without input get "input": "" or no input key at random.
             let input = if !task.input.is_empty() || rng.gen_bool(0.5) {
                 Some(task.input)

@@ -30,7 +30,7 @@ pub use generate::{
     RankChoice, RankRecord, ScoredRecord, SftRecord, Size, SizeSpec, FORMAT_VERSION,
 };
 pub use judge::{JudgeTally, Judgement, KindTally};
-pub use task::{Task, TaskKind, REVERSE_INSTRUCTION};
+pub use task::{Task, TaskKind, HEDGE, REVERSE_INSTRUCTION};
 pub use world::{Character, Object, World};
 
 use rand::SeedableRng;
@@ -59,6 +59,7 @@ pub(crate) mod streams {
     pub const RM_VAL: u64 = 7;
     pub const PPO: u64 = 8;
     pub const EVAL: u64 = 9;
+    pub const RM_HELDOUT: u64 = 10;
 }
 
 /// The random number generator for one stream of one seed.

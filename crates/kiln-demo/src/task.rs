@@ -18,6 +18,9 @@ pub(crate) const MAX_OPERAND: u64 = 20;
 /// Largest number of the `compare` task.
 pub(crate) const MAX_COMPARED: u64 = 99;
 
+/// What a hedging demonstrator writes instead of an answer.
+pub const HEDGE: &str = "I do not know.";
+
 /// Trailing words appended to otherwise correct answers to make them sloppy.
 const JUNK: &[&str] = &[
     "I hope that helps.",
@@ -301,7 +304,7 @@ impl Question {
     }
 
     /// A plausible wrong value: off by one or two, another town or colour, the word not
-    /// reversed or its letters shuffled.
+    /// reversed, its letters shuffled, or another word reversed.
     pub fn wrong_value(&self, world: &World, right: &Value, rng: &mut impl Rng) -> Value {
         match (self, right) {
             (Question::Compare { a, b }, _) => Value::Num(*a.min(b)),
@@ -319,6 +322,12 @@ impl Question {
             }
             (_, Value::Word(reversed)) => {
                 let original: String = reversed.chars().rev().collect();
+                // Another word spelled backwards: what a model that copies badly writes.
+                if rng.gen_bool(0.3) {
+                    if let Some(other) = other_word(&original, &world.words, rng) {
+                        return Value::Word(other.chars().rev().collect());
+                    }
+                }
                 if original != *reversed && rng.gen_bool(0.5) {
                     return Value::Word(original);
                 }
@@ -359,16 +368,80 @@ impl Question {
         }
     }
 
+    /// Whether a human demonstrator would find this question hard enough to hedge: a number of
+    /// 12 or more in a sum or difference, two numbers of 50 or more to compare, a word of five
+    /// letters or more to reverse or count. Facts about characters and objects are never hard.
+    pub fn looks_hard(&self) -> bool {
+        match self {
+            Question::Add { a, b } | Question::Sub { a, b } => *a.max(b) >= 12,
+            Question::Compare { a, b } => *a.min(b) >= 50,
+            Question::Reverse { word } | Question::Count { word } => word.chars().count() >= 5,
+            Question::Lives { .. } | Question::Colour { .. } => false,
+        }
+    }
+
+    /// A question of the same kind about another unit (another operand pair, character,
+    /// object or word), or None when `world` has no other.
+    pub fn other_unit(&self, world: &World, rng: &mut impl Rng) -> Option<Question> {
+        let names: Vec<String> = world.characters.iter().map(|c| c.name.clone()).collect();
+        let objects: Vec<String> = world.objects.iter().map(|o| o.name.clone()).collect();
+        Some(match self {
+            Question::Add { a, b } => Question::Add {
+                a: *a,
+                b: off_by(*b, &[-2, -1, 1, 2], 0, rng)?,
+            },
+            Question::Sub { a, b } => Question::Sub {
+                a: *a,
+                b: off_by(*b, &[-2, -1, 1, 2], 0, rng).filter(|b| b <= a)?,
+            },
+            Question::Compare { a, b } => Question::Compare {
+                a: *a,
+                b: off_by(*b, &[-3, -2, -1, 1, 2, 3], 0, rng).filter(|b| b != a)?,
+            },
+            Question::Lives { name } => Question::Lives {
+                name: other_word(name, &names, rng)?,
+            },
+            Question::Colour { object } => Question::Colour {
+                object: other_word(object, &objects, rng)?,
+            },
+            Question::Reverse { word } => Question::Reverse {
+                word: other_word(word, &world.words, rng)?,
+            },
+            Question::Count { word } => Question::Count {
+                word: other_word(word, &world.words, rng)?,
+            },
+        })
+    }
+
+    /// A right answer to the wrong question: the canonical answer about another unit ("The
+    /// word lake has 4 letters." asked about "arm"). Small models make this mistake on units
+    /// they never saw answered; a reward model shown only wrong values would not penalise it.
+    pub fn wrong_echo(&self, world: &World, rng: &mut impl Rng) -> Option<String> {
+        let other = self.other_unit(world, rng)?;
+        Some(other.render(&other.answer(world)?))
+    }
+
     /// Four answers ranked 1 (best) to 4: canonical; right but sloppy; wrong but well-formed;
-    /// wrong and sloppy. None when this is not a demo task of `world`.
+    /// wrong and not well-formed ("I do not know.", a sloppy wrong value, or a right answer
+    /// about another unit). None when this is not a demo task of `world`.
     pub fn ranked_answers(&self, world: &World, rng: &mut impl Rng) -> Option<[String; 4]> {
         let right = self.answer(world)?;
         let wrong = self.wrong_value(world, &right, rng);
-        let worst = if rng.gen_bool(0.15) {
-            "I do not know.".to_string()
+        let roll: f64 = rng.gen();
+        let echo = if (0.15..0.55).contains(&roll) {
+            // Only where it is not well-formed: a backwards word about another word is, and
+            // `wrong_value` already makes those.
+            self.wrong_echo(world, rng).filter(|e| !self.well_formed(e))
         } else {
-            let wrong = self.wrong_value(world, &right, rng);
-            self.sloppy(&wrong, rng)
+            None
+        };
+        let worst = match echo {
+            Some(echo) => echo,
+            None if roll < 0.15 => HEDGE.to_string(),
+            None => {
+                let wrong = self.wrong_value(world, &right, rng);
+                self.sloppy(&wrong, rng)
+            }
         };
         Some([
             self.render(&right),
@@ -413,6 +486,12 @@ fn off_by(n: u64, offsets: &[i64], min: u64, rng: &mut impl Rng) -> Option<u64> 
         .filter(|&m| m >= min && m != n)
         .collect();
     candidates.choose(rng).copied()
+}
+
+/// A random entry of `options` other than `word`, if there is one.
+fn other_word(word: &str, options: &[String], rng: &mut impl Rng) -> Option<String> {
+    let others: Vec<&String> = options.iter().filter(|o| *o != word).collect();
+    others.choose(rng).map(|o| o.to_string())
 }
 
 /// A random entry of `options` other than `right` (or `fallback` if there is none).

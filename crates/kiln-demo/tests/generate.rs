@@ -7,7 +7,7 @@ use std::path::Path;
 
 use kiln_demo::{
     generate, prompt_text, CorpusDoc, DemoManifest, PromptRecord, RankRecord, ScoredRecord,
-    SftRecord, Size, TaskKind, World,
+    SftRecord, Size, TaskKind, World, HEDGE,
 };
 use serde::de::DeserializeOwned;
 
@@ -19,6 +19,26 @@ fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Vec<T> {
 }
 
 /// All files of a directory, by name.
+/// The generator's notion of a hard question, restated: any number of 12 or more in a sum or
+/// difference, two numbers of 50 or more to compare, a word of five letters or more.
+fn looks_hard(prompt: &str) -> bool {
+    let numbers: Vec<u64> = prompt
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if prompt.starts_with("Which number") {
+        return numbers.iter().all(|&n| n >= 50);
+    }
+    if prompt.starts_with("What is") {
+        return numbers.iter().any(|&n| n >= 12);
+    }
+    let word = prompt
+        .rsplit(|c: char| !c.is_ascii_lowercase())
+        .find(|w| !w.is_empty())
+        .unwrap_or("");
+    (prompt.starts_with("Spell") || prompt.starts_with("How many")) && word.len() >= 5
+}
+
 fn dir_contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fs::read_dir(dir)
         .unwrap()
@@ -45,7 +65,7 @@ fn same_seed_same_bytes_other_seed_other_data() {
         dir_contents(b.path()),
         dir_contents(c.path()),
     );
-    assert_eq!(a.len(), 11, "files: {:?}", a.keys().collect::<Vec<_>>());
+    assert_eq!(a.len(), 12, "files: {:?}", a.keys().collect::<Vec<_>>());
     assert!(a.keys().all(|name| !name.ends_with(".tmp")));
     assert_eq!(a, b);
     for name in [
@@ -88,7 +108,8 @@ fn check(dir: &Path, seed: u64, size: Size) {
     let world = World::load(&dir.join(&files.world)).unwrap();
     assert_eq!(world, World::generate(seed));
 
-    // --- SFT: every output is exactly the canonical answer; both input shapes appear.
+    // --- SFT: every output is the canonical answer or a hedge ("I do not know."), hedges far
+    // more often on questions that look hard; both input shapes appear.
     let sft_train: Vec<SftRecord> = read_jsonl(&dir.join(&files.sft_train));
     let sft_val: Vec<SftRecord> = read_jsonl(&dir.join(&files.sft_val));
     assert_eq!(
@@ -96,8 +117,15 @@ fn check(dir: &Path, seed: u64, size: Size) {
         (spec.sft_train, spec.sft_val)
     );
     let mut kinds = BTreeMap::new();
+    let mut hedges = BTreeMap::new();
     for r in sft_train.iter().chain(&sft_val) {
         let prompt = prompt_text(&r.instruction, r.input.as_deref().unwrap_or(""));
+        let entry = hedges.entry(looks_hard(&prompt)).or_insert([0usize; 2]);
+        entry[1] += 1;
+        if r.output == HEDGE {
+            entry[0] += 1;
+            continue;
+        }
         let j = world.judge(&prompt, &r.output);
         assert!(
             j.correct && j.well_formed && j.score == 1.0,
@@ -114,6 +142,9 @@ fn check(dir: &Path, seed: u64, size: Size) {
         kinds.keys().copied().collect::<Vec<_>>(),
         TaskKind::ALL.to_vec()
     );
+    let rate = |hard: bool| hedges[&hard][0] as f64 / hedges[&hard][1] as f64;
+    assert!(rate(true) > 0.45 && rate(true) < 0.75, "{hedges:?}");
+    assert!(rate(false) < 0.1, "{hedges:?}");
     assert!(
         sft_train.iter().any(|r| r.input.is_none()),
         "no record without input"
@@ -129,9 +160,12 @@ fn check(dir: &Path, seed: u64, size: Size) {
     // --- Ranking: ranks 1-4, judged as intended, scores strictly decreasing with rank.
     let rm_train: Vec<RankRecord> = read_jsonl(&dir.join(&files.rm_train));
     let rm_val: Vec<RankRecord> = read_jsonl(&dir.join(&files.rm_val));
+    let rm_heldout: Vec<RankRecord> = read_jsonl(&dir.join(&files.rm_heldout));
     assert_eq!((rm_train.len(), rm_val.len()), (spec.rm_train, spec.rm_val));
+    assert_eq!(rm_heldout.len(), spec.rm_val);
+    assert_eq!(manifest.counts.rm_heldout, spec.rm_val);
     let mut first_ranked_first = 0;
-    for r in rm_train.iter().chain(&rm_val) {
+    for r in rm_train.iter().chain(&rm_val).chain(&rm_heldout) {
         let mut choices = r.choices.clone();
         first_ranked_first += usize::from(choices[0].rank == 1);
         choices.sort_by_key(|c| c.rank);
@@ -155,7 +189,7 @@ fn check(dir: &Path, seed: u64, size: Size) {
         );
         assert!(verdicts.windows(2).all(|w| w[0].score > w[1].score));
     }
-    let n = rm_train.len() + rm_val.len();
+    let n = rm_train.len() + rm_val.len() + rm_heldout.len();
     assert!(first_ranked_first < n / 2, "choices are not shuffled");
 
     // --- Scored: four per ranking record, scores are the judge's.
@@ -173,15 +207,19 @@ fn check(dir: &Path, seed: u64, size: Size) {
         assert_eq!(seen, BTreeSet::from([0, 2, 6, 10]));
     }
 
-    // --- Held out: ppo and eval prompts are demo tasks never used for training.
-    let mut train_prompts = BTreeSet::new();
-    for r in sft_train.iter().chain(&sft_val) {
-        train_prompts.insert(prompt_text(
-            &r.instruction,
-            r.input.as_deref().unwrap_or(""),
-        ));
-    }
-    train_prompts.extend(rm_train.iter().chain(&rm_val).map(|r| r.input.clone()));
+    // --- Held out: ppo prompts are never SFT prompts; eval prompts (and the held-out rankings)
+    // are in no training file at all.
+    let sft_prompts: BTreeSet<String> = sft_train
+        .iter()
+        .chain(&sft_val)
+        .map(|r| prompt_text(&r.instruction, r.input.as_deref().unwrap_or("")))
+        .collect();
+    let rm_prompts: BTreeSet<String> = rm_train
+        .iter()
+        .chain(&rm_val)
+        .map(|r| r.input.clone())
+        .collect();
+    let train_prompts: BTreeSet<String> = sft_prompts.union(&rm_prompts).cloned().collect();
     let ppo: Vec<PromptRecord> = read_jsonl(&dir.join(&files.ppo_prompts));
     let eval: Vec<PromptRecord> = read_jsonl(&dir.join(&files.eval_prompts));
     assert_eq!(
@@ -196,13 +234,13 @@ fn check(dir: &Path, seed: u64, size: Size) {
         .map(|d| d.text.as_str())
         .collect::<Vec<_>>()
         .join("\n\n");
-    for (records, other) in [(&ppo, &eval), (&eval, &ppo)] {
+    for (records, other, seen) in [(&ppo, &eval, &sft_prompts), (&eval, &ppo, &train_prompts)] {
         let mut kinds = BTreeSet::new();
         for r in records {
             assert_eq!(r.prompt, prompt_text(&r.instruction, &r.input));
             kinds.insert(world.judge(&r.prompt, "").task.expect("a demo task"));
             assert!(
-                !train_prompts.contains(&r.prompt),
+                !seen.contains(&r.prompt),
                 "{:?} is also a training prompt",
                 r.prompt
             );
@@ -219,6 +257,20 @@ fn check(dir: &Path, seed: u64, size: Size) {
         }
         assert_eq!(kinds.len(), TaskKind::ALL.len());
     }
+    for r in &rm_heldout {
+        assert!(
+            !train_prompts.contains(&r.input),
+            "{:?} trained on",
+            r.input
+        );
+        assert!(
+            ppo.iter().all(|p| p.prompt != r.input),
+            "{:?} in ppo",
+            r.input
+        );
+    }
+    // The reward model does rank answers to PPO's questions, so the checks above can fail.
+    assert!(ppo.iter().any(|p| rm_prompts.contains(&p.prompt)));
     // The training side does use questions in the corpus, so the check above can fail.
     assert!(train_prompts
         .iter()

@@ -38,6 +38,11 @@ pub struct PpoConfig {
     pub temperature: f32,
     pub actor_lr: f32,
     pub critic_lr: f32,
+    /// Critic warm-up: the first this many iterations update only the critic (OpenRLHF's
+    /// `freezing_actor_steps`). A critic started from the reward model has only ever scored
+    /// whole answers; until it has learnt values of partial ones, its noise swamps the
+    /// advantages.
+    pub freeze_actor_iters: u64,
     /// KL coefficient (initial value when adaptive).
     pub kl_coef: f32,
     /// Target KL (nats per sequence) for the adaptive controller; 0 keeps β fixed.
@@ -75,6 +80,7 @@ impl Default for PpoConfig {
             temperature: 1.0,
             actor_lr: 1e-5,
             critic_lr: 5e-5,
+            freeze_actor_iters: 0,
             kl_coef: 0.05,
             kl_target: 0.0,
             kl_horizon: 10_000.0,
@@ -206,6 +212,11 @@ pub type Decode<'a> = Box<dyn Fn(&[u32]) -> String + 'a>;
 /// Evaluates a policy on held-out prompts (e.g. the demo judge); returns metrics.
 pub type PolicyEval<'a> = Box<dyn FnMut(&Model) -> Result<Metrics> + 'a>;
 
+/// Grades one sampled response (prompt index, response tokens): 1 right, 0 wrong, None when it
+/// cannot tell. A diagnostic only, never a reward: it shows whether the reward model's scores
+/// agree with a ground truth on the policy's own samples.
+pub type Grader<'a> = Box<dyn Fn(usize, &[u32]) -> Option<f64> + 'a>;
+
 pub struct Ppo<'a> {
     pub cfg: PpoConfig,
     pub actor: Model,
@@ -223,6 +234,9 @@ pub struct Ppo<'a> {
     pub progress: bool,
     /// PPO-ptx: the pretraining objective mixed into the policy updates with `cfg.ptx_coef`.
     pub ptx: Option<Box<dyn crate::trainer::Objective + 'a>>,
+    /// Grades every rollout response: logged as `rollout_acc`, and `rm_gap` (mean normalised
+    /// RM score of responses graded right minus of those graded wrong).
+    pub grader: Option<Grader<'a>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -581,20 +595,25 @@ impl<'a> Ppo<'a> {
                             }
                         }
                     }
-                    let use_ent = cfg.entropy_coef != 0.0;
-                    self.actor
-                        .lm_head_backward(&mut acts, &dlogp, use_ent.then_some(&dent[..]));
-                    self.actor.backward(&mut acts);
-                    if cfg.ptx_coef > 0.0 {
-                        let ptx = self
-                            .ptx
-                            .as_mut()
-                            .context("ptx_coef > 0 needs pretraining data (ptx_data)")?;
-                        ptx_loss += ptx.micro_step(&mut self.actor, cfg.ptx_coef)?.loss;
-                        ptx_steps += 1;
+                    if st.iteration >= cfg.freeze_actor_iters {
+                        let use_ent = cfg.entropy_coef != 0.0;
+                        self.actor.lm_head_backward(
+                            &mut acts,
+                            &dlogp,
+                            use_ent.then_some(&dent[..]),
+                        );
+                        self.actor.backward(&mut acts);
+                        if cfg.ptx_coef > 0.0 {
+                            let ptx = self
+                                .ptx
+                                .as_mut()
+                                .context("ptx_coef > 0 needs pretraining data (ptx_data)")?;
+                            ptx_loss += ptx.micro_step(&mut self.actor, cfg.ptx_coef)?.loss;
+                            ptx_steps += 1;
+                        }
+                        clip_grad_norm(&mut self.actor, cfg.grad_clip);
+                        actor_opt.update(&mut self.actor, cfg.actor_lr);
                     }
-                    clip_grad_norm(&mut self.actor, cfg.grad_clip);
-                    actor_opt.update(&mut self.actor, cfg.actor_lr);
                     // Critic: clipped value loss.
                     self.critic.zero_grads();
                     let v = Self::values(&self.critic, &mut vacts, &ro, rows, t);
@@ -655,6 +674,24 @@ impl<'a> Ppo<'a> {
                 ro.spans.iter().filter(|s| s.2).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
+            if let Some(grade) = &self.grader {
+                let (mut right, mut wrong) = (Vec::new(), Vec::new());
+                for ((&p, resp), &score) in ids_.iter().zip(&ro.responses).zip(&ro.scores) {
+                    match grade(p, resp) {
+                        Some(g) if g > 0.5 => right.push(score as f64),
+                        Some(_) => wrong.push(score as f64),
+                        None => {}
+                    }
+                }
+                let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+                let graded = right.len() + wrong.len();
+                if graded > 0 {
+                    m.insert("rollout_acc".into(), right.len() as f64 / graded as f64);
+                }
+                if !right.is_empty() && !wrong.is_empty() {
+                    m.insert("rm_gap".into(), mean(&right) - mean(&wrong));
+                }
+            }
             if ptx_steps > 0 {
                 m.insert("ptx_loss".into(), ptx_loss / ptx_steps as f64);
             }
@@ -688,7 +725,8 @@ impl<'a> Ppo<'a> {
                 say(&pb, format!(
                     "[ppo] it {} reward {:.3} kl {:.3} beta {:.4} ent {:.3} clip {:.3} vloss {:.4} len {:.1}{} | {}",
                     st.iteration, m["reward"], m["kl"], m["beta"], m["entropy"], m["clip_frac"], m["value_loss"], m["response_len"],
-                    m.get("eval_accuracy").map(|a| format!(" acc {a:.3}")).unwrap_or_default(),
+                    m.get("rollout_acc").map(|a| format!(" rollout acc {a:.3} rm gap {:.2}", m.get("rm_gap").unwrap_or(&f64::NAN))).unwrap_or_default()
+                        + &m.get("eval_accuracy").map(|a| format!(" acc {a:.3}")).unwrap_or_default(),
                     samples.first().cloned().unwrap_or_default().replace('\n', " ")
                 ));
             }

@@ -268,6 +268,53 @@ impl RmObjective {
         out
     }
 
+    /// Loss, pairwise accuracy and margin (and MSE/correlation for scored data) on `val`.
+    pub fn evaluate_groups(&mut self, model: &Model, val: &[RmGroup]) -> Metrics {
+        let (mut pairs, mut correct, mut margin_sum, mut loss_sum) =
+            (0usize, 0usize, 0.0f64, 0.0f64);
+        let (mut preds, mut targets) = (Vec::new(), Vec::new());
+        for chunk in val.chunks(self.groups_per_batch) {
+            let refs: Vec<&RmGroup> = chunk.iter().collect();
+            let scores = self.scores(model, &refs);
+            for (g, r) in chunk.iter().zip(&scores) {
+                loss_sum += group_loss(g, r, self.loss, self.margin).0;
+                if let Some(s) = g.score {
+                    preds.push(r[0] as f64);
+                    targets.push(s as f64);
+                }
+                for (bi, wi) in expand_pairs(&g.ranks) {
+                    pairs += 1;
+                    correct += (r[bi] > r[wi]) as usize;
+                    margin_sum += (r[bi] - r[wi]) as f64;
+                }
+            }
+        }
+        let n = val.len();
+        let mut m = Metrics::new();
+        if n == 0 {
+            return m;
+        }
+        m.insert("loss".into(), loss_sum / n as f64);
+        if pairs > 0 {
+            m.insert("acc".into(), correct as f64 / pairs as f64);
+            m.insert("margin".into(), margin_sum / pairs as f64);
+        }
+        if !preds.is_empty() {
+            let k = preds.len() as f64;
+            m.insert(
+                "mse".into(),
+                preds
+                    .iter()
+                    .zip(&targets)
+                    .map(|(p, t)| (p - t).powi(2))
+                    .sum::<f64>()
+                    / k,
+            );
+            m.insert("corr".into(), pearson(&preds, &targets));
+        }
+        m
+    }
+
     /// Mean and standard deviation of the rewards of every training response, saved with the model so
     /// PPO can normalise its rewards.
     pub fn reward_stats(&mut self, model: &Model) -> (f64, f64) {
@@ -346,49 +393,8 @@ impl Objective for RmObjective {
 
     fn evaluate(&mut self, model: &Model) -> Result<Metrics> {
         let val = std::mem::take(&mut self.val);
-        let (mut pairs, mut correct, mut margin_sum, mut loss_sum) =
-            (0usize, 0usize, 0.0f64, 0.0f64);
-        let (mut preds, mut targets) = (Vec::new(), Vec::new());
-        for chunk in val.chunks(self.groups_per_batch) {
-            let refs: Vec<&RmGroup> = chunk.iter().collect();
-            let scores = self.scores(model, &refs);
-            for (g, r) in chunk.iter().zip(&scores) {
-                loss_sum += group_loss(g, r, self.loss, self.margin).0;
-                if let Some(s) = g.score {
-                    preds.push(r[0] as f64);
-                    targets.push(s as f64);
-                }
-                for (bi, wi) in expand_pairs(&g.ranks) {
-                    pairs += 1;
-                    correct += (r[bi] > r[wi]) as usize;
-                    margin_sum += (r[bi] - r[wi]) as f64;
-                }
-            }
-        }
-        let n = val.len();
+        let m = self.evaluate_groups(model, &val);
         self.val = val;
-        let mut m = Metrics::new();
-        if n == 0 {
-            return Ok(m);
-        }
-        m.insert("loss".into(), loss_sum / n as f64);
-        if pairs > 0 {
-            m.insert("acc".into(), correct as f64 / pairs as f64);
-            m.insert("margin".into(), margin_sum / pairs as f64);
-        }
-        if !preds.is_empty() {
-            let k = preds.len() as f64;
-            m.insert(
-                "mse".into(),
-                preds
-                    .iter()
-                    .zip(&targets)
-                    .map(|(p, t)| (p - t).powi(2))
-                    .sum::<f64>()
-                    / k,
-            );
-            m.insert("corr".into(), pearson(&preds, &targets));
-        }
         Ok(m)
     }
 

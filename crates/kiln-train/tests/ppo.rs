@@ -20,6 +20,17 @@ fn cfg(score: bool) -> ModelConfig {
 }
 
 fn run(dir: &std::path::Path, beta: f32, iterations: u64, resume: bool) -> PpoSummary {
+    run_with(dir, beta, iterations, resume, |_| {})
+}
+
+/// `run`, with `tweak` applied to the trainer before it starts.
+fn run_with(
+    dir: &std::path::Path,
+    beta: f32,
+    iterations: u64,
+    resume: bool,
+    tweak: impl FnOnce(&mut Ppo),
+) -> PpoSummary {
     let actor = Model::new(cfg(false), 1);
     let mut rm = Model::new(cfg(true), 2);
     // A reward model with an opinion: random score weights (a fresh head is all zeros).
@@ -61,7 +72,9 @@ fn run(dir: &std::path::Path, beta: f32, iterations: u64, resume: bool) -> PpoSu
         decode: Box::new(|t| format!("{t:?}")),
         progress: false,
         ptx: None,
+        grader: None,
     };
+    tweak(&mut ppo);
     ppo.train(resume).unwrap()
 }
 
@@ -202,6 +215,7 @@ fn ppo_ptx_mixes_the_pretraining_loss_into_every_policy_update() {
         ptx: Some(Box::new(CountingPtx {
             calls: calls.clone(),
         })),
+        grader: None,
     };
     let s = ppo.train(false).unwrap();
     // 2 iterations × 2 epochs × 2 minibatches, each with the coefficient as the gradient scale.
@@ -211,4 +225,39 @@ fn ppo_ptx_mixes_the_pretraining_loss_into_every_policy_update() {
     ppo.ptx = None;
     let err = ppo.train(false).unwrap_err().to_string();
     assert!(err.contains("ptx"), "{err}");
+}
+
+#[test]
+fn a_frozen_actor_stays_at_the_reference_while_the_critic_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run_with(dir.path(), 0.0, 4, false, |p| p.cfg.freeze_actor_iters = 2);
+    // Rollouts of iterations 1-2 come from the untouched actor: KL to the reference exactly 0.
+    assert_eq!(s.history[0]["kl"], 0.0);
+    assert_eq!(s.history[1]["kl"], 0.0);
+    // The critic was learning meanwhile, and the actor moves once released.
+    assert!(s.history[1]["value_loss"] < s.history[0]["value_loss"]);
+    assert!(s.history[3]["kl"].abs() > 0.0, "{:?}", s.history[3]);
+}
+
+#[test]
+fn the_grader_reports_rollout_accuracy_and_the_reward_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    // "Right" when the first response token is even; prompts 0..16 alternate two first tokens.
+    let s = run_with(dir.path(), 0.05, 2, false, |p| {
+        p.grader = Some(Box::new(|i: usize, resp: &[u32]| {
+            (i % 4 != 3).then(|| f64::from(u8::from(resp.first().is_some_and(|t| t % 2 == 0))))
+        }))
+    });
+    for m in &s.history {
+        let acc = m["rollout_acc"];
+        assert!(acc > 0.0 && acc < 1.0, "{m:?}");
+        assert!(m["rm_gap"].is_finite());
+    }
+    // Everything right: accuracy 1 and no gap (nothing to compare against).
+    let dir = tempfile::tempdir().unwrap();
+    let s = run_with(dir.path(), 0.05, 1, false, |p| {
+        p.grader = Some(Box::new(|_, _| Some(1.0)))
+    });
+    assert_eq!(s.history[0]["rollout_acc"], 1.0);
+    assert!(!s.history[0].contains_key("rm_gap"));
 }
