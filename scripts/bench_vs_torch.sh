@@ -8,7 +8,8 @@
 #
 # Environment: ROUNDS (3), THREADS (2), KILN (./target/release/kiln, built if missing),
 # TORCH_PY (/tmp/torch-venv/bin/python), TORCH_SCRIPT (shared/bench/torch_gpt_bench.py),
-# SCALING (1; 0 skips the scaling table).
+# SCALING (1; 0 skips the scaling table), WEIGHTS (f32; kiln's generation weights: f32, bf16 or int8),
+# BENCHES ("train gen1 gen16"; a subset runs only those).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,8 @@ THREADS=${THREADS:-2}
 KILN=${KILN:-./target/release/kiln}
 TORCH_PY=${TORCH_PY:-/tmp/torch-venv/bin/python}
 SCALING=${SCALING:-1}
+WEIGHTS=${WEIGHTS:-f32}
+BENCHES=${BENCHES:-train gen1 gen16}
 if [ -z "${TORCH_SCRIPT:-}" ]; then
     for c in shared/bench/torch_gpt_bench.py /work/shared/bench/torch_gpt_bench.py; do
         [ -f "$c" ] && TORCH_SCRIPT=$c && break
@@ -81,22 +84,30 @@ finally:
     echo "$(echo "$line" | field tok_per_s) $peak" >>"$TMP/torch.$key"
 }
 
+want() { case " $BENCHES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r/$ROUNDS ..." >&2
-    run_kiln train train
-    [ $HAVE_TORCH = 1 ] && run_torch train train
-    run_kiln gen1 generate
-    [ $HAVE_TORCH = 1 ] && run_torch gen1 generate --batch 1
-    run_kiln gen16 generate --batch 16
-    [ $HAVE_TORCH = 1 ] && run_torch gen16 generate --batch 16
+    if want train; then
+        run_kiln train train
+        [ $HAVE_TORCH = 1 ] && run_torch train train
+    fi
+    if want gen1; then
+        run_kiln gen1 generate --weights "$WEIGHTS"
+        [ $HAVE_TORCH = 1 ] && run_torch gen1 generate --batch 1
+    fi
+    if want gen16; then
+        run_kiln gen16 generate --batch 16 --weights "$WEIGHTS"
+        [ $HAVE_TORCH = 1 ] && run_torch gen16 generate --batch 16
+    fi
 done
 
 col() { [ -f "$2" ] && awk -v c="$1" '{print $c}' "$2" | median; }
 
 echo
-echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB)"
+echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB); kiln generation weights $WEIGHTS"
 printf "%-22s %10s %10s %8s %10s %10s\n" benchmark kiln torch ratio kiln_MiB torch_MiB
-for key in train gen1 gen16; do
+for key in $BENCHES; do
     case $key in
         train) name="train (b8 x 256)" ;;
         gen1) name="generate batch 1" ;;

@@ -4,7 +4,8 @@
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use kiln_model::{
-    generate, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, Sampling,
+    generate_with, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, PackedWeights,
+    Sampling, WeightFormat,
 };
 use kiln_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
@@ -47,6 +48,10 @@ pub struct Shape {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
+    /// Generation only: weights of the matrix products, f32 (the model's own), bf16 or int8
+    /// (inference-only packed copies).
+    #[arg(long, default_value_t = WeightFormat::F32)]
+    weights: WeightFormat,
 }
 
 #[derive(Args)]
@@ -109,6 +114,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 }
 
 fn bench_train(s: &Shape) -> Result<()> {
+    if s.weights != WeightFormat::F32 {
+        bail!("--weights applies to `bench generate` only (training is f32)");
+    }
     let b = s.batch.unwrap_or(8);
     let mut model = model_for(s)?;
     let t = s.ctx;
@@ -186,6 +194,9 @@ fn bench_generate(s: &Shape) -> Result<()> {
         bail!("prompt + new tokens exceed --ctx");
     }
     let model = model_for(s)?;
+    let t0 = Instant::now();
+    let packed = s.weights.packed().map(|f| PackedWeights::new(&model, f));
+    let pack_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut rng = ChaCha8Rng::seed_from_u64(1234);
     let prompts: Vec<Vec<u32>> = (0..b)
         .map(|_| {
@@ -204,19 +215,34 @@ fn bench_generate(s: &Shape) -> Result<()> {
         stop_tokens: vec![],
     };
     println!(
-        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b}",
+        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b} weights={}",
         rayon::current_num_threads(),
         s.vocab,
         s.layers,
         s.heads,
         s.dim,
-        s.ctx
+        s.ctx,
+        s.weights
     );
+    if let Some(p) = &packed {
+        println!(
+            "packed {} matrices: {:.1} MB in {pack_ms:.0} ms",
+            s.weights,
+            p.bytes() as f64 / 1e6
+        );
+    }
     let reps = (s.steps / 3).max(1);
     let mut times = Vec::new();
     for rep in 0..s.warmup + reps {
         let t0 = Instant::now();
-        let out = generate(&model, &prompts, &opts, &mut rng, |_, _| {})?;
+        let out = generate_with(
+            &model,
+            packed.as_ref(),
+            &prompts,
+            &opts,
+            &mut rng,
+            |_, _| {},
+        )?;
         let dt = t0.elapsed().as_secs_f64();
         assert!(out.iter().all(|o| o.len() == s.new_tokens));
         if rep >= s.warmup {
@@ -225,9 +251,10 @@ fn bench_generate(s: &Shape) -> Result<()> {
     }
     let med = median(times);
     println!(
-        "RESULT kiln-generate batch={b} prompt={} new={} median_ms={:.1} tok_per_s={:.0} peak_mib={:.0}",
+        "RESULT kiln-generate batch={b} prompt={} new={} weights={} median_ms={:.1} tok_per_s={:.0} peak_mib={:.0}",
         s.prompt_tokens,
         s.new_tokens,
+        s.weights,
         med * 1e3,
         (b * s.new_tokens) as f64 / med,
         peak_rss_mib()

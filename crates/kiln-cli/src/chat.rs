@@ -5,7 +5,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_data::datasets::Message;
 use kiln_data::special;
-use kiln_model::{generate, Activations, Arch, GenerateOptions, Input, Sampling};
+use kiln_model::{
+    generate_with, Activations, Arch, GenerateOptions, Input, Model, PackedWeights, Sampling,
+    WeightFormat,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::io::{BufRead, IsTerminal, Write};
@@ -26,6 +29,10 @@ pub struct SamplingArgs {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Weights of the matrix products: f32 (the model's own), or an inference-only bf16 or int8
+    /// copy (faster, slightly different logits).
+    #[arg(long, default_value_t = WeightFormat::F32)]
+    weights: WeightFormat,
 }
 
 impl SamplingArgs {
@@ -41,6 +48,11 @@ impl SamplingArgs {
             top_k: self.top_k,
             top_p: self.top_p,
         })
+    }
+
+    /// The packed copy of the model's matrices that `--weights` asks for (none for f32).
+    fn packed(&self, model: &Model) -> Option<PackedWeights> {
+        self.weights.packed().map(|f| PackedWeights::new(model, f))
     }
 }
 
@@ -117,13 +129,21 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if single {
         print!("{}", a.prompt[0]);
     }
+    let packed = a.sampling.packed(&b.model);
     let start = std::time::Instant::now();
-    let outs = generate(&b.model, &prompts, &opts, &mut rng, |_, tok| {
-        if single {
-            acc.push(tok);
-            st.push(&b.tokenizer.decode_skip_special(&acc));
-        }
-    })?;
+    let outs = generate_with(
+        &b.model,
+        packed.as_ref(),
+        &prompts,
+        &opts,
+        &mut rng,
+        |_, tok| {
+            if single {
+                acc.push(tok);
+                st.push(&b.tokenizer.decode_skip_special(&acc));
+            }
+        },
+    )?;
     let secs = start.elapsed().as_secs_f64();
     if single {
         println!();
@@ -168,6 +188,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         stop_tokens: stops.clone(),
     };
     let mut rng = ChaCha8Rng::seed_from_u64(a.sampling.seed);
+    let packed = a.sampling.packed(&b.model);
     let start: Vec<Message> = a
         .system
         .iter()
@@ -193,12 +214,19 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         }
         let mut acc = Vec::new();
         let mut st = Streamer { printed: 0 };
-        let out = generate(&b.model, &[tokens], &opts, &mut rng, |_, tok| {
-            if !stops.contains(&tok) {
-                acc.push(tok);
-                st.push(&b.tokenizer.decode_skip_special(&acc));
-            }
-        })?;
+        let out = generate_with(
+            &b.model,
+            packed.as_ref(),
+            &[tokens],
+            &opts,
+            &mut rng,
+            |_, tok| {
+                if !stops.contains(&tok) {
+                    acc.push(tok);
+                    st.push(&b.tokenizer.decode_skip_special(&acc));
+                }
+            },
+        )?;
         println!();
         let text: Vec<u32> = out[0]
             .iter()

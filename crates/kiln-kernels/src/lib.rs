@@ -16,6 +16,7 @@ pub mod layernorm;
 pub mod loss;
 pub mod matmul;
 pub mod optim;
+pub mod quant;
 mod simd;
 #[cfg(test)]
 mod testutil;
@@ -27,6 +28,7 @@ pub use layernorm::{layernorm_backward, layernorm_forward, LN_EPS};
 pub use loss::{token_logprob_backward, token_logprob_forward, IGNORE};
 pub use matmul::{linear_backward, linear_forward, matmul};
 pub use optim::{adamw_update, global_grad_norm, scale};
+pub use quant::{PackedFormat, PackedLinear};
 
 /// Element-wise `out[i] += x[i]`.
 pub fn add_inplace(out: &mut [f32], x: &[f32]) {

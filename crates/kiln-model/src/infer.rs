@@ -8,8 +8,11 @@ use crate::config::Arch;
 use crate::model::Model;
 use anyhow::{bail, Result};
 use kiln_kernels as k;
+use kiln_kernels::{PackedFormat, PackedLinear};
 use rand::Rng;
 use rayon::prelude::*;
+use std::fmt;
+use std::str::FromStr;
 
 /// Keys and values of every layer for `slots` sequences of up to `n_ctx` tokens.
 pub struct KvCache {
@@ -41,6 +44,128 @@ impl KvCache {
     }
 }
 
+/// Which weights generation multiplies by: the model's own f32 parameters, or an inference-only
+/// packed copy of its matrices (see [`PackedWeights`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// The training parameters as they are (results identical to the training forward pass).
+    #[default]
+    F32,
+    /// bfloat16 matrices: half the bytes, ~3 significant digits per weight.
+    Bf16,
+    /// int8 matrices with one f32 scale per output channel: a quarter of the bytes.
+    Int8,
+}
+
+impl WeightFormat {
+    /// The packed format, or `None` for the model's own f32 weights.
+    pub fn packed(self) -> Option<PackedFormat> {
+        match self {
+            WeightFormat::F32 => None,
+            WeightFormat::Bf16 => Some(PackedFormat::Bf16),
+            WeightFormat::Int8 => Some(PackedFormat::Int8),
+        }
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Int8 => "int8",
+        })
+    }
+}
+
+impl FromStr for WeightFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(WeightFormat::F32),
+            "bf16" => Ok(WeightFormat::Bf16),
+            "int8" => Ok(WeightFormat::Int8),
+            _ => bail!("unknown weight format {s:?} (expected f32, bf16 or int8)"),
+        }
+    }
+}
+
+/// The matrices of one block, packed.
+struct PackedBlock {
+    qkv: PackedLinear,
+    proj: PackedLinear,
+    fc: PackedLinear,
+    fcproj: PackedLinear,
+}
+
+/// An inference-only copy of a decoder's matrix weights (attention QKV and output, MLP in and out,
+/// and the tied LM head) in a compact format, for [`Model::forward_cached_with`] and
+/// [`generate_with`]. Embeddings, LayerNorms and biases keep being read from the model in f32.
+///
+/// It is a snapshot: build it again after the model's parameters change.
+pub struct PackedWeights {
+    format: PackedFormat,
+    blocks: Vec<PackedBlock>,
+    lm_head: PackedLinear,
+}
+
+impl PackedWeights {
+    /// Packs the model's current weights (once; a few tens of milliseconds for small models).
+    pub fn new(model: &Model, format: PackedFormat) -> Self {
+        let cfg = &model.cfg;
+        assert_eq!(cfg.arch, Arch::Decoder, "packed weights are for decoders");
+        let (p, lay, c) = (&model.params, &model.layout, cfg.n_embd);
+        let pack = |w: &std::ops::Range<usize>, b: &std::ops::Range<usize>, i: usize, o: usize| {
+            PackedLinear::from_in_out(&p[w.clone()], Some(&p[b.clone()]), i, o, format)
+        };
+        let blocks = lay
+            .layers
+            .iter()
+            .map(|o| PackedBlock {
+                qkv: pack(&o.attn_w, &o.attn_b, c, 3 * c),
+                proj: pack(&o.proj_w, &o.proj_b, c, c),
+                fc: pack(&o.fc_w, &o.fc_b, c, 4 * c),
+                fcproj: pack(&o.fcproj_w, &o.fcproj_b, 4 * c, c),
+            })
+            .collect();
+        // The LM head is tied to the token embedding, stored [vocab, n_embd] = [out, in].
+        let lm_head =
+            PackedLinear::from_out_in(&p[lay.wte.clone()], None, cfg.vocab_size, c, format);
+        PackedWeights {
+            format,
+            blocks,
+            lm_head,
+        }
+    }
+
+    pub fn format(&self) -> PackedFormat {
+        self.format
+    }
+
+    /// Bytes of packed matrices (scales included): what one decoding step streams.
+    pub fn bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| {
+                b.qkv.weight_bytes()
+                    + b.proj.weight_bytes()
+                    + b.fc.weight_bytes()
+                    + b.fcproj.weight_bytes()
+            })
+            .sum::<usize>()
+            + self.lm_head.weight_bytes()
+    }
+
+    fn check(&self, cfg: &crate::config::ModelConfig) {
+        assert!(
+            self.blocks.len() == cfg.n_layer
+                && self.lm_head.n() == cfg.vocab_size
+                && self.lm_head.k() == cfg.n_embd,
+            "packed weights were built for a different model shape"
+        );
+    }
+}
+
 impl Model {
     /// Feeds `tq` new tokens to each of the given cache slots (rows: `slots.len()`, tokens row-major
     /// [rows, tq]) and returns the logits of each row's last new token, [rows, vocab].
@@ -51,8 +176,24 @@ impl Model {
         tokens: &[u32],
         tq: usize,
     ) -> Vec<f32> {
+        self.forward_cached_with(None, cache, slots, tokens, tq)
+    }
+
+    /// [`Self::forward_cached`] multiplying by `packed` matrices (built from this model) instead of
+    /// the f32 parameters when given.
+    pub fn forward_cached_with(
+        &self,
+        packed: Option<&PackedWeights>,
+        cache: &mut KvCache,
+        slots: &[usize],
+        tokens: &[u32],
+        tq: usize,
+    ) -> Vec<f32> {
         let cfg = &self.cfg;
         assert_eq!(cfg.arch, Arch::Decoder, "the KV cache is for decoders");
+        if let Some(pw) = packed {
+            pw.check(cfg);
+        }
         let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
         let rows = slots.len();
         let n = rows * tq;
@@ -87,6 +228,7 @@ impl Model {
         let scale = 1.0 / (hs as f32).sqrt();
         for l in 0..cfg.n_layer {
             let o = &lay.layers[l];
+            let pb = packed.map(|pw| &pw.blocks[l]);
             k::layernorm_forward(
                 &mut ln,
                 &mut mean,
@@ -97,15 +239,18 @@ impl Model {
                 n,
                 c,
             );
-            k::linear_forward(
-                &mut qkv,
-                &ln,
-                &p[o.attn_w.clone()],
-                Some(&p[o.attn_b.clone()]),
-                n,
-                c,
-                3 * c,
-            );
+            match pb {
+                Some(b) => b.qkv.forward(&mut qkv, &ln, n),
+                None => k::linear_forward(
+                    &mut qkv,
+                    &ln,
+                    &p[o.attn_w.clone()],
+                    Some(&p[o.attn_b.clone()]),
+                    n,
+                    c,
+                    3 * c,
+                ),
+            }
             // Append this step's keys and values to the cache.
             for i in 0..n {
                 let off = cache.offset(l, slots[i / tq], positions[i] as usize);
@@ -142,15 +287,18 @@ impl Model {
                     .enumerate()
                     .for_each_init(Vec::new, |scores, (idx, out)| head(idx, out, scores));
             }
-            k::linear_forward(
-                &mut tmp,
-                &atty,
-                &p[o.proj_w.clone()],
-                Some(&p[o.proj_b.clone()]),
-                n,
-                c,
-                c,
-            );
+            match pb {
+                Some(b) => b.proj.forward(&mut tmp, &atty, n),
+                None => k::linear_forward(
+                    &mut tmp,
+                    &atty,
+                    &p[o.proj_w.clone()],
+                    Some(&p[o.proj_b.clone()]),
+                    n,
+                    c,
+                    c,
+                ),
+            }
             k::add_inplace(&mut x, &tmp);
             k::layernorm_forward(
                 &mut ln,
@@ -162,25 +310,31 @@ impl Model {
                 n,
                 c,
             );
-            k::linear_forward(
-                &mut fch,
-                &ln,
-                &p[o.fc_w.clone()],
-                Some(&p[o.fc_b.clone()]),
-                n,
-                c,
-                4 * c,
-            );
+            match pb {
+                Some(b) => b.fc.forward(&mut fch, &ln, n),
+                None => k::linear_forward(
+                    &mut fch,
+                    &ln,
+                    &p[o.fc_w.clone()],
+                    Some(&p[o.fc_b.clone()]),
+                    n,
+                    c,
+                    4 * c,
+                ),
+            }
             k::gelu_forward(&mut fch_gelu, &fch);
-            k::linear_forward(
-                &mut tmp,
-                &fch_gelu,
-                &p[o.fcproj_w.clone()],
-                Some(&p[o.fcproj_b.clone()]),
-                n,
-                4 * c,
-                c,
-            );
+            match pb {
+                Some(b) => b.fcproj.forward(&mut tmp, &fch_gelu, n),
+                None => k::linear_forward(
+                    &mut tmp,
+                    &fch_gelu,
+                    &p[o.fcproj_w.clone()],
+                    Some(&p[o.fcproj_b.clone()]),
+                    n,
+                    4 * c,
+                    c,
+                ),
+            }
             k::add_inplace(&mut x, &tmp);
         }
         for &s in slots {
@@ -205,17 +359,20 @@ impl Model {
         );
         let v = cfg.vocab_size;
         let mut logits = vec![0.0f32; rows * v];
-        k::matmul(
-            &mut logits,
-            &lnl,
-            &p[lay.wte.clone()],
-            rows,
-            c,
-            v,
-            false,
-            true,
-            false,
-        );
+        match packed {
+            Some(pw) => pw.lm_head.forward(&mut logits, &lnl, rows),
+            None => k::matmul(
+                &mut logits,
+                &lnl,
+                &p[lay.wte.clone()],
+                rows,
+                c,
+                v,
+                false,
+                true,
+                false,
+            ),
+        }
         logits
     }
 }
@@ -305,6 +462,18 @@ pub fn generate<R: Rng>(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     rng: &mut R,
+    on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    generate_with(model, None, prompts, opts, rng, on_token)
+}
+
+/// [`generate`] multiplying by `packed` matrices (built from `model`) when given.
+pub fn generate_with<R: Rng>(
+    model: &Model,
+    packed: Option<&PackedWeights>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    rng: &mut R,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Vec<u32>>> {
     let n_ctx = model.cfg.n_ctx;
@@ -330,7 +499,7 @@ pub fn generate<R: Rng>(
     let mut cache = KvCache::new(model, rows);
     let mut next_logits = vec![0.0f32; rows * v];
     for (r, p) in prompts.iter().enumerate() {
-        let l = model.forward_cached(&mut cache, &[r], p, p.len());
+        let l = model.forward_cached_with(packed, &mut cache, &[r], p, p.len());
         next_logits[r * v..(r + 1) * v].copy_from_slice(&l);
     }
     let mut out = vec![Vec::new(); rows];
@@ -351,7 +520,7 @@ pub fn generate<R: Rng>(
         if active.is_empty() {
             break;
         }
-        let l = model.forward_cached(&mut cache, &active, &step_tokens, 1);
+        let l = model.forward_cached_with(packed, &mut cache, &active, &step_tokens, 1);
         for (i, &r) in active.iter().enumerate() {
             next_logits[r * v..(r + 1) * v].copy_from_slice(&l[i * v..(i + 1) * v]);
         }

@@ -9,6 +9,9 @@ pub mod model;
 pub mod params;
 
 pub use config::{Arch, ModelConfig};
-pub use infer::{generate, sample_token, GenerateOptions, KvCache, Sampling};
+pub use infer::{
+    generate, generate_with, sample_token, GenerateOptions, KvCache, PackedWeights, Sampling,
+    WeightFormat,
+};
 pub use model::{Activations, Input, Model};
 pub use params::{ParamLayout, TensorInfo};
