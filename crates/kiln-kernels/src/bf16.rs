@@ -308,6 +308,36 @@ mod amx {
         fn pack_a(dst: &mut [u16], a: &[f32], m: usize, k: usize, trans: bool, mi0: usize) {
             let kt = k.div_ceil(TK);
             let tiles = dst.len() / (kt * TILE);
+            if !trans {
+                for g in 0..tiles {
+                    let m0 = (mi0 + g) * TM;
+                    let rows = m.saturating_sub(m0).min(TM);
+                    let dst = &mut dst[g * kt * TILE..(g + 1) * kt * TILE];
+                    for r in 0..TM {
+                        // Row r of every k tile: the source row converted 32 values at a time.
+                        let src = if r < rows { &a[(m0 + r) * k..(m0 + r + 1) * k] } else { &[][..] };
+                        for (ki, tile) in dst.chunks_exact_mut(TILE).enumerate() {
+                            let d: &mut [u16; TK] = (&mut tile[r * TK..(r + 1) * TK]).try_into().unwrap();
+                            let s = src.get(ki * TK..(ki + 1) * TK);
+                            match s {
+                                Some(s) => {
+                                    let s: &[f32; TK] = s.try_into().unwrap();
+                                    for c in 0..TK {
+                                        d[c] = f32_to_bf16(s[c]);
+                                    }
+                                }
+                                None => {
+                                    let s = src.get(ki * TK..).unwrap_or(&[]);
+                                    for c in 0..TK {
+                                        d[c] = s.get(c).map_or(0, |&v| f32_to_bf16(v));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                return;
+            }
             let mut buf = [0.0f32; TILE];
             for ki in 0..kt {
                 let k0 = ki * TK;
@@ -318,19 +348,20 @@ mod amx {
                     if rows < TM || depth < TK {
                         buf.fill(0.0);
                     }
-                    if rows == 0 {
-                        // A padding tile row (the tile count is rounded up to even): all zeros.
-                    } else if trans {
+                    if rows == TM {
+                        // Full height: fixed-size rows, so the transpose is unrolled.
                         for c in 0..depth {
-                            let src = &a[(k0 + c) * m + m0..][..rows];
-                            for (r, &v) in src.iter().enumerate() {
-                                buf[r * TK + c] = v;
+                            let src: &[f32; TM] = a[(k0 + c) * m + m0..][..TM].try_into().unwrap();
+                            for r in 0..TM {
+                                buf[r * TK + c] = src[r];
                             }
                         }
                     } else {
-                        for r in 0..rows {
-                            let src = &a[(m0 + r) * k + k0..][..depth];
-                            buf[r * TK..r * TK + depth].copy_from_slice(src);
+                        // Rows past m (including a padding tile row) stay zero.
+                        for c in 0..depth {
+                            for r in 0..rows {
+                                buf[r * TK + c] = a[(k0 + c) * m + m0 + r];
+                            }
                         }
                     }
                     convert(&mut dst[(g * kt + ki) * TILE..][..TILE], &buf);
@@ -353,6 +384,21 @@ mod amx {
                 for g in 0..tiles {
                     let n0 = (ni0 + g) * TN;
                     let cols = n.saturating_sub(n0).min(TN);
+                    let tile: &mut [u16; TILE] =
+                        (&mut dst[(g * kt + ki) * TILE..][..TILE]).try_into().unwrap();
+                    if cols == TN && depth == TK && !trans {
+                        // Full tile: interleave pairs of source rows straight into the tile.
+                        for q in 0..TK / 2 {
+                            let r0: &[f32; TN] = b[(k0 + 2 * q) * n + n0..][..TN].try_into().unwrap();
+                            let r1: &[f32; TN] =
+                                b[(k0 + 2 * q + 1) * n + n0..][..TN].try_into().unwrap();
+                            for j in 0..TN {
+                                tile[q * TK + 2 * j] = f32_to_bf16(r0[j]);
+                                tile[q * TK + 2 * j + 1] = f32_to_bf16(r1[j]);
+                            }
+                        }
+                        continue;
+                    }
                     if cols < TN || depth < TK {
                         buf.fill(0.0);
                     }
@@ -375,7 +421,7 @@ mod amx {
                             }
                         }
                     }
-                    convert(&mut dst[(g * kt + ki) * TILE..][..TILE], &buf);
+                    convert(tile, &buf);
                 }
             }
         }
