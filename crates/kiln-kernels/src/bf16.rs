@@ -322,14 +322,14 @@ mod amx {
                             match s {
                                 Some(s) => {
                                     let s: &[f32; TK] = s.try_into().unwrap();
-                                    for c in 0..TK {
-                                        d[c] = f32_to_bf16(s[c]);
+                                    for (dc, &sc) in d.iter_mut().zip(s) {
+                                        *dc = f32_to_bf16(sc);
                                     }
                                 }
                                 None => {
                                     let s = src.get(ki * TK..).unwrap_or(&[]);
-                                    for c in 0..TK {
-                                        d[c] = s.get(c).map_or(0, |&v| f32_to_bf16(v));
+                                    for (c, dc) in d.iter_mut().enumerate() {
+                                        *dc = s.get(c).map_or(0, |&v| f32_to_bf16(v));
                                     }
                                 }
                             }
