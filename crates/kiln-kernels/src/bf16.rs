@@ -239,8 +239,15 @@ mod amx {
         trans_b: bool,
         accumulate: bool,
     ) {
-        let mt = m.div_ceil(TM).next_multiple_of(2);
-        let nt = n.div_ceil(TN).next_multiple_of(2);
+        // The tile unit wants A with k contiguous per row and B with k in (interleaved) pairs per
+        // column. When both are stored k-major (`trans_a && !trans_b`: weight gradients,
+        // inp^T @ dout), A must be transposed while packing, which is slow; if A is the larger
+        // one (dwte = logits^T @ hidden: 8192 x 2048 against 2048 x 384) compute out^T =
+        // B^T @ A instead, transposing only B, and write each task's tiles out transposed.
+        let swap = trans_a && !trans_b && n < m;
+        let (cm, cn) = if swap { (n, m) } else { (m, n) };
+        let mt = cm.div_ceil(TM).next_multiple_of(2);
+        let nt = cn.div_ceil(TN).next_multiple_of(2);
         let kt = k.div_ceil(TK);
         // Take the buffers out of the cell (and put them back after): a rayon thread that steals
         // another matmul while this one waits just allocates its own.
@@ -250,10 +257,22 @@ mod amx {
         let par = m * k * n >= PAR_MACS && rayon::current_num_threads() > 1;
         // Packing works on groups of PACK_GROUP tile rows (columns): see `pack_a`.
         let group = PACK_GROUP * kt * TILE;
-        let pack_a_rows =
-            |(g, dst): (usize, &mut [u16])| pack_a(dst, a, m, k, trans_a, g * PACK_GROUP);
-        let pack_b_cols =
-            |(g, dst): (usize, &mut [u16])| pack_b(dst, b, k, n, trans_b, g * PACK_GROUP);
+        let pack_a_rows = |(g, dst): (usize, &mut [u16])| {
+            if swap {
+                // b is stored [k, n] = B^T's transpose.
+                pack_a(dst, b, n, k, true, g * PACK_GROUP)
+            } else {
+                pack_a(dst, a, m, k, trans_a, g * PACK_GROUP)
+            }
+        };
+        let pack_b_cols = |(g, dst): (usize, &mut [u16])| {
+            if swap {
+                // a is stored [k, m]: A as the right-hand operand, untransposed.
+                pack_b(dst, a, k, m, false, g * PACK_GROUP)
+            } else {
+                pack_b(dst, b, k, n, trans_b, g * PACK_GROUP)
+            }
+        };
         let (pa_rows, pb_cols) = (&mut pa[..mt * kt * TILE], &mut pb[..nt * kt * TILE]);
         if par {
             pa_rows
@@ -287,9 +306,63 @@ mod amx {
             let (bi, bj) = (task / nblocks, task % nblocks);
             let rows = bi * mb..((bi + 1) * mb).min(mt);
             let cols = bj * nb..((bj + 1) * nb).min(nt);
-            // SAFETY: the packed buffers hold mt x kt and nt x kt tiles; tasks write disjoint
-            // blocks of C, all inside `out` (m x n) or in their own scratch.
-            unsafe { block(out_p.get(), m, n, accumulate, pa_s, pb_s, kt, rows, cols) };
+            let (r0, c0) = (rows.start * TM, cols.start * TN);
+            let out = out_p.get();
+            if !swap {
+                // SAFETY: the packed buffers hold mt x kt and nt x kt tiles; tasks write
+                // disjoint blocks of C, all inside `out` (m x n) or in their own scratch.
+                unsafe {
+                    block(
+                        out.add(r0 * n + c0),
+                        n,
+                        m - r0.min(m),
+                        n - c0.min(n),
+                        accumulate,
+                        pa_s,
+                        pb_s,
+                        kt,
+                        rows,
+                        cols,
+                    )
+                };
+                return;
+            }
+            // This task's block of out^T, computed in a local buffer of whole tiles.
+            let (lh, lw) = (rows.len() * TM, cols.len() * TN);
+            let (h, w) = ((cm - r0.min(cm)).min(lh), (cn - c0.min(cn)).min(lw));
+            let mut local = vec![0.0f32; lh * lw];
+            // out^T[r0 + i, c0 + j] is out[c0 + j, r0 + i]; out has n = cm columns.
+            if accumulate {
+                for j in 0..w {
+                    // SAFETY: row c0 + j < m of out, columns r0..r0 + h <= n; disjoint per task.
+                    let src = unsafe { std::slice::from_raw_parts(out.add((c0 + j) * n + r0), h) };
+                    for (i, &v) in src.iter().enumerate() {
+                        local[i * lw + j] = v;
+                    }
+                }
+            }
+            // SAFETY: as above; `local` holds every tile of the block.
+            unsafe {
+                block(
+                    local.as_mut_ptr(),
+                    lw,
+                    lh,
+                    lw,
+                    accumulate,
+                    pa_s,
+                    pb_s,
+                    kt,
+                    rows,
+                    cols,
+                )
+            };
+            for j in 0..w {
+                // SAFETY: as above.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.add((c0 + j) * n + r0), h) };
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = local[i * lw + j];
+                }
+            }
         };
         if par {
             (0..mblocks * nblocks).into_par_iter().for_each(run);
@@ -438,14 +511,16 @@ mod amx {
     #[repr(C, align(64))]
     struct Scratch([[f32; TM * TN]; 4]);
 
-    /// Computes C tiles `rows` x `cols` (even ranges, in tiles) from the packed operands.
+    /// Computes C tiles `rows` x `cols` (even ranges, in tiles) from the packed operands into the
+    /// block at `out` (row stride `ldc`), of which the first `m` rows and `n` columns exist.
     ///
     /// # Safety
-    /// AMX must be [`available`]; `out` must be valid for `m x n` f32 with no other writer to these
-    /// tiles; `pa` / `pb` must hold the packed tile rows / columns covering `rows` / `cols` with
-    /// `kt` k tiles each.
+    /// AMX must be [`available`]; `out` must be valid for those `m x n` f32 with no other writer;
+    /// `pa` / `pb` must hold the packed tile rows / columns covering `rows` / `cols` with `kt` k
+    /// tiles each.
     unsafe fn block(
         out: *mut f32,
+        ldc: usize,
         m: usize,
         n: usize,
         accumulate: bool,
@@ -465,12 +540,11 @@ mod amx {
             // Micro-blocks of 2x2 C tiles, column pair by column pair: the B pair for this pass
             // is reused from L1 / L2 by every row pair.
             let pairs = (rows.len() / 2) * (cols.len() / 2);
-            let pair = |p: usize| {
-                let (tj, ti) = (p / (rows.len() / 2), p % (rows.len() / 2));
-                (rows.start + 2 * ti, cols.start + 2 * tj)
-            };
+            // Local pair coordinates (in tiles, from the block's corner).
+            let pair = |p: usize| (2 * (p % (rows.len() / 2)), 2 * (p / (rows.len() / 2)));
             for p in 0..pairs {
-                let (ti, tj) = pair(p);
+                let (li, lj) = pair(p);
+                let (ti, tj) = (rows.start + li, cols.start + lj);
                 if p + 1 < pairs {
                     // While this block computes, bring the next block's C into cache: the tile
                     // loads of C would otherwise stall the tile unit on memory.
@@ -478,23 +552,24 @@ mod amx {
                     for (i, j) in [(ni, nj), (ni, nj + 1), (ni + 1, nj), (ni + 1, nj + 1)] {
                         if (i + 1) * TM <= m && (j + 1) * TN <= n {
                             for r in 0..TM {
-                                prefetch(out.add((i * TM + r) * n + j * TN));
+                                prefetch(out.add((i * TM + r) * ldc + j * TN));
                             }
                         }
                     }
                 }
-                let tiles = [(ti, tj), (ti, tj + 1), (ti + 1, tj), (ti + 1, tj + 1)];
+                let tiles = [(li, lj), (li, lj + 1), (li + 1, lj), (li + 1, lj + 1)];
                 let mut c = [(std::ptr::null_mut::<f32>(), 0usize); 4];
                 for (t, &(i, j)) in tiles.iter().enumerate() {
                     let (r0, c0) = (i * TM, j * TN);
                     let (h, w) = (m.saturating_sub(r0).min(TM), n.saturating_sub(c0).min(TN));
                     if h == TM && w == TN {
-                        c[t] = (out.add(r0 * n + c0), n * 4);
+                        c[t] = (out.add(r0 * ldc + c0), ldc * 4);
                     } else {
                         let s = &mut scratch.0[t];
                         if !zero {
                             for r in 0..h {
-                                let src = std::slice::from_raw_parts(out.add((r0 + r) * n + c0), w);
+                                let src =
+                                    std::slice::from_raw_parts(out.add((r0 + r) * ldc + c0), w);
                                 s[r * TN..r * TN + w].copy_from_slice(src);
                             }
                         }
@@ -520,7 +595,8 @@ mod amx {
                     if h < TM || w < TN {
                         let s = &scratch.0[t];
                         for r in 0..h {
-                            let dst = std::slice::from_raw_parts_mut(out.add((r0 + r) * n + c0), w);
+                            let dst =
+                                std::slice::from_raw_parts_mut(out.add((r0 + r) * ldc + c0), w);
                             dst.copy_from_slice(&s[r * TN..r * TN + w]);
                         }
                     }
