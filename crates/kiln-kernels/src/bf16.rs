@@ -191,8 +191,9 @@ mod amx {
     /// tiles.
     const MB: usize = 16;
     const NB: usize = 16;
-    /// Tile rows (columns) per packing task.
-    const PACK_GROUP: usize = 8;
+    /// Most tile rows (columns) per packing task: more means fewer passes over the pages of a
+    /// source with long rows (each pass touches one page per source row: TLB misses).
+    const PACK_GROUP: usize = 32;
     /// Below this many multiply-adds one thread does the whole product.
     const PAR_MACS: usize = 1 << 20;
 
@@ -255,42 +256,51 @@ mod amx {
         pa.resize(mt * kt * TILE, 0);
         pb.resize(nt * kt * TILE, 0);
         let par = m * k * n >= PAR_MACS && rayon::current_num_threads() > 1;
-        // Packing works on groups of PACK_GROUP tile rows (columns): see `pack_a`.
-        let group = PACK_GROUP * kt * TILE;
+        // Packing works on groups of tile rows (columns), see `pack_a`: up to PACK_GROUP, but
+        // small enough to give every thread a few groups.
+        let threads = if par { rayon::current_num_threads() } else { 1 };
+        let group = |tiles: usize| tiles.div_ceil(4 * threads).clamp(4, PACK_GROUP);
+        let (ga, gb) = (group(mt), group(nt));
         let pack_a_rows = |(g, dst): (usize, &mut [u16])| {
             if swap {
                 // b is stored [k, n] = B^T's transpose.
-                pack_a(dst, b, n, k, true, g * PACK_GROUP)
+                pack_a(dst, b, n, k, true, g * ga)
             } else {
-                pack_a(dst, a, m, k, trans_a, g * PACK_GROUP)
+                pack_a(dst, a, m, k, trans_a, g * ga)
             }
         };
         let pack_b_cols = |(g, dst): (usize, &mut [u16])| {
             if swap {
                 // a is stored [k, m]: A as the right-hand operand, untransposed.
-                pack_b(dst, a, k, m, false, g * PACK_GROUP)
+                pack_b(dst, a, k, m, false, g * gb)
             } else {
-                pack_b(dst, b, k, n, trans_b, g * PACK_GROUP)
+                pack_b(dst, b, k, n, trans_b, g * gb)
             }
         };
         let (pa_rows, pb_cols) = (&mut pa[..mt * kt * TILE], &mut pb[..nt * kt * TILE]);
+        let (chunk_a, chunk_b) = (ga * kt * TILE, gb * kt * TILE);
         if par {
             pa_rows
-                .par_chunks_mut(group)
+                .par_chunks_mut(chunk_a)
                 .enumerate()
                 .for_each(pack_a_rows);
             pb_cols
-                .par_chunks_mut(group)
+                .par_chunks_mut(chunk_b)
                 .enumerate()
                 .for_each(pack_b_cols);
         } else {
-            pa_rows.chunks_mut(group).enumerate().for_each(pack_a_rows);
-            pb_cols.chunks_mut(group).enumerate().for_each(pack_b_cols);
+            pa_rows
+                .chunks_mut(chunk_a)
+                .enumerate()
+                .for_each(pack_a_rows);
+            pb_cols
+                .chunks_mut(chunk_b)
+                .enumerate()
+                .for_each(pack_b_cols);
         }
 
         // Tasks: blocks of C tiles, halved (rows first) until there are enough to keep the pool busy.
         let (mut mb, mut nb) = (MB.min(mt), NB.min(nt));
-        let threads = if par { rayon::current_num_threads() } else { 1 };
         let tasks = |mb: usize, nb: usize| mt.div_ceil(mb) * nt.div_ceil(nb);
         while tasks(mb, nb) < 4 * threads && (mb > 2 || nb > 2) {
             if mb >= nb && mb > 2 {
@@ -375,9 +385,9 @@ mod amx {
     simd::multiversion! {
         /// Tile rows `mi0..` of op(A) (as many as `dst` holds, each with all its k tiles), rounded
         /// to bf16 and zero-padded. For a transposed A (stored [k, m]) one tile reads 32 rows of
-        /// only 64 bytes each, so the group's tiles are done k tile by k tile: the 32 source rows'
-        /// `PACK_GROUP` x 64 bytes are read once, contiguously, instead of one cache line per row
-        /// per pass over k.
+        /// only 64 bytes each, so the group's tiles are done k tile by k tile: the 32 source rows
+        /// are read (64 bytes per tile of the group) once, contiguously, instead of one cache line
+        /// per row per pass over k.
         fn pack_a(dst: &mut [u16], a: &[f32], m: usize, k: usize, trans: bool, mi0: usize) {
             let kt = k.div_ceil(TK);
             let tiles = dst.len() / (kt * TILE);
