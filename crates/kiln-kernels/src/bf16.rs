@@ -227,6 +227,8 @@ mod amx {
     thread_local! {
         /// Packed operands, kept between calls so every step does not fault in fresh pages.
         static PACK: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        /// A task's block of out^T (swapped products), kept for the same reason.
+        static LOCAL_C: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
     pub(super) fn matmul(
@@ -340,7 +342,10 @@ mod amx {
             // This task's block of out^T, computed in a local buffer of whole tiles.
             let (lh, lw) = (rows.len() * TM, cols.len() * TN);
             let (h, w) = ((cm - r0.min(cm)).min(lh), (cn - c0.min(cn)).min(lw));
-            let mut local = vec![0.0f32; lh * lw];
+            // Whatever a reused buffer holds outside the valid h x w corner only ever reaches
+            // tiles of that region, which are never copied out.
+            let mut local = LOCAL_C.with(|c| std::mem::take(&mut *c.borrow_mut()));
+            local.resize(lh * lw, 0.0);
             // out^T[r0 + i, c0 + j] is out[c0 + j, r0 + i]; out has n = cm columns.
             if accumulate {
                 for j in 0..w {
@@ -373,6 +378,7 @@ mod amx {
                     *d = local[i * lw + j];
                 }
             }
+            LOCAL_C.with(|c| *c.borrow_mut() = local);
         };
         if par {
             (0..mblocks * nblocks).into_par_iter().for_each(run);
