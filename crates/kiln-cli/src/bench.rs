@@ -16,7 +16,7 @@ use std::time::Instant;
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Training step (forward, backward, AdamW) on random tokens.
-    Train(Shape),
+    Train(TrainBench),
     /// Sampling with the KV cache.
     Generate(Shape),
     /// Tokenizer training time and encoding throughput.
@@ -52,6 +52,15 @@ pub struct Shape {
     /// (inference-only packed copies).
     #[arg(long, default_value_t = WeightFormat::F32)]
     weights: WeightFormat,
+}
+
+#[derive(Args)]
+pub struct TrainBench {
+    #[command(flatten)]
+    shape: Shape,
+    /// Matmul arithmetic: f32, or bf16 (bf16 operands, f32 accumulation; AMX where available).
+    #[arg(long, default_value = "f32")]
+    precision: kiln_kernels::Precision,
 }
 
 #[derive(Args)]
@@ -107,18 +116,20 @@ fn with_threads<T: Send>(n: Option<usize>, f: impl FnOnce() -> T + Send) -> Resu
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Train(s) => with_threads(s.bench_threads, || bench_train(&s))?,
+        BenchCmd::Train(s) => with_threads(s.shape.bench_threads, || bench_train(&s))?,
         BenchCmd::Generate(s) => with_threads(s.bench_threads, || bench_generate(&s))?,
         BenchCmd::Tokenizer(a) => bench_tokenizer(&a),
     }
 }
 
-fn bench_train(s: &Shape) -> Result<()> {
+fn bench_train(args: &TrainBench) -> Result<()> {
+    let s = &args.shape;
     if s.weights != WeightFormat::F32 {
-        bail!("--weights applies to `bench generate` only (training is f32)");
+        bail!("--weights applies to `bench generate` only (training takes --precision)");
     }
     let b = s.batch.unwrap_or(8);
     let mut model = model_for(s)?;
+    model.precision = args.precision;
     let t = s.ctx;
     let mut rng = ChaCha8Rng::seed_from_u64(1234);
     let data: Vec<u32> = (0..b * (t + 1))
@@ -134,14 +145,20 @@ fn bench_train(s: &Shape) -> Result<()> {
     let mut acts = Activations::new(&model.cfg, b, t, true);
     let mut opt = AdamW::new(&model, AdamWConfig::default());
     println!(
-        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={}",
+        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={} precision={}{}",
         rayon::current_num_threads(),
         s.vocab,
         s.layers,
         s.heads,
         s.dim,
         s.ctx,
-        b
+        b,
+        args.precision,
+        match args.precision {
+            kiln_kernels::Precision::Bf16 if kiln_kernels::bf16::amx_active() => " (AMX)",
+            kiln_kernels::Precision::Bf16 => " (no AMX: portable path)",
+            kiln_kernels::Precision::F32 => "",
+        }
     );
     let mut times = Vec::new();
     let mut losses = Vec::new();

@@ -198,6 +198,10 @@ struct TrainFlags {
     ckpt_every: Option<i64>,
     #[arg(long)]
     seed: Option<i64>,
+    /// Matmul arithmetic: `f32` (default) or `bf16` (bf16 operands, f32 accumulation and
+    /// master weights; uses AMX where the CPU has it). Same as `--set train.precision=...`.
+    #[arg(long)]
+    precision: Option<String>,
 }
 
 impl TrainFlags {
@@ -212,6 +216,7 @@ impl TrainFlags {
         o.opt("train.eval_every", self.eval_every);
         o.opt("train.ckpt_every", self.ckpt_every);
         o.opt("train.seed", self.seed);
+        o.opt("train.precision", self.precision.clone());
         Ok(o)
     }
 }

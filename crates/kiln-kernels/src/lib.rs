@@ -10,6 +10,7 @@
 //!   scheduling, so the same inputs and thread count give bit-identical outputs.
 
 pub mod attention;
+pub mod bf16;
 pub mod embed;
 pub mod gelu;
 pub mod layernorm;
@@ -22,11 +23,14 @@ mod simd;
 mod testutil;
 
 pub use attention::{attention_backward, attention_cached_row, attention_forward, AttnMask};
+pub use bf16::Precision;
 pub use embed::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_backward_inplace, gelu_forward};
 pub use layernorm::{layernorm_backward, layernorm_forward, LN_EPS};
 pub use loss::{token_logprob_backward, token_logprob_forward, IGNORE};
-pub use matmul::{linear_backward, linear_forward, matmul};
+pub use matmul::{
+    linear_backward, linear_backward_with, linear_forward, linear_forward_with, matmul, matmul_with,
+};
 pub use optim::{adamw_update, global_grad_norm, scale};
 pub use quant::{PackedFormat, PackedLinear};
 

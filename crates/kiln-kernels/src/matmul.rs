@@ -8,6 +8,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::bf16::{matmul_bf16, Precision};
 use crate::simd;
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
@@ -402,11 +403,45 @@ pub fn matmul(
     }
 }
 
+/// [`matmul`] in the given arithmetic: `F32` is exactly [`matmul`]; `Bf16` rounds both operands to
+/// bf16 and accumulates in f32 (see [`crate::bf16`]).
+pub fn matmul_with(
+    prec: Precision,
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) {
+    match prec {
+        Precision::F32 => matmul(out, a, b, m, k, n, trans_a, trans_b, accumulate),
+        Precision::Bf16 => matmul_bf16(out, a, b, m, k, n, trans_a, trans_b, accumulate),
+    }
+}
+
 /// `out[n,o] = inp[n,i] @ w[i,o] + bias[o]`.
 ///
 /// Weights are in `[in, out]` layout, as HF GPT-2's `Conv1D` stores them, so the checkpoint
 /// loads without a transpose.
 pub fn linear_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    i: usize,
+    o: usize,
+) {
+    linear_forward_with(Precision::F32, out, inp, w, bias, n, i, o);
+}
+
+/// [`linear_forward`] with its matmul in the given arithmetic (the bias add is f32 either way).
+pub fn linear_forward_with(
+    prec: Precision,
     out: &mut [f32],
     inp: &[f32],
     w: &[f32],
@@ -423,9 +458,9 @@ pub fn linear_forward(
             let bias = &bias[..o];
             out.par_chunks_mut(o.max(1))
                 .for_each(|row| row.copy_from_slice(bias));
-            matmul(out, inp, w, n, i, o, false, false, true);
+            matmul_with(prec, out, inp, w, n, i, o, false, false, true);
         }
-        None => matmul(out, inp, w, n, i, o, false, false, false),
+        None => matmul_with(prec, out, inp, w, n, i, o, false, false, false),
     }
 }
 
@@ -442,12 +477,28 @@ pub fn linear_backward(
     i: usize,
     o: usize,
 ) {
+    linear_backward_with(Precision::F32, dinp, dw, dbias, dout, inp, w, n, i, o);
+}
+
+/// [`linear_backward`] with its two matmuls in the given arithmetic (the bias gradient is f32).
+pub fn linear_backward_with(
+    prec: Precision,
+    dinp: Option<&mut [f32]>,
+    dw: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    i: usize,
+    o: usize,
+) {
     if let Some(dinp) = dinp {
         // w is stored [i,o] = "[n,k]" of the product dout[n,o] @ w^T[o,i].
-        matmul(dinp, dout, w, n, o, i, false, true, true);
+        matmul_with(prec, dinp, dout, w, n, o, i, false, true, true);
     }
     // inp is stored [n,i] = "[k,m]" of the product inp^T[i,n] @ dout[n,o].
-    matmul(dw, inp, dout, i, n, o, true, false, true);
+    matmul_with(prec, dw, inp, dout, i, n, o, true, false, true);
     if let Some(dbias) = dbias {
         col_sum_accumulate(&mut dbias[..o], &dout[..n * o], o);
     }

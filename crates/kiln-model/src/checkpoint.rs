@@ -373,6 +373,8 @@ impl Model {
                 params[t.range()].copy_from_slice(&self.params[old.range()]);
             }
         }
-        Model::from_params(cfg, params)
+        let mut model = Model::from_params(cfg, params);
+        model.precision = self.precision;
+        model
     }
 }

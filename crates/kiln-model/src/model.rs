@@ -157,6 +157,10 @@ pub struct Model {
     pub layout: ParamLayout,
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
+    /// Arithmetic of the training forward/backward matmuls (a run setting, not saved with the
+    /// weights): `Bf16` rounds their operands to bf16 with f32 accumulation; parameters, gradients
+    /// and every other kernel stay f32. Inference (`infer.rs`) always runs in f32.
+    pub precision: k::Precision,
 }
 
 /// Splits one buffer into several disjoint mutable slices (the flat gradient buffer holds every
@@ -180,6 +184,7 @@ fn disjoint_mut<'a, const N: usize>(
 /// accumulates the weight and bias gradients.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward_overwrite(
+    prec: k::Precision,
     dinp: &mut [f32],
     dw: &mut [f32],
     db: &mut [f32],
@@ -190,8 +195,8 @@ fn linear_backward_overwrite(
     i: usize,
     o: usize,
 ) {
-    k::matmul(dinp, dout, w, n, o, i, false, true, false);
-    k::linear_backward(None, dw, Some(db), dout, inp, w, n, i, o);
+    k::matmul_with(prec, dinp, dout, w, n, o, i, false, true, false);
+    k::linear_backward_with(prec, None, dw, Some(db), dout, inp, w, n, i, o);
 }
 
 impl std::fmt::Debug for Model {
@@ -217,6 +222,7 @@ impl Model {
             layout,
             params,
             grads,
+            precision: k::Precision::F32,
         }
     }
 
@@ -272,7 +278,8 @@ impl Model {
                 n,
                 c,
             );
-            k::linear_forward(
+            k::linear_forward_with(
+                self.precision,
                 &mut a.qkv,
                 &a.ln1,
                 &p[o.attn_w.clone()],
@@ -282,7 +289,8 @@ impl Model {
                 3 * c,
             );
             k::attention_forward(&mut a.atty, &mut a.att, &a.qkv, b, t, c, nh, &mask);
-            k::linear_forward(
+            k::linear_forward_with(
+                self.precision,
                 &mut acts.scratch,
                 &a.atty,
                 &p[o.proj_w.clone()],
@@ -304,7 +312,8 @@ impl Model {
                 n,
                 c,
             );
-            k::linear_forward(
+            k::linear_forward_with(
+                self.precision,
                 &mut a.fch,
                 &a.ln2,
                 &p[o.fc_w.clone()],
@@ -314,7 +323,8 @@ impl Model {
                 4 * c,
             );
             k::gelu_forward(&mut a.fch_gelu, &a.fch);
-            k::linear_forward(
+            k::linear_forward_with(
+                self.precision,
                 &mut acts.scratch,
                 &a.fch_gelu,
                 &p[o.fcproj_w.clone()],
@@ -350,7 +360,8 @@ impl Model {
             "activations were built without an LM head"
         );
         let wte = &self.params[self.layout.wte.clone()];
-        k::matmul(
+        k::matmul_with(
+            self.precision,
             &mut acts.logits,
             &acts.hidden,
             wte,
@@ -391,7 +402,8 @@ impl Model {
             v,
         );
         let wte = &self.params[self.layout.wte.clone()];
-        k::matmul(
+        k::matmul_with(
+            self.precision,
             &mut acts.dhidden,
             &acts.logits,
             wte,
@@ -403,7 +415,18 @@ impl Model {
             true,
         );
         let dwte = &mut self.grads[self.layout.wte.clone()];
-        k::matmul(dwte, &acts.logits, &acts.hidden, v, n, c, true, false, true);
+        k::matmul_with(
+            self.precision,
+            dwte,
+            &acts.logits,
+            &acts.hidden,
+            v,
+            n,
+            c,
+            true,
+            false,
+            true,
+        );
     }
 
     /// The scalar head: score_i = hidden_i · w for every row (reward model / critic).
@@ -443,6 +466,7 @@ impl Model {
         let cfg = &self.cfg;
         let (b, t, c, nh) = (acts.b, acts.t, cfg.n_embd, cfg.n_head);
         let n = b * t;
+        let prec = self.precision;
         let p = &self.params;
         let lay = &self.layout;
         let g = &mut self.grads;
@@ -476,6 +500,7 @@ impl Model {
             // matmuls (no zeroing pass over the scratch), and gelu's backward runs in place.
             let [dw, db] = disjoint_mut(g, [&o.fcproj_w, &o.fcproj_b]);
             linear_backward_overwrite(
+                prec,
                 &mut acts.dfch_gelu,
                 dw,
                 db,
@@ -489,6 +514,7 @@ impl Model {
             k::gelu_backward_inplace(&mut acts.dfch_gelu, &a.fch);
             let [dw, db] = disjoint_mut(g, [&o.fc_w, &o.fc_b]);
             linear_backward_overwrite(
+                prec,
                 &mut acts.dln,
                 dw,
                 db,
@@ -515,6 +541,7 @@ impl Model {
             // res2 = x + attn(x): dres is now d(res2).
             let [dw, db] = disjoint_mut(g, [&o.proj_w, &o.proj_b]);
             linear_backward_overwrite(
+                prec,
                 &mut acts.datty,
                 dw,
                 db,
@@ -529,6 +556,7 @@ impl Model {
             k::attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, c, nh);
             let [dw, db] = disjoint_mut(g, [&o.attn_w, &o.attn_b]);
             linear_backward_overwrite(
+                prec,
                 &mut acts.dln,
                 dw,
                 db,

@@ -6,6 +6,7 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::run::RunDir;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln_kernels::Precision;
 use kiln_model::checkpoint::{model_files, read_checked};
 use kiln_model::Model;
 use serde::{Deserialize, Serialize};
@@ -71,6 +72,26 @@ pub struct TrainConfig {
     pub non_finite: NonFinite,
     /// Stop after this many consecutive non-finite steps under `skip` (the learning rate has diverged).
     pub max_non_finite: u64,
+    /// Arithmetic of the model's matmuls: `"f32"`, or `"bf16"` (bf16 operands with f32
+    /// accumulation, on AMX where the CPU has it; weights, gradients and AdamW stay f32).
+    #[serde(with = "precision_serde")]
+    pub precision: Precision,
+}
+
+/// `Precision` as its TOML/JSON string ("f32", "bf16"); the kernels crate has no serde.
+mod precision_serde {
+    use kiln_kernels::Precision;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(p.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Precision, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for TrainConfig {
@@ -93,6 +114,7 @@ impl Default for TrainConfig {
             seed: 1337,
             non_finite: NonFinite::Skip,
             max_non_finite: 20,
+            precision: Precision::F32,
         }
     }
 }
@@ -169,6 +191,7 @@ impl<'a> Trainer<'a> {
         if cfg.grad_accum == 0 || cfg.batch_size == 0 {
             bail!("batch_size and grad_accum must be at least 1");
         }
+        model.precision = cfg.precision;
         let mut opt = AdamW::new(
             model,
             AdamWConfig {
