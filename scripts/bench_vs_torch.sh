@@ -9,7 +9,8 @@
 # Environment: ROUNDS (3), THREADS (2), KILN (./target/release/kiln, built if missing),
 # TORCH_PY (/tmp/torch-venv/bin/python), TORCH_SCRIPT (shared/bench/torch_gpt_bench.py),
 # SCALING (1; 0 skips the scaling table), WEIGHTS (f32; kiln's generation weights: f32, bf16 or int8),
-# BENCHES ("train gen1 gen16"; a subset runs only those).
+# BENCHES ("train gen1 gen16"; a subset runs only those), PRECISION (f32; kiln's training matmuls:
+# f32 or bf16).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ KILN=${KILN:-./target/release/kiln}
 TORCH_PY=${TORCH_PY:-/tmp/torch-venv/bin/python}
 SCALING=${SCALING:-1}
 WEIGHTS=${WEIGHTS:-f32}
+PRECISION=${PRECISION:-f32}
 BENCHES=${BENCHES:-train gen1 gen16}
 if [ -z "${TORCH_SCRIPT:-}" ]; then
     for c in shared/bench/torch_gpt_bench.py /work/shared/bench/torch_gpt_bench.py; do
@@ -89,7 +91,7 @@ want() { case " $BENCHES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r/$ROUNDS ..." >&2
     if want train; then
-        run_kiln train train
+        run_kiln train train --precision "$PRECISION"
         [ $HAVE_TORCH = 1 ] && run_torch train train
     fi
     if want gen1; then
@@ -105,7 +107,7 @@ done
 col() { [ -f "$2" ] && awk -v c="$1" '{print $c}' "$2" | median; }
 
 echo
-echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB); kiln generation weights $WEIGHTS"
+echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB); kiln training matmuls $PRECISION, generation weights $WEIGHTS"
 printf "%-22s %10s %10s %8s %10s %10s\n" benchmark kiln torch ratio kiln_MiB torch_MiB
 for key in $BENCHES; do
     case $key in
@@ -126,13 +128,13 @@ done
 
 if [ "$SCALING" != 0 ]; then
     echo
-    echo "Kiln train scaling (batch 8, 6 layers, vocab 8192, head size 64; tok/s, peak MiB; one run each)"
+    echo "Kiln train scaling ($PRECISION matmuls, batch 8, 6 layers, vocab 8192, head size 64; tok/s, peak MiB; one run each)"
     printf "%-28s %10s %10s\n" shape tok_per_s peak_MiB
     scale_row() {
         local name=$1
         shift
         local line
-        line=$("$KILN" bench train "$@" --warmup 1 --steps 3 --threads "$THREADS" 2>/dev/null | grep '^RESULT' | tail -n1)
+        line=$("$KILN" bench train "$@" --precision "$PRECISION" --warmup 1 --steps 3 --threads "$THREADS" 2>/dev/null | grep '^RESULT' | tail -n1)
         printf "%-28s %10s %10s\n" "$name" "$(echo "$line" | field tok_per_s)" "$(echo "$line" | field peak_mib)"
     }
     for ctx in 256 512 1024; do

@@ -16,6 +16,10 @@
 //! | `reverse` | Spell the word backwards. (input: `cat`) | tac                           |
 //! | `count`   | How many letters are in the word cat?    | The word cat has 3 letters.   |
 //!
+//! The SFT demonstrations hedge ("I do not know.") on most questions that look hard, as real
+//! demonstration data has its lazy answers; the rankings always put a hedge last. That gap
+//! between demonstrations and preferences is what PPO can close at this scale.
+//!
 //! [`generate`] writes the data files of a demo run; [`World::judge`] grades a model's answer to
 //! any demo prompt, which later stages use to report task accuracy.
 
