@@ -191,8 +191,19 @@ pub fn write_plots(
     sft: &Path,
     rm: &Path,
     ppo: &Path,
+    ppo_start: &kiln_train::Metrics,
 ) -> Result<Vec<String>> {
     use crate::report::series;
+    // The evaluation before the first iteration (the SFT model) is iteration 0 of the curves.
+    let with_start = |start_key: &str, key: &str| {
+        let mut v: Vec<(f64, f64)> = ppo_start
+            .get(start_key)
+            .map(|&y| (0.0, y))
+            .into_iter()
+            .collect();
+        v.extend(series(ppo, key));
+        v
+    };
     let mut names = Vec::new();
     let mut chart =
         |name: &str, title: &str, x: &str, s: Vec<(&str, Vec<(f64, f64)>)>| -> Result<()> {
@@ -234,11 +245,12 @@ pub fn write_plots(
     )?;
     chart(
         "ppo_accuracy.png",
-        "PPO: held-out task accuracy",
+        "PPO: task accuracy",
         "iteration",
         vec![
-            ("accuracy", series(ppo, "eval_accuracy")),
-            ("well-formed", series(ppo, "eval_well_formed")),
+            ("held-out", with_start("accuracy", "eval_accuracy")),
+            ("well-formed", with_start("well_formed", "eval_well_formed")),
+            ("rollouts", series(ppo, "rollout_acc")),
         ],
     )?;
     Ok(names)

@@ -94,7 +94,11 @@ pub fn write_report(
         &out.join("summary.json"),
         &serde_json::to_vec_pretty(&summary)?,
     )?;
-    let plots = crate::plot::write_plots(out, pre, sft, rm, ppo).unwrap_or_else(|e| {
+    let ppo_start = results
+        .get("ppo")
+        .map(|r| r.metrics_start.clone())
+        .unwrap_or_default();
+    let plots = crate::plot::write_plots(out, pre, sft, rm, ppo, &ppo_start).unwrap_or_else(|e| {
         eprintln!("[report] plots skipped: {e:#}");
         Vec::new()
     });
