@@ -106,8 +106,7 @@ fn model_for(s: &Shape) -> Result<Model> {
 
 fn with_threads<T: Send>(n: Option<usize>, f: impl FnOnce() -> T + Send) -> Result<T> {
     match n {
-        Some(n) => Ok(rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
+        Some(n) => Ok(kiln_kernels::thread_pool_builder(Some(n))
             .build()?
             .install(f)),
         None => Ok(f()),

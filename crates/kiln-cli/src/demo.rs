@@ -15,6 +15,7 @@ use kiln_model::Activations;
 use kiln_train::Metrics;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -179,7 +180,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
             1024,
             3000,
             800,
-            6000,
+            8000,
             40,
         ),
         // Demo documents and answers are short: a 64-token context loses little and halves the cost.
@@ -193,7 +194,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
             2048,
             3500,
             1500,
-            4000,
+            8000,
             40,
         ),
     };
@@ -339,10 +340,8 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     let total = Instant::now();
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    kiln_train::run::write_atomic(
-        &out.join("pipeline.toml"),
-        toml::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    let text = toml::to_string_pretty(cfg)?;
+    kiln_data::atomic_write(&out.join("pipeline.toml"), |w| w.write_all(text.as_bytes()))?;
     let mut results = BTreeMap::new();
     if cfg.corpus.input.is_empty() {
         bail!("pipeline: corpus.input names no files");

@@ -527,14 +527,10 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build_global()
-        {
-            eprintln!("error: cannot set up {n} threads: {e}");
-            std::process::exit(1);
-        }
+    kiln_kernels::flush_denormals();
+    if let Err(e) = kiln_kernels::thread_pool_builder(cli.threads).build_global() {
+        eprintln!("error: cannot set up the worker threads: {e}");
+        std::process::exit(1);
     }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

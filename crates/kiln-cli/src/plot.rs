@@ -1,8 +1,9 @@
 //! Small PNG line charts for the report (an 8×8 bitmap font and the `png` encoder: no system fonts
 //! or graphics libraries needed, so the report renders the same on any machine).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use font8x8::UnicodeFonts;
+use std::io::Write;
 use std::path::Path;
 
 const W: usize = 640;
@@ -71,8 +72,7 @@ impl Canvas {
             let mut w = enc.write_header()?;
             w.write_image_data(&self.px)?;
         }
-        kiln_train::run::write_atomic(path, &bytes)
-            .with_context(|| format!("writing {}", path.display()))
+        Ok(kiln_data::atomic_write(path, |w| w.write_all(&bytes))?)
     }
 }
 

@@ -8,6 +8,7 @@ use crate::stages::StageResult;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::Write;
 use std::path::Path;
 
 fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
@@ -90,10 +91,8 @@ pub fn write_report(
         "seconds": seconds,
         "seed": cfg.seed,
     });
-    kiln_train::run::write_atomic(
-        &out.join("summary.json"),
-        &serde_json::to_vec_pretty(&summary)?,
-    )?;
+    let bytes = serde_json::to_vec_pretty(&summary)?;
+    kiln_data::atomic_write(&out.join("summary.json"), |w| w.write_all(&bytes))?;
     let ppo_start = results
         .get("ppo")
         .map(|r| r.metrics_start.clone())
@@ -228,7 +227,7 @@ pub fn write_report(
         "## Settings\n\n```toml\n{}```",
         toml::to_string_pretty(cfg)?
     )?;
-    kiln_train::run::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    kiln_data::atomic_write(&out.join("report.md"), |w| w.write_all(md.as_bytes()))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

@@ -15,6 +15,7 @@ use kiln_train::rm::{render_groups, RmLoss, RmObjective};
 use kiln_train::sft::{render_examples, ExtraEval, SftObjective};
 use kiln_train::{RunDir, TrainConfig, TrainSummary, Trainer};
 use serde::{Deserialize, Serialize};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The shape of a new model (its vocabulary comes from the tokenizer).
@@ -58,7 +59,10 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
 fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let text = toml::to_string_pretty(cfg)?;
-    kiln_train::run::write_atomic(&out.join("run_config.toml"), text.as_bytes())
+    Ok(kiln_data::atomic_write(
+        &out.join("run_config.toml"),
+        |w| w.write_all(text.as_bytes()),
+    )?)
 }
 
 /// A stage's result, written as `done.json` in its run directory when it completes.
@@ -73,7 +77,10 @@ pub struct StageResult {
 
 impl StageResult {
     pub fn save(&self, out: &Path) -> Result<()> {
-        kiln_train::run::write_atomic(&out.join("done.json"), &serde_json::to_vec_pretty(self)?)
+        let bytes = serde_json::to_vec_pretty(self)?;
+        Ok(kiln_data::atomic_write(&out.join("done.json"), |w| {
+            w.write_all(&bytes)
+        })?)
     }
     pub fn load(out: &Path) -> Option<StageResult> {
         serde_json::from_slice(&std::fs::read(out.join("done.json")).ok()?).ok()

@@ -1,42 +1,29 @@
 //! End-to-end tests of the `kiln` binary: the whole pipeline on tiny demo data, exact resume after
 //! a crash, and clear errors (exit code 1, no panic) on bad input.
 
+mod common;
+
+use common::{copy_files, s, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+const THREADS: usize = 2;
+
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--quiet", "--threads", "2"])
+    common::kiln(THREADS)
         .args(args)
         .output()
         .expect("running kiln")
 }
 
+/// Runs kiln, asserting success; returns its stdout.
 fn ok(args: &[&str]) -> String {
-    let o = kiln(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "kiln {args:?} failed:\n{err}");
-    String::from_utf8_lossy(&o.stdout).to_string()
+    text(&common::ok(THREADS, args).stdout)
 }
 
-/// Runs kiln expecting a clean failure: exit code 1 and a message containing `needle`.
+/// Runs kiln expecting a clean failure (exit code 1, no panic) whose message contains `needle`.
 fn fails(args: &[&str], needle: &str) {
-    let o = kiln(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "kiln {args:?} should fail with exit 1:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "kiln {args:?} panicked:\n{err}");
-    assert!(
-        err.contains(needle),
-        "kiln {args:?}: expected {needle:?} in:\n{err}"
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::fails(THREADS, args, &[needle]);
 }
 
 #[test]
@@ -199,7 +186,7 @@ fn resume_after_crash_continues_exactly() {
     for f in ["metrics.jsonl", "run_config.toml"] {
         std::fs::copy(a.join(f), b.join(f)).unwrap();
     }
-    copy_dir(&a.join("ckpt-0000010"), &b.join("ckpt-0000010"));
+    copy_files(&a.join("ckpt-0000010"), &b.join("ckpt-0000010"));
     std::fs::write(b.join("latest"), "ckpt-0000010").unwrap();
     // A half-written later checkpoint (no checksums file) must be ignored.
     std::fs::create_dir_all(b.join(".ckpt-0000020.tmp-1")).unwrap();
@@ -210,14 +197,6 @@ fn resume_after_crash_continues_exactly() {
     assert_eq!(resumed.len(), full.len(), "{resumed:?}");
     for (x, y) in full.iter().zip(&resumed) {
         assert_eq!(x, y, "losses differ after resume");
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
 

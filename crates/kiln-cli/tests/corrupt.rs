@@ -4,56 +4,28 @@
 //! malformed records. Each must fail with exit code 1 and a message naming the file (no panic), or,
 //! with `--skip-bad-records`, report what was skipped.
 
+mod common;
+
+use common::{copy_files, s, text};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+const THREADS: usize = 1;
 
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--quiet", "--threads", "1"])
+    common::kiln(THREADS)
         .args(args)
         .output()
         .expect("running kiln")
 }
 
+/// Runs kiln, asserting success; returns its stderr (where reports of skipped records go).
 fn ok(args: &[&str]) -> String {
-    let o = kiln(args);
-    assert!(
-        o.status.success(),
-        "kiln {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stderr).to_string()
+    text(&common::ok(THREADS, args).stderr)
 }
 
-/// Runs kiln expecting a clean failure: exit code 1, no panic, and every one of `needles` in stderr.
 fn fails(args: &[&str], needles: &[&str]) -> String {
-    let o = kiln(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "kiln {args:?} should fail with exit 1:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "kiln {args:?} panicked:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "kiln {args:?}: expected {n:?} in:\n{err}");
-    }
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Copies the files (not the subdirectories) of `from`.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
+    common::fails(THREADS, args, needles)
 }
 
 struct Fixture {
@@ -153,7 +125,7 @@ fn corrupt_and_mismatched_state_is_detected() {
     let ckpt = run.join("ckpt-0000004");
     let fresh = |name: &str| -> PathBuf {
         let d = f.root.join(name);
-        copy_dir(&ckpt, &d);
+        copy_files(&ckpt, &d);
         d
     };
     let generate = |dir: &Path| {
@@ -233,9 +205,9 @@ fn corrupt_and_mismatched_state_is_detected() {
     // Damaged optimizer or trainer state in the checkpoint a resume starts from.
     for file in ["optimizer.safetensors", "trainer_state.json"] {
         let r = f.root.join(format!("resume_{file}"));
-        copy_dir(&run, &r);
+        copy_files(&run, &r);
         for c in ["ckpt-0000002", "ckpt-0000004"] {
-            copy_dir(&run.join(c), &r.join(c));
+            copy_files(&run.join(c), &r.join(c));
         }
         flip(&r.join("ckpt-0000004").join(file), 100);
         let o = pretrain(&f, &r, "16", &["--resume"]);
@@ -304,7 +276,7 @@ fn corrupt_and_mismatched_state_is_detected() {
     // Damaged shards: a token beyond the vocabulary, a truncated file, a bad header.
     for (name, damage) in [("token", 0usize), ("truncated", 1), ("magic", 2)] {
         let sh = f.root.join(format!("shards_{name}"));
-        copy_dir(&f.shards, &sh);
+        copy_files(&f.shards, &sh);
         let file = sh.join("train_000.bin");
         match damage {
             0 => {

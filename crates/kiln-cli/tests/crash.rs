@@ -4,28 +4,23 @@
 //! identical to an uninterrupted run's (same seed, same --threads). Also a full disk (a file-size
 //! limit) during a checkpoint write: the previous checkpoint stays intact and resumable.
 
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn kiln() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.args(["--quiet", "--threads", "1"]);
-    c
+    common::kiln(1)
 }
 
 fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
+    common::s(p).to_string()
 }
 
 fn ok(args: &[String]) {
-    let o = kiln().args(args).output().expect("running kiln");
-    assert!(
-        o.status.success(),
-        "kiln {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::ok(1, args);
 }
 
 /// When to kill a run.

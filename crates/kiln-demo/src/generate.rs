@@ -21,8 +21,9 @@ use crate::corpus::corpus;
 use crate::task::{Question, HEDGE, MAX_COMPARED, MAX_OPERAND};
 use crate::{rng, streams, TaskKind, World};
 
-/// Version of the file formats written here; bump when they change.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of the data written here; bump when its formats or its sizes change (a demo reuses data
+/// of the same seed, size and version).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// How often SFT demonstrations answer "I do not know." to questions that look hard, and to
 /// the others.
@@ -85,7 +86,7 @@ impl Size {
                 corpus_bytes: 1_500_000,
                 sft_train: 4000,
                 sft_val: 200,
-                rm_train: 3000,
+                rm_train: 6000,
                 rm_val: 200,
                 ppo_prompts: 512,
                 eval_prompts: 200,

@@ -880,10 +880,7 @@ mod tests {
             let reference = run();
             assert_bits_eq(&reference, &run());
             for threads in [1, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
+                let pool = crate::thread_pool_builder(Some(threads)).build().unwrap();
                 assert_bits_eq(&reference, &pool.install(run));
             }
         }

@@ -618,10 +618,7 @@ mod tests {
                     .collect();
                 assert_close(&got, &want, 1e-5, "skinny matmul");
                 for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
+                    let pool = crate::thread_pool_builder(Some(threads)).build().unwrap();
                     assert_bits_eq(&got, &pool.install(run));
                 }
             }

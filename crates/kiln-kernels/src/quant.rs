@@ -629,10 +629,7 @@ mod tests {
             };
             let reference = run(&x, m);
             for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
+                let pool = crate::thread_pool_builder(Some(threads)).build().unwrap();
                 assert_eq!(
                     reference.bits(),
                     pool.install(|| run(&x, m)).bits(),

@@ -53,8 +53,11 @@ struct LayerActs {
 
 /// Activations and gradient scratch for one batch shape, allocated once and reused every step.
 pub struct Activations {
+    /// The batch shape now in use (see `set_shape`).
     pub b: usize,
     pub t: usize,
+    /// The shape the buffers were built for.
+    cap: (usize, usize),
     tokens: Vec<u32>,
     positions: Vec<u32>,
     encoded: Vec<f32>,
@@ -107,6 +110,7 @@ impl Activations {
         Activations {
             b,
             t,
+            cap: (b, t),
             tokens: vec![0; n],
             positions: vec![0; n],
             encoded: z(n * c),
@@ -131,6 +135,73 @@ impl Activations {
             dfch_gelu: z(n * 4 * c),
             scratch: z(n * c),
         }
+    }
+
+    /// Reuses these buffers for a smaller batch shape (`b·t` and `b·t²` within what they were built
+    /// for), without allocating: a batch of short rows then costs what its tokens cost, not the
+    /// shape's maximum.
+    pub fn set_shape(&mut self, cfg: &ModelConfig, b: usize, t: usize) {
+        if (b, t) == (self.b, self.t) {
+            return;
+        }
+        let (cb, ct) = self.cap;
+        assert!(
+            b * t <= cb * ct && b * t * t <= cb * ct * ct,
+            "activations built for {cb}x{ct} cannot hold {b}x{t}"
+        );
+        let n = b * t;
+        let c = cfg.n_embd;
+        let att = b * cfg.n_head * t * t;
+        let fit = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
+        for a in &mut self.layers {
+            for (v, w) in [
+                (&mut a.ln1, c),
+                (&mut a.atty, c),
+                (&mut a.res2, c),
+                (&mut a.ln2, c),
+                (&mut a.res3, c),
+                (&mut a.qkv, 3 * c),
+                (&mut a.fch, 4 * c),
+                (&mut a.fch_gelu, 4 * c),
+                (&mut a.ln1_mean, 1),
+                (&mut a.ln1_rstd, 1),
+                (&mut a.ln2_mean, 1),
+                (&mut a.ln2_rstd, 1),
+            ] {
+                fit(v, n * w);
+            }
+            fit(&mut a.att, att);
+        }
+        for (v, w) in [
+            (&mut self.encoded, c),
+            (&mut self.hidden, c),
+            (&mut self.dhidden, c),
+            (&mut self.dres, c),
+            (&mut self.dln, c),
+            (&mut self.datty, c),
+            (&mut self.scratch, c),
+            (&mut self.dqkv, 3 * c),
+            (&mut self.dfch_gelu, 4 * c),
+            (&mut self.lnf_mean, 1),
+            (&mut self.lnf_rstd, 1),
+            (&mut self.logp, 1),
+            (&mut self.entropy, 1),
+        ] {
+            fit(v, n * w);
+        }
+        if !self.logits.is_empty() {
+            fit(&mut self.logits, n * cfg.vocab_size);
+        }
+        self.tokens.resize(n, 0);
+        self.positions.resize(n, 0);
+        self.targets.resize(n, k::IGNORE);
+        self.b = b;
+        self.t = t;
+    }
+
+    /// The (rows, length) the buffers were built for: the most `set_shape` can ask.
+    pub fn capacity(&self) -> (usize, usize) {
+        self.cap
     }
 
     /// Bytes held by these buffers (for memory estimates).

@@ -87,50 +87,109 @@ pub fn render_groups(
     Ok((out, skipped))
 }
 
-/// Where the score is read: the last real token of each row (its end-of-turn token) for a decoder,
-/// the first token for an encoder.
-fn score_index(arch: Arch, row: usize, t: usize, len: usize) -> usize {
-    match arch {
-        Arch::Decoder => row * t + len - 1,
-        Arch::Encoder => row * t,
-    }
+/// Sequences packed into rows for one forward pass: several short sequences share a row, kept apart
+/// by segment ids (attention never crosses them) with positions restarting at 0, so each scores as it
+/// would alone while padding, which costs as much as tokens, nearly disappears.
+struct PackedRows {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    valid: Vec<bool>,
+    segments: Vec<u32>,
+    b: usize,
+    t: usize,
+    /// Flat index of each sequence's score token: its last real token for a decoder, its [CLS]
+    /// (first) token for an encoder.
+    at: Vec<usize>,
 }
 
-/// Runs sequences (rows, right-padded to `t`) through the model and returns each row's score.
-/// `acts` must have room for at least `seqs.len()` rows; spare rows are padding.
-pub fn score_rows(model: &Model, acts: &mut Activations, seqs: &[Vec<u32>]) -> Vec<f32> {
-    let (b, t) = (acts.b, acts.t);
-    assert!(seqs.len() <= b);
-    let mut tokens = vec![ids::PAD; b * t];
-    let mut valid = vec![false; b * t];
-    let positions: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
-    for (r, s) in seqs.iter().enumerate() {
-        let row: Vec<u32> = match model.cfg.arch {
-            // The encoder reads its score at a [CLS] token (<|endoftext|>) in front.
+/// Packs `seqs` into at most `seqs.len()` rows of at most `t` tokens, longest first, each into the
+/// first row with room (deterministic). The encoder's rows get a [CLS] (<|endoftext|>) in front of
+/// every sequence; sequences longer than a row are truncated.
+fn pack_rows(arch: Arch, seqs: &[Vec<u32>], t: usize) -> PackedRows {
+    let rows: Vec<Vec<u32>> = seqs
+        .iter()
+        .map(|s| match arch {
             Arch::Encoder => std::iter::once(ids::EOT)
                 .chain(s.iter().copied())
                 .take(t)
                 .collect(),
-            Arch::Decoder => s.clone(),
+            Arch::Decoder => s[..s.len().min(t)].to_vec(),
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
+    // (row, offset) of each sequence, and each row's fill.
+    let mut place = vec![(0usize, 0usize); rows.len()];
+    let mut fill: Vec<usize> = Vec::new();
+    for &i in &order {
+        let len = rows[i].len();
+        let r = match fill.iter().position(|&f| f + len <= t) {
+            Some(r) => r,
+            None => {
+                fill.push(0);
+                fill.len() - 1
+            }
         };
-        let n = row.len().min(t);
-        tokens[r * t..r * t + n].copy_from_slice(&row[..n]);
-        valid[r * t..r * t + n].fill(true);
+        place[i] = (r, fill[r]);
+        fill[r] += len;
     }
-    let input = Input {
-        tokens: &tokens,
-        positions: &positions,
-        valid: Some(&valid),
-        segments: None,
+    let b = fill.len().max(1);
+    let t = fill.iter().copied().max().unwrap_or(1).max(1);
+    let mut p = PackedRows {
+        tokens: vec![ids::PAD; b * t],
+        positions: vec![0; b * t],
+        valid: vec![false; b * t],
+        segments: vec![u32::MAX; b * t],
         b,
         t,
+        at: Vec::with_capacity(rows.len()),
+    };
+    for (i, row) in rows.iter().enumerate() {
+        let (r, off) = place[i];
+        let base = r * t + off;
+        for (j, &tok) in row.iter().enumerate() {
+            p.tokens[base + j] = tok;
+            p.positions[base + j] = j as u32;
+            p.valid[base + j] = true;
+            p.segments[base + j] = i as u32;
+        }
+        p.at.push(match arch {
+            Arch::Decoder => base + row.len().max(1) - 1,
+            Arch::Encoder => base,
+        });
+    }
+    p
+}
+
+/// Scores sequences in one forward pass, packed into rows of at most the `t` that `acts` was built
+/// for (see [`PackedRows`]). Returns each sequence's score and the flat index it was read at (where
+/// the score head's backward puts its gradient).
+fn score_packed(
+    model: &Model,
+    acts: &mut Activations,
+    seqs: &[Vec<u32>],
+) -> (Vec<f32>, Vec<usize>) {
+    let (cap_b, cap_t) = acts.capacity();
+    assert!(seqs.len() <= cap_b, "more sequences than activation rows");
+    let p = pack_rows(model.cfg.arch, seqs, cap_t);
+    acts.set_shape(&model.cfg, p.b, p.t);
+    let input = Input {
+        tokens: &p.tokens,
+        positions: &p.positions,
+        valid: Some(&p.valid),
+        segments: Some(&p.segments),
+        b: p.b,
+        t: p.t,
     };
     model.forward(acts, &input);
     let all = model.score_head(acts);
-    seqs.iter()
-        .enumerate()
-        .map(|(r, s)| all[score_index(model.cfg.arch, r, t, s.len().min(t))])
-        .collect()
+    (p.at.iter().map(|&i| all[i]).collect(), p.at)
+}
+
+/// Each sequence's score: read at its last real token (decoder) or its [CLS] (encoder), with the
+/// sequences packed into the rows `acts` was built for. `acts` must have at least `seqs.len()` rows.
+pub fn score_rows(model: &Model, acts: &mut Activations, seqs: &[Vec<u32>]) -> Vec<f32> {
+    score_packed(model, acts, seqs).0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -150,7 +209,19 @@ pub struct RmObjective {
     epoch: u64,
     idx: usize,
     order: Vec<usize>,
+    /// Where the last `scores` call read each score (for the score head's backward).
+    score_at: Vec<usize>,
     acts: Activations,
+}
+
+/// Pairwise accuracy's credit for one pair: 1 when the better response scores higher, ½ for a tie
+/// (a model that scores everything alike, as at initialisation, is at chance, not at 0).
+fn pair_credit(better: f32, worse: f32) -> f64 {
+    match better.partial_cmp(&worse) {
+        Some(std::cmp::Ordering::Greater) => 1.0,
+        Some(std::cmp::Ordering::Equal) => 0.5,
+        _ => 0.0,
+    }
 }
 
 /// Loss and d(loss)/d(score) for one group.
@@ -221,16 +292,7 @@ impl RmObjective {
             .max()
             .unwrap_or(1);
         let rows = groups_per_batch * max_k;
-        // Rows as long as the longest response needs (plus the encoder's [CLS]), not the whole context:
-        // padding costs as much as tokens.
-        let longest = train
-            .iter()
-            .chain(&val)
-            .flat_map(|g| g.seqs.iter())
-            .map(|s| s.len())
-            .max()
-            .unwrap_or(1);
-        let t = t.min(longest + (model.cfg.arch == Arch::Encoder) as usize);
+        // Rows of the full length `t`: batches pack several short sequences into each.
         let mut s = RmObjective {
             train,
             val,
@@ -242,6 +304,7 @@ impl RmObjective {
             epoch: 0,
             idx: 0,
             order: Vec::new(),
+            score_at: Vec::new(),
             acts: Activations::new(&model.cfg, rows, t, false),
         };
         s.shuffle();
@@ -258,7 +321,8 @@ impl RmObjective {
     /// Scores of every response of `groups` (one forward pass).
     fn scores(&mut self, model: &Model, groups: &[&RmGroup]) -> Vec<Vec<f32>> {
         let seqs: Vec<Vec<u32>> = groups.iter().flat_map(|g| g.seqs.iter().cloned()).collect();
-        let flat = score_rows(model, &mut self.acts, &seqs);
+        let (flat, at) = score_packed(model, &mut self.acts, &seqs);
+        self.score_at = at;
         let mut out = Vec::new();
         let mut at = 0;
         for g in groups {
@@ -271,7 +335,7 @@ impl RmObjective {
     /// Loss, pairwise accuracy and margin (and MSE/correlation for scored data) on `val`.
     pub fn evaluate_groups(&mut self, model: &Model, val: &[RmGroup]) -> Metrics {
         let (mut pairs, mut correct, mut margin_sum, mut loss_sum) =
-            (0usize, 0usize, 0.0f64, 0.0f64);
+            (0usize, 0.0f64, 0.0f64, 0.0f64);
         let (mut preds, mut targets) = (Vec::new(), Vec::new());
         for chunk in val.chunks(self.groups_per_batch) {
             let refs: Vec<&RmGroup> = chunk.iter().collect();
@@ -284,7 +348,7 @@ impl RmObjective {
                 }
                 for (bi, wi) in expand_pairs(&g.ranks) {
                     pairs += 1;
-                    correct += (r[bi] > r[wi]) as usize;
+                    correct += pair_credit(r[bi], r[wi]);
                     margin_sum += (r[bi] - r[wi]) as f64;
                 }
             }
@@ -296,7 +360,7 @@ impl RmObjective {
         }
         m.insert("loss".into(), loss_sum / n as f64);
         if pairs > 0 {
-            m.insert("acc".into(), correct as f64 / pairs as f64);
+            m.insert("acc".into(), correct / pairs as f64);
             m.insert("margin".into(), margin_sum / pairs as f64);
         }
         if !preds.is_empty() {
@@ -315,12 +379,16 @@ impl RmObjective {
         m
     }
 
-    /// Mean and standard deviation of the rewards of every training response, saved with the model so
-    /// PPO can normalise its rewards.
+    /// Mean and standard deviation of the rewards of the training responses (an evenly spread sample
+    /// of at most `STATS_GROUPS` prompts: plenty for two moments), saved with the model so PPO can
+    /// normalise its rewards.
     pub fn reward_stats(&mut self, model: &Model) -> (f64, f64) {
+        const STATS_GROUPS: usize = 2048;
         let mut all = Vec::new();
         let train = std::mem::take(&mut self.train);
-        for chunk in train.chunks(self.groups_per_batch) {
+        let stride = train.len().div_ceil(STATS_GROUPS).max(1);
+        let sample: Vec<RmGroup> = train.iter().step_by(stride).cloned().collect();
+        for chunk in sample.chunks(self.groups_per_batch) {
             let refs: Vec<&RmGroup> = chunk.iter().collect();
             all.extend(self.scores(model, &refs).into_iter().flatten());
         }
@@ -350,7 +418,7 @@ impl Objective for RmObjective {
         let (b, t) = (self.acts.b, self.acts.t);
         let mut dscore = vec![0.0f32; b * t];
         let mut loss = 0.0f64;
-        let (mut correct, mut pairs) = (0usize, 0usize);
+        let (mut correct, mut pairs) = (0.0f64, 0usize);
         let ng = groups.len() as f32;
         let rows: usize = groups.iter().map(|g| g.seqs.len()).sum();
         let mut row = 0;
@@ -358,26 +426,26 @@ impl Objective for RmObjective {
         for (g, r) in groups.iter().zip(&scores) {
             let (l, d) = group_loss(g, r, self.loss, self.margin);
             loss += l / ng as f64;
-            for (j, s) in g.seqs.iter().enumerate() {
+            for j in 0..g.seqs.len() {
                 let mut dd = d[j] / ng;
                 // λ·mean(r²) keeps rewards centred near zero.
                 if self.center > 0.0 {
                     dd += self.center * 2.0 * r[j] / rows as f32;
                     center_loss += (self.center * r[j] * r[j]) as f64 / rows as f64;
                 }
-                dscore[score_index(model.cfg.arch, row, t, s.len().min(t))] = dd * grad_scale;
+                dscore[self.score_at[row]] = dd * grad_scale;
                 row += 1;
             }
             for (bi, wi) in expand_pairs(&g.ranks) {
                 pairs += 1;
-                correct += (r[bi] > r[wi]) as usize;
+                correct += pair_credit(r[bi], r[wi]);
             }
         }
         model.score_head_backward(&mut self.acts, &dscore);
         model.backward(&mut self.acts);
         let mut extra = Metrics::new();
         if pairs > 0 {
-            extra.insert("acc".into(), correct as f64 / pairs as f64);
+            extra.insert("acc".into(), correct / pairs as f64);
         }
         let tokens = groups
             .iter()
@@ -447,6 +515,14 @@ mod tests {
         assert!((d[0] as f64 - (d1 + d2)).abs() < 1e-6);
         assert!((d[1] as f64 + d1).abs() < 1e-6);
         assert!((d[2] as f64 + d2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ties_count_half() {
+        assert_eq!(pair_credit(1.0, 0.0), 1.0);
+        assert_eq!(pair_credit(0.3, 0.3), 0.5);
+        assert_eq!(pair_credit(0.0, 1.0), 0.0);
+        assert_eq!(pair_credit(f32::NAN, 0.0), 0.0);
     }
 
     #[test]

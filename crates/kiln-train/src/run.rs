@@ -2,6 +2,7 @@
 //! `metrics.jsonl`, and the run's recorded configuration.
 
 use anyhow::{Context, Result};
+use kiln_data::atomic_write;
 use kiln_model::checkpoint::{recover_interrupted, write_checkpoint_dir, CHECKSUMS_FILE};
 use std::fs;
 use std::io::Write;
@@ -9,29 +10,6 @@ use std::path::{Path, PathBuf};
 
 pub struct RunDir {
     pub root: PathBuf,
-}
-
-/// Writes a small file atomically (temporary name, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
 }
 
 impl RunDir {
@@ -76,7 +54,7 @@ impl RunDir {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        write_atomic(&path, kept.as_bytes())
+        Ok(atomic_write(&path, |w| w.write_all(kept.as_bytes()))?)
     }
 
     /// Writes checkpoint `step`, points `latest` at it, and keeps only the newest `keep_last`.
@@ -89,7 +67,7 @@ impl RunDir {
         let name = Self::checkpoint_name(step);
         let dir = self.root.join(&name);
         write_checkpoint_dir(&dir, files)?;
-        write_atomic(&self.root.join("latest"), name.as_bytes())?;
+        atomic_write(&self.root.join("latest"), |w| w.write_all(name.as_bytes()))?;
         if keep_last > 0 {
             let all = self.checkpoints()?;
             if all.len() > keep_last {
@@ -153,10 +131,9 @@ impl RunDir {
             Some((step, p)) => {
                 // Point `latest` at it, so what reads the run directory next (the next stage,
                 // `generate`) sees the same checkpoint even if no new one is written.
-                write_atomic(
-                    &self.root.join("latest"),
-                    Self::checkpoint_name(step).as_bytes(),
-                )?;
+                atomic_write(&self.root.join("latest"), |w| {
+                    w.write_all(Self::checkpoint_name(step).as_bytes())
+                })?;
                 Ok(Some(p))
             }
             None => {

@@ -39,13 +39,16 @@ fn reward_position_is_correct_under_padding() {
                 )[0]
             })
             .collect();
-        // Batched with right padding, and with spare empty rows.
-        let batched = score_rows(&model, &mut Activations::new(&cfg, 5, 12, false), &seqs);
-        for (a, b) in alone.iter().zip(&batched) {
-            assert!(
-                (a - b).abs() < 1e-5,
-                "{arch:?}: padded score {b} vs unpadded {a}"
-            );
+        // Batched: packed several to a row (segments keep them apart, positions restart), with
+        // padding after them and spare rows; in rows of 12 and of 16 tokens the packing differs.
+        for (rows, t) in [(5, 12), (3, 16), (3, 8)] {
+            let batched = score_rows(&model, &mut Activations::new(&cfg, rows, t, false), &seqs);
+            for (a, b) in alone.iter().zip(&batched) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "{arch:?} {rows}x{t}: packed score {b} vs alone {a}"
+                );
+            }
         }
         // Padding tokens after the end never change the score: it is not read at the last position.
         let mut padded_seq = seqs[1].clone();
