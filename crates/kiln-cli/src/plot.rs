@@ -184,6 +184,23 @@ pub fn line_chart(
     Ok(true)
 }
 
+/// A noisy per-step series as the running mean of its last `len / 50` points (at least 1), so the
+/// trend shows through the batch-to-batch noise.
+fn smoothed(v: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    let w = (v.len() / 50).max(1);
+    let mut sum = 0.0;
+    v.iter()
+        .enumerate()
+        .map(|(i, &(x, y))| {
+            sum += y;
+            if i >= w {
+                sum -= v[i - w].1;
+            }
+            (x, sum / (i + 1).min(w) as f64)
+        })
+        .collect()
+}
+
 /// The report's charts; returns the file names written.
 pub fn write_plots(
     out: &Path,
@@ -217,7 +234,7 @@ pub fn write_plots(
         "Pretraining loss",
         "step",
         vec![
-            ("train", series(pre, "loss")),
+            ("train", smoothed(series(pre, "loss"))),
             ("val", series(pre, "val_loss")),
         ],
     )?;
@@ -226,7 +243,7 @@ pub fn write_plots(
         "SFT: response loss and task accuracy",
         "step",
         vec![
-            ("train loss", series(sft, "loss")),
+            ("train loss", smoothed(series(sft, "loss"))),
             ("val loss", series(sft, "val_loss")),
             ("accuracy", series(sft, "val_accuracy")),
         ],
@@ -235,7 +252,10 @@ pub fn write_plots(
         "rm.png",
         "Reward model: pairwise accuracy",
         "step",
-        vec![("train", series(rm, "acc")), ("val", series(rm, "val_acc"))],
+        vec![
+            ("train", smoothed(series(rm, "acc"))),
+            ("val", series(rm, "val_acc")),
+        ],
     )?;
     chart(
         "ppo_reward.png",
@@ -254,4 +274,25 @@ pub fn write_plots(
         ],
     )?;
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::smoothed;
+
+    #[test]
+    fn smoothing_is_a_trailing_mean() {
+        // 100 points: a window of 2. Alternating 0/1 becomes 0.5 after the first point.
+        let v: Vec<(f64, f64)> = (0..100).map(|i| (i as f64, (i % 2) as f64)).collect();
+        let s = smoothed(v.clone());
+        assert_eq!(s[0], (0.0, 0.0));
+        assert!(s[1..].iter().all(|&(_, y)| (y - 0.5).abs() < 1e-12));
+        assert_eq!(
+            s.iter().map(|p| p.0).collect::<Vec<_>>(),
+            (0..100).map(f64::from).collect::<Vec<_>>()
+        );
+        // Short series are left as they are.
+        let short = v[..10].to_vec();
+        assert_eq!(smoothed(short.clone()), short);
+    }
 }
