@@ -162,16 +162,8 @@ mod tests {
 
     #[test]
     fn deterministic_across_runs_and_thread_counts() {
-        let bits = |r: Vec<Vec<f32>>| r.into_iter().map(|v| v.bits()).collect::<Vec<_>>();
-        let reference = bits(workload());
-        assert_eq!(reference, bits(workload()), "two runs differ");
-        for threads in [1, 3] {
-            let pool = crate::thread_pool_builder(Some(threads)).build().unwrap();
-            assert_eq!(
-                reference,
-                bits(pool.install(workload)),
-                "{threads} threads differ"
-            );
-        }
+        let reference = workload().concat();
+        assert_bits_eq(&reference, &workload().concat());
+        assert_thread_independent(&reference, || workload().concat());
     }
 }

@@ -93,6 +93,17 @@ impl<A: Bits, B: Bits, C: Bits, D: Bits> Bits for (A, B, C, D) {
     }
 }
 
+/// Runs `f` in pools of 1, 2 and 3 threads: each must give `reference`'s bits exactly.
+pub fn assert_thread_independent<T: Bits + Send>(reference: &T, f: impl Fn() -> T + Send + Sync) {
+    for threads in [1, 2, 3] {
+        let pool = crate::thread_pool_builder(Some(threads)).build().unwrap();
+        assert!(
+            reference.bits() == pool.install(&f).bits(),
+            "{threads} threads give other results"
+        );
+    }
+}
+
 pub fn assert_bits_eq<T: Bits>(a: &T, b: &T) {
     assert!(
         a.bits() == b.bits(),
