@@ -50,6 +50,13 @@ pub fn flush_denormals() {
     }
 }
 
+/// [`flush_denormals`] on the calling thread and on every thread of the current rayon pool (for
+/// entry points that may run in a pool they did not build).
+pub fn flush_denormals_everywhere() {
+    flush_denormals();
+    rayon::broadcast(|_| flush_denormals());
+}
+
 /// A rayon pool builder whose threads flush denormals (see [`flush_denormals`]); `None` threads means
 /// one per core. Every pool that runs kernels should come from here.
 pub fn thread_pool_builder(threads: Option<usize>) -> rayon::ThreadPoolBuilder {

@@ -472,6 +472,7 @@ impl<'a> Ppo<'a> {
     /// Runs PPO (or, with `resume`, continues it) for `cfg.iterations` iterations.
     pub fn train(&mut self, resume: bool) -> Result<PpoSummary> {
         self.validate()?;
+        kiln_kernels::flush_denormals_everywhere();
         let cfg = self.cfg.clone();
         let t = self.row_len();
         let mut actor_opt = AdamW::new(

@@ -192,6 +192,7 @@ impl<'a> Trainer<'a> {
             bail!("batch_size and grad_accum must be at least 1");
         }
         model.precision = cfg.precision;
+        kiln_kernels::flush_denormals_everywhere();
         let mut opt = AdamW::new(
             model,
             AdamWConfig {
