@@ -166,6 +166,24 @@ impl PackedWeights {
     }
 }
 
+/// A linear layer of the cached forward: through its packed inference copy when there is one, else
+/// the f32 kernel on the model's own weight and bias.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    out: &mut [f32],
+    inp: &[f32],
+    packed: Option<&PackedLinear>,
+    (w, b): (&[f32], &[f32]),
+    n: usize,
+    i: usize,
+    o: usize,
+) {
+    match packed {
+        Some(l) => l.forward(out, inp, n),
+        None => k::linear_forward(out, inp, w, Some(b), n, i, o),
+    }
+}
+
 impl Model {
     /// Feeds `tq` new tokens to each of the given cache slots (rows: `slots.len()`, tokens row-major
     /// [rows, tq]) and returns the logits of each row's last new token, [rows, vocab].
@@ -239,18 +257,15 @@ impl Model {
                 n,
                 c,
             );
-            match pb {
-                Some(b) => b.qkv.forward(&mut qkv, &ln, n),
-                None => k::linear_forward(
-                    &mut qkv,
-                    &ln,
-                    &p[o.attn_w.clone()],
-                    Some(&p[o.attn_b.clone()]),
-                    n,
-                    c,
-                    3 * c,
-                ),
-            }
+            linear(
+                &mut qkv,
+                &ln,
+                pb.map(|b| &b.qkv),
+                (&p[o.attn_w.clone()], &p[o.attn_b.clone()]),
+                n,
+                c,
+                3 * c,
+            );
             // Append this step's keys and values to the cache.
             for i in 0..n {
                 let off = cache.offset(l, slots[i / tq], positions[i] as usize);
@@ -287,18 +302,15 @@ impl Model {
                     .enumerate()
                     .for_each_init(Vec::new, |scores, (idx, out)| head(idx, out, scores));
             }
-            match pb {
-                Some(b) => b.proj.forward(&mut tmp, &atty, n),
-                None => k::linear_forward(
-                    &mut tmp,
-                    &atty,
-                    &p[o.proj_w.clone()],
-                    Some(&p[o.proj_b.clone()]),
-                    n,
-                    c,
-                    c,
-                ),
-            }
+            linear(
+                &mut tmp,
+                &atty,
+                pb.map(|b| &b.proj),
+                (&p[o.proj_w.clone()], &p[o.proj_b.clone()]),
+                n,
+                c,
+                c,
+            );
             k::add_inplace(&mut x, &tmp);
             k::layernorm_forward(
                 &mut ln,
@@ -310,31 +322,25 @@ impl Model {
                 n,
                 c,
             );
-            match pb {
-                Some(b) => b.fc.forward(&mut fch, &ln, n),
-                None => k::linear_forward(
-                    &mut fch,
-                    &ln,
-                    &p[o.fc_w.clone()],
-                    Some(&p[o.fc_b.clone()]),
-                    n,
-                    c,
-                    4 * c,
-                ),
-            }
+            linear(
+                &mut fch,
+                &ln,
+                pb.map(|b| &b.fc),
+                (&p[o.fc_w.clone()], &p[o.fc_b.clone()]),
+                n,
+                c,
+                4 * c,
+            );
             k::gelu_forward(&mut fch_gelu, &fch);
-            match pb {
-                Some(b) => b.fcproj.forward(&mut tmp, &fch_gelu, n),
-                None => k::linear_forward(
-                    &mut tmp,
-                    &fch_gelu,
-                    &p[o.fcproj_w.clone()],
-                    Some(&p[o.fcproj_b.clone()]),
-                    n,
-                    4 * c,
-                    c,
-                ),
-            }
+            linear(
+                &mut tmp,
+                &fch_gelu,
+                pb.map(|b| &b.fcproj),
+                (&p[o.fcproj_w.clone()], &p[o.fcproj_b.clone()]),
+                n,
+                4 * c,
+                c,
+            );
             k::add_inplace(&mut x, &tmp);
         }
         for &s in slots {
