@@ -387,10 +387,9 @@ impl RmObjective {
         let mut all = Vec::new();
         let train = std::mem::take(&mut self.train);
         let stride = train.len().div_ceil(STATS_GROUPS).max(1);
-        let sample: Vec<RmGroup> = train.iter().step_by(stride).cloned().collect();
+        let sample: Vec<&RmGroup> = train.iter().step_by(stride).collect();
         for chunk in sample.chunks(self.groups_per_batch) {
-            let refs: Vec<&RmGroup> = chunk.iter().collect();
-            all.extend(self.scores(model, &refs).into_iter().flatten());
+            all.extend(self.scores(model, chunk).into_iter().flatten());
         }
         self.train = train;
         let n = all.len().max(1) as f64;
