@@ -4,8 +4,8 @@
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use kiln_model::{
-    generate_with, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, PackedWeights,
-    Sampling, WeightFormat,
+    generate_with, Activations, Arch, Family, GenerateOptions, Input, Model, ModelConfig,
+    PackedWeights, Sampling, WeightFormat,
 };
 use kiln_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
@@ -25,6 +25,18 @@ pub enum BenchCmd {
 
 #[derive(Args)]
 pub struct Shape {
+    /// Model family: gpt2, or llama (RMSNorm, RoPE, SwiGLU, grouped-query attention).
+    #[arg(long, default_value = "gpt2", value_parser = parse_family)]
+    arch: Family,
+    /// llama: key/value heads (0: as many as --heads).
+    #[arg(long, default_value_t = 0)]
+    kv_heads: usize,
+    /// llama: SwiGLU hidden size (0: 8/3 of --dim, rounded up to 64).
+    #[arg(long, default_value_t = 0)]
+    ffn: usize,
+    /// llama: a separate output head (default: tied to the token embedding).
+    #[arg(long)]
+    untied: bool,
     #[arg(long, default_value_t = 8192)]
     vocab: usize,
     #[arg(long, default_value_t = 6)]
@@ -90,6 +102,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+pub fn parse_family(s: &str) -> Result<Family> {
+    Family::parse(s)
+}
+
 fn model_for(s: &Shape) -> Result<Model> {
     let cfg = ModelConfig {
         vocab_size: s.vocab,
@@ -99,6 +115,11 @@ fn model_for(s: &Shape) -> Result<Model> {
         n_embd: s.dim,
         arch: Arch::Decoder,
         score_head: false,
+        family: s.arch,
+        n_kv_head: s.kv_heads,
+        ffn_hidden: s.ffn,
+        tie_embeddings: !s.untied,
+        ..ModelConfig::default()
     };
     cfg.validate()?;
     Ok(Model::new(cfg, 0))
@@ -144,11 +165,14 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     let mut acts = Activations::new(&model.cfg, b, t, true);
     let mut opt = AdamW::new(&model, AdamWConfig::default());
     println!(
-        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={} precision={}{}",
+        "kiln arch={} threads={} vocab={} layers={} heads={} kv_heads={} ffn={} dim={} ctx={} batch={} precision={}{}",
+        s.arch.name(),
         rayon::current_num_threads(),
         s.vocab,
         s.layers,
         s.heads,
+        model.cfg.kv_heads(),
+        model.cfg.ffn(),
         s.dim,
         s.ctx,
         b,
@@ -231,7 +255,8 @@ fn bench_generate(s: &Shape) -> Result<()> {
         stop_tokens: vec![],
     };
     println!(
-        "kiln threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b} weights={}",
+        "kiln arch={} threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b} weights={}",
+        s.arch.name(),
         rayon::current_num_threads(),
         s.vocab,
         s.layers,

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use kiln_data::datasets::Message;
 use kiln_demo::Size;
-use kiln_model::Activations;
+use kiln_model::{Activations, Family};
 use kiln_train::Metrics;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -66,6 +66,10 @@ pub struct DemoArgs {
     /// Start over: delete the run folder first instead of reusing finished stages.
     #[arg(long)]
     fresh: bool,
+    /// Model family of the demo's models: gpt2, or llama (RMSNorm, RoPE, SwiGLU, grouped-query
+    /// attention with half as many key/value heads).
+    #[arg(long, default_value = "gpt2", value_parser = crate::bench::parse_family)]
+    arch: Family,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +84,9 @@ pub enum PipelineCmd {
     Example {
         #[arg(long, default_value = "small")]
         size: Size,
+        /// Model family (model.arch in [pretrain]): gpt2 or llama.
+        #[arg(long, default_value = "gpt2", value_parser = crate::bench::parse_family)]
+        arch: Family,
     },
 }
 
@@ -137,7 +144,7 @@ impl Default for PipelineConfig {
 }
 
 /// The demo's settings per size, tuned for a 2-core CPU.
-pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineConfig {
+pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family) -> PipelineConfig {
     let mut c = PipelineConfig {
         out: out.to_path_buf(),
         seed,
@@ -164,6 +171,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
                 n_head: 2,
                 n_embd: 64,
                 n_ctx: 64,
+                ..ModelShape::default()
             },
             512,
             60,
@@ -177,6 +185,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
                 n_head: 4,
                 n_embd: 128,
                 n_ctx: 64,
+                ..ModelShape::default()
             },
             1024,
             3000,
@@ -191,6 +200,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
                 n_head: 6,
                 n_embd: 192,
                 n_ctx: 64,
+                ..ModelShape::default()
             },
             2048,
             3500,
@@ -200,7 +210,15 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64) -> PipelineCo
         ),
     };
     c.corpus.vocab_size = vocab;
-    c.pretrain.model = shape;
+    c.pretrain.model = ModelShape {
+        arch,
+        n_kv_head: if arch == Family::Gpt2 {
+            0
+        } else {
+            (shape.n_head / 2).max(1)
+        },
+        ..shape
+    };
     c.pretrain.train.max_steps = pre_steps;
     c.pretrain.train.batch_size = 16;
     c.pretrain.train.eval_every = (pre_steps / 6).max(1);
@@ -265,7 +283,7 @@ pub fn run_data_and_demo_config(a: &DemoArgs) -> Result<PipelineConfig> {
             m.counts.eval_prompts
         );
     }
-    Ok(demo_config(&data, &a.out, a.size, a.seed))
+    Ok(demo_config(&data, &a.out, a.size, a.seed, a.arch))
 }
 
 pub fn run_demo(a: DemoArgs, progress: bool) -> Result<()> {
@@ -282,12 +300,13 @@ pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
             }
             run_pipeline_config(&cfg, progress)
         }
-        PipelineCmd::Example { size } => {
+        PipelineCmd::Example { size, arch } => {
             let cfg = demo_config(
                 Path::new("runs/demo/data"),
                 Path::new("runs/mine"),
                 size,
                 1337,
+                arch,
             );
             println!("# A Kiln pipeline. Name your data: corpus.input, sft.data / sft.val_data, rm.data / rm.val_data,");
             println!("# ppo.prompts (and judge, for the demo world only). Paths between stages (pretrain.data,");
@@ -342,6 +361,21 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let text = toml::to_string_pretty(cfg)?;
+    // Finished stages are reused only for the configuration that made them.
+    if let Ok(old) = std::fs::read_to_string(out.join("pipeline.toml")) {
+        if old != text {
+            let line = old
+                .lines()
+                .zip(text.lines())
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!(" (first difference: {a:?} then, {b:?} now)"))
+                .unwrap_or_default();
+            bail!(
+                "{} holds a run of another configuration{line}: add --fresh to start over, or choose another --out",
+                out.display()
+            );
+        }
+    }
     kiln_data::atomic_write(&out.join("pipeline.toml"), |w| w.write_all(text.as_bytes()))?;
     let mut results = BTreeMap::new();
     if cfg.corpus.input.is_empty() {

@@ -13,7 +13,7 @@ mod plot;
 mod report;
 mod stages;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use config::Overrides;
 use std::path::PathBuf;
@@ -136,24 +136,14 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
         "give 1..={} token ids",
         model.cfg.n_ctx
     );
-    let mut acts = kiln_model::Activations::new(&model.cfg, 1, t, true);
-    let positions: Vec<u32> = (0..t as u32).collect();
-    model.forward(
-        &mut acts,
-        &kiln_model::Input {
-            tokens: &tokens,
-            positions: &positions,
-            valid: None,
-            segments: None,
-            b: 1,
-            t,
-        },
-    );
+    if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= model.cfg.vocab_size) {
+        bail!(
+            "token id {bad} is outside the model's vocabulary ({})",
+            model.cfg.vocab_size
+        );
+    }
+    let logits = model.logits(&tokens);
     let v = model.cfg.vocab_size;
-    let c = model.cfg.n_embd;
-    let wte = &model.params[model.layout.wte.clone()];
-    let mut logits = vec![0.0f32; t * v];
-    kiln_kernels::matmul(&mut logits, &acts.hidden, wte, t, c, v, false, true, false);
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
     println!(
         "{}",
@@ -242,6 +232,16 @@ struct PretrainArgs {
     dim: Option<i64>,
     #[arg(long)]
     ctx: Option<i64>,
+    /// Model family: gpt2 (default), or llama (RMSNorm, rotary positions, SwiGLU, grouped-query
+    /// attention; also mistral, qwen2). Sets model.arch.
+    #[arg(long, value_parser = ["gpt2", "llama", "mistral", "qwen2"])]
+    arch: Option<String>,
+    /// Llama family: key/value heads (model.n_kv_head; default: as many as --heads).
+    #[arg(long)]
+    kv_heads: Option<i64>,
+    /// Llama family: SwiGLU hidden size (model.ffn_hidden; default 8/3 of --dim, rounded up to 64).
+    #[arg(long)]
+    ffn: Option<i64>,
     /// Print a text sample every N steps.
     #[arg(long)]
     sample_every: Option<i64>,
@@ -409,6 +409,9 @@ fn run(cli: Cli) -> Result<()> {
             o.opt("model.n_head", a.heads);
             o.opt("model.n_embd", a.dim);
             o.opt("model.n_ctx", a.ctx);
+            o.opt("model.arch", a.arch.clone());
+            o.opt("model.n_kv_head", a.kv_heads);
+            o.opt("model.ffn_hidden", a.ffn);
             o.opt("train.sample_every", a.sample_every);
             let cfg: stages::PretrainConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();

@@ -8,7 +8,7 @@ use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, Role};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
-use kiln_model::{Arch, Model, ModelConfig};
+use kiln_model::{Arch, Family, Model, ModelConfig};
 use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
 use kiln_train::pretrain::{LmObjective, PretrainKind};
 use kiln_train::rm::{render_groups, RmLoss, RmObjective};
@@ -22,20 +22,59 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelShape {
+    /// The model family: "gpt2", or "llama" (RMSNorm, rotary positions, SwiGLU, grouped-query
+    /// attention; "mistral" and "qwen2" are the same block under those names).
+    pub arch: Family,
     pub n_layer: usize,
     pub n_head: usize,
     pub n_embd: usize,
     pub n_ctx: usize,
+    /// Llama family: key/value heads (0: as many as n_head).
+    pub n_kv_head: usize,
+    /// Llama family: SwiGLU hidden size (0: 8/3 of n_embd rounded up to 64).
+    pub ffn_hidden: usize,
+    /// Llama family: RoPE base frequency.
+    pub rope_theta: f64,
+    /// The LM head shares the token embedding (GPT-2 always does).
+    pub tie_embeddings: bool,
 }
 
 impl Default for ModelShape {
     fn default() -> Self {
         ModelShape {
+            arch: Family::Gpt2,
             n_layer: 4,
             n_head: 4,
             n_embd: 128,
             n_ctx: 128,
+            n_kv_head: 0,
+            ffn_hidden: 0,
+            rope_theta: 10_000.0,
+            tie_embeddings: true,
         }
+    }
+}
+
+impl ModelShape {
+    /// The model spec of a new model of this shape.
+    pub fn config(&self, vocab_size: usize, arch: Arch) -> Result<ModelConfig> {
+        let cfg = ModelConfig {
+            vocab_size,
+            n_ctx: self.n_ctx,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_embd: self.n_embd,
+            arch,
+            score_head: false,
+            family: self.arch,
+            n_kv_head: self.n_kv_head,
+            ffn_hidden: self.ffn_hidden,
+            rope_theta: self.rope_theta as f32,
+            tie_embeddings: self.tie_embeddings,
+            ..ModelConfig::default()
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 
@@ -130,19 +169,13 @@ impl Default for PretrainConfig {
 
 pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<TrainSummary> {
     let tok = Tokenizer::load(&cfg.tokenizer)?;
-    let mcfg = ModelConfig {
-        vocab_size: tok.vocab_size(),
-        n_ctx: cfg.model.n_ctx,
-        n_layer: cfg.model.n_layer,
-        n_head: cfg.model.n_head,
-        n_embd: cfg.model.n_embd,
-        arch: match cfg.objective {
+    let mcfg = cfg.model.config(
+        tok.vocab_size(),
+        match cfg.objective {
             PretrainKind::Causal => Arch::Decoder,
             PretrainKind::Mlm => Arch::Encoder,
         },
-        score_head: false,
-    };
-    mcfg.validate()?;
+    )?;
     let seq_len = if cfg.seq_len == 0 {
         cfg.model.n_ctx
     } else {
@@ -167,13 +200,9 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
     write_run_config(&cfg.out, cfg)?;
     let meta = KilnMeta::new("pretrain", ChatTemplate::default(), &tok, cfg.train.seed);
     eprintln!(
-        "[pretrain] {:?} model: {} layers, {} heads, width {}, context {}, vocab {} ({:.2}M parameters)",
+        "[pretrain] {:?} model: {} ({:.2}M parameters)",
         cfg.objective,
-        model.cfg.n_layer,
-        model.cfg.n_head,
-        model.cfg.n_embd,
-        model.cfg.n_ctx,
-        model.cfg.vocab_size,
+        model.cfg.describe(),
         model.params.len() as f64 / 1e6
     );
     let trainer = Trainer {

@@ -140,6 +140,15 @@ fn prepare_tiny(root: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn resume_after_crash_continues_exactly() {
+    resume_check(&[]);
+}
+
+#[test]
+fn resume_after_crash_continues_exactly_llama() {
+    resume_check(&["--arch", "llama", "--kv-heads", "1", "--ffn", "48"]);
+}
+
+fn resume_check(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let (tok, shards) = prepare_tiny(dir.path());
     let common = |out: &Path| -> Vec<String> {
@@ -171,6 +180,7 @@ fn resume_after_crash_continues_exactly() {
             "train.keep_last=0",
         ]
         .iter()
+        .chain(extra)
         .map(|x| x.to_string())
         .collect()
     };

@@ -1,9 +1,12 @@
-//! Multi-head scaled dot-product attention with causal / padding / packed-segment masks.
+//! Multi-head and grouped-query scaled dot-product attention with causal / padding / packed-segment
+//! masks.
 //!
 //! Layout follows GPT-2's fused `c_attn`: `qkv` is `[b, t, 3c]` with q | k | v along the last dim and
-//! head `h` owning columns `h*hs..(h+1)*hs` of each. One rayon task per (batch, head); inside it,
-//! query rows are processed in blocks of 64 with single-threaded `gemm` calls, and a block only
-//! touches the keys some row of it may attend to (so causal attention does ~half the work).
+//! head `h` owning columns `h*hs..(h+1)*hs` of each; grouped-query attention ([`AttnShape`]) narrows
+//! the k and v sections to `nkv` heads. One rayon task per (batch, head) in the forward, per
+//! (batch, kv head) in the backward (whose query heads share dk/dv); inside it, query rows are
+//! processed in blocks of 64 with single-threaded `gemm` calls, and a block only touches the keys
+//! some row of it may attend to (so causal attention does ~half the work).
 #![allow(clippy::too_many_arguments)]
 
 use gemm::Parallelism;
@@ -28,6 +31,40 @@ pub struct AttnMask<'a> {
     pub segments: Option<&'a [u32]>,
 }
 
+/// Attention's head layout: `nh` query heads and `nkv` key/value heads (`nh` a multiple of `nkv`;
+/// query head `h` reads kv head `h / (nh/nkv)`), each `hs` wide. `qkv` rows are
+/// `[q (nh*hs) | k (nkv*hs) | v (nkv*hs)]`; `out` rows `nh*hs`.
+///
+/// `nkv == nh` is multi-head attention (GPT-2's `c_attn` layout), `nkv < nh` grouped-query attention
+/// (Llama): fewer kv heads shrink the KV cache and the k/v projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub nh: usize,
+    pub nkv: usize,
+    pub hs: usize,
+}
+
+impl AttnShape {
+    /// Width of one `qkv` row.
+    fn qkv_row(&self) -> usize {
+        (self.nh + 2 * self.nkv) * self.hs
+    }
+
+    /// Query heads per kv head.
+    fn group(&self) -> usize {
+        self.nh / self.nkv
+    }
+
+    fn check(&self) {
+        assert!(
+            self.nkv > 0 && self.nh.is_multiple_of(self.nkv),
+            "attention: nh ({}) must be a positive multiple of nkv ({})",
+            self.nh,
+            self.nkv
+        );
+    }
+}
+
 /// Multi-head attention forward.
 ///
 /// `qkv`: `[b, t, 3c]` (q | k | v along the last dim; head `h` uses columns `h*hs..(h+1)*hs` of each,
@@ -48,10 +85,30 @@ pub fn attention_forward(
         c.checked_rem(nh) == Some(0),
         "attention: c must be a multiple of nh"
     );
-    assert!(
-        qkv.len() >= b * t * 3 * c,
-        "attention_forward: qkv too small"
-    );
+    let shape = AttnShape {
+        nh,
+        nkv: nh,
+        hs: c / nh,
+    };
+    attention_forward_gqa(out, att, qkv, b, t, shape, mask);
+}
+
+/// Grouped-query attention forward: as [`attention_forward`], with the head layout of `shape`
+/// (`out` `[b, t, nh*hs]`, `att` `[b, nh, t, t]`). One rayon task per (batch, query head), so the
+/// work splits as finely as multi-head attention's; kv heads are only read here.
+pub fn attention_forward_gqa(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    shape: AttnShape,
+    mask: &AttnMask,
+) {
+    shape.check();
+    let AttnShape { nh, nkv, hs } = shape;
+    let (c, rw, group) = (nh * hs, shape.qkv_row(), shape.group());
+    assert!(qkv.len() >= b * t * rw, "attention_forward: qkv too small");
     assert!(out.len() >= b * t * c, "attention_forward: out too small");
     assert!(
         att.len() >= b * nh * t * t,
@@ -66,9 +123,7 @@ pub fn attention_forward(
     if b * t == 0 || c == 0 {
         return;
     }
-    let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    let c3 = 3 * c;
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let mask = *mask;
 
@@ -77,14 +132,15 @@ pub fn attention_forward(
         .enumerate()
         .for_each(|(bh, att_bh)| {
             let (bi, h) = (bh / nh, bh % nh);
+            let kvh = h / group;
             let key_valid = mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]);
             let segments = mask.segments.map(|s| &s[bi * t..(bi + 1) * t]);
             // Keys past the last valid one are never attended to (right padding): skip them entirely.
             let kmax = key_valid.map_or(t, |kv| kv.iter().rposition(|&v| v).map_or(0, |j| j + 1));
-            let base = bi * t * c3 + h * hs;
-            let q = qkv[base..].as_ptr();
-            let k = qkv[base + c..].as_ptr();
-            let v = qkv[base + 2 * c..].as_ptr();
+            let row0 = bi * t * rw;
+            let q = qkv[row0 + h * hs..].as_ptr();
+            let k = qkv[row0 + (nh + kvh) * hs..].as_ptr();
+            let v = qkv[row0 + (nh + nkv + kvh) * hs..].as_ptr();
             // SAFETY (pointer offsets below): all row/column indices stay inside this sequence and
             // head, which the length asserts above cover.
             let y = unsafe { out_ptr.get().add(bi * t * c + h * hs) };
@@ -98,12 +154,12 @@ pub fn attention_forward(
                     gemm_raw(
                         att_bh[i0 * t..].as_mut_ptr(),
                         t,
-                        q.add(i0 * c3),
-                        c3,
+                        q.add(i0 * rw),
+                        rw,
                         1,
                         k,
                         1,
-                        c3,
+                        rw,
                         i1 - i0,
                         hs,
                         klim,
@@ -134,7 +190,7 @@ pub fn attention_forward(
                         t,
                         1,
                         v,
-                        c3,
+                        rw,
                         1,
                         i1 - i0,
                         klim,
@@ -263,12 +319,34 @@ pub fn attention_backward(
         c.checked_rem(nh) == Some(0),
         "attention: c must be a multiple of nh"
     );
+    let shape = AttnShape {
+        nh,
+        nkv: nh,
+        hs: c / nh,
+    };
+    attention_backward_gqa(dqkv, dout, qkv, att, b, t, shape);
+}
+
+/// Grouped-query attention backward: as [`attention_backward`], with the head layout of `shape`.
+///
+/// The query heads of a group all add into their kv head's dk/dv, so there is one rayon task per
+/// (batch, kv head) that runs its query heads one after the other in head order: no two tasks
+/// write the same columns, and the sums into dk/dv have a fixed order.
+pub fn attention_backward_gqa(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    shape: AttnShape,
+) {
+    shape.check();
+    let AttnShape { nh, nkv, hs } = shape;
+    let (c, rw, group) = (nh * hs, shape.qkv_row(), shape.group());
+    assert!(qkv.len() >= b * t * rw, "attention_backward: qkv too small");
     assert!(
-        qkv.len() >= b * t * 3 * c,
-        "attention_backward: qkv too small"
-    );
-    assert!(
-        dqkv.len() >= b * t * 3 * c,
+        dqkv.len() >= b * t * rw,
         "attention_backward: dqkv too small"
     );
     assert!(
@@ -282,122 +360,153 @@ pub fn attention_backward(
     if b * t == 0 || c == 0 {
         return;
     }
-    let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    let c3 = 3 * c;
     let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
 
-    (0..b * nh).into_par_iter().for_each_init(
+    (0..b * nkv).into_par_iter().for_each_init(
         // dS for one block of query rows; reused across the tasks a worker runs.
         || vec![0.0f32; QB * t],
-        |ds, bh| {
-            let (bi, h) = (bh / nh, bh % nh);
-            let att_bh = &att[bh * t * t..(bh + 1) * t * t];
-            let base = bi * t * c3 + h * hs;
-            let q = qkv[base..].as_ptr();
-            let k = qkv[base + c..].as_ptr();
-            let v = qkv[base + 2 * c..].as_ptr();
-            let dy = dout[bi * t * c + h * hs..].as_ptr();
-            // SAFETY (all pointer uses below): offsets stay inside this (batch, head), covered by the
-            // asserts above; tasks write disjoint (batch, head) column blocks of `dqkv`.
-            let (dq, dk, dv) = unsafe {
-                let p = dqkv_ptr.get().add(base);
-                (p, p.add(c), p.add(2 * c))
+        |ds, bkv| {
+            let (bi, kvh) = (bkv / nkv, bkv % nkv);
+            let row0 = bi * t * rw;
+            let k = qkv[row0 + (nh + kvh) * hs..].as_ptr();
+            let v = qkv[row0 + (nh + nkv + kvh) * hs..].as_ptr();
+            // SAFETY (all pointer uses below): offsets stay inside this sequence and its heads, covered
+            // by the asserts above; this task alone writes kv head `kvh`'s dk/dv columns and its query
+            // heads' dq columns of sequence `bi`.
+            let (dk, dv) = unsafe {
+                let p = dqkv_ptr.get().add(row0);
+                (p.add((nh + kvh) * hs), p.add((nh + nkv + kvh) * hs))
             };
-
-            for i0 in (0..t).step_by(QB) {
-                let i1 = (i0 + QB).min(t);
-                let m = i1 - i0;
-                let klim = (i0..i1)
-                    .map(|i| {
-                        att_bh[i * t..(i + 1) * t]
-                            .iter()
-                            .rposition(|&p| p != 0.0)
-                            .map_or(0, |j| j + 1)
-                    })
-                    .max()
-                    .unwrap_or(0);
-                if klim == 0 {
-                    continue; // no query here attends to anything: no gradient flows
-                }
-                let ds = &mut ds[..m * t];
+            for h in kvh * group..(kvh + 1) * group {
+                let att_bh = &att[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
+                let q = qkv[row0 + h * hs..].as_ptr();
+                let dy = dout[bi * t * c + h * hs..].as_ptr();
+                // SAFETY: as above; query head `h`'s columns belong to this task alone.
                 unsafe {
-                    // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
-                    gemm_raw(
-                        ds.as_mut_ptr(),
-                        t,
-                        dy.add(i0 * c),
-                        c,
-                        1,
-                        v,
-                        1,
-                        c3,
-                        m,
-                        hs,
-                        klim,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale.
-                for (ii, ds_row) in ds.chunks_exact_mut(t).enumerate() {
-                    let i = i0 + ii;
-                    softmax_backward_row(&mut ds_row[..klim], &att_bh[i * t..i * t + klim], scale);
-                }
-                let p = att_bh[i0 * t..].as_ptr();
-                unsafe {
-                    // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
-                    gemm_raw(
-                        dv,
-                        c3,
-                        p,
-                        1,
-                        t,
-                        dy.add(i0 * c),
-                        c,
-                        1,
-                        klim,
-                        m,
-                        hs,
-                        true,
-                        Parallelism::None,
-                    );
-                    // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
-                    gemm_raw(
-                        dq.add(i0 * c3),
-                        c3,
-                        ds.as_ptr(),
-                        t,
-                        1,
-                        k,
-                        c3,
-                        1,
-                        m,
-                        klim,
-                        hs,
-                        true,
-                        Parallelism::None,
-                    );
-                    // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
-                    gemm_raw(
-                        dk,
-                        c3,
-                        ds.as_ptr(),
-                        1,
-                        t,
-                        q.add(i0 * c3),
-                        c3,
-                        1,
-                        klim,
-                        m,
-                        hs,
-                        true,
-                        Parallelism::None,
-                    );
+                    let dq = dqkv_ptr.get().add(row0 + h * hs);
+                    head_backward(ds, att_bh, q, k, v, dy, dq, dk, dv, t, hs, rw, c, scale);
                 }
             }
         },
     );
+}
+
+/// One query head's share of the backward: adds into its `dq` and into its kv head's `dk`, `dv`.
+/// `q`, `k`, `v`, `dq`, `dk`, `dv` have row stride `rw` and `dy` row stride `c`; `ds` is scratch of
+/// `QB * t`.
+///
+/// # Safety
+/// The pointers must cover `t` rows of `hs` columns at those strides, and no other thread may access
+/// `dq`, `dk`, `dv` during the call.
+unsafe fn head_backward(
+    ds: &mut [f32],
+    att_bh: &[f32],
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    dy: *const f32,
+    dq: *mut f32,
+    dk: *mut f32,
+    dv: *mut f32,
+    t: usize,
+    hs: usize,
+    rw: usize,
+    c: usize,
+    scale: f32,
+) {
+    for i0 in (0..t).step_by(QB) {
+        let i1 = (i0 + QB).min(t);
+        let m = i1 - i0;
+        let klim = (i0..i1)
+            .map(|i| {
+                att_bh[i * t..(i + 1) * t]
+                    .iter()
+                    .rposition(|&p| p != 0.0)
+                    .map_or(0, |j| j + 1)
+            })
+            .max()
+            .unwrap_or(0);
+        if klim == 0 {
+            continue; // no query here attends to anything: no gradient flows
+        }
+        let ds = &mut ds[..m * t];
+        // SAFETY (both blocks): the caller's contract (see above).
+        unsafe {
+            // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
+            gemm_raw(
+                ds.as_mut_ptr(),
+                t,
+                dy.add(i0 * c),
+                c,
+                1,
+                v,
+                1,
+                rw,
+                m,
+                hs,
+                klim,
+                false,
+                Parallelism::None,
+            );
+        }
+        // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale.
+        for (ii, ds_row) in ds.chunks_exact_mut(t).enumerate() {
+            let i = i0 + ii;
+            softmax_backward_row(&mut ds_row[..klim], &att_bh[i * t..i * t + klim], scale);
+        }
+        let p = att_bh[i0 * t..].as_ptr();
+        unsafe {
+            // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
+            gemm_raw(
+                dv,
+                rw,
+                p,
+                1,
+                t,
+                dy.add(i0 * c),
+                c,
+                1,
+                klim,
+                m,
+                hs,
+                true,
+                Parallelism::None,
+            );
+            // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
+            gemm_raw(
+                dq.add(i0 * rw),
+                rw,
+                ds.as_ptr(),
+                t,
+                1,
+                k,
+                rw,
+                1,
+                m,
+                klim,
+                hs,
+                true,
+                Parallelism::None,
+            );
+            // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
+            gemm_raw(
+                dk,
+                rw,
+                ds.as_ptr(),
+                1,
+                t,
+                q.add(i0 * rw),
+                rw,
+                1,
+                klim,
+                m,
+                hs,
+                true,
+                Parallelism::None,
+            );
+        }
+    }
 }
 
 simd::multiversion! {
@@ -421,6 +530,7 @@ mod tests {
         t: usize,
         c: usize,
         nh: usize,
+        nkv: usize,
         causal: bool,
         key_valid: Option<Vec<bool>>,
         segments: Option<Vec<u32>>,
@@ -448,22 +558,54 @@ mod tests {
                     .map(|s| s[bi * t + i] == s[bi * t + j])
                     .unwrap_or(true)
         }
+        fn shape(&self) -> AttnShape {
+            AttnShape {
+                nh: self.nh,
+                nkv: self.nkv,
+                hs: self.c / self.nh,
+            }
+        }
+        /// Width of a `qkv` row.
+        fn rw(&self) -> usize {
+            self.shape().qkv_row()
+        }
+        /// Multi-head cases go through the `c, nh` entry points, grouped-query ones through `_gqa`.
         fn forward(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
             let (b, t, c, nh) = (self.b, self.t, self.c, self.nh);
             let mut out = vec![f32::NAN; b * t * c];
             let mut att = vec![f32::NAN; b * nh * t * t];
-            attention_forward(&mut out, &mut att, qkv, b, t, c, nh, &self.mask());
+            if self.nkv == nh {
+                attention_forward(&mut out, &mut att, qkv, b, t, c, nh, &self.mask());
+            } else {
+                let shape = self.shape();
+                attention_forward_gqa(&mut out, &mut att, qkv, b, t, shape, &self.mask());
+            }
             (out, att)
+        }
+        fn backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32]) {
+            let (b, t, c, nh) = (self.b, self.t, self.c, self.nh);
+            if self.nkv == nh {
+                attention_backward(dqkv, dout, qkv, att, b, t, c, nh);
+            } else {
+                attention_backward_gqa(dqkv, dout, qkv, att, b, t, self.shape());
+            }
         }
         /// Straightforward f64 reference.
         #[allow(clippy::needless_range_loop)]
         fn reference(&self, qkv: &[f32]) -> (Vec<f64>, Vec<f64>) {
-            let (b, t, c, nh) = (self.b, self.t, self.c, self.nh);
-            let hs = c / nh;
+            let (b, t, c, nh, nkv) = (self.b, self.t, self.c, self.nh, self.nkv);
+            let (hs, rw) = (c / nh, self.rw());
             let mut out = vec![0.0f64; b * t * c];
             let mut att = vec![0.0f64; b * nh * t * t];
+            // Section `sec` (q, k, v) of row `i`, column `d` of query head `d / hs`'s data.
             let at = |bi: usize, i: usize, sec: usize, d: usize| {
-                qkv[(bi * t + i) * 3 * c + sec * c + d] as f64
+                let (h, dd) = (d / hs, d % hs);
+                let col = match sec {
+                    0 => d,
+                    1 => (nh + h / (nh / nkv)) * hs + dd,
+                    _ => (nh + nkv + h / (nh / nkv)) * hs + dd,
+                };
+                qkv[(bi * t + i) * rw + col] as f64
             };
             for bi in 0..b {
                 for h in 0..nh {
@@ -500,7 +642,7 @@ mod tests {
     fn check(case: &Case, seed: u64) {
         let (b, t, c, nh) = (case.b, case.t, case.c, case.nh);
         let mut rng = rng(seed);
-        let qkv = randn(&mut rng, b * t * 3 * c, 1.5);
+        let qkv = randn(&mut rng, b * t * case.rw(), 1.5);
         let (out, att) = case.forward(&qkv);
         let (rout, ratt) = case.reference(&qkv);
         assert_close(&out, &rout, 1e-5, "attention out");
@@ -523,7 +665,7 @@ mod tests {
         let lw = randn(&mut rng, b * t * c, 1.0);
         let g0 = 0.3f32;
         let mut dqkv = vec![g0; qkv.len()];
-        attention_backward(&mut dqkv, &lw, &qkv, &att, b, t, c, nh);
+        case.backward(&mut dqkv, &lw, &qkv, &att);
         let d: Vec<f32> = dqkv.iter().map(|v| v - g0).collect();
         let num = numgrad(&qkv, 1e-2, |x| weighted_sum(&case.forward(x).0, &lw));
         assert_grad(&d, &num, "attention dqkv");
@@ -540,6 +682,7 @@ mod tests {
             t,
             c,
             nh,
+            nkv: nh,
             causal: true,
             key_valid: None,
             segments: None,
@@ -573,6 +716,7 @@ mod tests {
                 t: 7,
                 c: 8,
                 nh: 2,
+                nkv: 2,
                 causal: true,
                 key_valid: None,
                 segments: None,
@@ -589,6 +733,7 @@ mod tests {
                 t: 6,
                 c: 6,
                 nh: 3,
+                nkv: 3,
                 causal: false,
                 key_valid: None,
                 segments: None,
@@ -611,6 +756,7 @@ mod tests {
                     t: 6,
                     c: 4,
                     nh: 2,
+                    nkv: 2,
                     causal,
                     key_valid: Some(kv.clone()),
                     segments: None,
@@ -631,6 +777,7 @@ mod tests {
                     t: 8,
                     c: 4,
                     nh: 2,
+                    nkv: 2,
                     causal,
                     key_valid: None,
                     segments: Some(seg.clone()),
@@ -643,6 +790,7 @@ mod tests {
                     t: 8,
                     c: 4,
                     nh: 2,
+                    nkv: 2,
                     causal,
                     key_valid: Some(kv.clone()),
                     segments: Some(seg.clone()),
@@ -665,6 +813,7 @@ mod tests {
             t,
             c,
             nh,
+            nkv: nh,
             causal: true,
             key_valid: Some(kv),
             segments: None,
@@ -698,6 +847,7 @@ mod tests {
                 t: QB + 9,
                 c: 4,
                 nh: 2,
+                nkv: 2,
                 causal: true,
                 key_valid: None,
                 segments: None,
@@ -711,6 +861,7 @@ mod tests {
                 t: QB + 9,
                 c: 4,
                 nh: 1,
+                nkv: 1,
                 causal: false,
                 key_valid: Some(kv),
                 segments: None,
@@ -738,5 +889,483 @@ mod tests {
             (out, att, dqkv)
         };
         assert_bits_eq(&run(), &run());
+    }
+
+    /// The multi-head kernels as they were before grouped-query attention, frozen: the wrappers
+    /// must still reproduce them bit for bit (same gemm calls, same task split).
+    mod legacy {
+        use super::super::{masked_softmax_row, softmax_backward_row, AttnMask, QB};
+        use crate::matmul::gemm_raw;
+        use crate::simd::SyncPtr;
+        use gemm::Parallelism;
+        use rayon::prelude::*;
+
+        pub fn attention_forward(
+            out: &mut [f32],
+            att: &mut [f32],
+            qkv: &[f32],
+            b: usize,
+            t: usize,
+            c: usize,
+            nh: usize,
+            mask: &AttnMask,
+        ) {
+            assert!(
+                c.checked_rem(nh) == Some(0),
+                "attention: c must be a multiple of nh"
+            );
+            assert!(
+                qkv.len() >= b * t * 3 * c,
+                "attention_forward: qkv too small"
+            );
+            assert!(out.len() >= b * t * c, "attention_forward: out too small");
+            assert!(
+                att.len() >= b * nh * t * t,
+                "attention_forward: att too small"
+            );
+            if let Some(kv) = mask.key_valid {
+                assert!(kv.len() >= b * t, "attention_forward: key_valid too small");
+            }
+            if let Some(seg) = mask.segments {
+                assert!(seg.len() >= b * t, "attention_forward: segments too small");
+            }
+            if b * t == 0 || c == 0 {
+                return;
+            }
+            let hs = c / nh;
+            let scale = 1.0 / (hs as f32).sqrt();
+            let c3 = 3 * c;
+            let out_ptr = SyncPtr(out.as_mut_ptr());
+            let mask = *mask;
+
+            att[..b * nh * t * t]
+                .par_chunks_mut(t * t)
+                .enumerate()
+                .for_each(|(bh, att_bh)| {
+                    let (bi, h) = (bh / nh, bh % nh);
+                    let key_valid = mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]);
+                    let segments = mask.segments.map(|s| &s[bi * t..(bi + 1) * t]);
+                    // Keys past the last valid one are never attended to (right padding): skip them entirely.
+                    let kmax =
+                        key_valid.map_or(t, |kv| kv.iter().rposition(|&v| v).map_or(0, |j| j + 1));
+                    let base = bi * t * c3 + h * hs;
+                    let q = qkv[base..].as_ptr();
+                    let k = qkv[base + c..].as_ptr();
+                    let v = qkv[base + 2 * c..].as_ptr();
+                    // SAFETY (pointer offsets below): all row/column indices stay inside this sequence and
+                    // head, which the length asserts above cover.
+                    let y = unsafe { out_ptr.get().add(bi * t * c + h * hs) };
+
+                    for i0 in (0..t).step_by(QB) {
+                        let i1 = (i0 + QB).min(t);
+                        // Keys a row of this block may see: up to the block end when causal, never past `kmax`.
+                        let klim = kmax.min(if mask.causal { i1 } else { t });
+                        // S[i0..i1, 0..klim] = Q[i0..i1] @ K[0..klim]^T  (K^T is K read with swapped strides)
+                        unsafe {
+                            gemm_raw(
+                                att_bh[i0 * t..].as_mut_ptr(),
+                                t,
+                                q.add(i0 * c3),
+                                c3,
+                                1,
+                                k,
+                                1,
+                                c3,
+                                i1 - i0,
+                                hs,
+                                klim,
+                                false,
+                                Parallelism::None,
+                            );
+                        }
+                        for i in i0..i1 {
+                            let row = &mut att_bh[i * t..(i + 1) * t];
+                            let lim = kmax.min(if mask.causal { i + 1 } else { t });
+                            let (live, dead) = row.split_at_mut(lim);
+                            masked_softmax_row(
+                                live,
+                                scale,
+                                key_valid,
+                                segments,
+                                segments.map_or(0, |s| s[i]),
+                            );
+                            dead.fill(0.0);
+                        }
+                        // Y[i0..i1] = P[i0..i1, 0..klim] @ V[0..klim], written straight into this head's columns.
+                        // SAFETY: tasks write disjoint (batch, head) column blocks of `out`; `att_bh` is ours.
+                        unsafe {
+                            gemm_raw(
+                                y.add(i0 * c),
+                                c,
+                                att_bh[i0 * t..].as_ptr(),
+                                t,
+                                1,
+                                v,
+                                c3,
+                                1,
+                                i1 - i0,
+                                klim,
+                                hs,
+                                false,
+                                Parallelism::None,
+                            );
+                        }
+                    }
+                });
+        }
+
+        pub fn attention_backward(
+            dqkv: &mut [f32],
+            dout: &[f32],
+            qkv: &[f32],
+            att: &[f32],
+            b: usize,
+            t: usize,
+            c: usize,
+            nh: usize,
+        ) {
+            assert!(
+                c.checked_rem(nh) == Some(0),
+                "attention: c must be a multiple of nh"
+            );
+            assert!(
+                qkv.len() >= b * t * 3 * c,
+                "attention_backward: qkv too small"
+            );
+            assert!(
+                dqkv.len() >= b * t * 3 * c,
+                "attention_backward: dqkv too small"
+            );
+            assert!(
+                dout.len() >= b * t * c,
+                "attention_backward: dout too small"
+            );
+            assert!(
+                att.len() >= b * nh * t * t,
+                "attention_backward: att too small"
+            );
+            if b * t == 0 || c == 0 {
+                return;
+            }
+            let hs = c / nh;
+            let scale = 1.0 / (hs as f32).sqrt();
+            let c3 = 3 * c;
+            let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
+
+            (0..b * nh).into_par_iter().for_each_init(
+                // dS for one block of query rows; reused across the tasks a worker runs.
+                || vec![0.0f32; QB * t],
+                |ds, bh| {
+                    let (bi, h) = (bh / nh, bh % nh);
+                    let att_bh = &att[bh * t * t..(bh + 1) * t * t];
+                    let base = bi * t * c3 + h * hs;
+                    let q = qkv[base..].as_ptr();
+                    let k = qkv[base + c..].as_ptr();
+                    let v = qkv[base + 2 * c..].as_ptr();
+                    let dy = dout[bi * t * c + h * hs..].as_ptr();
+                    // SAFETY (all pointer uses below): offsets stay inside this (batch, head), covered by the
+                    // asserts above; tasks write disjoint (batch, head) column blocks of `dqkv`.
+                    let (dq, dk, dv) = unsafe {
+                        let p = dqkv_ptr.get().add(base);
+                        (p, p.add(c), p.add(2 * c))
+                    };
+
+                    for i0 in (0..t).step_by(QB) {
+                        let i1 = (i0 + QB).min(t);
+                        let m = i1 - i0;
+                        let klim = (i0..i1)
+                            .map(|i| {
+                                att_bh[i * t..(i + 1) * t]
+                                    .iter()
+                                    .rposition(|&p| p != 0.0)
+                                    .map_or(0, |j| j + 1)
+                            })
+                            .max()
+                            .unwrap_or(0);
+                        if klim == 0 {
+                            continue; // no query here attends to anything: no gradient flows
+                        }
+                        let ds = &mut ds[..m * t];
+                        unsafe {
+                            // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
+                            gemm_raw(
+                                ds.as_mut_ptr(),
+                                t,
+                                dy.add(i0 * c),
+                                c,
+                                1,
+                                v,
+                                1,
+                                c3,
+                                m,
+                                hs,
+                                klim,
+                                false,
+                                Parallelism::None,
+                            );
+                        }
+                        // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale.
+                        for (ii, ds_row) in ds.chunks_exact_mut(t).enumerate() {
+                            let i = i0 + ii;
+                            softmax_backward_row(
+                                &mut ds_row[..klim],
+                                &att_bh[i * t..i * t + klim],
+                                scale,
+                            );
+                        }
+                        let p = att_bh[i0 * t..].as_ptr();
+                        unsafe {
+                            // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
+                            gemm_raw(
+                                dv,
+                                c3,
+                                p,
+                                1,
+                                t,
+                                dy.add(i0 * c),
+                                c,
+                                1,
+                                klim,
+                                m,
+                                hs,
+                                true,
+                                Parallelism::None,
+                            );
+                            // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
+                            gemm_raw(
+                                dq.add(i0 * c3),
+                                c3,
+                                ds.as_ptr(),
+                                t,
+                                1,
+                                k,
+                                c3,
+                                1,
+                                m,
+                                klim,
+                                hs,
+                                true,
+                                Parallelism::None,
+                            );
+                            // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
+                            gemm_raw(
+                                dk,
+                                c3,
+                                ds.as_ptr(),
+                                1,
+                                t,
+                                q.add(i0 * c3),
+                                c3,
+                                1,
+                                klim,
+                                m,
+                                hs,
+                                true,
+                                Parallelism::None,
+                            );
+                        }
+                    }
+                },
+            );
+        }
+    }
+
+    /// Cases over all masks, a sequence longer than a query block, and a ragged head width.
+    fn mha_cases() -> Vec<Case> {
+        let (b, t) = (2, QB + 9);
+        let kv: Vec<bool> = (0..b * t).map(|i| i % t < t - 5 && i != t + 3).collect();
+        let seg: Vec<u32> = (0..b * t).map(|i| (i / 23) as u32).collect();
+        let mut cases = Vec::new();
+        for (causal, with_kv, with_seg) in [
+            (true, false, false),
+            (false, false, false),
+            (true, true, false),
+            (true, true, true),
+            (false, true, true),
+        ] {
+            cases.push(Case {
+                b,
+                t,
+                c: 4 * 7,
+                nh: 4,
+                nkv: 4,
+                causal,
+                key_valid: with_kv.then(|| kv.clone()),
+                segments: with_seg.then(|| seg.clone()),
+            });
+        }
+        cases
+    }
+
+    #[test]
+    fn mha_matches_pre_gqa_implementation_bitwise() {
+        let mut rng = rng(40);
+        for case in mha_cases() {
+            let (b, t, c, nh) = (case.b, case.t, case.c, case.nh);
+            let qkv = randn(&mut rng, b * t * 3 * c, 1.5);
+            let dout = randn(&mut rng, b * t * c, 1.0);
+            let (mut out0, mut att0) = (vec![0.0; b * t * c], vec![0.0; b * nh * t * t]);
+            legacy::attention_forward(&mut out0, &mut att0, &qkv, b, t, c, nh, &case.mask());
+            let mut d0 = randn(&mut rng, qkv.len(), 1.0);
+            let mut d1 = d0.clone();
+            let mut d2 = d0.clone();
+            legacy::attention_backward(&mut d0, &dout, &qkv, &att0, b, t, c, nh);
+            // The `c, nh` wrappers and the `_gqa` entry points with nkv == nh.
+            let (out1, att1) = case.forward(&qkv);
+            attention_backward(&mut d1, &dout, &qkv, &att1, b, t, c, nh);
+            let (mut out2, mut att2) = (vec![0.0; b * t * c], vec![0.0; b * nh * t * t]);
+            let shape = case.shape();
+            attention_forward_gqa(&mut out2, &mut att2, &qkv, b, t, shape, &case.mask());
+            attention_backward_gqa(&mut d2, &dout, &qkv, &att2, b, t, shape);
+            let reference = (out0, att0, d0);
+            assert!(
+                reference.bits() == (out1, att1, d1).bits(),
+                "wrappers differ"
+            );
+            assert!(
+                reference.bits() == (out2, att2, d2).bits(),
+                "_gqa with nkv == nh differs"
+            );
+        }
+    }
+
+    /// A GQA `qkv` expanded to MHA: each query head gets its own copy of its kv head's k and v.
+    fn duplicate_kv(qkv: &[f32], rows: usize, shape: AttnShape) -> Vec<f32> {
+        let AttnShape { nh, nkv, hs } = shape;
+        let (c, rw, g) = (nh * hs, shape.qkv_row(), shape.group());
+        let mut out = Vec::with_capacity(rows * 3 * c);
+        for r in qkv[..rows * rw].chunks_exact(rw) {
+            out.extend_from_slice(&r[..c]);
+            for sec in 0..2 {
+                for h in 0..nh {
+                    let col = (nh + sec * nkv + h / g) * hs;
+                    out.extend_from_slice(&r[col..col + hs]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gqa_equals_mha_with_duplicated_kv() {
+        let mut rng = rng(41);
+        for mha in mha_cases() {
+            for nkv in [1, 2] {
+                let case = Case {
+                    b: mha.b,
+                    t: mha.t,
+                    c: mha.c,
+                    nh: mha.nh,
+                    nkv,
+                    causal: mha.causal,
+                    key_valid: mha.key_valid.clone(),
+                    segments: mha.segments.clone(),
+                };
+                let (b, t, c, nh) = (case.b, case.t, case.c, case.nh);
+                let shape = case.shape();
+                let (hs, rw, g) = (shape.hs, shape.qkv_row(), shape.group());
+                let qkv = randn(&mut rng, b * t * rw, 1.5);
+                let wide = duplicate_kv(&qkv, b * t, shape);
+                let (out, att) = case.forward(&qkv);
+                let (out_m, att_m) = mha.forward(&wide);
+                let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                assert_close(&out, &f64s(&out_m), 1e-6, "gqa out vs duplicated mha");
+                assert_close(&att, &f64s(&att_m), 1e-6, "gqa att vs duplicated mha");
+                let dout = randn(&mut rng, b * t * c, 1.0);
+                let mut dqkv = vec![0.0; qkv.len()];
+                case.backward(&mut dqkv, &dout, &qkv, &att);
+                let mut dwide = vec![0.0; wide.len()];
+                mha.backward(&mut dwide, &dout, &wide, &att_m);
+                // dq equal; each kv head's dk / dv the sum over its query heads' duplicates.
+                let mut want = vec![0.0f64; qkv.len()];
+                for (w, d) in want.chunks_exact_mut(rw).zip(dwide.chunks_exact(3 * c)) {
+                    for j in 0..c {
+                        w[j] = d[j] as f64;
+                    }
+                    for sec in 0..2 {
+                        for h in 0..nh {
+                            let col = (nh + sec * nkv + h / g) * hs;
+                            for dd in 0..hs {
+                                w[col + dd] += d[(1 + sec) * c + h * hs + dd] as f64;
+                            }
+                        }
+                    }
+                }
+                assert_close(&dqkv, &want, 1e-6, "gqa dqkv vs summed mha duplicates");
+            }
+        }
+    }
+
+    #[test]
+    fn gqa_finite_differences() {
+        // nh = 4 query heads over 1 or 2 kv heads, hs = 2; causal with padding and packed segments.
+        let kv: Vec<bool> = (0..16).map(|i| i != 6 && i != 7 && i != 8).collect();
+        let seg = vec![0, 0, 0, 1, 1, 2, 2, 2, /**/ 5, 5, 5, 5, 5, 9, 9, 9];
+        for nkv in [1, 2] {
+            for (causal, with_kv, with_seg) in [
+                (true, false, false),
+                (true, true, false),
+                (true, true, true),
+                (false, true, true),
+            ] {
+                check(
+                    &Case {
+                        b: 2,
+                        t: 8,
+                        c: 8,
+                        nh: 4,
+                        nkv,
+                        causal,
+                        key_valid: with_kv.then(|| kv.clone()),
+                        segments: with_seg.then(|| seg.clone()),
+                    },
+                    42 + nkv as u64,
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "multiple of nkv")]
+    fn gqa_rejects_uneven_groups() {
+        let shape = AttnShape {
+            nh: 4,
+            nkv: 3,
+            hs: 2,
+        };
+        let (mut out, mut att) = (vec![0.0; 8], vec![0.0; 4]);
+        attention_forward_gqa(
+            &mut out,
+            &mut att,
+            &[0.0; 20],
+            1,
+            1,
+            shape,
+            &AttnMask::default(),
+        );
+    }
+
+    #[test]
+    fn gqa_deterministic_across_thread_counts() {
+        let (b, t, nh, nkv, hs) = (3, 100, 8, 2, 8);
+        let shape = AttnShape { nh, nkv, hs };
+        let mut rng = rng(44);
+        let qkv = randn(&mut rng, b * t * shape.qkv_row(), 1.0);
+        let dout = randn(&mut rng, b * t * nh * hs, 1.0);
+        let mask = AttnMask {
+            causal: true,
+            ..Default::default()
+        };
+        let run = || {
+            let mut out = vec![0.0; b * t * nh * hs];
+            let mut att = vec![0.0; b * nh * t * t];
+            attention_forward_gqa(&mut out, &mut att, &qkv, b, t, shape, &mask);
+            let mut dqkv = vec![0.0; qkv.len()];
+            attention_backward_gqa(&mut dqkv, &dout, &qkv, &att, b, t, shape);
+            (out, att, dqkv)
+        };
+        let reference = run();
+        assert_bits_eq(&reference, &run());
+        assert_thread_independent(&reference, run);
     }
 }

@@ -38,6 +38,35 @@ pub fn embedding_forward(
         });
 }
 
+/// `out[i,:] = wte[tokens[i],:]`: token embeddings alone (models with rotary positions).
+pub fn token_embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], c: usize) {
+    let n = tokens.len();
+    assert!(out.len() >= n * c, "token_embedding_forward: out too small");
+    if n == 0 || c == 0 {
+        return;
+    }
+    out[..n * c]
+        .par_chunks_mut(c)
+        .zip(tokens.par_iter())
+        .for_each(|(o, &tok)| {
+            let tok = tok as usize;
+            o.copy_from_slice(&wte[tok * c..(tok + 1) * c]);
+        });
+}
+
+/// Backward of [`token_embedding_forward`]: `dwte[tokens[i]] += dout[i]` (deterministic).
+pub fn token_embedding_backward(dwte: &mut [f32], dout: &[f32], tokens: &[u32], c: usize) {
+    let n = tokens.len();
+    assert!(
+        dout.len() >= n * c,
+        "token_embedding_backward: dout too small"
+    );
+    if n == 0 || c == 0 {
+        return;
+    }
+    scatter_add_rows(dwte, dout, tokens, c);
+}
+
 simd::multiversion! {
     fn add_rows(out: &mut [f32], a: &[f32], b: &[f32]) {
         let n = out.len();

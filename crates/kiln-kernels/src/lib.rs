@@ -19,11 +19,17 @@ pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod quant;
+pub mod rmsnorm;
+pub mod rope;
 mod simd;
+pub mod swiglu;
 #[cfg(test)]
 mod testutil;
 
-pub use attention::{attention_backward, attention_cached_row, attention_forward, AttnMask};
+pub use attention::{
+    attention_backward, attention_backward_gqa, attention_cached_row, attention_forward,
+    attention_forward_gqa, AttnMask, AttnShape,
+};
 pub use bf16::Precision;
 pub use embed::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_backward_inplace, gelu_forward};
@@ -34,6 +40,9 @@ pub use matmul::{
 };
 pub use optim::{adamw_update, global_grad_norm, scale};
 pub use quant::{PackedFormat, PackedLinear};
+pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+pub use rope::{rope_backward, rope_forward, Rope, RopeScaling};
+pub use swiglu::{swiglu_backward, swiglu_forward};
 
 /// Flushes subnormal floats to zero on the calling thread (x86 MXCSR FTZ and DAZ; a no-op elsewhere).
 /// Values below f32's normal range (~1.2e-38) carry nothing a model can use, but each one costs an
@@ -167,10 +176,85 @@ mod tests {
         ]
     }
 
+    /// The Llama kernels (RMSNorm, RoPE, grouped-query attention, SwiGLU), forward and backward, on
+    /// a small Llama-block-like workload of packed sequences.
+    fn llama_workload() -> Vec<Vec<f32>> {
+        let (b, t, nh, nkv, hs, f) = (2, 70, 4, 2, 16, 96);
+        let (n, c) = (b * t, nh * hs);
+        let shape = AttnShape { nh, nkv, hs };
+        let rw = (nh + 2 * nkv) * hs;
+        let mut rng = rng(98);
+        let x = randn(&mut rng, n * c, 1.0);
+        let wn = randn(&mut rng, c, 1.0);
+        let wqkv = randn(&mut rng, c * rw, 0.2);
+        let wgu = randn(&mut rng, c * 2 * f, 0.2);
+        let (mut xn, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        rmsnorm_forward(&mut xn, &mut rstd, &x, &wn, n, c, 1e-5);
+        let mut qkv = vec![0.0; n * rw];
+        linear_forward(&mut qkv, &xn, &wqkv, None, n, c, rw);
+        // Two packed examples per sequence (30 + 40 tokens): positions restart at the boundary.
+        let segments: Vec<u32> = (0..n)
+            .map(|i| (2 * (i / t) + (i % t >= 30) as usize) as u32)
+            .collect();
+        let positions: Vec<u32> = (0..n)
+            .map(|i| (if i % t >= 30 { i % t - 30 } else { i % t }) as u32)
+            .collect();
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32,
+        };
+        let rope = Rope::new(hs, t, 10000.0, Some(&scaling));
+        rope_forward(&mut qkv, &positions, &rope, n, rw, nh + nkv);
+        let mask = AttnMask {
+            causal: true,
+            key_valid: None,
+            segments: Some(&segments),
+        };
+        let (mut y, mut att) = (vec![0.0; n * c], vec![0.0; b * nh * t * t]);
+        attention_forward_gqa(&mut y, &mut att, &qkv, b, t, shape, &mask);
+        let mut gu = vec![0.0; n * 2 * f];
+        linear_forward(&mut gu, &y, &wgu, None, n, c, 2 * f);
+        let mut h = vec![0.0; n * f];
+        swiglu_forward(&mut h, &gu, n, f);
+        let dh = randn(&mut rng, n * f, 1.0);
+        let mut dgu = vec![f32::NAN; n * 2 * f];
+        swiglu_backward(&mut dgu, &gu, &dh, n, f);
+        let (mut dy, mut dwgu) = (vec![0.0; n * c], vec![0.0; c * 2 * f]);
+        linear_backward(Some(&mut dy), &mut dwgu, None, &dgu, &y, &wgu, n, c, 2 * f);
+        let mut dqkv = vec![0.0; n * rw];
+        attention_backward_gqa(&mut dqkv, &dy, &qkv, &att, b, t, shape);
+        rope_backward(&mut dqkv, &positions, &rope, n, rw, nh + nkv);
+        let (mut dxn, mut dwqkv) = (vec![0.0; n * c], vec![0.0; c * rw]);
+        linear_backward(
+            Some(&mut dxn),
+            &mut dwqkv,
+            None,
+            &dqkv,
+            &xn,
+            &wqkv,
+            n,
+            c,
+            rw,
+        );
+        let (mut dx, mut dwn) = (vec![0.0; n * c], vec![0.0; c]);
+        rmsnorm_backward(&mut dx, &mut dwn, &dxn, &x, &wn, &rstd, n, c);
+        vec![rstd, qkv, att, h, dgu, dqkv, dx, dwn, dwqkv, dwgu]
+    }
+
     #[test]
     fn deterministic_across_runs_and_thread_counts() {
         let reference = workload().concat();
         assert_bits_eq(&reference, &workload().concat());
         assert_thread_independent(&reference, || workload().concat());
+    }
+
+    #[test]
+    fn llama_kernels_deterministic_across_runs_and_thread_counts() {
+        let reference = llama_workload().concat();
+        assert!(reference.iter().all(|v| v.is_finite()));
+        assert_bits_eq(&reference, &llama_workload().concat());
+        assert_thread_independent(&reference, || llama_workload().concat());
     }
 }

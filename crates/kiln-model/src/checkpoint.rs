@@ -9,6 +9,7 @@ use crate::model::Model;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -47,44 +48,106 @@ pub fn tensors_to_bytes(tensors: &[(String, Vec<usize>, &[f32])]) -> Result<Vec<
 /// Named tensors read from a file: name → (shape, values).
 pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// Reads every tensor of a safetensors buffer as f32 (F32 and BF16 accepted).
+/// Reads every tensor of a safetensors buffer as f32 (F32, BF16 and F16 accepted: half-precision
+/// checkpoints become f32 master weights).
 pub fn bytes_to_tensors(bytes: &[u8], what: &str) -> Result<Tensors> {
-    let st = SafeTensors::deserialize(bytes)
-        .with_context(|| format!("{what}: not a valid safetensors file (truncated or corrupt?)"))?;
     let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => view
-                .data()
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
-            other => bail!("{what}: tensor {name} has dtype {other:?}; Kiln reads F32 and BF16"),
-        };
-        out.insert(name, (view.shape().to_vec(), data));
-    }
+    add_tensors(&mut out, bytes, what)?;
     Ok(out)
 }
 
-/// The model's parameters under their Hugging Face GPT-2 names.
-pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>> {
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
-        .layout
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.shape.clone(), &model.params[t.range()]))
-        .collect();
-    tensors_to_bytes(&tensors)
+fn add_tensors(out: &mut Tensors, bytes: &[u8], what: &str) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{what}: not a valid safetensors file (truncated or corrupt?)"))?;
+    for (name, view) in st.tensors() {
+        let d = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                bail!("{what}: tensor {name} has dtype {other:?}; Kiln reads F32, BF16 and F16")
+            }
+        };
+        out.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok(())
 }
 
-/// Fills a flat buffer in `model`'s layout from named tensors. Accepts the names `transformers` writes
-/// for GPT2LMHeadModel (`transformer.` prefix) and GPT2Model (no prefix); ignores the attention-mask
-/// buffers and the tied `lm_head.weight`.
+/// The model's parameters as the family's own checkpoint tensors (name, shape, values): GPT-2's
+/// Conv1D tensors as they are, the Llama family's `nn.Linear` tensors split out of Kiln's fused
+/// ones and transposed to `[out, in]`.
+pub fn hf_tensors(model: &Model) -> Vec<(String, Vec<usize>, Cow<'_, [f32]>)> {
+    let mut out = Vec::new();
+    for t in &model.layout.tensors {
+        let data = &model.params[t.range()];
+        let cols_total = *t.shape.last().unwrap_or(&1);
+        let rows = t.len / cols_total.max(1);
+        if let [part] = t.hf.as_slice() {
+            if !part.transposed {
+                out.push((part.name.clone(), t.shape.clone(), Cow::Borrowed(data)));
+                continue;
+            }
+        }
+        let mut col = 0;
+        for part in &t.hf {
+            let w = part.cols;
+            let (shape, vals) = if t.shape.len() == 1 {
+                (vec![w], data[col..col + w].to_vec())
+            } else if part.transposed {
+                let mut v = vec![0.0f32; w * rows];
+                for r in 0..rows {
+                    for a in 0..w {
+                        v[a * rows + r] = data[r * cols_total + col + a];
+                    }
+                }
+                (vec![w, rows], v)
+            } else {
+                let mut v = Vec::with_capacity(w * rows);
+                for r in 0..rows {
+                    v.extend_from_slice(&data[r * cols_total + col..r * cols_total + col + w]);
+                }
+                (vec![rows, w], v)
+            };
+            out.push((part.name.clone(), shape, Cow::Owned(vals)));
+            col += w;
+        }
+    }
+    out
+}
+
+/// The model's parameters under the family's Hugging Face names, as safetensors bytes.
+pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>> {
+    let tensors = hf_tensors(model);
+    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), d.as_ref()))
+        .collect();
+    tensors_to_bytes(&refs)
+}
+
+/// The tensor a checkpoint may store under `name`, or under it without the model class's prefix
+/// (`transformer.` of GPT2LMHeadModel, `model.` of LlamaForCausalLM: the bare GPT2Model/LlamaModel).
+fn lookup<'a>(tensors: &'a Tensors, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
+    tensors.get(name).or_else(|| {
+        let bare = name
+            .strip_prefix("transformer.")
+            .or_else(|| name.strip_prefix("model."))?;
+        tensors.get(bare)
+    })
+}
+
+/// Fills a flat buffer in `cfg`'s layout from the family's checkpoint tensors (see [`hf_tensors`]).
+/// Ignores what Kiln does not use (attention-mask buffers, a tied `lm_head.weight`, rotary caches).
 pub fn params_from_tensors(cfg: &ModelConfig, tensors: &Tensors, what: &str) -> Result<Vec<f32>> {
     // A config read from a damaged or foreign file can imply any size: check it against what the
     // file holds before laying it out (which allocates and loops per layer).
@@ -104,24 +167,45 @@ pub fn params_from_tensors(cfg: &ModelConfig, tensors: &Tensors, what: &str) -> 
     let layout = crate::params::ParamLayout::new(cfg);
     let mut params = vec![0.0f32; layout.total];
     for t in &layout.tensors {
-        let alt = t
-            .name
-            .strip_prefix("transformer.")
-            .unwrap_or(&t.name)
-            .to_string();
-        let (shape, data) = tensors
-            .get(&t.name)
-            .or_else(|| tensors.get(&alt))
-            .with_context(|| format!("{what}: tensor {} is missing", t.name))?;
-        if shape != &t.shape {
-            bail!(
-                "{what}: tensor {} has shape {:?}, but config.json implies {:?} (checkpoint of another architecture?)",
-                t.name,
-                shape,
-                t.shape
-            );
+        let dst = &mut params[t.range()];
+        let cols_total = *t.shape.last().unwrap_or(&1);
+        let rows = t.len / cols_total.max(1);
+        let mut col = 0;
+        for part in &t.hf {
+            let w = part.cols;
+            let (shape, data) = lookup(tensors, &part.name)
+                .with_context(|| format!("{what}: tensor {} is missing", part.name))?;
+            let want = if t.shape.len() == 1 {
+                vec![w]
+            } else if part.transposed {
+                vec![w, rows]
+            } else {
+                vec![rows, w]
+            };
+            if shape != &want {
+                bail!(
+                    "{what}: tensor {} has shape {:?}, but config.json implies {:?} (checkpoint of another architecture?)",
+                    part.name,
+                    shape,
+                    want
+                );
+            }
+            if t.shape.len() == 1 {
+                dst[col..col + w].copy_from_slice(data);
+            } else if part.transposed {
+                for a in 0..w {
+                    for r in 0..rows {
+                        dst[r * cols_total + col + a] = data[a * rows + r];
+                    }
+                }
+            } else {
+                for r in 0..rows {
+                    dst[r * cols_total + col..r * cols_total + col + w]
+                        .copy_from_slice(&data[r * w..(r + 1) * w]);
+                }
+            }
+            col += w;
         }
-        params[t.range()].copy_from_slice(data);
     }
     Ok(params)
 }
@@ -298,14 +382,67 @@ pub fn read_checked(dir: &Path, fname: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Loads a model directory (written by Kiln or by `transformers`' `save_pretrained`).
+/// Loads a model directory (written by Kiln or by `transformers`' `save_pretrained`): one
+/// `model.safetensors`, or shards listed by `model.safetensors.index.json`.
 pub fn load_model(dir: &Path) -> Result<Model> {
     let cfg = ModelConfig::load(&dir.join(CONFIG_FILE))?;
-    let bytes = read_checked(dir, MODEL_FILE)?;
-    let what = dir.join(MODEL_FILE).display().to_string();
-    let tensors = bytes_to_tensors(&bytes, &what)?;
+    let (tensors, what) = read_weights(dir)?;
     let params = params_from_tensors(&cfg, &tensors, &what)?;
     Ok(Model::from_params(cfg, params))
+}
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Every tensor of a model directory's weights, and a name for them in messages.
+pub fn read_weights(dir: &Path) -> Result<(Tensors, String)> {
+    let single = dir.join(MODEL_FILE);
+    let index = dir.join(INDEX_FILE);
+    if single.exists() || !index.exists() {
+        let bytes = read_checked(dir, MODEL_FILE)?;
+        let what = single.display().to_string();
+        return Ok((bytes_to_tensors(&bytes, &what)?, what));
+    }
+    let what = index.display().to_string();
+    let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, INDEX_FILE)?)
+        .with_context(|| format!("{what}: not valid JSON"))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{what}: no \"weight_map\" object"))?;
+    let mut files: Vec<&str> = Vec::new();
+    for (name, f) in map {
+        let f = f
+            .as_str()
+            .with_context(|| format!("{what}: weight_map entry {name:?} is not a file name"))?;
+        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+            bail!("{what}: weight_map entry {name:?} names {f:?}, not a file in this directory");
+        }
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    files.sort_unstable();
+    let mut tensors = Tensors::new();
+    for f in &files {
+        let path = dir.join(f);
+        if !path.exists() {
+            bail!(
+                "{what} names the shard {f}, which is not in {} (an incomplete download?)",
+                dir.display()
+            );
+        }
+        let bytes = read_checked(dir, f)?;
+        add_tensors(&mut tensors, &bytes, &path.display().to_string())?;
+    }
+    for (name, f) in map {
+        if !tensors.contains_key(name) {
+            bail!(
+                "{what}: tensor {name} should be in {} but is not",
+                f.as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok((tensors, what))
 }
 
 /// The files of a model-only checkpoint: weights and config.

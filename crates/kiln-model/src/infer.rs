@@ -5,7 +5,8 @@
 //! one token per step together).
 
 use crate::config::Arch;
-use crate::model::Model;
+use crate::model::{attn_shape, linear_forward, mlp_act_forward, norm_forward, Model};
+use crate::params::Linear;
 use anyhow::{bail, Result};
 use kiln_kernels as k;
 use kiln_kernels::{PackedFormat, PackedLinear};
@@ -14,7 +15,8 @@ use rayon::prelude::*;
 use std::fmt;
 use std::str::FromStr;
 
-/// Keys and values of every layer for `slots` sequences of up to `n_ctx` tokens.
+/// Keys and values of every layer for `slots` sequences of up to `n_ctx` tokens (`kv` wide: the
+/// key/value heads, fewer than the query heads with grouped-query attention).
 pub struct KvCache {
     k: Vec<f32>,
     v: Vec<f32>,
@@ -22,25 +24,26 @@ pub struct KvCache {
     pub len: Vec<usize>,
     slots: usize,
     n_ctx: usize,
-    c: usize,
+    kv: usize,
 }
 
 impl KvCache {
     pub fn new(model: &Model, slots: usize) -> Self {
         let cfg = &model.cfg;
-        let size = cfg.n_layer * slots * cfg.n_ctx * cfg.n_embd;
+        let kv = cfg.kv_heads() * cfg.head_size();
+        let size = cfg.n_layer * slots * cfg.n_ctx * kv;
         KvCache {
             k: vec![0.0; size],
             v: vec![0.0; size],
             len: vec![0; slots],
             slots,
             n_ctx: cfg.n_ctx,
-            c: cfg.n_embd,
+            kv,
         }
     }
 
     fn offset(&self, layer: usize, slot: usize, pos: usize) -> usize {
-        ((layer * self.slots + slot) * self.n_ctx + pos) * self.c
+        ((layer * self.slots + slot) * self.n_ctx + pos) * self.kv
     }
 }
 
@@ -90,17 +93,17 @@ impl FromStr for WeightFormat {
     }
 }
 
-/// The matrices of one block, packed.
+/// The matrices of one block, packed (the same four linears as [`crate::params::BlockLayout`]).
 struct PackedBlock {
     qkv: PackedLinear,
-    proj: PackedLinear,
-    fc: PackedLinear,
-    fcproj: PackedLinear,
+    o: PackedLinear,
+    up: PackedLinear,
+    down: PackedLinear,
 }
 
-/// An inference-only copy of a decoder's matrix weights (attention QKV and output, MLP in and out,
-/// and the tied LM head) in a compact format, for [`Model::forward_cached_with`] and
-/// [`generate_with`]. Embeddings, LayerNorms and biases keep being read from the model in f32.
+/// An inference-only copy of a decoder's matrix weights (attention q/k/v and output, MLP in and out,
+/// and the LM head) in a compact format, for [`Model::forward_cached_with`] and
+/// [`generate_with`]. Embeddings, norms and biases keep being read from the model in f32.
 ///
 /// It is a snapshot: build it again after the model's parameters change.
 pub struct PackedWeights {
@@ -114,23 +117,29 @@ impl PackedWeights {
     pub fn new(model: &Model, format: PackedFormat) -> Self {
         let cfg = &model.cfg;
         assert_eq!(cfg.arch, Arch::Decoder, "packed weights are for decoders");
-        let (p, lay, c) = (&model.params, &model.layout, cfg.n_embd);
-        let pack = |w: &std::ops::Range<usize>, b: &std::ops::Range<usize>, i: usize, o: usize| {
-            PackedLinear::from_in_out(&p[w.clone()], Some(&p[b.clone()]), i, o, format)
+        let (p, lay) = (&model.params, &model.layout);
+        let pack = |l: &Linear| {
+            PackedLinear::from_in_out(
+                &p[l.w.clone()],
+                l.b.as_ref().map(|b| &p[b.clone()]),
+                l.i,
+                l.o,
+                format,
+            )
         };
         let blocks = lay
             .layers
             .iter()
             .map(|o| PackedBlock {
-                qkv: pack(&o.attn_w, &o.attn_b, c, 3 * c),
-                proj: pack(&o.proj_w, &o.proj_b, c, c),
-                fc: pack(&o.fc_w, &o.fc_b, c, 4 * c),
-                fcproj: pack(&o.fcproj_w, &o.fcproj_b, 4 * c, c),
+                qkv: pack(&o.qkv),
+                o: pack(&o.o),
+                up: pack(&o.up),
+                down: pack(&o.down),
             })
             .collect();
-        // The LM head is tied to the token embedding, stored [vocab, n_embd] = [out, in].
+        // The LM head (tied or not) is stored [vocab, n_embd] = [out, in].
         let lm_head =
-            PackedLinear::from_out_in(&p[lay.wte.clone()], None, cfg.vocab_size, c, format);
+            PackedLinear::from_out_in(&p[lay.head()], None, cfg.vocab_size, cfg.n_embd, format);
         PackedWeights {
             format,
             blocks,
@@ -148,9 +157,9 @@ impl PackedWeights {
             .iter()
             .map(|b| {
                 b.qkv.weight_bytes()
-                    + b.proj.weight_bytes()
-                    + b.fc.weight_bytes()
-                    + b.fcproj.weight_bytes()
+                    + b.o.weight_bytes()
+                    + b.up.weight_bytes()
+                    + b.down.weight_bytes()
             })
             .sum::<usize>()
             + self.lm_head.weight_bytes()
@@ -167,20 +176,18 @@ impl PackedWeights {
 }
 
 /// A linear layer of the cached forward: through its packed inference copy when there is one, else
-/// the f32 kernel on the model's own weight and bias.
-#[allow(clippy::too_many_arguments)]
+/// the f32 layer of the training forward.
 fn linear(
+    p: &[f32],
+    lin: &Linear,
+    packed: Option<&PackedLinear>,
     out: &mut [f32],
     inp: &[f32],
-    packed: Option<&PackedLinear>,
-    (w, b): (&[f32], &[f32]),
     n: usize,
-    i: usize,
-    o: usize,
 ) {
     match packed {
         Some(l) => l.forward(out, inp, n),
-        None => k::linear_forward(out, inp, w, Some(b), n, i, o),
+        None => linear_forward(k::Precision::F32, p, lin, out, inp, n),
     }
 }
 
@@ -199,6 +206,9 @@ impl Model {
 
     /// [`Self::forward_cached`] multiplying by `packed` matrices (built from this model) instead of
     /// the f32 parameters when given.
+    ///
+    /// The block is the training block's layers (norm, linear, positions, MLP activation) with the
+    /// attention reading its keys and values from the cache.
     pub fn forward_cached_with(
         &self,
         packed: Option<&PackedWeights>,
@@ -212,7 +222,11 @@ impl Model {
         if let Some(pw) = packed {
             pw.check(cfg);
         }
-        let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
+        let c = cfg.n_embd;
+        let shape = attn_shape(cfg);
+        let (nh, hs, group) = (shape.nh, shape.hs, shape.nh / shape.nkv);
+        let (qw, kvw) = (nh * hs, shape.nkv * hs);
+        let qkvw = qw + 2 * kvw;
         let rows = slots.len();
         let n = rows * tq;
         assert_eq!(tokens.len(), n);
@@ -228,49 +242,38 @@ impl Model {
         }
         let positions: Vec<u32> = (0..n).map(|i| (start[i / tq] + i % tq) as u32).collect();
         let mut x = vec![0.0f32; n * c];
-        k::embedding_forward(
-            &mut x,
+        let input = crate::model::Input {
             tokens,
-            &positions,
-            &p[lay.wte.clone()],
-            &p[lay.wpe.clone()],
-            c,
-        );
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b: rows,
+            t: tq,
+        };
+        crate::model::embed_forward(cfg, p, lay, &mut x, &input);
+        let mean_w = usize::from(cfg.norm_kind() == crate::config::NormKind::LayerNorm);
         let mut ln = vec![0.0f32; n * c];
-        let (mut mean, mut rstd) = (vec![0.0f32; n], vec![0.0f32; n]);
-        let mut qkv = vec![0.0f32; n * 3 * c];
-        let mut atty = vec![0.0f32; n * c];
+        let (mut mean, mut rstd) = (vec![0.0f32; n * mean_w], vec![0.0f32; n]);
+        let mut qkv = vec![0.0f32; n * qkvw];
+        let mut atty = vec![0.0f32; n * qw];
         let mut tmp = vec![0.0f32; n * c];
-        let mut fch = vec![0.0f32; n * 4 * c];
-        let mut fch_gelu = vec![0.0f32; n * 4 * c];
+        let mut fch = vec![0.0f32; n * lay.layers[0].up.o];
+        let mut fch_act = vec![0.0f32; n * cfg.ffn()];
         let scale = 1.0 / (hs as f32).sqrt();
         for l in 0..cfg.n_layer {
             let o = &lay.layers[l];
             let pb = packed.map(|pw| &pw.blocks[l]);
-            k::layernorm_forward(
-                &mut ln,
-                &mut mean,
-                &mut rstd,
-                &x,
-                &p[o.ln1_w.clone()],
-                &p[o.ln1_b.clone()],
-                n,
-                c,
-            );
-            linear(
-                &mut qkv,
-                &ln,
-                pb.map(|b| &b.qkv),
-                (&p[o.attn_w.clone()], &p[o.attn_b.clone()]),
-                n,
-                c,
-                3 * c,
-            );
+            norm_forward(cfg, p, &o.norm1, &mut ln, &mut mean, &mut rstd, &x, n);
+            linear(p, &o.qkv, pb.map(|b| &b.qkv), &mut qkv, &ln, n);
+            if let Some(rope) = &self.rope {
+                k::rope_forward(&mut qkv, &positions, rope, n, qkvw, nh + shape.nkv);
+            }
             // Append this step's keys and values to the cache.
             for i in 0..n {
                 let off = cache.offset(l, slots[i / tq], positions[i] as usize);
-                cache.k[off..off + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
-                cache.v[off..off + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..i * 3 * c + 3 * c]);
+                let row = &qkv[i * qkvw..(i + 1) * qkvw];
+                cache.k[off..off + kvw].copy_from_slice(&row[qw..qw + kvw]);
+                cache.v[off..off + kvw].copy_from_slice(&row[qw + kvw..]);
             }
             // Each (token, head) attends to its slot's keys up to its own position: one task per
             // token and head when there is enough work for the pool, in line for a single token.
@@ -278,15 +281,15 @@ impl Model {
             let head = |idx: usize, out: &mut [f32], scores: &mut Vec<f32>| {
                 let (i, h) = (idx / nh, idx % nh);
                 let len = positions[i] as usize + 1;
-                let base = cache_ref.offset(l, slots[i / tq], 0) + h * hs;
+                let base = cache_ref.offset(l, slots[i / tq], 0) + (h / group) * hs;
                 scores.resize(len, 0.0);
-                let q = &qkv[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
+                let q = &qkv[i * qkvw + h * hs..i * qkvw + (h + 1) * hs];
                 k::attention_cached_row(
                     out,
                     q,
                     &cache_ref.k[base..],
                     &cache_ref.v[base..],
-                    c,
+                    kvw,
                     len,
                     scale,
                     scores,
@@ -302,45 +305,12 @@ impl Model {
                     .enumerate()
                     .for_each_init(Vec::new, |scores, (idx, out)| head(idx, out, scores));
             }
-            linear(
-                &mut tmp,
-                &atty,
-                pb.map(|b| &b.proj),
-                (&p[o.proj_w.clone()], &p[o.proj_b.clone()]),
-                n,
-                c,
-                c,
-            );
+            linear(p, &o.o, pb.map(|b| &b.o), &mut tmp, &atty, n);
             k::add_inplace(&mut x, &tmp);
-            k::layernorm_forward(
-                &mut ln,
-                &mut mean,
-                &mut rstd,
-                &x,
-                &p[o.ln2_w.clone()],
-                &p[o.ln2_b.clone()],
-                n,
-                c,
-            );
-            linear(
-                &mut fch,
-                &ln,
-                pb.map(|b| &b.fc),
-                (&p[o.fc_w.clone()], &p[o.fc_b.clone()]),
-                n,
-                c,
-                4 * c,
-            );
-            k::gelu_forward(&mut fch_gelu, &fch);
-            linear(
-                &mut tmp,
-                &fch_gelu,
-                pb.map(|b| &b.fcproj),
-                (&p[o.fcproj_w.clone()], &p[o.fcproj_b.clone()]),
-                n,
-                4 * c,
-                c,
-            );
+            norm_forward(cfg, p, &o.norm2, &mut ln, &mut mean, &mut rstd, &x, n);
+            linear(p, &o.up, pb.map(|b| &b.up), &mut fch, &ln, n);
+            mlp_act_forward(cfg, &mut fch_act, &fch, n);
+            linear(p, &o.down, pb.map(|b| &b.down), &mut tmp, &fch_act, n);
             k::add_inplace(&mut x, &tmp);
         }
         for &s in slots {
@@ -352,17 +322,8 @@ impl Model {
             last[r * c..(r + 1) * c].copy_from_slice(&x[((r + 1) * tq - 1) * c..(r + 1) * tq * c]);
         }
         let mut lnl = vec![0.0f32; rows * c];
-        let (mut m2, mut r2) = (vec![0.0f32; rows], vec![0.0f32; rows]);
-        k::layernorm_forward(
-            &mut lnl,
-            &mut m2,
-            &mut r2,
-            &last,
-            &p[lay.lnf_w.clone()],
-            &p[lay.lnf_b.clone()],
-            rows,
-            c,
-        );
+        let (mut m2, mut r2) = (vec![0.0f32; rows * mean_w], vec![0.0f32; rows]);
+        norm_forward(cfg, p, &lay.norm_f, &mut lnl, &mut m2, &mut r2, &last, rows);
         let v = cfg.vocab_size;
         let mut logits = vec![0.0f32; rows * v];
         match packed {
@@ -370,7 +331,7 @@ impl Model {
             None => k::matmul(
                 &mut logits,
                 &lnl,
-                &p[lay.wte.clone()],
+                &p[lay.head()],
                 rows,
                 c,
                 v,

@@ -8,53 +8,36 @@ use anyhow::{bail, Result};
 pub const LIMIT_ENV: &str = "KILN_MEMORY_LIMIT_MB";
 
 /// Bytes of the activation and gradient-scratch buffers [`crate::Activations::new`] allocates for a
-/// batch of `batch` rows of `seq` tokens (f32 and u32 buffers, 4 bytes each).
+/// batch of `batch` rows of `seq` tokens (the same table of buffer lengths, so never hand-counted).
 pub fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, lm_head: bool) -> usize {
-    let n = batch.saturating_mul(seq);
-    let c = cfg.n_embd;
-    let nc = n.saturating_mul(c);
-    // Per layer: ln1, atty, res2, ln2, res3 (5 × n·c), qkv (3 n·c), fch and fch_gelu (2 × 4 n·c),
-    // four per-row statistics (n each) and the attention matrix (b · heads · t · t).
-    let att = batch
-        .saturating_mul(cfg.n_head)
-        .saturating_mul(seq)
-        .saturating_mul(seq);
-    let per_layer = nc
-        .saturating_mul(5 + 3 + 8)
-        .saturating_add(n.saturating_mul(4))
-        .saturating_add(att);
-    let layers = per_layer.saturating_mul(cfg.n_layer);
-    // tokens, positions, targets, lnf mean/rstd, logp, entropy: 7 × n; encoded, hidden, dhidden,
-    // dres, dln, datty, scratch: 7 × n·c; dqkv: 3 n·c; dfch, dfch_gelu: 2 × 4 n·c.
-    let shared = n
-        .saturating_mul(7)
-        .saturating_add(nc.saturating_mul(7 + 3 + 8));
-    let logits = if lm_head {
-        n.saturating_mul(cfg.vocab_size)
-    } else {
-        0
-    };
-    layers
-        .saturating_add(shared)
-        .saturating_add(logits)
-        .saturating_mul(4)
+    crate::Activations::bytes_for(cfg, batch, seq, lm_head)
 }
 
 /// The number of parameters of `cfg` (as [`crate::ParamLayout`] lays them out), or `None` when it
-/// does not fit a `usize`: a check to make before building the layout of a config read from a file.
+/// does not fit a `usize`: a check to make before building the layout of a config read from a file
+/// (which allocates and loops per layer). Derived from the layout of a one-layer model of the same
+/// widths: its blocks are all alike.
 pub fn checked_num_params(cfg: &ModelConfig) -> Option<usize> {
+    // Widths that overflow the layout's own arithmetic are refused before it runs.
     let c = cfg.n_embd;
-    let c2 = c.checked_mul(c)?;
-    // Per block: 2 LayerNorms (4c), c_attn (3c² + 3c), attn c_proj (c² + c), c_fc (4c² + 4c),
-    // mlp c_proj (4c² + c).
-    let per_layer = c2.checked_mul(12)?.checked_add(c.checked_mul(13)?)?;
-    let score = if cfg.score_head { c } else { 0 };
-    cfg.vocab_size
-        .checked_mul(c)?
-        .checked_add(cfg.n_ctx.checked_mul(c)?)?
-        .checked_add(per_layer.checked_mul(cfg.n_layer)?)?
-        .checked_add(c.checked_mul(2)?)?
-        .checked_add(score)
+    c.checked_mul(c)?.checked_mul(16)?;
+    c.checked_mul(cfg.vocab_size.max(cfg.n_ctx))?
+        .checked_mul(4)?;
+    c.checked_mul(cfg.ffn())?.checked_mul(4)?;
+    c.checked_mul(cfg.qkv_width())?.checked_mul(2)?;
+    let one = ModelConfig {
+        n_layer: 1,
+        ..cfg.clone()
+    };
+    let lay = crate::params::ParamLayout::new(&one);
+    let block: usize = lay
+        .tensors
+        .iter()
+        .filter(|t| t.name.contains(".0."))
+        .map(|t| t.len)
+        .sum();
+    let rest = lay.total - block;
+    block.checked_mul(cfg.n_layer)?.checked_add(rest)
 }
 
 /// Bytes one training process needs for a model: parameters, gradients, the two AdamW moments
@@ -120,7 +103,7 @@ pub fn check_memory(needed: usize, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Activations, Arch};
+    use crate::{Activations, Arch, ModelConfig};
 
     fn cfg(score_head: bool) -> ModelConfig {
         ModelConfig {
@@ -131,6 +114,19 @@ mod tests {
             n_embd: 8,
             arch: Arch::Decoder,
             score_head,
+            ..ModelConfig::default()
+        }
+    }
+
+    /// A Llama-family model with grouped-query attention and an untied head.
+    fn llama(score_head: bool) -> ModelConfig {
+        ModelConfig {
+            family: crate::config::Family::Llama,
+            n_head: 4,
+            n_kv_head: 2,
+            ffn_hidden: 24,
+            tie_embeddings: false,
+            ..cfg(score_head)
         }
     }
 
@@ -138,13 +134,13 @@ mod tests {
     fn activation_estimate_matches_the_buffers() {
         for lm in [true, false] {
             for (b, t) in [(1, 1), (3, 16), (4, 7)] {
-                let c = cfg(!lm);
-                let a = Activations::new(&c, b, t, lm);
-                // Activations::bytes is itself an approximation (it leaves out the small per-row
-                // buffers and rounds the shared ones up); the two agree to within a few per cent.
-                let est = activation_bytes(&c, b, t, lm) as f64;
-                let got = a.bytes() as f64;
-                assert!((est - got).abs() <= 0.1 * got, "{est} vs {got}");
+                for c in [cfg(!lm), llama(!lm)] {
+                    let mut a = Activations::new(&c, b, t, lm);
+                    assert_eq!(activation_bytes(&c, b, t, lm), a.bytes(), "{c:?}");
+                    // A smaller shape in the same buffers holds what a fresh one would.
+                    a.set_shape(&c, 1, t.min(3));
+                    assert_eq!(activation_bytes(&c, 1, t.min(3), lm), a.bytes());
+                }
             }
         }
     }
@@ -186,8 +182,9 @@ mod tests {
     #[test]
     fn checked_param_count_matches_the_layout() {
         for score in [false, true] {
-            let c = cfg(score);
-            assert_eq!(checked_num_params(&c), Some(c.num_params()));
+            for c in [cfg(score), llama(score)] {
+                assert_eq!(checked_num_params(&c), Some(c.num_params()));
+            }
         }
         let huge = ModelConfig {
             n_layer: usize::MAX / 4,

@@ -1,15 +1,21 @@
-//! The transformer: GPT-2 blocks over flat buffers, forward beside backward (as llm.c's train_gpt2.c).
+//! The transformer over flat buffers, forward beside backward (as llm.c's train_gpt2.c), for every
+//! family the spec describes (GPT-2; Llama, Mistral, Qwen2).
 //!
-//! One mechanism serves every stage: `forward` runs the blocks to the final LayerNorm's output (the
-//! "hidden" states); a head reads them (the tied LM head giving token log-probabilities, or the scalar
+//! One mechanism serves every stage: `forward` runs the blocks to the final norm's output (the
+//! "hidden" states); a head reads them (the LM head giving token log-probabilities, or the scalar
 //! score head); the head's backward leaves d(hidden) in the activations and `backward` carries it down to
 //! the parameter gradients. Causal or bidirectional attention, padding and packing come from the mask.
+//!
+//! The layers (a linear, a norm, the MLP's activation, attention's positions) are defined once, below,
+//! each forward beside its backward; the training block and the KV-cache step (`infer.rs`) are both
+//! built from them.
 
-use crate::config::{Arch, ModelConfig};
-use crate::params::{init_params, ParamLayout};
+use crate::config::{Arch, MlpKind, ModelConfig, NormKind};
+use crate::params::{init_params, Linear, Norm, ParamLayout};
 use kiln_kernels as k;
-use kiln_kernels::AttnMask;
+use kiln_kernels::{AttnMask, AttnShape};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// A batch of token rows as the model sees it: `b` rows of `t` tokens, their positions and mask.
 #[derive(Clone, Copy)]
@@ -34,6 +40,253 @@ impl<'a> Input<'a> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Layers: each forward beside its backward.
+
+/// `out = inp · w + b` (a linear layer of the spec).
+pub(crate) fn linear_forward(
+    prec: k::Precision,
+    p: &[f32],
+    lin: &Linear,
+    out: &mut [f32],
+    inp: &[f32],
+    n: usize,
+) {
+    let bias = lin.b.as_ref().map(|b| &p[b.clone()]);
+    k::linear_forward_with(prec, out, inp, &p[lin.w.clone()], bias, n, lin.i, lin.o);
+}
+
+/// Backward of [`linear_forward`] that OVERWRITES d(input) (its buffer needs no zeroing first) and
+/// accumulates the weight and bias gradients.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    prec: k::Precision,
+    p: &[f32],
+    g: &mut [f32],
+    lin: &Linear,
+    dinp: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    n: usize,
+) {
+    let (i, o) = (lin.i, lin.o);
+    let w = &p[lin.w.clone()];
+    k::matmul_with(prec, dinp, dout, w, n, o, i, false, true, false);
+    match &lin.b {
+        Some(b) => {
+            let [dw, db] = disjoint_mut(g, [&lin.w, b]);
+            k::linear_backward_with(prec, None, dw, Some(db), dout, inp, w, n, i, o);
+        }
+        None => {
+            let dw = &mut g[lin.w.clone()];
+            k::linear_backward_with(prec, None, dw, None, dout, inp, w, n, i, o);
+        }
+    }
+}
+
+/// The spec's norm: LayerNorm saves `mean` and `rstd`, RMSNorm `rstd` only (`mean` may be empty).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_forward(
+    cfg: &ModelConfig,
+    p: &[f32],
+    norm: &Norm,
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    n: usize,
+) {
+    let c = cfg.n_embd;
+    let w = &p[norm.w.clone()];
+    match cfg.norm_kind() {
+        NormKind::LayerNorm => {
+            let b = &p[norm.b.clone().expect("LayerNorm has a bias")];
+            k::layernorm_forward(out, mean, rstd, x, w, b, n, c);
+        }
+        NormKind::RmsNorm => k::rmsnorm_forward(out, rstd, x, w, n, c, cfg.eps()),
+    }
+}
+
+/// Backward of [`norm_forward`], accumulating into `dinp` and the norm's gradients.
+#[allow(clippy::too_many_arguments)]
+fn norm_backward(
+    cfg: &ModelConfig,
+    p: &[f32],
+    g: &mut [f32],
+    norm: &Norm,
+    dinp: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    n: usize,
+) {
+    let c = cfg.n_embd;
+    let w = &p[norm.w.clone()];
+    match (&norm.b, cfg.norm_kind()) {
+        (Some(b), NormKind::LayerNorm) => {
+            let [dw, db] = disjoint_mut(g, [&norm.w, b]);
+            k::layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, n, c);
+        }
+        _ => {
+            let dw = &mut g[norm.w.clone()];
+            k::rmsnorm_backward(dinp, dw, dout, x, w, rstd, n, c);
+        }
+    }
+}
+
+/// The MLP's activation: `act = gelu(h)` ([n, 4c]) or `act = silu(gate)·up` ([n, f] from [n, 2f]).
+pub(crate) fn mlp_act_forward(cfg: &ModelConfig, act: &mut [f32], h: &[f32], n: usize) {
+    match cfg.mlp_kind() {
+        MlpKind::Gelu => k::gelu_forward(act, h),
+        MlpKind::SwiGlu => k::swiglu_forward(act, h, n, cfg.ffn()),
+    }
+}
+
+/// Backward of [`mlp_act_forward`]: d(h) from d(act). GELU works in place (returns `dact`); SwiGLU
+/// writes `dh`, twice as wide (returns `dh`).
+fn mlp_act_backward<'a>(
+    cfg: &ModelConfig,
+    dact: &'a mut [f32],
+    dh: &'a mut [f32],
+    h: &[f32],
+    n: usize,
+) -> &'a [f32] {
+    match cfg.mlp_kind() {
+        MlpKind::Gelu => {
+            k::gelu_backward_inplace(dact, h);
+            dact
+        }
+        MlpKind::SwiGlu => {
+            k::swiglu_backward(dh, h, dact, n, cfg.ffn());
+            dh
+        }
+    }
+}
+
+/// Attention's head layout from the spec.
+pub(crate) fn attn_shape(cfg: &ModelConfig) -> AttnShape {
+    AttnShape {
+        nh: cfg.n_head,
+        nkv: cfg.kv_heads(),
+        hs: cfg.head_size(),
+    }
+}
+
+/// Token embedding, plus the learned position embedding where the spec has one.
+pub(crate) fn embed_forward(
+    cfg: &ModelConfig,
+    p: &[f32],
+    lay: &ParamLayout,
+    out: &mut [f32],
+    inp: &Input,
+) {
+    let wte = &p[lay.wte.clone()];
+    match &lay.wpe {
+        Some(wpe) => k::embedding_forward(
+            out,
+            inp.tokens,
+            inp.positions,
+            wte,
+            &p[wpe.clone()],
+            cfg.n_embd,
+        ),
+        None => k::embed::token_embedding_forward(out, inp.tokens, wte, cfg.n_embd),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: every buffer's length comes from one table per batch shape, which also gives the
+// memory estimate.
+
+/// Widths of the per-token buffers.
+struct Widths {
+    c: usize,
+    qkv: usize,
+    /// Attention output (heads concatenated).
+    att_out: usize,
+    up: usize,
+    act: usize,
+    /// Per-row mean of a LayerNorm (0 for RMSNorm).
+    mean: usize,
+}
+
+impl Widths {
+    fn new(cfg: &ModelConfig) -> Self {
+        let f = cfg.ffn();
+        Widths {
+            c: cfg.n_embd,
+            qkv: cfg.qkv_width(),
+            att_out: cfg.n_head * cfg.head_size(),
+            up: match cfg.mlp_kind() {
+                MlpKind::Gelu => f,
+                MlpKind::SwiGlu => 2 * f,
+            },
+            act: f,
+            mean: usize::from(cfg.norm_kind() == NormKind::LayerNorm),
+        }
+    }
+}
+
+const LAYER_BUFS: usize = 13;
+const SHARED_BUFS: usize = 15;
+
+/// Buffer lengths of one block: ln1, ln1_mean, ln1_rstd, qkv, atty, att, res2, ln2, ln2_mean,
+/// ln2_rstd, fch, fch_act, res3 (saturating, so absurd shapes give a huge estimate, not a wrap).
+fn layer_lens(cfg: &ModelConfig, b: usize, t: usize) -> [usize; LAYER_BUFS] {
+    let w = Widths::new(cfg);
+    let n = b.saturating_mul(t);
+    let x = |width: usize| n.saturating_mul(width);
+    let att = b
+        .saturating_mul(cfg.n_head)
+        .saturating_mul(t)
+        .saturating_mul(t);
+    [
+        x(w.c),
+        x(w.mean),
+        n,
+        x(w.qkv),
+        x(w.att_out),
+        att,
+        x(w.c),
+        x(w.c),
+        x(w.mean),
+        n,
+        x(w.up),
+        x(w.act),
+        x(w.c),
+    ]
+}
+
+/// Lengths of the shared f32 buffers: encoded, hidden, lnf_mean, lnf_rstd, logits, logp, entropy,
+/// dhidden, dres, dln, dqkv, datty, dact, dfch, scratch.
+fn shared_lens(cfg: &ModelConfig, b: usize, t: usize, lm_head: bool) -> [usize; SHARED_BUFS] {
+    let w = Widths::new(cfg);
+    let n = b.saturating_mul(t);
+    let x = |width: usize| n.saturating_mul(width);
+    [
+        x(w.c),
+        x(w.c),
+        x(w.mean),
+        n,
+        if lm_head { x(cfg.vocab_size) } else { 0 },
+        n,
+        n,
+        x(w.c),
+        x(w.c),
+        x(w.c),
+        x(w.qkv),
+        x(w.att_out),
+        x(w.act),
+        if cfg.mlp_kind() == MlpKind::SwiGlu {
+            x(w.up)
+        } else {
+            0
+        },
+        x(w.c),
+    ]
+}
+
 /// Saved activations of one block (what its backward needs).
 struct LayerActs {
     ln1: Vec<f32>,
@@ -47,8 +300,47 @@ struct LayerActs {
     ln2_mean: Vec<f32>,
     ln2_rstd: Vec<f32>,
     fch: Vec<f32>,
-    fch_gelu: Vec<f32>,
+    fch_act: Vec<f32>,
     res3: Vec<f32>,
+}
+
+impl LayerActs {
+    fn new(lens: [usize; LAYER_BUFS]) -> Self {
+        let [a, b, c, d, e, f, g, h, i, j, k, l, m] = lens.map(|n| vec![0.0f32; n]);
+        LayerActs {
+            ln1: a,
+            ln1_mean: b,
+            ln1_rstd: c,
+            qkv: d,
+            atty: e,
+            att: f,
+            res2: g,
+            ln2: h,
+            ln2_mean: i,
+            ln2_rstd: j,
+            fch: k,
+            fch_act: l,
+            res3: m,
+        }
+    }
+
+    fn bufs(&mut self) -> [&mut Vec<f32>; LAYER_BUFS] {
+        [
+            &mut self.ln1,
+            &mut self.ln1_mean,
+            &mut self.ln1_rstd,
+            &mut self.qkv,
+            &mut self.atty,
+            &mut self.att,
+            &mut self.res2,
+            &mut self.ln2,
+            &mut self.ln2_mean,
+            &mut self.ln2_rstd,
+            &mut self.fch,
+            &mut self.fch_act,
+            &mut self.res3,
+        ]
+    }
 }
 
 /// Activations and gradient scratch for one batch shape, allocated once and reused every step.
@@ -58,11 +350,12 @@ pub struct Activations {
     pub t: usize,
     /// The shape the buffers were built for.
     cap: (usize, usize),
+    with_lm_head: bool,
     tokens: Vec<u32>,
     positions: Vec<u32>,
-    encoded: Vec<f32>,
     layers: Vec<LayerActs>,
-    /// Output of the final LayerNorm, [b*t, c]: what the heads read.
+    encoded: Vec<f32>,
+    /// Output of the final norm, [b*t, c]: what the heads read.
     pub hidden: Vec<f32>,
     lnf_mean: Vec<f32>,
     lnf_rstd: Vec<f32>,
@@ -72,8 +365,6 @@ pub struct Activations {
     pub logp: Vec<f32>,
     /// Entropy of each row's distribution (LM head output), [b*t].
     pub entropy: Vec<f32>,
-    targets: Vec<u32>,
-    temperature: f32,
     /// d(loss)/d(hidden), filled by the heads' backward and consumed by `Model::backward`.
     pub dhidden: Vec<f32>,
     // Backward scratch, one block's worth, reused by every layer.
@@ -81,60 +372,83 @@ pub struct Activations {
     dln: Vec<f32>,
     dqkv: Vec<f32>,
     datty: Vec<f32>,
-    dfch_gelu: Vec<f32>,
+    dact: Vec<f32>,
+    dfch: Vec<f32>,
     scratch: Vec<f32>,
+    targets: Vec<u32>,
+    temperature: f32,
 }
 
 impl Activations {
     pub fn new(cfg: &ModelConfig, b: usize, t: usize, with_lm_head: bool) -> Self {
         let n = b * t;
-        let c = cfg.n_embd;
-        let z = |len: usize| vec![0.0f32; len];
         let layers = (0..cfg.n_layer)
-            .map(|_| LayerActs {
-                ln1: z(n * c),
-                ln1_mean: z(n),
-                ln1_rstd: z(n),
-                qkv: z(n * 3 * c),
-                atty: z(n * c),
-                att: z(b * cfg.n_head * t * t),
-                res2: z(n * c),
-                ln2: z(n * c),
-                ln2_mean: z(n),
-                ln2_rstd: z(n),
-                fch: z(n * 4 * c),
-                fch_gelu: z(n * 4 * c),
-                res3: z(n * c),
-            })
+            .map(|_| LayerActs::new(layer_lens(cfg, b, t)))
             .collect();
+        let [encoded, hidden, lnf_mean, lnf_rstd, logits, logp, entropy, dhidden, dres, dln, dqkv, datty, dact, dfch, scratch] =
+            shared_lens(cfg, b, t, with_lm_head).map(|n| vec![0.0f32; n]);
         Activations {
             b,
             t,
             cap: (b, t),
+            with_lm_head,
             tokens: vec![0; n],
             positions: vec![0; n],
-            encoded: z(n * c),
             layers,
-            hidden: z(n * c),
-            lnf_mean: z(n),
-            lnf_rstd: z(n),
-            logits: if with_lm_head {
-                z(n * cfg.vocab_size)
-            } else {
-                Vec::new()
-            },
-            logp: z(n),
-            entropy: z(n),
+            encoded,
+            hidden,
+            lnf_mean,
+            lnf_rstd,
+            logits,
+            logp,
+            entropy,
+            dhidden,
+            dres,
+            dln,
+            dqkv,
+            datty,
+            dact,
+            dfch,
+            scratch,
             targets: vec![k::IGNORE; n],
             temperature: 1.0,
-            dhidden: z(n * c),
-            dres: z(n * c),
-            dln: z(n * c),
-            dqkv: z(n * 3 * c),
-            datty: z(n * c),
-            dfch_gelu: z(n * 4 * c),
-            scratch: z(n * c),
         }
+    }
+
+    /// Bytes [`Activations::new`] allocates for this shape (the memory estimate).
+    pub fn bytes_for(cfg: &ModelConfig, b: usize, t: usize, with_lm_head: bool) -> usize {
+        let per_layer: usize = layer_lens(cfg, b, t)
+            .iter()
+            .fold(0usize, |a, &x| a.saturating_add(x));
+        let shared: usize = shared_lens(cfg, b, t, with_lm_head)
+            .iter()
+            .fold(0usize, |a, &x| a.saturating_add(x));
+        // tokens, positions, targets: u32.
+        per_layer
+            .saturating_mul(cfg.n_layer)
+            .saturating_add(shared)
+            .saturating_add(b.saturating_mul(t).saturating_mul(3))
+            .saturating_mul(4)
+    }
+
+    fn shared_bufs(&mut self) -> [&mut Vec<f32>; SHARED_BUFS] {
+        [
+            &mut self.encoded,
+            &mut self.hidden,
+            &mut self.lnf_mean,
+            &mut self.lnf_rstd,
+            &mut self.logits,
+            &mut self.logp,
+            &mut self.entropy,
+            &mut self.dhidden,
+            &mut self.dres,
+            &mut self.dln,
+            &mut self.dqkv,
+            &mut self.datty,
+            &mut self.dact,
+            &mut self.dfch,
+            &mut self.scratch,
+        ]
     }
 
     /// Reuses these buffers for a smaller batch shape (`b·t` and `b·t²` within what they were built
@@ -149,49 +463,17 @@ impl Activations {
             b * t <= cb * ct && b * t * t <= cb * ct * ct,
             "activations built for {cb}x{ct} cannot hold {b}x{t}"
         );
-        let n = b * t;
-        let c = cfg.n_embd;
-        let att = b * cfg.n_head * t * t;
-        let fit = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
+        let lens = layer_lens(cfg, b, t);
         for a in &mut self.layers {
-            for (v, w) in [
-                (&mut a.ln1, c),
-                (&mut a.atty, c),
-                (&mut a.res2, c),
-                (&mut a.ln2, c),
-                (&mut a.res3, c),
-                (&mut a.qkv, 3 * c),
-                (&mut a.fch, 4 * c),
-                (&mut a.fch_gelu, 4 * c),
-                (&mut a.ln1_mean, 1),
-                (&mut a.ln1_rstd, 1),
-                (&mut a.ln2_mean, 1),
-                (&mut a.ln2_rstd, 1),
-            ] {
-                fit(v, n * w);
+            for (v, len) in a.bufs().into_iter().zip(lens) {
+                v.resize(len, 0.0);
             }
-            fit(&mut a.att, att);
         }
-        for (v, w) in [
-            (&mut self.encoded, c),
-            (&mut self.hidden, c),
-            (&mut self.dhidden, c),
-            (&mut self.dres, c),
-            (&mut self.dln, c),
-            (&mut self.datty, c),
-            (&mut self.scratch, c),
-            (&mut self.dqkv, 3 * c),
-            (&mut self.dfch_gelu, 4 * c),
-            (&mut self.lnf_mean, 1),
-            (&mut self.lnf_rstd, 1),
-            (&mut self.logp, 1),
-            (&mut self.entropy, 1),
-        ] {
-            fit(v, n * w);
+        let lens = shared_lens(cfg, b, t, self.with_lm_head);
+        for (v, len) in self.shared_bufs().into_iter().zip(lens) {
+            v.resize(len, 0.0);
         }
-        if !self.logits.is_empty() {
-            fit(&mut self.logits, n * cfg.vocab_size);
-        }
+        let n = b * t;
         self.tokens.resize(n, 0);
         self.positions.resize(n, 0);
         self.targets.resize(n, k::IGNORE);
@@ -210,14 +492,47 @@ impl Activations {
             .layers
             .iter()
             .map(|a| {
-                a.ln1.len() * 5 + a.qkv.len() + a.att.len() + a.fch.len() * 2 + a.ln1_mean.len() * 4
+                [
+                    &a.ln1,
+                    &a.ln1_mean,
+                    &a.ln1_rstd,
+                    &a.qkv,
+                    &a.atty,
+                    &a.att,
+                    &a.res2,
+                    &a.ln2,
+                    &a.ln2_mean,
+                    &a.ln2_rstd,
+                    &a.fch,
+                    &a.fch_act,
+                    &a.res3,
+                ]
+                .iter()
+                .map(|v| v.len())
+                .sum::<usize>()
             })
             .sum();
-        4 * (l
-            + self.encoded.len() * 9
-            + self.logits.len()
-            + self.dqkv.len()
-            + self.dfch_gelu.len())
+        let s: usize = [
+            &self.encoded,
+            &self.hidden,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.logp,
+            &self.entropy,
+            &self.dhidden,
+            &self.dres,
+            &self.dln,
+            &self.dqkv,
+            &self.datty,
+            &self.dact,
+            &self.dfch,
+            &self.scratch,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum();
+        4 * (l + s + self.tokens.len() * 3)
     }
 }
 
@@ -232,6 +547,8 @@ pub struct Model {
     /// weights): `Bf16` rounds their operands to bf16 with f32 accumulation; parameters, gradients
     /// and every other kernel stay f32. Inference (`infer.rs`) always runs in f32.
     pub precision: k::Precision,
+    /// Rotary embedding tables (Llama family), for positions up to the context.
+    pub(crate) rope: Option<Arc<k::Rope>>,
 }
 
 /// Splits one buffer into several disjoint mutable slices (the flat gradient buffer holds every
@@ -251,25 +568,6 @@ fn disjoint_mut<'a, const N: usize>(
     ranges.map(|r| unsafe { std::slice::from_raw_parts_mut(ptr.add(r.start), r.len()) })
 }
 
-/// A linear layer's backward that OVERWRITES d(input) (its buffer needs no zeroing first) and
-/// accumulates the weight and bias gradients.
-#[allow(clippy::too_many_arguments)]
-fn linear_backward_overwrite(
-    prec: k::Precision,
-    dinp: &mut [f32],
-    dw: &mut [f32],
-    db: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    w: &[f32],
-    n: usize,
-    i: usize,
-    o: usize,
-) {
-    k::matmul_with(prec, dinp, dout, w, n, o, i, false, true, false);
-    k::linear_backward_with(prec, None, dw, Some(db), dout, inp, w, n, i, o);
-}
-
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Model({:?}, {} parameters)", self.cfg, self.params.len())
@@ -277,7 +575,7 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// A fresh model with GPT-2 initialisation.
+    /// A fresh model with GPT-2-style initialisation.
     pub fn new(cfg: ModelConfig, seed: u64) -> Self {
         let layout = ParamLayout::new(&cfg);
         let params = init_params(&cfg, &layout, seed);
@@ -285,15 +583,26 @@ impl Model {
     }
 
     pub fn from_params(cfg: ModelConfig, params: Vec<f32>) -> Self {
+        let cfg = cfg.canonical();
         let layout = ParamLayout::new(&cfg);
         assert_eq!(params.len(), layout.total);
         let grads = vec![0.0; layout.total];
+        let rope = cfg.rope().then(|| {
+            let scaling = cfg.rope_scaling.as_ref().map(|s| s.to_kernel());
+            Arc::new(k::Rope::new(
+                cfg.head_size(),
+                cfg.n_ctx,
+                cfg.theta(),
+                scaling.as_ref(),
+            ))
+        });
         Model {
             cfg,
             layout,
             params,
             grads,
             precision: k::Precision::F32,
+            rope,
         }
     }
 
@@ -301,10 +610,10 @@ impl Model {
         self.grads.fill(0.0);
     }
 
-    /// Runs the blocks; leaves the final LayerNorm output in `acts.hidden`.
+    /// Runs the blocks; leaves the final norm's output in `acts.hidden`.
     pub fn forward(&self, acts: &mut Activations, input: &Input) {
         let cfg = &self.cfg;
-        let (b, t, c, nh) = (input.b, input.t, cfg.n_embd, cfg.n_head);
+        let (b, t, c) = (input.b, input.t, cfg.n_embd);
         assert_eq!(
             (acts.b, acts.t),
             (b, t),
@@ -317,18 +626,11 @@ impl Model {
         );
         let n = b * t;
         assert_eq!(input.tokens.len(), n);
-        let p = &self.params;
-        let lay = &self.layout;
+        let (p, lay, prec) = (&self.params, &self.layout, self.precision);
+        let shape = attn_shape(cfg);
         acts.tokens.copy_from_slice(input.tokens);
         acts.positions.copy_from_slice(input.positions);
-        k::embedding_forward(
-            &mut acts.encoded,
-            input.tokens,
-            input.positions,
-            &p[lay.wte.clone()],
-            &p[lay.wpe.clone()],
-            c,
-        );
+        embed_forward(cfg, p, lay, &mut acts.encoded, input);
         let mask = input.mask(cfg.arch);
         for l in 0..cfg.n_layer {
             let o = &lay.layers[l];
@@ -339,103 +641,102 @@ impl Model {
             } else {
                 &prev[l - 1].res3
             };
-            k::layernorm_forward(
+            norm_forward(
+                cfg,
+                p,
+                &o.norm1,
                 &mut a.ln1,
                 &mut a.ln1_mean,
                 &mut a.ln1_rstd,
                 x_in,
-                &p[o.ln1_w.clone()],
-                &p[o.ln1_b.clone()],
                 n,
-                c,
             );
-            k::linear_forward_with(
-                self.precision,
-                &mut a.qkv,
-                &a.ln1,
-                &p[o.attn_w.clone()],
-                Some(&p[o.attn_b.clone()]),
-                n,
-                c,
-                3 * c,
-            );
-            k::attention_forward(&mut a.atty, &mut a.att, &a.qkv, b, t, c, nh, &mask);
-            k::linear_forward_with(
-                self.precision,
-                &mut acts.scratch,
-                &a.atty,
-                &p[o.proj_w.clone()],
-                Some(&p[o.proj_b.clone()]),
-                n,
-                c,
-                c,
-            );
+            linear_forward(prec, p, &o.qkv, &mut a.qkv, &a.ln1, n);
+            if let Some(rope) = &self.rope {
+                // q and k are rotated in place; attention saves them rotated.
+                k::rope_forward(
+                    &mut a.qkv,
+                    input.positions,
+                    rope,
+                    n,
+                    o.qkv.o,
+                    shape.nh + shape.nkv,
+                );
+            }
+            k::attention_forward_gqa(&mut a.atty, &mut a.att, &a.qkv, b, t, shape, &mask);
+            linear_forward(prec, p, &o.o, &mut acts.scratch, &a.atty, n);
             for ((r, x), y) in a.res2.iter_mut().zip(x_in).zip(&acts.scratch) {
                 *r = x + y;
             }
-            k::layernorm_forward(
+            norm_forward(
+                cfg,
+                p,
+                &o.norm2,
                 &mut a.ln2,
                 &mut a.ln2_mean,
                 &mut a.ln2_rstd,
                 &a.res2,
-                &p[o.ln2_w.clone()],
-                &p[o.ln2_b.clone()],
                 n,
-                c,
             );
-            k::linear_forward_with(
-                self.precision,
-                &mut a.fch,
-                &a.ln2,
-                &p[o.fc_w.clone()],
-                Some(&p[o.fc_b.clone()]),
-                n,
-                c,
-                4 * c,
-            );
-            k::gelu_forward(&mut a.fch_gelu, &a.fch);
-            k::linear_forward_with(
-                self.precision,
-                &mut acts.scratch,
-                &a.fch_gelu,
-                &p[o.fcproj_w.clone()],
-                Some(&p[o.fcproj_b.clone()]),
-                n,
-                4 * c,
-                c,
-            );
+            linear_forward(prec, p, &o.up, &mut a.fch, &a.ln2, n);
+            mlp_act_forward(cfg, &mut a.fch_act, &a.fch, n);
+            linear_forward(prec, p, &o.down, &mut acts.scratch, &a.fch_act, n);
             for ((r, x), y) in a.res3.iter_mut().zip(&a.res2).zip(&acts.scratch) {
                 *r = x + y;
             }
         }
         let last = &acts.layers[cfg.n_layer - 1].res3;
-        k::layernorm_forward(
+        norm_forward(
+            cfg,
+            p,
+            &lay.norm_f,
             &mut acts.hidden,
             &mut acts.lnf_mean,
             &mut acts.lnf_rstd,
             last,
-            &p[lay.lnf_w.clone()],
-            &p[lay.lnf_b.clone()],
             n,
-            c,
         );
+        debug_assert_eq!(acts.hidden.len(), n * c);
         acts.dhidden.fill(0.0);
     }
 
-    /// The tied LM head: logits = hidden · wteᵀ, then log p(target) and entropy per row at `temperature`.
-    /// Results in `acts.logp` / `acts.entropy`; `acts.logits` keeps the probabilities for the backward.
+    /// Logits of every position of one sequence, `[t, vocab]` (for checks against other
+    /// implementations, as `kiln logits`).
+    pub fn logits(&self, tokens: &[u32]) -> Vec<f32> {
+        let t = tokens.len();
+        let mut acts = Activations::new(&self.cfg, 1, t, false);
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let input = Input {
+            tokens,
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b: 1,
+            t,
+        };
+        self.forward(&mut acts, &input);
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let mut logits = vec![0.0f32; t * v];
+        let w = &self.params[self.layout.head()];
+        k::matmul(&mut logits, &acts.hidden, w, t, c, v, false, true, false);
+        logits
+    }
+
+    /// The LM head (tied to the token embedding, or untied): logits = hidden · Wᵀ, then log p(target)
+    /// and entropy per row at `temperature`. Results in `acts.logp` / `acts.entropy`; `acts.logits`
+    /// keeps the probabilities for the backward.
     pub fn lm_head(&self, acts: &mut Activations, targets: &[u32], temperature: f32) {
         let (n, c, v) = (acts.b * acts.t, self.cfg.n_embd, self.cfg.vocab_size);
         assert!(
             !acts.logits.is_empty(),
             "activations were built without an LM head"
         );
-        let wte = &self.params[self.layout.wte.clone()];
+        let w = &self.params[self.layout.head()];
         k::matmul_with(
             self.precision,
             &mut acts.logits,
             &acts.hidden,
-            wte,
+            w,
             n,
             c,
             v,
@@ -456,7 +757,7 @@ impl Model {
     }
 
     /// Backward of [`Model::lm_head`] given dL/dlogp and optionally dL/dentropy per row: accumulates the
-    /// tied embedding's gradient and adds into `acts.dhidden`.
+    /// head's gradient and adds into `acts.dhidden`.
     pub fn lm_head_backward(
         &mut self,
         acts: &mut Activations,
@@ -472,12 +773,13 @@ impl Model {
             dentropy,
             v,
         );
-        let wte = &self.params[self.layout.wte.clone()];
+        let head = self.layout.head();
+        let w = &self.params[head.clone()];
         k::matmul_with(
             self.precision,
             &mut acts.dhidden,
             &acts.logits,
-            wte,
+            w,
             n,
             v,
             c,
@@ -485,10 +787,9 @@ impl Model {
             false,
             true,
         );
-        let dwte = &mut self.grads[self.layout.wte.clone()];
         k::matmul_with(
             self.precision,
-            dwte,
+            &mut self.grads[head],
             &acts.logits,
             &acts.hidden,
             v,
@@ -535,27 +836,27 @@ impl Model {
     /// Carries `acts.dhidden` down through the blocks, accumulating every parameter gradient.
     pub fn backward(&mut self, acts: &mut Activations) {
         let cfg = &self.cfg;
-        let (b, t, c, nh) = (acts.b, acts.t, cfg.n_embd, cfg.n_head);
+        let (b, t, c) = (acts.b, acts.t, cfg.n_embd);
         let n = b * t;
         let prec = self.precision;
+        let shape = attn_shape(cfg);
         let p = &self.params;
         let lay = &self.layout;
         let g = &mut self.grads;
         acts.dres.fill(0.0);
         {
             let last = &acts.layers[cfg.n_layer - 1].res3;
-            let [dw, db] = disjoint_mut(g, [&lay.lnf_w, &lay.lnf_b]);
-            k::layernorm_backward(
+            norm_backward(
+                cfg,
+                p,
+                g,
+                &lay.norm_f,
                 &mut acts.dres,
-                dw,
-                db,
                 &acts.dhidden,
                 last,
-                &p[lay.lnf_w.clone()],
                 &acts.lnf_mean,
                 &acts.lnf_rstd,
                 n,
-                c,
             );
         }
         for l in (0..cfg.n_layer).rev() {
@@ -566,93 +867,70 @@ impl Model {
             } else {
                 &acts.layers[l - 1].res3
             };
-            // res3 = res2 + mlp(res2): dres is d(res3); the MLP branch adds into it through ln_2.
+            // res3 = res2 + mlp(res2): dres is d(res3); the MLP branch adds into it through norm2.
             // Input gradients that nothing else adds into are written, not accumulated, by the
-            // matmuls (no zeroing pass over the scratch), and gelu's backward runs in place.
-            let [dw, db] = disjoint_mut(g, [&o.fcproj_w, &o.fcproj_b]);
-            linear_backward_overwrite(
+            // matmuls (no zeroing pass over the scratch).
+            linear_backward(
                 prec,
-                &mut acts.dfch_gelu,
-                dw,
-                db,
+                p,
+                g,
+                &o.down,
+                &mut acts.dact,
                 &acts.dres,
-                &a.fch_gelu,
-                &p[o.fcproj_w.clone()],
+                &a.fch_act,
                 n,
-                4 * c,
-                c,
             );
-            k::gelu_backward_inplace(&mut acts.dfch_gelu, &a.fch);
-            let [dw, db] = disjoint_mut(g, [&o.fc_w, &o.fc_b]);
-            linear_backward_overwrite(
-                prec,
-                &mut acts.dln,
-                dw,
-                db,
-                &acts.dfch_gelu,
-                &a.ln2,
-                &p[o.fc_w.clone()],
-                n,
-                c,
-                4 * c,
-            );
-            let [dw, db] = disjoint_mut(g, [&o.ln2_w, &o.ln2_b]);
-            k::layernorm_backward(
+            let dfch = mlp_act_backward(cfg, &mut acts.dact, &mut acts.dfch, &a.fch, n);
+            linear_backward(prec, p, g, &o.up, &mut acts.dln, dfch, &a.ln2, n);
+            norm_backward(
+                cfg,
+                p,
+                g,
+                &o.norm2,
                 &mut acts.dres,
-                dw,
-                db,
                 &acts.dln,
                 &a.res2,
-                &p[o.ln2_w.clone()],
                 &a.ln2_mean,
                 &a.ln2_rstd,
                 n,
-                c,
             );
             // res2 = x + attn(x): dres is now d(res2).
-            let [dw, db] = disjoint_mut(g, [&o.proj_w, &o.proj_b]);
-            linear_backward_overwrite(
-                prec,
-                &mut acts.datty,
-                dw,
-                db,
-                &acts.dres,
-                &a.atty,
-                &p[o.proj_w.clone()],
-                n,
-                c,
-                c,
-            );
+            linear_backward(prec, p, g, &o.o, &mut acts.datty, &acts.dres, &a.atty, n);
             acts.dqkv.fill(0.0);
-            k::attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, c, nh);
-            let [dw, db] = disjoint_mut(g, [&o.attn_w, &o.attn_b]);
-            linear_backward_overwrite(
-                prec,
-                &mut acts.dln,
-                dw,
-                db,
-                &acts.dqkv,
-                &a.ln1,
-                &p[o.attn_w.clone()],
-                n,
-                c,
-                3 * c,
-            );
-            let [dw, db] = disjoint_mut(g, [&o.ln1_w, &o.ln1_b]);
-            k::layernorm_backward(
+            k::attention_backward_gqa(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, shape);
+            if let Some(rope) = &self.rope {
+                k::rope_backward(
+                    &mut acts.dqkv,
+                    &acts.positions,
+                    rope,
+                    n,
+                    o.qkv.o,
+                    shape.nh + shape.nkv,
+                );
+            }
+            linear_backward(prec, p, g, &o.qkv, &mut acts.dln, &acts.dqkv, &a.ln1, n);
+            norm_backward(
+                cfg,
+                p,
+                g,
+                &o.norm1,
                 &mut acts.dres,
-                dw,
-                db,
                 &acts.dln,
                 x_in,
-                &p[o.ln1_w.clone()],
                 &a.ln1_mean,
                 &a.ln1_rstd,
                 n,
-                c,
             );
         }
-        let [dwte, dwpe] = disjoint_mut(g, [&lay.wte, &lay.wpe]);
-        k::embedding_backward(dwte, dwpe, &acts.dres, &acts.tokens, &acts.positions, c);
+        match &lay.wpe {
+            Some(wpe) => {
+                let [dwte, dwpe] = disjoint_mut(g, [&lay.wte, wpe]);
+                k::embedding_backward(dwte, dwpe, &acts.dres, &acts.tokens, &acts.positions, c);
+            }
+            None => {
+                let dwte = &mut g[lay.wte.clone()];
+                k::embed::token_embedding_backward(dwte, &acts.dres, &acts.tokens, c);
+            }
+        }
     }
 }

@@ -31,6 +31,7 @@ fn tiny(score_head: bool) -> Model {
         n_embd: 4,
         arch: Arch::Decoder,
         score_head,
+        ..ModelConfig::default()
     };
     Model::new(cfg, 3)
 }

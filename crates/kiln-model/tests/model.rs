@@ -4,7 +4,7 @@
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{load_model, model_files, write_checkpoint_dir};
 use kiln_model::{
-    generate, Activations, Arch, GenerateOptions, Input, Model, ModelConfig, Sampling,
+    generate, Activations, Arch, Family, GenerateOptions, Input, Model, ModelConfig, Sampling,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,6 +18,29 @@ fn tiny(arch: Arch, score_head: bool) -> ModelConfig {
         n_embd: 8,
         arch,
         score_head,
+        ..ModelConfig::default()
+    }
+}
+
+/// A tiny Llama-family model: GQA (4 query heads, 2 kv), SwiGLU, RMSNorm, RoPE, untied head;
+/// `qwen` adds q/k/v biases (Qwen2) and ties the head.
+fn tiny_llama(arch: Arch, score_head: bool, qwen: bool) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 13,
+        n_ctx: 8,
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 16,
+        arch,
+        score_head,
+        family: if qwen { Family::Qwen2 } else { Family::Llama },
+        n_kv_head: 2,
+        ffn_hidden: 12,
+        rope_theta: 500.0,
+        tie_embeddings: qwen,
+        qkv_bias: qwen,
+        norm_eps: 1e-6,
+        ..ModelConfig::default()
     }
 }
 
@@ -107,8 +130,8 @@ fn loss(model: &Model, acts: &mut Activations, c: &Case, temperature: f32) -> f6
     l
 }
 
-fn grad_check(arch: Arch, score_head: bool) {
-    let cfg = tiny(arch, score_head);
+fn grad_check(cfg: ModelConfig) {
+    let score_head = cfg.score_head;
     let mut model = Model::new(cfg.clone(), 3);
     // Non-trivial LayerNorm parameters and score head, so their gradients are exercised too.
     let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -156,12 +179,27 @@ fn grad_check(arch: Arch, score_head: bool) {
 
 #[test]
 fn gradients_match_finite_differences_decoder() {
-    grad_check(Arch::Decoder, true);
+    grad_check(tiny(Arch::Decoder, true));
+}
+
+#[test]
+fn gradients_match_finite_differences_llama_decoder() {
+    grad_check(tiny_llama(Arch::Decoder, true, false));
+}
+
+#[test]
+fn gradients_match_finite_differences_qwen2_decoder() {
+    grad_check(tiny_llama(Arch::Decoder, false, true));
+}
+
+#[test]
+fn gradients_match_finite_differences_llama_encoder() {
+    grad_check(tiny_llama(Arch::Encoder, false, false));
 }
 
 #[test]
 fn gradients_match_finite_differences_encoder() {
-    grad_check(Arch::Encoder, false);
+    grad_check(tiny(Arch::Encoder, false));
 }
 
 #[test]
@@ -174,6 +212,7 @@ fn initial_loss_is_ln_vocab() {
         n_embd: 64,
         arch: Arch::Decoder,
         score_head: false,
+        ..ModelConfig::default()
     };
     let model = Model::new(cfg.clone(), 1);
     let (b, t) = (4, 32);
@@ -212,6 +251,7 @@ fn overfits_one_batch() {
         n_embd: 32,
         arch: Arch::Decoder,
         score_head: false,
+        ..ModelConfig::default()
     };
     let mut model = Model::new(cfg.clone(), 4);
     let (b, t) = (2, 16);
@@ -258,7 +298,7 @@ fn overfits_one_batch() {
 
 #[test]
 fn kv_cache_generation_equals_recomputation() {
-    let cfg = ModelConfig {
+    kv_cache_check(ModelConfig {
         vocab_size: 50,
         n_ctx: 24,
         n_layer: 2,
@@ -266,7 +306,24 @@ fn kv_cache_generation_equals_recomputation() {
         n_embd: 16,
         arch: Arch::Decoder,
         score_head: false,
-    };
+        ..ModelConfig::default()
+    });
+}
+
+#[test]
+fn kv_cache_generation_equals_recomputation_llama() {
+    for (kv, qwen) in [(1, false), (2, true), (4, false)] {
+        kv_cache_check(ModelConfig {
+            vocab_size: 50,
+            n_ctx: 24,
+            n_embd: 32,
+            n_kv_head: kv,
+            ..tiny_llama(Arch::Decoder, false, qwen)
+        });
+    }
+}
+
+fn kv_cache_check(cfg: ModelConfig) {
     let mut model = Model::new(cfg.clone(), 8);
     // Larger weights make the logits decisive, so greedy choices are not decided by rounding.
     for x in model.params.iter_mut() {
@@ -302,7 +359,8 @@ fn kv_cache_generation_equals_recomputation() {
                 },
             );
             model.lm_head(&mut acts, &vec![IGNORE; t], 1.0);
-            let row = &acts.logits[(t - 1) * 50..t * 50];
+            let v = cfg.vocab_size;
+            let row = &acts.logits[(t - 1) * v..t * v];
             let next = row
                 .iter()
                 .enumerate()
@@ -314,6 +372,44 @@ fn kv_cache_generation_equals_recomputation() {
             &got[..],
             "KV-cache generation differs from recomputation"
         );
+    }
+}
+
+#[test]
+fn checkpoint_round_trip_llama_family() {
+    for cfg in [
+        tiny_llama(Arch::Decoder, true, false),
+        tiny_llama(Arch::Decoder, false, true),
+        ModelConfig {
+            family: Family::Mistral,
+            rope_scaling: Some(kiln_model::RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 4,
+            }),
+            ..tiny_llama(Arch::Encoder, false, false)
+        },
+    ] {
+        let model = Model::new(cfg, 12);
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("ckpt");
+        write_checkpoint_dir(&ck, &model_files(&model).unwrap()).unwrap();
+        let back = load_model(&ck).unwrap();
+        assert_eq!(back.cfg, model.cfg);
+        assert_eq!(back.params, model.params);
+        // The family's own names and nn.Linear layout: q_proj is [q heads * head size, hidden].
+        let bytes = std::fs::read(ck.join("model.safetensors")).unwrap();
+        let t = kiln_model::checkpoint::bytes_to_tensors(&bytes, "x").unwrap();
+        let q = &t["model.layers.1.self_attn.q_proj.weight"];
+        assert_eq!(q.0, vec![16, 16]);
+        assert_eq!(t["model.layers.0.self_attn.k_proj.weight"].0, vec![8, 16]);
+        assert_eq!(t["model.layers.0.mlp.down_proj.weight"].0, vec![16, 12]);
+        let untied_lm = !model.cfg.tie_embeddings && !model.cfg.score_head;
+        assert_eq!(t.contains_key("lm_head.weight"), untied_lm);
+        assert!(!t
+            .keys()
+            .any(|k| k.contains("qkv_proj") || k.contains("gate_up")));
     }
 }
 
@@ -352,6 +448,7 @@ fn bad_config_is_rejected() {
         n_embd: 16,
         arch: Arch::Decoder,
         score_head: false,
+        ..ModelConfig::default()
     };
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("must divide"), "{err}");
@@ -367,6 +464,7 @@ fn prompt_longer_than_context_is_an_error() {
         n_embd: 8,
         arch: Arch::Decoder,
         score_head: false,
+        ..ModelConfig::default()
     };
     let model = Model::new(cfg, 1);
     let opts = GenerateOptions {

@@ -20,20 +20,36 @@ fn cfg() -> ModelConfig {
         n_embd: 48,
         arch: Arch::Decoder,
         score_head: false,
+        ..ModelConfig::default()
+    }
+}
+
+/// The same widths as a Llama-family model: grouped-query attention, SwiGLU, RoPE, untied head,
+/// q/k/v biases.
+fn llama_cfg() -> ModelConfig {
+    ModelConfig {
+        family: kiln_model::Family::Qwen2,
+        n_head: 4,
+        n_kv_head: 2,
+        ffn_hidden: 72,
+        tie_embeddings: false,
+        qkv_bias: true,
+        ..cfg()
     }
 }
 
 /// A random model with weights large enough that logits are decisive (std ~0.8 at init scale x4),
-/// and non-trivial biases and LayerNorm parameters.
+/// and non-trivial biases and norm parameters. Odd seeds are Llama-family models.
 fn model(seed: u64) -> Model {
-    let mut m = Model::new(cfg(), seed);
+    let c = if seed % 2 == 1 { llama_cfg() } else { cfg() };
+    let mut m = Model::new(c, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
     let names: Vec<_> = m.layout.tensors.clone();
     for t in names {
         let s = &mut m.params[t.range()];
         if t.name.ends_with(".bias") {
             s.iter_mut().for_each(|x| *x = rng.gen_range(-0.1..0.1));
-        } else if t.name.contains("ln_") {
+        } else if t.role == kiln_model::Role::NormWeight || t.role == kiln_model::Role::NormBias {
             s.iter_mut().for_each(|x| *x += rng.gen_range(-0.2..0.2));
         } else {
             s.iter_mut().for_each(|x| *x *= 4.0);
@@ -49,22 +65,21 @@ fn round_trip(model: &Model, fmt: PackedFormat) -> Model {
     m.params.clone_from(&model.params);
     let c = m.cfg.n_embd;
     let lay = m.layout.clone();
-    let mut set = |r: std::ops::Range<usize>, k: usize, n: usize| {
-        let l = PackedLinear::from_in_out(&m.params[r.clone()], None, k, n, fmt);
-        m.params[r].copy_from_slice(&l.dequantize());
+    let mut set = |l: &kiln_model::Linear| {
+        let p = PackedLinear::from_in_out(&m.params[l.w.clone()], None, l.i, l.o, fmt);
+        m.params[l.w.clone()].copy_from_slice(&p.dequantize());
     };
     for o in &lay.layers {
-        set(o.attn_w.clone(), c, 3 * c);
-        set(o.proj_w.clone(), c, c);
-        set(o.fc_w.clone(), c, 4 * c);
-        set(o.fcproj_w.clone(), 4 * c, c);
+        for l in [&o.qkv, &o.o, &o.up, &o.down] {
+            set(l);
+        }
     }
-    // The tied LM head is quantized per vocabulary row: pack the embedding as [out, in] and write
+    // The LM head (tied or not) is quantized per vocabulary row: pack it as [out, in] and write
     // back the transpose of the [in, out] dequantized matrix.
     let v = m.cfg.vocab_size;
-    let l = PackedLinear::from_out_in(&m.params[lay.wte.clone()], None, v, c, fmt);
+    let l = PackedLinear::from_out_in(&m.params[lay.head()], None, v, c, fmt);
     let d = l.dequantize();
-    let wte = &mut m.params[lay.wte.clone()];
+    let wte = &mut m.params[lay.head()];
     for j in 0..v {
         for p in 0..c {
             wte[j * c + p] = d[p * v + j];
@@ -97,8 +112,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn packed_path_equals_f32_path_on_the_packed_weights() {
-    for fmt in FORMATS {
-        let rt = round_trip(&model(1), fmt);
+    for (fmt, seed) in FORMATS.into_iter().flat_map(|f| [(f, 1), (f, 2)]) {
+        let rt = round_trip(&model(seed), fmt);
         let packed = PackedWeights::new(&rt, fmt);
         // Packing is idempotent, so `packed` multiplies by exactly `rt`'s matrices; what is left is
         // f32 summation order (and fused multiply-adds) in two different kernels.

@@ -85,6 +85,7 @@ fn model() -> Model {
         n_embd: 4,
         arch: Arch::Decoder,
         score_head: false,
+        ..ModelConfig::default()
     };
     Model::new(cfg, 7)
 }

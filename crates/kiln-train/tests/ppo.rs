@@ -16,6 +16,7 @@ fn cfg(score: bool) -> ModelConfig {
         n_embd: 16,
         arch: Arch::Decoder,
         score_head: score,
+        ..ModelConfig::default()
     }
 }
 

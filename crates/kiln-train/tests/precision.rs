@@ -99,6 +99,7 @@ fn train(precision: Precision, steps: u64) -> (Vec<f64>, f64, Precision) {
         n_embd: 64,
         arch: Arch::Decoder,
         score_head: false,
+        ..ModelConfig::default()
     };
     let mut model = Model::new(cfg.clone(), 3);
     let mut obj = Pattern {

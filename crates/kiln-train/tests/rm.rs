@@ -16,6 +16,7 @@ fn reward_position_is_correct_under_padding() {
             n_embd: 16,
             arch,
             score_head: true,
+            ..ModelConfig::default()
         };
         let mut model = Model::new(cfg.clone(), 5);
         let mut rng = ChaCha8Rng::seed_from_u64(1);

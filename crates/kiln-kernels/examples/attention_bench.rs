@@ -1,0 +1,72 @@
+//! Wall time of causal attention forward and backward on the `kiln bench train` shapes (8 x 256
+//! tokens, width 384, 6 heads of 64), multi-head and grouped-query (2 kv heads), median of reps.
+//!
+//! `cargo run --release -p kiln-kernels --example attention_bench [reps]` (threads: RAYON_NUM_THREADS).
+
+use kiln_kernels::attention::{attention_backward_gqa, attention_forward_gqa, AttnShape};
+use kiln_kernels::{attention_backward, attention_forward, AttnMask};
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(9);
+    let (b, t, nh, hs) = (8, 256, 6, 64);
+    let c = nh * hs;
+    let mask = AttnMask {
+        causal: true,
+        ..Default::default()
+    };
+    let mut state = 1u32;
+    let mut fill = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    println!(
+        "threads={} reps={reps} (median)",
+        rayon::current_num_threads()
+    );
+    for nkv in [nh, 2] {
+        let shape = AttnShape { nh, nkv, hs };
+        let rw = (nh + 2 * nkv) * hs;
+        let qkv = fill(b * t * rw);
+        let dout = fill(b * t * c);
+        let mut out = vec![0.0f32; b * t * c];
+        let mut att = vec![0.0f32; b * nh * t * t];
+        let mut dqkv = vec![0.0f32; b * t * rw];
+        let (mut tf, mut tb) = (Vec::new(), Vec::new());
+        for _ in 0..reps + 1 {
+            let t0 = Instant::now();
+            if nkv == nh {
+                attention_forward(&mut out, &mut att, &qkv, b, t, c, nh, &mask);
+            } else {
+                attention_forward_gqa(&mut out, &mut att, &qkv, b, t, shape, &mask);
+            }
+            let t1 = Instant::now();
+            if nkv == nh {
+                attention_backward(&mut dqkv, &dout, &qkv, &att, b, t, c, nh);
+            } else {
+                attention_backward_gqa(&mut dqkv, &dout, &qkv, &att, b, t, shape);
+            }
+            tf.push((t1 - t0).as_secs_f64() * 1e3);
+            tb.push(t1.elapsed().as_secs_f64() * 1e3);
+        }
+        tf.remove(0);
+        tb.remove(0);
+        println!(
+            "nh={nh} nkv={nkv}: forward {:.2} ms, backward {:.2} ms",
+            median(tf),
+            median(tb)
+        );
+    }
+}
