@@ -28,9 +28,41 @@ fn fails(args: &[&str], needle: &str) {
 
 #[test]
 fn tiny_pipeline_end_to_end() {
+    pipeline_check("gpt2");
+}
+
+/// The whole pipeline on the Llama family: every stage, command and checkpoint in its own form.
+#[test]
+fn tiny_pipeline_end_to_end_llama() {
+    let (_dir, out) = pipeline_check("llama");
+    for stage in ["pretrain", "sft", "rm", "ppo"] {
+        let dir = out.join(stage).join(
+            std::fs::read_to_string(out.join(stage).join("latest"))
+                .unwrap()
+                .trim(),
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["model_type"], "llama", "{stage}: {cfg}");
+        let want = if stage == "rm" {
+            "LlamaForSequenceClassification"
+        } else {
+            "LlamaForCausalLM"
+        };
+        assert_eq!(cfg["architectures"][0], want, "{stage}");
+    }
+    // Finished stages are reused only for the configuration that made them.
+    let o = kiln(&["demo", "--size", "tiny", "--out", s(&out), "--arch", "gpt2"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("another configuration") && err.contains("--fresh"), "{err}");
+}
+
+fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    ok(&["demo", "--size", "tiny", "--out", s(&out)]);
+    ok(&["demo", "--size", "tiny", "--out", s(&out), "--arch", arch]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     for (stage, key) in [
@@ -91,10 +123,11 @@ fn tiny_pipeline_end_to_end() {
     ]);
     assert!(score.starts_with("score "), "{score}");
     // A second run reuses every finished stage.
-    let o = kiln(&["demo", "--size", "tiny", "--out", s(&out)]);
+    let o = kiln(&["demo", "--size", "tiny", "--out", s(&out), "--arch", arch]);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("[ppo] finished earlier"), "{err}");
+    (dir, out)
 }
 
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
@@ -478,4 +511,42 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
         ],
         "--resume",
     );
+}
+
+/// A BERT-style encoder of either family: masked-LM pretraining, then fill-mask on its checkpoint.
+#[test]
+fn mlm_encoder_of_either_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, shards) = prepare_tiny(dir.path());
+    for arch in ["gpt2", "llama"] {
+        let out = dir.path().join(format!("mlm-{arch}"));
+        let o = ok(&[
+            "pretrain",
+            "--objective",
+            "mlm",
+            "--arch",
+            arch,
+            "--data",
+            s(&shards),
+            "--tokenizer",
+            s(&tok),
+            "--out",
+            s(&out),
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--dim",
+            "32",
+            "--ctx",
+            "32",
+            "--max-steps",
+            "5",
+            "--batch-size",
+            "4",
+        ]);
+        assert!(o.contains("pretrain: 5 steps"), "{o}");
+        let fill = ok(&["fill-mask", "--model", s(&out), "The ball is <|mask|>."]);
+        assert!(!fill.trim().is_empty(), "{arch}: {fill}");
+    }
 }
