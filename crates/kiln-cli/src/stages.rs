@@ -680,6 +680,7 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         progress,
         ptx,
         grader,
+        grad_hook: None,
     };
     ppo.train(resume)
 }

@@ -56,7 +56,10 @@ fn tiny_pipeline_end_to_end_llama() {
     let o = kiln(&["demo", "--size", "tiny", "--out", s(&out), "--arch", "gpt2"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("another configuration") && err.contains("--fresh"), "{err}");
+    assert!(
+        err.contains("another configuration") && err.contains("--fresh"),
+        "{err}"
+    );
 }
 
 fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {
@@ -549,4 +552,66 @@ fn mlm_encoder_of_either_family() {
         let fill = ok(&["fill-mask", "--model", s(&out), "The ball is <|mask|>."]);
         assert!(!fill.trim().is_empty(), "{arch}: {fill}");
     }
+}
+
+/// A run folder in use is locked: a second trainer on it stops at once naming the first's pid; after
+/// the first is killed with SIGKILL, `--resume` is not blocked by the stale lock.
+#[test]
+fn a_second_trainer_on_a_running_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, shards) = prepare_tiny(dir.path());
+    let out = dir.path().join("run");
+    let args = |steps: &str, extra: &[&str]| -> Vec<String> {
+        [
+            "pretrain",
+            "--data",
+            s(&shards),
+            "--tokenizer",
+            s(&tok),
+            "--out",
+            s(&out),
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+            "--dim",
+            "32",
+            "--ctx",
+            "32",
+            "--max-steps",
+            steps,
+            "--batch-size",
+            "4",
+            "--ckpt-every",
+            "5",
+            "--eval-every",
+            "0",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--quiet")
+        .args(args("1000000", &[]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("latest").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = args("10", &["--resume"]);
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    fails(
+        &second,
+        &format!("in use by another Kiln process (pid {})", child.id()),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The killed run's lock went with it: the same resume now runs.
+    let o = kiln(&second);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -1,5 +1,6 @@
 //! AdamW over the model's flat parameters, with per-tensor weight decay and state that checkpoints.
 
+use crate::trainer::NonFinite;
 use anyhow::{bail, Context, Result};
 use kiln_kernels as k;
 use kiln_model::checkpoint::{bytes_to_tensors, tensors_to_bytes};
@@ -113,6 +114,88 @@ pub fn clip_grad_norm(model: &mut Model, max_norm: f32) -> f32 {
         k::scale(&mut model.grads, max_norm / (norm + 1e-6));
     }
     norm
+}
+
+/// What became of one optimizer step (see [`UpdateGuard::step`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Update {
+    /// The gradient's global norm before clipping.
+    pub norm: f32,
+    /// False when the step was skipped for a non-finite loss or gradient.
+    pub applied: bool,
+}
+
+/// The one place a training loop takes an optimizer step, so none can forget the non-finite guard:
+/// the gradient is clipped, and AdamW runs only when the loss and the gradient norm are finite. A
+/// non-finite step is counted and skipped (the weights and moments stay as they were) or, with
+/// [`NonFinite::Stop`] or after `max_consecutive` in a row, stops the run with an error.
+#[derive(Clone, Debug)]
+pub struct UpdateGuard {
+    pub policy: NonFinite,
+    pub max_consecutive: u64,
+    consecutive: u64,
+    /// Steps skipped so far (restored on resume).
+    pub skipped: u64,
+    label: String,
+}
+
+impl UpdateGuard {
+    pub fn new(label: &str, policy: NonFinite, max_consecutive: u64, skipped: u64) -> Self {
+        UpdateGuard {
+            policy,
+            max_consecutive,
+            consecutive: 0,
+            skipped,
+            label: label.to_string(),
+        }
+    }
+
+    /// Clips `model`'s gradient to `grad_clip` and applies `opt` at `lr` unless `loss` or the norm
+    /// is non-finite. `step` (1-based) names the step in messages; `warn` receives the warning of a
+    /// skipped step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        model: &mut Model,
+        opt: &mut AdamW,
+        lr: f32,
+        grad_clip: f32,
+        loss: f64,
+        step: u64,
+        warn: impl FnOnce(String),
+    ) -> Result<Update> {
+        let norm = clip_grad_norm(model, grad_clip);
+        if loss.is_finite() && norm.is_finite() {
+            opt.update(model, lr);
+            self.consecutive = 0;
+            return Ok(Update {
+                norm,
+                applied: true,
+            });
+        }
+        self.skipped += 1;
+        self.consecutive += 1;
+        let msg = format!(
+            "step {step}: non-finite loss ({loss}) or gradient norm ({norm}); update skipped"
+        );
+        if self.policy == NonFinite::Stop {
+            bail!(
+                "[{}] {msg}; stopping (the last checkpoint holds the last good weights)",
+                self.label
+            );
+        }
+        warn(format!("[{}] warning: {msg}", self.label));
+        if self.consecutive >= self.max_consecutive {
+            bail!(
+                "{} consecutive non-finite steps: training has diverged (lower the learning rate, now {lr})",
+                self.consecutive
+            );
+        }
+        Ok(Update {
+            norm,
+            applied: false,
+        })
+    }
 }
 
 /// Linear warmup to `max_lr`, then cosine decay to `min_lr` at `total` steps (constant after).

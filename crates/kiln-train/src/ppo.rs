@@ -6,9 +6,10 @@
 //! RM score at the last response token → GAE → several epochs of clipped policy and value updates.
 //! Every per-token quantity is indexed by the position that PREDICTS the token (its target row).
 
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
 use crate::rm::score_rows;
 use crate::run::RunDir;
+use crate::trainer::NonFinite;
 use crate::trainer::{fmt_metrics, say, Metrics, STOP};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -67,6 +68,10 @@ pub struct PpoConfig {
     pub ckpt_every: u64,
     pub keep_last: usize,
     pub seed: u64,
+    /// What a non-finite loss or gradient does: skip the update (counted) or stop the run.
+    pub non_finite: NonFinite,
+    /// Consecutive non-finite updates (of the actor or the critic) that stop the run as diverged.
+    pub max_non_finite: u64,
 }
 
 impl Default for PpoConfig {
@@ -99,6 +104,8 @@ impl Default for PpoConfig {
             ckpt_every: 10,
             keep_last: 2,
             seed: 1337,
+            non_finite: NonFinite::Skip,
+            max_non_finite: 20,
         }
     }
 }
@@ -196,6 +203,9 @@ struct PpoState {
     /// Data position of the PPO-ptx objective.
     #[serde(default)]
     ptx: serde_json::Value,
+    /// Actor and critic updates skipped for a non-finite loss or gradient.
+    #[serde(default)]
+    skipped_non_finite: u64,
     history: Vec<Metrics>,
 }
 
@@ -237,7 +247,13 @@ pub struct Ppo<'a> {
     /// Grades every rollout response: logged as `rollout_acc`, and `rm_gap` (mean normalised
     /// RM score of responses graded right minus of those graded wrong).
     pub grader: Option<Grader<'a>>,
+    /// Called with ("actor" or "critic", iteration, model) after each backward, before the update:
+    /// a place to inspect gradients (tests inject faults here).
+    pub grad_hook: Option<GradHook<'a>>,
 }
+
+/// See [`Ppo::grad_hook`].
+pub type GradHook<'a> = Box<dyn FnMut(&str, u64, &mut Model) + 'a>;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PpoSummary {
@@ -499,6 +515,7 @@ impl<'a> Ppo<'a> {
             actor_updates: 0,
             critic_updates: 0,
             ptx: serde_json::Value::Null,
+            skipped_non_finite: 0,
             history: Vec::new(),
         };
         let mut summary = PpoSummary::default();
@@ -535,6 +552,15 @@ impl<'a> Ppo<'a> {
         };
         let start = Instant::now();
         let mb = cfg.minibatch;
+        // A guard per model; the state counts their skipped updates together.
+        let mut actor_guard = UpdateGuard::new(
+            "ppo actor",
+            cfg.non_finite,
+            cfg.max_non_finite,
+            st.skipped_non_finite,
+        );
+        let mut critic_guard =
+            UpdateGuard::new("ppo critic", cfg.non_finite, cfg.max_non_finite, 0);
         let mut acts = Activations::new(&self.actor.cfg, mb, t, true);
         let mut vacts = Activations::new(&self.critic.cfg, mb, t, false);
         while st.iteration < cfg.iterations {
@@ -575,6 +601,7 @@ impl<'a> Ppo<'a> {
                         Self::logprobs(&self.actor, &mut acts, &ro, rows, t, cfg.temperature);
                     let mut dlogp = vec![0.0f32; rows.len() * t];
                     let mut dent = vec![0.0f32; rows.len() * t];
+                    let mut mb_loss = 0.0f64;
                     for (k, &r) in rows.iter().enumerate() {
                         for j in 0..t {
                             let (i, g) = (k * t + j, r * t + j);
@@ -586,6 +613,7 @@ impl<'a> Ppo<'a> {
                             dlogp[i] = d / count;
                             dent[i] = -cfg.entropy_coef / count;
                             pg_sum += l as f64;
+                            mb_loss += (l - cfg.entropy_coef * ent[i]) as f64 / count as f64;
                             clipped += c as usize;
                             ntok += 1;
                             let diff = (lp[i] - ro.old_logp[g]) as f64;
@@ -612,13 +640,25 @@ impl<'a> Ppo<'a> {
                             ptx_loss += ptx.micro_step(&mut self.actor, cfg.ptx_coef)?.loss;
                             ptx_steps += 1;
                         }
-                        clip_grad_norm(&mut self.actor, cfg.grad_clip);
-                        actor_opt.update(&mut self.actor, cfg.actor_lr);
+                        if let Some(h) = self.grad_hook.as_mut() {
+                            h("actor", st.iteration + 1, &mut self.actor);
+                        }
+                        let step = actor_guard.skipped + actor_opt.step + 1;
+                        actor_guard.step(
+                            &mut self.actor,
+                            &mut actor_opt,
+                            cfg.actor_lr,
+                            cfg.grad_clip,
+                            mb_loss,
+                            step,
+                            |m| say(&pb, m),
+                        )?;
                     }
                     // Critic: clipped value loss.
                     self.critic.zero_grads();
                     let v = Self::values(&self.critic, &mut vacts, &ro, rows, t);
                     let mut dv = vec![0.0f32; rows.len() * t];
+                    let mut mb_vloss = 0.0f64;
                     for (k, &r) in rows.iter().enumerate() {
                         for j in 0..t {
                             let (i, g) = (k * t + j, r * t + j);
@@ -629,12 +669,24 @@ impl<'a> Ppo<'a> {
                                 value_loss(v[i], ro.values[g], ro.returns[g], cfg.value_clip);
                             dv[i] = cfg.vf_coef * d / count;
                             vloss_sum += l as f64;
+                            mb_vloss += l as f64 / count as f64;
                         }
                     }
                     self.critic.score_head_backward(&mut vacts, &dv);
                     self.critic.backward(&mut vacts);
-                    clip_grad_norm(&mut self.critic, cfg.grad_clip);
-                    critic_opt.update(&mut self.critic, cfg.critic_lr);
+                    if let Some(h) = self.grad_hook.as_mut() {
+                        h("critic", st.iteration + 1, &mut self.critic);
+                    }
+                    let step = critic_guard.skipped + critic_opt.step + 1;
+                    critic_guard.step(
+                        &mut self.critic,
+                        &mut critic_opt,
+                        cfg.critic_lr,
+                        cfg.grad_clip,
+                        mb_vloss,
+                        step,
+                        |m| say(&pb, m),
+                    )?;
                 }
             }
             // Iteration metrics.
@@ -675,6 +727,8 @@ impl<'a> Ppo<'a> {
                 ro.spans.iter().filter(|s| s.2).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
+            st.skipped_non_finite = actor_guard.skipped + critic_guard.skipped;
+            m.insert("skipped_non_finite".into(), st.skipped_non_finite as f64);
             if let Some(grade) = &self.grader {
                 let (mut right, mut wrong) = (Vec::new(), Vec::new());
                 for ((&p, resp), &score) in ids_.iter().zip(&ro.responses).zip(&ro.scores) {

@@ -10,14 +10,48 @@ use std::path::{Path, PathBuf};
 
 pub struct RunDir {
     pub root: PathBuf,
+    /// `run.lock`, held locked (an advisory `flock`) while this value lives: a second process on the
+    /// same folder is refused. The kernel drops the lock when the process dies, so a run killed with
+    /// SIGKILL never blocks its own resume.
+    _lock: fs::File,
 }
 
+pub const LOCK_FILE: &str = "run.lock";
+
 impl RunDir {
+    /// Creates (or opens) a run directory and locks it for this process.
     pub fn create(root: &Path) -> Result<Self> {
         fs::create_dir_all(root)
             .with_context(|| format!("creating run directory {}", root.display()))?;
+        let path = root.join(LOCK_FILE);
+        let mut lock = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                anyhow::bail!(
+                    "{} is in use by another Kiln process ({}): wait for it to finish, stop it, or choose another --out",
+                    root.display(),
+                    if holder.is_empty() { "pid unknown".to_string() } else { holder.to_string() }
+                );
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+        lock.set_len(0)?;
+        write!(lock, "pid {}", std::process::id())?;
+        lock.sync_all()?;
         Ok(RunDir {
             root: root.to_path_buf(),
+            _lock: lock,
         })
     }
 

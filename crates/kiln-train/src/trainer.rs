@@ -2,7 +2,7 @@
 //! gradient accumulation, clipping, AdamW with warmup + cosine decay, evaluation, samples, metrics,
 //! checkpoints, exact resume, non-finite guards and Ctrl-C. What a stage computes is its `Objective`.
 
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule, UpdateGuard};
 use crate::run::RunDir;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -273,7 +273,7 @@ impl<'a> Trainer<'a> {
         let start = Instant::now();
         let start_step = step;
         let mut run_tokens = 0u64;
-        let mut consecutive_bad = 0u64;
+        let mut guard = UpdateGuard::new(&self.label, cfg.non_finite, cfg.max_non_finite, skipped);
         let mut last_loss = f64::NAN;
         let save = |model: &Model,
                     opt: &AdamW,
@@ -312,32 +312,13 @@ impl<'a> Trainer<'a> {
                     *extra.entry(k).or_default() += v / cfg.grad_accum as f64;
                 }
             }
-            let norm = clip_grad_norm(model, cfg.grad_clip);
             let lr = sched.at(step);
-            let finite = loss.is_finite() && norm.is_finite();
-            if finite {
-                opt.update(model, lr);
-                consecutive_bad = 0;
+            let upd = guard.step(model, &mut opt, lr, cfg.grad_clip, loss, step + 1, |m| {
+                say(&pb, m)
+            })?;
+            let norm = upd.norm;
+            if upd.applied {
                 last_loss = loss;
-            } else {
-                skipped += 1;
-                consecutive_bad += 1;
-                let msg = format!(
-                    "step {}: non-finite loss ({loss}) or gradient norm ({norm}); update skipped",
-                    step + 1
-                );
-                match cfg.non_finite {
-                    NonFinite::Stop => {
-                        bail!("{msg}; stopping (the last checkpoint holds the last good weights)")
-                    }
-                    NonFinite::Skip => say(&pb, format!("[{}] warning: {msg}", self.label)),
-                }
-                if consecutive_bad >= cfg.max_non_finite {
-                    bail!(
-                        "{consecutive_bad} consecutive non-finite steps: training has diverged (lower the learning rate, now {})",
-                        cfg.lr
-                    );
-                }
             }
             step += 1;
             let secs = start.elapsed().as_secs_f64().max(1e-9);
@@ -378,7 +359,15 @@ impl<'a> Trainer<'a> {
             self.run.log(&line)?;
             let stop = STOP.load(Ordering::SeqCst);
             if (cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every)) || last || stop {
-                save(model, &opt, obj, step, skipped, tokens_seen, &eval_start)?;
+                save(
+                    model,
+                    &opt,
+                    obj,
+                    step,
+                    guard.skipped,
+                    tokens_seen,
+                    &eval_start,
+                )?;
             }
             if stop {
                 pb.abandon_with_message(format!(
@@ -394,7 +383,7 @@ impl<'a> Trainer<'a> {
         summary.final_loss = last_loss;
         summary.seconds = secs;
         summary.tokens_per_sec = run_tokens as f64 / secs.max(1e-9);
-        summary.skipped_non_finite = skipped;
+        summary.skipped_non_finite = guard.skipped;
         summary.eval_start = eval_start;
         if step == start_step && summary.eval.is_empty() {
             summary.eval = obj.evaluate(model)?;

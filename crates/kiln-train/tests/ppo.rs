@@ -32,6 +32,19 @@ fn run_with(
     resume: bool,
     tweak: impl FnOnce(&mut Ppo),
 ) -> PpoSummary {
+    with_ppo(dir, beta, iterations, |p| {
+        tweak(p);
+        p.train(resume).unwrap()
+    })
+}
+
+/// Builds the test's trainer and hands it to `f`.
+fn with_ppo<T>(
+    dir: &std::path::Path,
+    beta: f32,
+    iterations: u64,
+    f: impl FnOnce(&mut Ppo) -> T,
+) -> T {
     let actor = Model::new(cfg(false), 1);
     let mut rm = Model::new(cfg(true), 2);
     // A reward model with an opinion: random score weights (a fresh head is all zeros).
@@ -74,9 +87,9 @@ fn run_with(
         progress: false,
         ptx: None,
         grader: None,
+        grad_hook: None,
     };
-    tweak(&mut ppo);
-    ppo.train(resume).unwrap()
+    f(&mut ppo)
 }
 
 fn mean(h: &[kiln_train::Metrics], key: &str, range: std::ops::Range<usize>) -> f64 {
@@ -134,10 +147,13 @@ fn resume_continues_exactly() {
     // Same run, stopped after the checkpoint at iteration 4, then resumed.
     let part_dir = tempfile::tempdir().unwrap();
     run(part_dir.path(), 0.05, 8, false);
-    let rd = RunDir::create(part_dir.path()).unwrap();
-    for (step, p) in rd.checkpoints().unwrap() {
-        if step > 4 {
-            std::fs::remove_dir_all(p).unwrap();
+    {
+        // (The run folder is locked while a RunDir lives: this one goes before the resume.)
+        let rd = RunDir::create(part_dir.path()).unwrap();
+        for (step, p) in rd.checkpoints().unwrap() {
+            if step > 4 {
+                std::fs::remove_dir_all(p).unwrap();
+            }
         }
     }
     std::fs::write(part_dir.path().join("latest"), RunDir::checkpoint_name(4)).unwrap();
@@ -217,6 +233,7 @@ fn ppo_ptx_mixes_the_pretraining_loss_into_every_policy_update() {
             calls: calls.clone(),
         })),
         grader: None,
+        grad_hook: None,
     };
     let s = ppo.train(false).unwrap();
     // 2 iterations × 2 epochs × 2 minibatches, each with the coefficient as the gradient scale.
@@ -261,4 +278,78 @@ fn the_grader_reports_rollout_accuracy_and_the_reward_gap() {
     });
     assert_eq!(s.history[0]["rollout_acc"], 1.0);
     assert!(!s.history[0].contains_key("rm_gap"));
+}
+
+/// Trains with `tweak` applied; returns the trainer's result (not unwrapped) and the final actor.
+fn try_run(
+    dir: &std::path::Path,
+    iterations: u64,
+    tweak: impl FnOnce(&mut Ppo),
+) -> (anyhow::Result<PpoSummary>, Vec<f32>) {
+    with_ppo(dir, 0.05, iterations, |p| {
+        tweak(p);
+        let r = p.train(false);
+        (r, p.actor.params.clone())
+    })
+}
+
+/// A NaN in a gradient skips that update (counted; the weights it would have moved stay as they
+/// were) or, with non_finite = stop, ends the run with an error and the last checkpoint intact.
+#[test]
+fn non_finite_gradients_are_skipped_or_stop_the_run() {
+    use kiln_train::trainer::NonFinite;
+    // Reference: no fault.
+    let d0 = tempfile::tempdir().unwrap();
+    let (clean, clean_params) = try_run(d0.path(), 3, |_| {});
+    let clean = clean.unwrap();
+    assert!(clean.history.iter().all(|m| m["skipped_non_finite"] == 0.0));
+    // Every actor gradient of iteration 2 poisoned: those updates are skipped.
+    let d1 = tempfile::tempdir().unwrap();
+    let poisoned_at = |it: u64| {
+        move |who: &str, i: u64, m: &mut Model| {
+            if who == "actor" && i == it {
+                m.grads[5] = f32::NAN;
+            }
+        }
+    };
+    let (skipped, skipped_params) = try_run(d1.path(), 3, |p| {
+        p.grad_hook = Some(Box::new(poisoned_at(2)));
+    });
+    let skipped = skipped.unwrap();
+    let counts: Vec<f64> = skipped
+        .history
+        .iter()
+        .map(|m| m["skipped_non_finite"])
+        .collect();
+    // 16 rollouts, minibatch 8, 2 epochs: 4 actor updates per iteration, all skipped in iteration 2.
+    assert_eq!(counts, vec![0.0, 4.0, 4.0], "{counts:?}");
+    assert!(skipped_params.iter().all(|x| x.is_finite()));
+    assert_eq!(
+        skipped.history[0]["reward"], clean.history[0]["reward"],
+        "iteration 1 is untouched"
+    );
+    assert_ne!(
+        skipped_params, clean_params,
+        "the skipped updates changed nothing?"
+    );
+    // Stop: the run ends with an error naming the fault, and the checkpoint of iteration 4 (the
+    // fault is in iteration 5) is the last one, intact.
+    let d2 = tempfile::tempdir().unwrap();
+    let (stopped, _) = try_run(d2.path(), 6, |p| {
+        p.cfg.non_finite = NonFinite::Stop;
+        p.grad_hook = Some(Box::new(poisoned_at(5)));
+    });
+    let err = format!("{:#}", stopped.unwrap_err());
+    assert!(
+        err.contains("non-finite") && err.contains("ppo actor"),
+        "{err}"
+    );
+    let run = kiln_train::RunDir::create(d2.path()).unwrap();
+    let last = run
+        .latest_checkpoint()
+        .unwrap()
+        .expect("checkpoint of iteration 4");
+    assert!(last.ends_with("ckpt-0000004"), "{}", last.display());
+    let m = kiln_model::checkpoint::load_model(&last).unwrap();
+    assert!(m.params.iter().all(|x| x.is_finite()));
 }
