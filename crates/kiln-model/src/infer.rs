@@ -28,18 +28,37 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache of `slots` sequences of up to the model's whole context.
     pub fn new(model: &Model, slots: usize) -> Self {
+        Self::with_len(model, slots, model.cfg.n_ctx)
+    }
+
+    /// A cache of `slots` sequences of up to `max_len` tokens (at most the context): a model with a
+    /// long context (Llama 3's 131,072) needs only what a generation will use.
+    pub fn with_len(model: &Model, slots: usize, max_len: usize) -> Self {
         let cfg = &model.cfg;
         let kv = cfg.kv_heads() * cfg.head_size();
-        let size = cfg.n_layer * slots * cfg.n_ctx * kv;
+        let n_ctx = max_len.min(cfg.n_ctx);
+        let size = cfg.n_layer * slots * n_ctx * kv;
         KvCache {
             k: vec![0.0; size],
             v: vec![0.0; size],
             len: vec![0; slots],
             slots,
-            n_ctx: cfg.n_ctx,
+            n_ctx,
             kv,
         }
+    }
+
+    /// Bytes of keys and values a cache of this shape holds.
+    pub fn bytes_for(model: &Model, slots: usize, max_len: usize) -> usize {
+        let cfg = &model.cfg;
+        2 * 4 * cfg.n_layer * slots * max_len.min(cfg.n_ctx) * cfg.kv_heads() * cfg.head_size()
+    }
+
+    /// Tokens each slot can hold.
+    pub fn capacity(&self) -> usize {
+        self.n_ctx
     }
 
     fn offset(&self, layer: usize, slot: usize, pos: usize) -> usize {
@@ -235,9 +254,9 @@ impl Model {
         let start: Vec<usize> = slots.iter().map(|&s| cache.len[s]).collect();
         for &s0 in &start {
             assert!(
-                s0 + tq <= cfg.n_ctx,
-                "KV cache full: context is {}",
-                cfg.n_ctx
+                s0 + tq <= cache.n_ctx,
+                "KV cache full: it holds {} tokens per sequence",
+                cache.n_ctx
             );
         }
         let positions: Vec<u32> = (0..n).map(|i| (start[i / tq] + i % tq) as u32).collect();
@@ -463,7 +482,8 @@ pub fn generate_with<R: Rng>(
     }
     let rows = prompts.len();
     let v = model.cfg.vocab_size;
-    let mut cache = KvCache::new(model, rows);
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut cache = KvCache::with_len(model, rows, longest + opts.max_new_tokens);
     let mut next_logits = vec![0.0f32; rows * v];
     for (r, p) in prompts.iter().enumerate() {
         let l = model.forward_cached_with(packed, &mut cache, &[r], p, p.len());
@@ -478,7 +498,7 @@ pub fn generate_with<R: Rng>(
             let tok = sample_token(&next_logits[r * v..(r + 1) * v], &opts.sampling, rng);
             out[r].push(tok);
             on_token(r, tok);
-            if !opts.stop_tokens.contains(&tok) && cache.len[r] < n_ctx {
+            if !opts.stop_tokens.contains(&tok) && cache.len[r] < cache.capacity() {
                 still.push(r);
                 step_tokens.push(tok);
             }
