@@ -5,6 +5,7 @@ mod bench;
 mod bundle;
 mod chat;
 mod cmd_data_prepare;
+mod cmd_grpo;
 mod cmd_tokenizer;
 mod config;
 mod demo;
@@ -52,6 +53,9 @@ enum Cmd {
     Rm(RmCmd),
     /// RLHF: optimise a policy against a reward model with PPO.
     Ppo(PpoArgs),
+    /// RL with verifiable rewards: GRPO / Dr. GRPO / RLOO, no critic (rewards from a judge, a
+    /// reward model, a program or a format check).
+    Grpo(cmd_grpo::GrpoArgs),
     /// Generate text from a model (KV cache, batched, streaming).
     Generate(chat::GenerateArgs),
     /// Talk to a fine-tuned model (interactive, or --prompt / stdin for scripts).
@@ -364,7 +368,7 @@ struct PpoArgs {
     seed: Option<i64>,
 }
 
-fn judge_overrides(
+pub(crate) fn judge_overrides(
     o: &mut Overrides,
     world: &Option<PathBuf>,
     prompts: &Option<PathBuf>,
@@ -381,7 +385,7 @@ fn judge_overrides(
 }
 
 /// After Ctrl-C the stage has saved a checkpoint; say so and exit with the shell's code for SIGINT.
-fn exit_if_interrupted(interrupted: bool, step: u64) {
+pub(crate) fn exit_if_interrupted(interrupted: bool, step: u64) {
     if interrupted {
         eprintln!("interrupted: checkpoint saved at step {step}; continue with the same command and --resume");
         std::process::exit(130);
@@ -519,6 +523,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Grpo(a) => cmd_grpo::run(a, progress),
         Cmd::Generate(a) => chat::run_generate(a),
         Cmd::Chat(a) => chat::run_chat(a),
         Cmd::FillMask(a) => chat::run_fill_mask(a),

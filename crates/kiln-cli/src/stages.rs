@@ -9,8 +9,12 @@ use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
 use kiln_model::{Arch, Family, Model, ModelConfig};
+use kiln_train::grpo::{Grpo, GrpoConfig, GrpoSummary};
 use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
 use kiln_train::pretrain::{LmObjective, PretrainKind};
+use kiln_train::reward::{
+    CommandReward, FnReward, FormatReward, ModelReward, RewardSource, Weighted,
+};
 use kiln_train::rm::{render_groups, RmLoss, RmObjective};
 use kiln_train::sft::{render_examples, ExtraEval, SftObjective};
 use kiln_train::{RunDir, TrainConfig, TrainSummary, Trainer};
@@ -683,4 +687,185 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         grad_hook: None,
     };
     ppo.train(resume)
+}
+
+/// GRPO/RLOO with verifiable rewards (`kiln grpo`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoStageConfig {
+    /// The SFT model: the policy starts here (and it is the reference when `grpo.beta` > 0).
+    pub actor: PathBuf,
+    /// Prompts: `{"prompt", ...}`, Alpaca or chat records; extra fields go to reward programs.
+    pub prompts: PathBuf,
+    pub out: PathBuf,
+    /// The demo world's judge: evaluation, and the `judge` reward.
+    pub judge: Option<JudgeConfig>,
+    /// Reward sources, summed with `reward_weights`: `judge` (1 when the demo judge says the
+    /// answer is right), `format` (1 when the answer ends its turn), `rm:DIR` (a reward model's
+    /// normalised score), `cmd:PROGRAM` (a program reading JSON lines and printing one number each).
+    pub rewards: Vec<String>,
+    /// One weight per reward source (default 1 each).
+    pub reward_weights: Vec<f32>,
+    /// Seconds a reward program may take per answer before the run stops with an error.
+    pub reward_timeout_s: f64,
+    pub grpo: GrpoConfig,
+}
+
+impl Default for GrpoStageConfig {
+    fn default() -> Self {
+        GrpoStageConfig {
+            actor: PathBuf::from("runs/sft"),
+            prompts: PathBuf::from("prompts.jsonl"),
+            out: PathBuf::from("runs/grpo"),
+            judge: None,
+            rewards: vec!["judge".into()],
+            reward_weights: Vec::new(),
+            reward_timeout_s: 30.0,
+            grpo: GrpoConfig::default(),
+        }
+    }
+}
+
+pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoSummary> {
+    let actor = load_bundle(&cfg.actor)?;
+    if actor.model.cfg.arch != Arch::Decoder {
+        bail!(
+            "{}: GRPO trains a decoder (chat model)",
+            actor.dir.display()
+        );
+    }
+    let template = actor.meta.template.clone();
+    let loaded = kiln_data::datasets::load_prompts_with_fields(&cfg.prompts, &Default::default())?;
+    let prompts: Vec<Vec<u32>> = loaded
+        .records
+        .iter()
+        .map(|(r, _)| template.render_prompt(&actor.tokenizer, &r.prompt))
+        .collect::<Result<_, _>>()?;
+    // The question of each prompt (its last user turn), for the judge.
+    let questions: Vec<String> = loaded
+        .records
+        .iter()
+        .map(|(r, _)| {
+            let user = r.prompt.iter().rev().find(|m| m.role == Role::User);
+            user.map(|m| m.content.clone()).unwrap_or_default()
+        })
+        .collect();
+    if !cfg.reward_weights.is_empty() && cfg.reward_weights.len() != cfg.rewards.len() {
+        bail!(
+            "{} reward weights for {} reward sources (give one weight per --reward, or none)",
+            cfg.reward_weights.len(),
+            cfg.rewards.len()
+        );
+    }
+    let stop_tokens = template.stop_tokens()?;
+    let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
+    let mut rewards: Vec<Weighted> = Vec::new();
+    for (i, spec) in cfg.rewards.iter().enumerate() {
+        let weight = cfg.reward_weights.get(i).copied().unwrap_or(1.0);
+        let source: Box<dyn RewardSource> = match spec.split_once(':') {
+            None if spec == "judge" => {
+                let j = judge.as_ref().context(
+                    "the judge reward needs a judge (the demo world: --world and --judge-prompts)",
+                )?;
+                let world = j.world.clone();
+                let tok = actor.tokenizer.clone();
+                let questions = questions.clone();
+                Box::new(FnReward {
+                    name: "judge".into(),
+                    f: Box::new(move |p, resp| {
+                        let v = world.judge(&questions[p], &tok.decode_skip_special(resp));
+                        f32::from(u8::from(v.correct))
+                    }),
+                })
+            }
+            None if spec == "format" => Box::new(FormatReward {
+                stop_tokens: stop_tokens.clone(),
+            }),
+            Some(("rm", dir)) => {
+                let rm = load_bundle(Path::new(dir))?;
+                if !rm.model.cfg.score_head {
+                    bail!("{}: not a reward model (no score head)", rm.dir.display());
+                }
+                if rm.tokenizer.fingerprint() != actor.tokenizer.fingerprint() {
+                    bail!("the reward model {dir} uses another tokenizer than the actor");
+                }
+                Box::new(ModelReward {
+                    rm: RewardModel {
+                        mean: rm.meta.reward_mean.unwrap_or(0.0),
+                        std: rm.meta.reward_std.unwrap_or(1.0),
+                        model: rm.model,
+                    },
+                    prompts: prompts.clone(),
+                    batch: cfg.grpo.minibatch,
+                })
+            }
+            Some(("cmd", program)) => {
+                let records = loaded
+                    .records
+                    .iter()
+                    .map(|(r, obj)| {
+                        let mut o = obj.clone();
+                        o.entry("prompt").or_insert_with(|| r.raw.clone().into());
+                        o
+                    })
+                    .collect();
+                let tok = actor.tokenizer.clone();
+                Box::new(CommandReward::start(
+                    program,
+                    records,
+                    Box::new(move |t: &[u32]| tok.decode_skip_special(t)),
+                    std::time::Duration::from_secs_f64(cfg.reward_timeout_s.max(0.001)),
+                )?)
+            }
+            _ => bail!(
+                "unknown reward source {spec:?} (expected judge, format, rm:DIR or cmd:PROGRAM)"
+            ),
+        };
+        rewards.push(Weighted { source, weight });
+    }
+    eprintln!(
+        "[grpo] {} prompts × {} samples per iteration; rewards: {}",
+        cfg.grpo.prompts_per_iter,
+        cfg.grpo.group_size,
+        cfg.rewards
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("{r} ×{}", cfg.reward_weights.get(i).copied().unwrap_or(1.0)))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    let tok = actor.tokenizer.clone();
+    let tpl = template.clone();
+    let eval = judge.map(|j| {
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
+    });
+    let row_len =
+        kiln_train::ppo::row_len(&prompts, cfg.grpo.max_new_tokens, actor.model.cfg.n_ctx);
+    let reference = (cfg.grpo.beta > 0.0).then(|| actor.model.clone());
+    check_memory(
+        training_bytes(&actor.model.cfg, cfg.grpo.minibatch, row_len, true)
+            + reference.as_ref().map_or(0, |r| {
+                4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
+            }),
+        "GRPO",
+    )?;
+    let run = open_run(&cfg.out, resume)?;
+    write_run_config(&cfg.out, cfg)?;
+    let meta = KilnMeta::new("grpo", template.clone(), &actor.tokenizer, cfg.grpo.seed);
+    let tok2 = actor.tokenizer.clone();
+    let mut g = Grpo {
+        cfg: cfg.grpo.clone(),
+        reference,
+        extra_files: meta.files(&actor.dir.join(TOKENIZER_FILE))?,
+        actor: actor.model,
+        rewards,
+        prompts,
+        stop_tokens,
+        run: &run,
+        eval,
+        decode: Box::new(move |t| tok2.decode_skip_special(t)),
+        progress,
+        grad_hook: None,
+    };
+    g.train(resume)
 }

@@ -213,7 +213,8 @@ impl RecErr {
     }
 }
 
-type Obj = Map<String, Value>;
+/// A JSON record.
+pub type Obj = Map<String, Value>;
 
 // ---------------------------------------------------------------------------------------------
 // Reading files
@@ -948,4 +949,13 @@ fn finish_prompt(prompt: Vec<Message>, raw: String) -> Result<PromptRecord, RecE
 /// assistant turns are dropped). Every prompt ends with a user turn.
 pub fn load_prompts(path: &Path, opts: &LoadOptions) -> Result<Loaded<PromptRecord>, DataError> {
     load_records(path, opts, parse_prompt)
+}
+
+/// [`load_prompts`], each with its whole record: extra fields (a reference answer, test cases)
+/// travel with the prompt to reward programs.
+pub fn load_prompts_with_fields(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<Loaded<(PromptRecord, Obj)>, DataError> {
+    load_records(path, opts, |o| Ok((parse_prompt(o)?, o.clone())))
 }

@@ -1,9 +1,12 @@
 //! Kiln's training stages: the shared loop (`trainer`), the optimizer, run directories, and each stage's
-//! objective: pretraining (causal and masked LM), SFT, reward model and PPO.
+//! objective: pretraining (causal and masked LM), SFT, reward model, PPO and GRPO/RLOO (with reward
+//! sources: a judge, a reward model, an external program, a format check).
 
+pub mod grpo;
 pub mod optim;
 pub mod ppo;
 pub mod pretrain;
+pub mod reward;
 pub mod rm;
 pub mod run;
 pub mod sft;

@@ -891,7 +891,7 @@ pub fn row_len(prompts: &[Vec<u32>], max_new_tokens: usize, n_ctx: usize) -> usi
     (longest + max_new_tokens).min(n_ctx)
 }
 
-fn prompt_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn prompt_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut o: Vec<usize> = (0..n).collect();
     o.shuffle(&mut ChaCha8Rng::seed_from_u64(
         seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9)),

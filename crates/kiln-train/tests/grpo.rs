@@ -1,0 +1,223 @@
+//! GRPO end to end on tiny random models: the first minibatch's ratio is exactly 1, a verifiable
+//! reward rises, resume continues exactly, a non-finite gradient is skipped or stops the run, and a
+//! reward program that fails stops the run with a clear error and an intact checkpoint.
+
+use kiln_model::{Arch, Model, ModelConfig};
+use kiln_train::grpo::{Advantage, Grpo, GrpoConfig, GrpoSummary, LossAgg};
+use kiln_train::reward::{CommandReward, FnReward, Weighted};
+use kiln_train::RunDir;
+
+fn cfg() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 24,
+        n_ctx: 24,
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 16,
+        arch: Arch::Decoder,
+        ..ModelConfig::default()
+    }
+}
+
+/// Reward: the share of response tokens equal to 7 (a "right answer" the policy can learn).
+fn sevens() -> Weighted<'static> {
+    Weighted {
+        source: Box::new(FnReward {
+            name: "judge".into(),
+            f: Box::new(|_, r: &[u32]| {
+                r.iter().filter(|&&t| t == 7).count() as f32 / r.len().max(1) as f32
+            }),
+        }),
+        weight: 1.0,
+    }
+}
+
+fn with_grpo<T>(
+    dir: &std::path::Path,
+    iterations: u64,
+    rewards: Vec<Weighted<'static>>,
+    f: impl FnOnce(&mut Grpo) -> T,
+) -> T {
+    let actor = Model::new(cfg(), 1);
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| vec![8 + (i % 6) as u32, 9, 4]).collect();
+    let run = RunDir::create(dir).unwrap();
+    let mut g = Grpo {
+        cfg: GrpoConfig {
+            iterations,
+            prompts_per_iter: 4,
+            group_size: 4,
+            minibatch: 8,
+            max_new_tokens: 6,
+            lr: 3e-3,
+            eval_every: 100,
+            ckpt_every: 4,
+            ..GrpoConfig::default()
+        },
+        reference: None,
+        actor,
+        rewards,
+        prompts,
+        stop_tokens: vec![5],
+        run: &run,
+        extra_files: vec![],
+        eval: None,
+        decode: Box::new(|t| format!("{t:?}")),
+        progress: false,
+        grad_hook: None,
+    };
+    f(&mut g)
+}
+
+fn run(
+    dir: &std::path::Path,
+    iterations: u64,
+    resume: bool,
+    tweak: impl FnOnce(&mut Grpo),
+) -> GrpoSummary {
+    with_grpo(dir, iterations, vec![sevens()], |g| {
+        tweak(g);
+        g.train(resume).unwrap()
+    })
+}
+
+fn mean(h: &[kiln_train::Metrics], key: &str, r: std::ops::Range<usize>) -> f64 {
+    let n = r.len() as f64;
+    h[r].iter().map(|m| m[key]).sum::<f64>() / n
+}
+
+#[test]
+fn first_ratio_is_one_and_the_reward_rises() {
+    for (adv, agg, beta) in [
+        (Advantage::Group, LossAgg::Token, 0.0),
+        (Advantage::Rloo, LossAgg::Sequence, 0.0),
+        (Advantage::Mean, LossAgg::Constant, 0.05),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = run(dir.path(), 24, false, |g| {
+            g.cfg.advantage = adv;
+            g.cfg.loss_agg = agg;
+            g.cfg.beta = beta;
+            if beta > 0.0 {
+                g.reference = Some(g.actor.clone());
+            }
+        });
+        for m in &s.history {
+            assert_eq!(m["first_ratio_err"], 0.0, "{adv:?}: {m:?}");
+        }
+        let (early, late) = (
+            mean(&s.history, "reward", 0..4),
+            mean(&s.history, "reward", 20..24),
+        );
+        eprintln!("{adv:?} {agg:?} β={beta}: reward {early:.3} → {late:.3}");
+        assert!(
+            late > early + 0.1,
+            "{adv:?} {agg:?}: reward {early} → {late}"
+        );
+        if beta > 0.0 {
+            assert!(s.history.iter().all(|m| m["kl"] >= 0.0));
+            assert!(s.history.last().unwrap()["kl"] > 0.0);
+        }
+    }
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = run(full_dir.path(), 8, false, |_| {});
+    let part = tempfile::tempdir().unwrap();
+    run(part.path(), 8, false, |_| {});
+    {
+        let rd = RunDir::create(part.path()).unwrap();
+        for (step, p) in rd.checkpoints().unwrap() {
+            if step > 4 {
+                std::fs::remove_dir_all(p).unwrap();
+            }
+        }
+    }
+    std::fs::write(part.path().join("latest"), RunDir::checkpoint_name(4)).unwrap();
+    let resumed = run(part.path(), 8, true, |_| {});
+    assert_eq!(resumed.history.len(), 8);
+    for (i, (a, b)) in full.history.iter().zip(&resumed.history).enumerate() {
+        for k in ["reward", "entropy", "loss", "clip_frac"] {
+            assert_eq!(a[k], b[k], "iteration {} {k}", i + 1);
+        }
+    }
+}
+
+#[test]
+fn a_nan_gradient_is_skipped_or_stops_the_run() {
+    use kiln_train::trainer::NonFinite;
+    let poison = |at: u64| {
+        move |_: &str, it: u64, m: &mut Model| {
+            if it == at {
+                m.grads[3] = f32::NAN;
+            }
+        }
+    };
+    let d = tempfile::tempdir().unwrap();
+    let s = run(d.path(), 3, false, |g| {
+        g.grad_hook = Some(Box::new(poison(2)))
+    });
+    let counts: Vec<f64> = s.history.iter().map(|m| m["skipped_non_finite"]).collect();
+    // 16 responses, minibatch 8: two updates per iteration, both skipped in iteration 2.
+    assert_eq!(counts, vec![0.0, 2.0, 2.0]);
+    let d = tempfile::tempdir().unwrap();
+    let err = with_grpo(d.path(), 6, vec![sevens()], |g| {
+        g.cfg.non_finite = NonFinite::Stop;
+        g.grad_hook = Some(Box::new(poison(5)));
+        g.train(false).unwrap_err()
+    });
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("[grpo]") && err.contains("non-finite"),
+        "{err}"
+    );
+    let rd = RunDir::create(d.path()).unwrap();
+    let last = rd.latest_checkpoint().unwrap().unwrap();
+    assert!(last.ends_with("ckpt-0000004"));
+}
+
+#[test]
+fn a_failing_reward_program_stops_the_run_with_its_checkpoint_intact() {
+    // Answers well for 4 iterations (16 answers each), then prints garbage.
+    let prog = r#"python3 -c '
+import sys
+n = 0
+for line in sys.stdin:
+    n += 1
+    print("0.5" if n <= 64 else "oops", flush=True)
+'"#;
+    let records = (0..8)
+        .map(|i| {
+            let mut m = serde_json::Map::new();
+            m.insert("prompt".into(), format!("p{i}").into());
+            m
+        })
+        .collect();
+    let src = CommandReward::start(
+        prog,
+        records,
+        Box::new(|t: &[u32]| format!("{t:?}")),
+        std::time::Duration::from_secs(20),
+    )
+    .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let err = with_grpo(
+        d.path(),
+        8,
+        vec![Weighted {
+            source: Box::new(src),
+            weight: 1.0,
+        }],
+        |g| g.train(false).unwrap_err(),
+    );
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("\"oops\"") && err.contains("not a number"),
+        "{err}"
+    );
+    let rd = RunDir::create(d.path()).unwrap();
+    let last = rd.latest_checkpoint().unwrap().unwrap();
+    assert!(last.ends_with("ckpt-0000004"), "{}", last.display());
+    kiln_model::checkpoint::load_model(&last).unwrap();
+}
