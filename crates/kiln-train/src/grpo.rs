@@ -10,16 +10,15 @@
 use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
 use crate::ppo::{prompt_order, row_len, PolicyEval};
 use crate::reward::Weighted;
+use crate::rollout::Rows;
 use crate::run::RunDir;
 use crate::trainer::{fmt_metrics, say, Metrics, NonFinite, STOP};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_data::template::ids;
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{model_files, read_checked};
 use kiln_model::{
-    generate_with, Activations, GenerateOptions, Input, Model, PackedWeights, Sampling,
-    WeightFormat,
+    generate_with, Activations, GenerateOptions, Model, PackedWeights, Sampling, WeightFormat,
 };
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -269,55 +268,6 @@ pub struct Grpo<'a> {
     pub grad_hook: Option<crate::ppo::GradHook<'a>>,
 }
 
-/// One iteration's sampled responses as training rows.
-struct Rows {
-    tokens: Vec<u32>,
-    targets: Vec<u32>,
-    valid: Vec<bool>,
-    /// (response length, ended with a stop token) per row.
-    spans: Vec<(usize, bool)>,
-    responses: Vec<Vec<u32>>,
-}
-
-impl Rows {
-    fn gather(&self, idx: &[usize], t: usize) -> (Vec<u32>, Vec<u32>, Vec<bool>, Vec<u32>) {
-        let mut tokens = Vec::with_capacity(idx.len() * t);
-        let mut targets = Vec::with_capacity(idx.len() * t);
-        let mut valid = Vec::with_capacity(idx.len() * t);
-        for &r in idx {
-            tokens.extend_from_slice(&self.tokens[r * t..(r + 1) * t]);
-            targets.extend_from_slice(&self.targets[r * t..(r + 1) * t]);
-            valid.extend_from_slice(&self.valid[r * t..(r + 1) * t]);
-        }
-        let positions = (0..idx.len() * t).map(|i| (i % t) as u32).collect();
-        (tokens, targets, valid, positions)
-    }
-}
-
-/// Log-probabilities (at `temperature`) and entropies of rows `idx`, by the training forward.
-fn logprobs(
-    model: &Model,
-    acts: &mut Activations,
-    rows: &Rows,
-    idx: &[usize],
-    t: usize,
-    temperature: f32,
-) -> (Vec<f32>, Vec<f32>) {
-    let (tokens, targets, valid, positions) = rows.gather(idx, t);
-    acts.set_shape(&model.cfg, idx.len(), t);
-    let input = Input {
-        tokens: &tokens,
-        positions: &positions,
-        valid: Some(&valid),
-        segments: None,
-        b: idx.len(),
-        t,
-    };
-    model.forward(acts, &input);
-    model.lm_head(acts, &targets, temperature);
-    (acts.logp.clone(), acts.entropy.clone())
-}
-
 impl<'a> Grpo<'a> {
     pub fn validate(&self) -> Result<()> {
         let c = &self.cfg;
@@ -476,27 +426,8 @@ impl<'a> Grpo<'a> {
                 |_, _| {},
             )?;
             let sample_secs = t_sample.elapsed().as_secs_f64();
-            let mut rows = Rows {
-                tokens: vec![ids::PAD; n * t],
-                targets: vec![IGNORE; n * t],
-                valid: vec![false; n * t],
-                spans: Vec::with_capacity(n),
-                responses: Vec::with_capacity(n),
-            };
-            for (r, (p, resp)) in batch_prompts.iter().zip(&sampled).enumerate() {
-                let resp: Vec<u32> = resp.iter().copied().take(t - p.len()).collect();
-                let ended = resp.last().is_some_and(|x| self.stop_tokens.contains(x));
-                let row = &mut rows.tokens[r * t..(r + 1) * t];
-                row[..p.len()].copy_from_slice(p);
-                row[p.len()..p.len() + resp.len()].copy_from_slice(&resp);
-                rows.valid[r * t..r * t + p.len() + resp.len()].fill(true);
-                for (j, &tok) in resp.iter().enumerate() {
-                    rows.targets[r * t + p.len() - 1 + j] = tok;
-                }
-                rows.spans.push((resp.len(), ended));
-                rows.responses.push(resp);
-            }
-            let sampled_tokens: usize = rows.spans.iter().map(|s| s.0).sum();
+            let rows = Rows::build(&batch_prompts, &sampled, t, &self.stop_tokens);
+            let sampled_tokens: usize = rows.spans.iter().map(|s| s.len).sum();
             // Rewards: the weighted sum of every source.
             let mut m = Metrics::new();
             let mut reward = vec![0.0f32; n];
@@ -531,7 +462,7 @@ impl<'a> Grpo<'a> {
             let keep: Vec<bool> = rows
                 .spans
                 .iter()
-                .map(|&(_, ended)| ended || !cfg.mask_truncated)
+                .map(|s| s.ended || !cfg.mask_truncated)
                 .collect();
             // Old (and reference) log-probs in the first pass's minibatch order.
             let orders: Vec<Vec<usize>> = (0..cfg.inner_epochs)
@@ -547,11 +478,9 @@ impl<'a> Grpo<'a> {
             let mut old_logp = vec![0.0f32; n * t];
             let mut ref_logp = vec![0.0f32; n * t];
             for chunk in orders[0].chunks(mb) {
-                let (lp, _) = logprobs(&self.actor, &mut acts, &rows, chunk, t, cfg.temperature);
+                let (lp, _) = rows.logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
                 let rlp = match (&self.reference, ref_acts.as_mut()) {
-                    (Some(r), Some(ra)) => {
-                        Some(logprobs(r, ra, &rows, chunk, t, cfg.temperature).0)
-                    }
+                    (Some(r), Some(ra)) => Some(rows.logprobs(r, ra, chunk, cfg.temperature).0),
                     _ => None,
                 };
                 for (k, &r) in chunk.iter().enumerate() {
@@ -566,13 +495,12 @@ impl<'a> Grpo<'a> {
             let mut first_ratio_err = 0.0f64;
             for (e, order) in orders.iter().enumerate() {
                 for (bi, idx) in order.chunks(mb).enumerate() {
-                    let lens: Vec<usize> = idx.iter().map(|&r| rows.spans[r].0).collect();
+                    let lens: Vec<usize> = idx.iter().map(|&r| rows.spans[r].len).collect();
                     let kp: Vec<bool> = idx.iter().map(|&r| keep[r]).collect();
                     let w = token_weights(&lens, &kp, cfg.loss_agg, cfg.max_new_tokens);
                     self.actor.zero_grads();
-                    let (lp, ent) =
-                        logprobs(&self.actor, &mut acts, &rows, idx, t, cfg.temperature);
-                    let (_, targets, _, _) = rows.gather(idx, t);
+                    let (lp, ent) = rows.logprobs(&self.actor, &mut acts, idx, cfg.temperature);
+                    let targets = rows.gather(idx).1;
                     let mut dlogp = vec![0.0f32; idx.len() * t];
                     let mut mb_loss = 0.0f64;
                     for (k, &r) in idx.iter().enumerate() {
@@ -650,15 +578,15 @@ impl<'a> Grpo<'a> {
             }
             m.insert(
                 "response_len".into(),
-                rows.spans.iter().map(|s| s.0 as f64).sum::<f64>() / n_f,
+                rows.spans.iter().map(|s| s.len as f64).sum::<f64>() / n_f,
             );
             m.insert(
                 "response_len_max".into(),
-                rows.spans.iter().map(|s| s.0).max().unwrap_or(0) as f64,
+                rows.spans.iter().map(|s| s.len).max().unwrap_or(0) as f64,
             );
             m.insert(
                 "truncated_frac".into(),
-                rows.spans.iter().filter(|s| !s.1).count() as f64 / n_f,
+                rows.spans.iter().filter(|s| !s.ended).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
             m.insert(

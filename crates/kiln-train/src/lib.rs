@@ -8,6 +8,7 @@ pub mod ppo;
 pub mod pretrain;
 pub mod reward;
 pub mod rm;
+pub mod rollout;
 pub mod run;
 pub mod sft;
 pub mod trainer;

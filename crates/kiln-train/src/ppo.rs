@@ -8,15 +8,15 @@
 
 use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
 use crate::rm::score_rows;
+use crate::rollout::{Rows, Span};
 use crate::run::RunDir;
 use crate::trainer::NonFinite;
 use crate::trainer::{fmt_metrics, say, Metrics, STOP};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_data::template::ids;
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{bytes_to_tensors, model_files, params_from_tensors, read_checked};
-use kiln_model::{generate, Activations, GenerateOptions, Input, Model, ModelConfig, Sampling};
+use kiln_model::{generate, Activations, GenerateOptions, Model, ModelConfig, Sampling};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -171,22 +171,15 @@ pub fn update_beta(beta: f32, kl: f32, target: f32, n_steps: usize, horizon: f32
     beta * (1.0 + e * n_steps as f32 / horizon)
 }
 
-/// Everything about one rollout batch.
+/// Everything about one rollout batch: the sampled rows and what every model made of them.
 struct Rollout {
-    /// Right-padded rows [n, t].
-    tokens: Vec<u32>,
-    /// Next-token targets: the response tokens at the positions predicting them, IGNORE elsewhere.
-    targets: Vec<u32>,
-    valid: Vec<bool>,
-    /// Per row: (first prediction position, response length, ended with a stop token).
-    spans: Vec<(usize, usize, bool)>,
+    rows: Rows,
     old_logp: Vec<f32>,
     values: Vec<f32>,
     adv: Vec<f32>,
     returns: Vec<f32>,
     scores: Vec<f32>,
     kl: Vec<f32>,
-    responses: Vec<Vec<u32>>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -316,47 +309,9 @@ impl<'a> Ppo<'a> {
         Ok(())
     }
 
-    /// Log-probabilities (at the sampling temperature) and entropies of `rows` of a rollout, through
-    /// `model`'s training forward pass.
-    fn logprobs(
-        model: &Model,
-        acts: &mut Activations,
-        ro: &Rollout,
-        rows: &[usize],
-        t: usize,
-        temperature: f32,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let (tokens, targets, valid, positions) = gather(ro, rows, t);
-        let input = Input {
-            tokens: &tokens,
-            positions: &positions,
-            valid: Some(&valid),
-            segments: None,
-            b: rows.len(),
-            t,
-        };
-        model.forward(acts, &input);
-        model.lm_head(acts, &targets, temperature);
-        (acts.logp.clone(), acts.entropy.clone())
-    }
-
-    fn values(
-        model: &Model,
-        acts: &mut Activations,
-        ro: &Rollout,
-        rows: &[usize],
-        t: usize,
-    ) -> Vec<f32> {
-        let (tokens, _, valid, positions) = gather(ro, rows, t);
-        let input = Input {
-            tokens: &tokens,
-            positions: &positions,
-            valid: Some(&valid),
-            segments: None,
-            b: rows.len(),
-            t,
-        };
-        model.forward(acts, &input);
+    /// The critic's values at every position of rows `idx`.
+    fn values(model: &Model, acts: &mut Activations, rows: &Rows, idx: &[usize]) -> Vec<f32> {
+        rows.forward(model, acts, idx);
         model.score_head(acts)
     }
 
@@ -386,31 +341,14 @@ impl<'a> Ppo<'a> {
         let responses = generate(&self.actor, &prompts, &opts, rng, |_, _| {})?;
         let n = prompts.len();
         let mut ro = Rollout {
-            tokens: vec![ids::PAD; n * t],
-            targets: vec![IGNORE; n * t],
-            valid: vec![false; n * t],
-            spans: Vec::with_capacity(n),
+            rows: Rows::build(&prompts, &responses, t, &self.stop_tokens),
             old_logp: vec![0.0; n * t],
             values: vec![0.0; n * t],
             adv: vec![0.0; n * t],
             returns: vec![0.0; n * t],
             scores: vec![0.0; n],
             kl: vec![0.0; n],
-            responses: Vec::with_capacity(n),
         };
-        for (r, (p, resp)) in prompts.iter().zip(&responses).enumerate() {
-            let resp: Vec<u32> = resp.iter().copied().take(t - p.len()).collect();
-            let ended = resp.last().is_some_and(|x| self.stop_tokens.contains(x));
-            let row = &mut ro.tokens[r * t..(r + 1) * t];
-            row[..p.len()].copy_from_slice(p);
-            row[p.len()..p.len() + resp.len()].copy_from_slice(&resp);
-            ro.valid[r * t..r * t + p.len() + resp.len()].fill(true);
-            for (j, &tok) in resp.iter().enumerate() {
-                ro.targets[r * t + p.len() - 1 + j] = tok;
-            }
-            ro.spans.push((p.len() - 1, resp.len(), ended));
-            ro.responses.push(resp);
-        }
         // Old log-probs and values, computed minibatch by minibatch in the order of the first PPO epoch,
         // so the first minibatch's ratio is exactly 1.
         let mb = cfg.minibatch;
@@ -419,16 +357,13 @@ impl<'a> Ppo<'a> {
         let mut vacts = Activations::new(&self.critic.cfg, mb, t, false);
         let mut ref_logp = vec![0.0f32; n * t];
         for chunk in order0.chunks(mb) {
-            let (lp, _) = Self::logprobs(&self.actor, &mut acts, &ro, chunk, t, cfg.temperature);
-            let (rlp, _) = Self::logprobs(
-                &self.reference,
-                &mut ref_acts,
-                &ro,
-                chunk,
-                t,
-                cfg.temperature,
-            );
-            let v = Self::values(&self.critic, &mut vacts, &ro, chunk, t);
+            let (lp, _) = ro
+                .rows
+                .logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
+            let (rlp, _) = ro
+                .rows
+                .logprobs(&self.reference, &mut ref_acts, chunk, cfg.temperature);
+            let v = Self::values(&self.critic, &mut vacts, &ro.rows, chunk);
             for (k, &r) in chunk.iter().enumerate() {
                 ro.old_logp[r * t..(r + 1) * t].copy_from_slice(&lp[k * t..(k + 1) * t]);
                 ref_logp[r * t..(r + 1) * t].copy_from_slice(&rlp[k * t..(k + 1) * t]);
@@ -438,8 +373,8 @@ impl<'a> Ppo<'a> {
         // Reward-model scores at each response's last token, normalised with the RM's training statistics.
         let seqs: Vec<Vec<u32>> = (0..n)
             .map(|r| {
-                let (start, len, _) = ro.spans[r];
-                ro.tokens[r * t..r * t + start + 1 + len].to_vec()
+                let sp = ro.rows.spans[r];
+                ro.rows.tokens[r * t..r * t + sp.start + 1 + sp.len].to_vec()
             })
             .collect();
         let mut racts = Activations::new(&self.reward.model.cfg, mb, t, false);
@@ -455,7 +390,7 @@ impl<'a> Ppo<'a> {
         }
         // Per-token rewards and GAE over each response.
         for r in 0..n {
-            let (start, len, ended) = ro.spans[r];
+            let Span { start, len, ended } = ro.rows.spans[r];
             if len == 0 {
                 continue;
             }
@@ -475,7 +410,9 @@ impl<'a> Ppo<'a> {
             ro.returns[span].copy_from_slice(&ret);
         }
         if cfg.whiten_advantages {
-            let idx: Vec<usize> = (0..n * t).filter(|&i| ro.targets[i] != IGNORE).collect();
+            let idx: Vec<usize> = (0..n * t)
+                .filter(|&i| ro.rows.targets[i] != IGNORE)
+                .collect();
             let mut a: Vec<f32> = idx.iter().map(|&i| ro.adv[i]).collect();
             whiten(&mut a);
             for (k, &i) in idx.iter().enumerate() {
@@ -593,12 +530,13 @@ impl<'a> Ppo<'a> {
             let mut first_ratio_err = 0.0f64;
             for (e, order) in epoch_orders.iter().enumerate() {
                 for (bi, rows) in order.chunks(mb).enumerate() {
-                    let targets: Vec<u32> = gather(&ro, rows, t).1;
+                    let targets: Vec<u32> = ro.rows.gather(rows).1;
                     let count = targets.iter().filter(|&&x| x != IGNORE).count().max(1) as f32;
                     // Actor: clipped surrogate (+ entropy bonus).
                     self.actor.zero_grads();
-                    let (lp, ent) =
-                        Self::logprobs(&self.actor, &mut acts, &ro, rows, t, cfg.temperature);
+                    let (lp, ent) = ro
+                        .rows
+                        .logprobs(&self.actor, &mut acts, rows, cfg.temperature);
                     let mut dlogp = vec![0.0f32; rows.len() * t];
                     let mut dent = vec![0.0f32; rows.len() * t];
                     let mut mb_loss = 0.0f64;
@@ -656,7 +594,7 @@ impl<'a> Ppo<'a> {
                     }
                     // Critic: clipped value loss.
                     self.critic.zero_grads();
-                    let v = Self::values(&self.critic, &mut vacts, &ro, rows, t);
+                    let v = Self::values(&self.critic, &mut vacts, &ro.rows, rows);
                     let mut dv = vec![0.0f32; rows.len() * t];
                     let mut mb_vloss = 0.0f64;
                     for (k, &r) in rows.iter().enumerate() {
@@ -693,7 +631,9 @@ impl<'a> Ppo<'a> {
             let nt = ntok.max(1) as f64;
             let n_f = n as f64;
             let mean_kl = ro.kl.iter().map(|&x| x as f64).sum::<f64>() / n_f;
-            let resp_tokens: Vec<usize> = (0..n * t).filter(|&i| ro.targets[i] != IGNORE).collect();
+            let resp_tokens: Vec<usize> = (0..n * t)
+                .filter(|&i| ro.rows.targets[i] != IGNORE)
+                .collect();
             let ev = explained_variance(
                 &resp_tokens
                     .iter()
@@ -720,18 +660,18 @@ impl<'a> Ppo<'a> {
             m.insert("explained_var".into(), ev);
             m.insert(
                 "response_len".into(),
-                ro.spans.iter().map(|s| s.1 as f64).sum::<f64>() / n_f,
+                ro.rows.spans.iter().map(|s| s.len as f64).sum::<f64>() / n_f,
             );
             m.insert(
                 "ended_frac".into(),
-                ro.spans.iter().filter(|s| s.2).count() as f64 / n_f,
+                ro.rows.spans.iter().filter(|s| s.ended).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
             st.skipped_non_finite = actor_guard.skipped + critic_guard.skipped;
             m.insert("skipped_non_finite".into(), st.skipped_non_finite as f64);
             if let Some(grade) = &self.grader {
                 let (mut right, mut wrong) = (Vec::new(), Vec::new());
-                for ((&p, resp), &score) in ids_.iter().zip(&ro.responses).zip(&ro.scores) {
+                for ((&p, resp), &score) in ids_.iter().zip(&ro.rows.responses).zip(&ro.scores) {
                     match grade(p, resp) {
                         Some(g) if g > 0.5 => right.push(score as f64),
                         Some(_) => wrong.push(score as f64),
@@ -764,6 +704,7 @@ impl<'a> Ppo<'a> {
                 line[k.as_str()] = serde_json::json!(v);
             }
             let samples: Vec<String> = ro
+                .rows
                 .responses
                 .iter()
                 .take(3)
@@ -897,20 +838,6 @@ pub(crate) fn prompt_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
         seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9)),
     ));
     o
-}
-
-/// Rows of a rollout as a batch: (tokens, targets, valid, positions).
-fn gather(ro: &Rollout, rows: &[usize], t: usize) -> (Vec<u32>, Vec<u32>, Vec<bool>, Vec<u32>) {
-    let mut tokens = Vec::with_capacity(rows.len() * t);
-    let mut targets = Vec::with_capacity(rows.len() * t);
-    let mut valid = Vec::with_capacity(rows.len() * t);
-    for &r in rows {
-        tokens.extend_from_slice(&ro.tokens[r * t..(r + 1) * t]);
-        targets.extend_from_slice(&ro.targets[r * t..(r + 1) * t]);
-        valid.extend_from_slice(&ro.valid[r * t..(r + 1) * t]);
-    }
-    let positions = (0..rows.len() * t).map(|i| (i % t) as u32).collect();
-    (tokens, targets, valid, positions)
 }
 
 /// 1 − Var(returns − values) / Var(returns): how much of the return the critic explains.
