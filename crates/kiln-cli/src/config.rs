@@ -107,3 +107,63 @@ pub fn build<T: Serialize + DeserializeOwned + Default>(
         .unwrap_or_else(|| "flags".into());
     T::deserialize(v).with_context(|| format!("invalid configuration ({what})"))
 }
+
+/// A config as TOML for people to read: f32 settings printed as the f32 they are (`lr = 0.003`,
+/// not the f64 widening `0.003000000026077032`).
+pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {
+    let mut v = Value::try_from(cfg)?;
+    shorten_floats(&mut v);
+    Ok(toml::to_string_pretty(&v)?)
+}
+
+/// TOML text in the form [`to_toml`] writes (so a file written before that form compares equal).
+pub fn normalize_toml(text: &str) -> Option<String> {
+    let mut v: Value = Value::Table(toml::from_str(text).ok()?);
+    shorten_floats(&mut v);
+    toml::to_string_pretty(&v).ok()
+}
+
+fn shorten_floats(v: &mut Value) {
+    match v {
+        Value::Float(x) => {
+            let f = *x as f32;
+            // Only values that are exactly an f32 came from one; others stay as they are.
+            if f as f64 == *x && f.is_finite() {
+                if let Ok(short) = f.to_string().parse::<f64>() {
+                    *x = short;
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(shorten_floats),
+        Value::Table(t) => t.iter_mut().for_each(|(_, v)| shorten_floats(v)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod float_tests {
+    #[derive(serde::Serialize)]
+    struct C {
+        lr: f32,
+        beta1: f32,
+        exact: f64,
+        n: u32,
+    }
+
+    #[test]
+    fn f32_settings_print_as_written() {
+        let t = super::to_toml(&C {
+            lr: 3e-3,
+            beta1: 0.9,
+            exact: 0.1,
+            n: 3,
+        })
+        .unwrap();
+        assert!(t.contains("lr = 0.003\n"), "{t}");
+        assert!(t.contains("beta1 = 0.9\n"), "{t}");
+        assert!(t.contains("exact = 0.1\n"), "{t}");
+        // And it reads back to the same f32.
+        let v: toml::Table = toml::from_str(&t).unwrap();
+        assert_eq!(v["lr"].as_float().unwrap() as f32, 3e-3f32);
+    }
+}

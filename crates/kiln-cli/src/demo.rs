@@ -311,7 +311,7 @@ pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
             println!("# A Kiln pipeline. Name your data: corpus.input, sft.data / sft.val_data, rm.data / rm.val_data,");
             println!("# ppo.prompts (and judge, for the demo world only). Paths between stages (pretrain.data,");
             println!("# pretrain.tokenizer, sft.init, rm.init, ppo.actor, ppo.reward_model, every out) are derived from `out`.");
-            print!("{}", toml::to_string_pretty(&cfg)?);
+            print!("{}", crate::config::to_toml(&cfg)?);
             Ok(())
         }
     }
@@ -360,9 +360,10 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     let total = Instant::now();
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let text = toml::to_string_pretty(cfg)?;
+    let text = crate::config::to_toml(cfg)?;
     // Finished stages are reused only for the configuration that made them.
     if let Ok(old) = std::fs::read_to_string(out.join("pipeline.toml")) {
+        let old = crate::config::normalize_toml(&old).unwrap_or(old);
         if old != text {
             let line = old
                 .lines()

@@ -225,7 +225,7 @@ pub fn write_report(
     writeln!(
         md,
         "## Settings\n\n```toml\n{}```",
-        toml::to_string_pretty(cfg)?
+        crate::config::to_toml(cfg)?
     )?;
     kiln_data::atomic_write(&out.join("report.md"), |w| w.write_all(md.as_bytes()))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

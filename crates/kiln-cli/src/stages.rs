@@ -101,7 +101,7 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
 
 fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let text = toml::to_string_pretty(cfg)?;
+    let text = crate::config::to_toml(cfg)?;
     Ok(kiln_data::atomic_write(
         &out.join("run_config.toml"),
         |w| w.write_all(text.as_bytes()),
