@@ -315,6 +315,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn(body_size));
     Router::new()
         .route("/", get(page))
+        .route("/favicon.ico", get(no_icon))
         .route("/health", get(health))
         .merge(v1)
         .fallback(not_found)
@@ -326,6 +327,10 @@ fn router(state: Arc<AppState>) -> Router {
 
 async fn page() -> Html<&'static str> {
     Html(PAGE)
+}
+
+async fn no_icon() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -391,13 +396,14 @@ async fn auth(State(st): St, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// What an access log line records; printed when the response body has been sent (or dropped,
-/// when the client went away first).
+/// What an access log line records; printed when the response body has been sent, or when the
+/// client went away first (before the answer, or in the middle of a stream).
 struct LogLine {
     peer: Option<SocketAddr>,
     method: Method,
     path: String,
-    status: StatusCode,
+    /// None while the handler has not answered (a client that leaves first).
+    status: Option<StatusCode>,
     start: Instant,
     bytes: usize,
     complete: bool,
@@ -413,7 +419,8 @@ impl Drop for LogLine {
             "{peer} \"{} {}\" {} {} B {:.1} ms{}",
             self.method,
             self.path,
-            self.status.as_u16(),
+            self.status
+                .map_or_else(|| "-".to_string(), |s| s.as_u16().to_string()),
             self.bytes,
             self.start.elapsed().as_secs_f64() * 1e3,
             if self.complete {
@@ -433,13 +440,13 @@ async fn access_log(req: Request, next: Next) -> Response {
             .map(|c| c.0),
         method: req.method().clone(),
         path: req.uri().path().to_string(),
-        status: StatusCode::OK,
+        status: None,
         start: Instant::now(),
         bytes: 0,
         complete: false,
     };
     let resp = next.run(req).await;
-    line.status = resp.status();
+    line.status = Some(resp.status());
     if let Some(n) = resp.body().size_hint().exact() {
         line.bytes = n as usize;
         line.complete = true;

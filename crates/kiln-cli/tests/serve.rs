@@ -680,6 +680,26 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert!(srv.wait_log("(client went away)", 5), "{}", srv.log_text());
     assert!(srv.log_text().contains("\"POST /v1/chat/completions\" 429"));
     serves();
+    // A client that leaves before a non-streamed answer frees its slot too.
+    let mut sock = TcpStream::connect(srv.addr()).unwrap();
+    write!(
+        sock,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Length: {}\r\n\r\n{long_req}",
+        long_req.len()
+    )
+    .unwrap();
+    srv.wait_health("the non-streamed request decoding", |h| h["active"] == 1);
+    drop(sock);
+    srv.wait_health("the non-streamed request cancelled", |h| {
+        h["cancelled"] == 2 && h["active"] == 0
+    });
+    assert!(
+        srv.wait_log("\"POST /v1/chat/completions\" - 0 B", 5),
+        "{}",
+        srv.log_text()
+    );
+    serves();
     // A body declared far beyond the limit is refused before it is read.
     let mut sock = TcpStream::connect(srv.addr()).unwrap();
     write!(
