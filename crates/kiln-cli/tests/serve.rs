@@ -865,3 +865,26 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
         srv.log_text()
     );
 }
+
+#[test]
+fn serve_refuses_what_it_cannot_do_with_clear_errors() {
+    let m = models();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    common::fails(
+        THREADS,
+        &["serve", "--model", s(&m.sft()), "--port", &port],
+        &["cannot listen on 127.0.0.1:"],
+    );
+    common::fails(
+        THREADS,
+        &["serve", "--model", s(&m.sft()), "--max-batch", "0"],
+        &["--max-batch must be at least 1"],
+    );
+    let missing = m.root.join("no-such-model");
+    common::fails(
+        THREADS,
+        &["serve", "--model", s(&missing)],
+        &["no-such-model"],
+    );
+}

@@ -237,6 +237,18 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An integer in `0..=u64::MAX` (a seed).
+    pub fn unsigned(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(name) {
+            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+            Some(Value::Number(n)) if n.as_i64().is_some() => Err(ApiError::invalid(
+                name,
+                format!("Invalid '{name}': {n} is less than the minimum of 0."),
+            )),
+            _ => self.integer(name, 0).map(|x| x.map(|x| x as u64)),
+        }
+    }
+
     /// Refuses a feature this server does not have, unless the field is absent, null, false, 0
     /// or empty.
     pub fn unsupported(&self, name: &str, what: &str) -> Result<(), ApiError> {
@@ -323,7 +335,7 @@ pub fn common(f: &Fields) -> Result<CommonParams, ApiError> {
             "Invalid 'stop': a stop sequence cannot be empty.",
         ));
     }
-    let seed = f.integer("seed", 0)?.map(|s| s as u64);
+    let seed = f.unsigned("seed")?;
     let n = f.integer("n", 1)?.unwrap_or(1) as usize;
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
@@ -577,6 +589,13 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
             assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
+        let big = r#"{"model":"m","seed":18446744073709551615}"#;
+        assert_eq!(
+            common(&Fields::new(&parse(big))).unwrap().seed,
+            Some(u64::MAX)
+        );
+        let e = common(&Fields::new(&parse(r#"{"model":"m","seed":-1}"#))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("seed"));
         // null is absent; 2.0 is an integer.
         let c = common(&Fields::new(&parse(
             r#"{"model":"m","temperature":null,"n":2.0,"logprobs":false}"#,
