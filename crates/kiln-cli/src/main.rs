@@ -12,6 +12,7 @@ mod demo;
 mod evaluate;
 mod plot;
 mod report;
+mod serve;
 mod stages;
 
 use anyhow::{bail, Result};
@@ -60,6 +61,8 @@ enum Cmd {
     Generate(chat::GenerateArgs),
     /// Talk to a fine-tuned model (interactive, or --prompt / stdin for scripts).
     Chat(chat::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (continuous batching), with a chat page.
+    Serve(serve::ServeArgs),
     /// Print a model's logits for some token ids as JSON (for comparing with other implementations).
     #[command(hide = true)]
     Logits(LogitsArgs),
@@ -526,6 +529,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Grpo(a) => cmd_grpo::run(a, progress),
         Cmd::Generate(a) => chat::run_generate(a),
         Cmd::Chat(a) => chat::run_chat(a),
+        Cmd::Serve(a) => serve::run_serve(a),
         Cmd::FillMask(a) => chat::run_fill_mask(a),
         Cmd::Eval(a) => run_eval(a),
         Cmd::Logits(a) => run_logits(a),
