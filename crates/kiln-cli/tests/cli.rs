@@ -56,7 +56,10 @@ fn tiny_pipeline_end_to_end_llama() {
     let o = kiln(&["demo", "--size", "tiny", "--out", s(&out), "--arch", "gpt2"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("another configuration") && err.contains("--fresh"), "{err}");
+    assert!(
+        err.contains("another configuration") && err.contains("--fresh"),
+        "{err}"
+    );
 }
 
 fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {

@@ -1,6 +1,7 @@
 //! Kiln's training stages: the shared loop (`trainer`), the optimizer, run directories, and each stage's
-//! objective: pretraining (causal and masked LM), SFT, reward model and PPO.
+//! objective: pretraining (causal and masked LM), SFT, reward model, PPO and DPO.
 
+pub mod dpo;
 pub mod optim;
 pub mod ppo;
 pub mod pretrain;
