@@ -5,6 +5,7 @@ mod bench;
 mod bundle;
 mod chat;
 mod cmd_data_prepare;
+mod cmd_dpo;
 mod cmd_tokenizer;
 mod config;
 mod demo;
@@ -52,6 +53,8 @@ enum Cmd {
     Rm(RmCmd),
     /// RLHF: optimise a policy against a reward model with PPO.
     Ppo(PpoArgs),
+    /// Direct preference optimisation (DPO, IPO, hinge) of an SFT model on preference data.
+    Dpo(cmd_dpo::DpoArgs),
     /// Generate text from a model (KV cache, batched, streaming).
     Generate(chat::GenerateArgs),
     /// Talk to a fine-tuned model (interactive, or --prompt / stdin for scripts).
@@ -519,6 +522,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Dpo(a) => cmd_dpo::run(a, progress),
         Cmd::Generate(a) => chat::run_generate(a),
         Cmd::Chat(a) => chat::run_chat(a),
         Cmd::FillMask(a) => chat::run_fill_mask(a),

@@ -545,6 +545,8 @@ pub struct BatchLoss {
     pub loss: f64,
     /// The preference part of `loss`.
     pub pref_loss: f64,
+    /// `pref_loss` minus the loss of a pair whose logits are 0 (see [`batch_loss`]).
+    pub pref_excess: f64,
     /// Mean negative log-likelihood per token of the preferred responses (0 without RPO).
     pub nll: f64,
     /// d(loss)/d(log π(y)) of each sequence (summed log-probability).
@@ -596,6 +598,10 @@ pub fn batch_loss(
         ..Default::default()
     };
     let ng = groups.len().max(1) as f64;
+    // Means are taken of each pair's loss in excess of a zero-logits pair's, ℓ(0), added back at
+    // the end: mathematically the same, and a batch whose logits are all 0 (policy = reference)
+    // has a loss of exactly ℓ(0) (ln 2 for the sigmoid loss) whatever its rounding of the means.
+    let l0 = pair_loss(s, 0.0).0;
     // RPO: tokens of the preferred responses in the whole batch.
     let top: Vec<Vec<usize>> = groups.iter().map(|g| g.top()).collect();
     let nll_tokens: usize = groups
@@ -611,14 +617,14 @@ pub fn batch_loss(
             _ => 1.0,
         };
         let np = g.pairs.len() as f64;
-        let mut group_loss = 0.0;
+        let mut group_excess = 0.0;
         for &(w, l) in &g.pairs {
             let (cw, cl) = (norm(w), norm(l));
             let (pw, pl) = (logp[off + w] * cw, logp[off + l] * cl);
             let (rw, rl) = (ref_logp[off + w] * cw, ref_logp[off + l] * cl);
             let logits = (pw - rw) - (pl - rl);
             let (loss, d) = pair_loss(s, logits);
-            group_loss += loss / np;
+            group_excess += (loss - l0) / np;
             out.dlogp[off + w] += d * cw / (np * ng);
             out.dlogp[off + l] -= d * cl / (np * ng);
             let (chosen, rejected) = (s.beta * (pw - rw), s.beta * (pl - rl));
@@ -629,7 +635,7 @@ pub fn batch_loss(
             out.logp_chosen += pw;
             out.logp_rejected += pl;
         }
-        out.pref_loss += group_loss / ng;
+        out.pref_excess += group_excess / ng;
         if s.sft_coef > 0.0 && nll_tokens > 0 {
             for &i in top {
                 out.nll -= logp[off + i] / nll_tokens as f64;
@@ -638,6 +644,7 @@ pub fn batch_loss(
         }
         off += g.seqs.len();
     }
+    out.pref_loss = l0 + out.pref_excess;
     out.loss = out.pref_loss + s.sft_coef * out.nll;
     out
 }
@@ -1044,6 +1051,36 @@ impl<'a> DpoObjective<'a> {
         self.acts.bytes()
     }
 
+    /// Validation prompts.
+    pub fn val_prompts(&self) -> usize {
+        self.val.len()
+    }
+
+    /// Validation responses.
+    pub fn val_responses(&self) -> usize {
+        self.val.iter().map(|g| g.seqs.len()).sum()
+    }
+
+    /// Rows of the activations (every response of a micro-batch's prompts, unpacked).
+    pub fn activation_rows(&self) -> usize {
+        self.acts.capacity().0
+    }
+
+    /// Bytes the reference log-probabilities will hold.
+    pub fn reference_bytes(&self) -> usize {
+        let seqs: usize = self
+            .train
+            .iter()
+            .chain(&self.val)
+            .map(|g| g.seqs.len())
+            .sum();
+        let kl_pos: usize = self.val[..self.kl_groups]
+            .iter()
+            .flat_map(|g| (0..g.seqs.len()).map(|i| g.response_len(i)))
+            .sum();
+        8 * seqs + 8 * kl_pos * self.kl_k
+    }
+
     /// Training prompts, pairs and sequences.
     pub fn counts(&self) -> (usize, usize, usize) {
         let pairs = self.train.iter().map(|g| g.pairs.len()).sum();
@@ -1216,7 +1253,7 @@ impl<'a> DpoObjective<'a> {
         let v = model.cfg.vocab_size;
         let k = self.kl_k;
         let mut tot = BatchLoss::default();
-        let (mut pref_sum, mut nll_sum, mut nll_tokens) = (0.0, 0.0, 0usize);
+        let (mut excess_sum, mut nll_sum, mut nll_tokens) = (0.0, 0.0, 0usize);
         let (mut kl_sum, mut kl_seqs, mut kl_pos) = (0.0f64, 0usize, 0usize);
         for (c, chunk) in self.val.chunks(gpb).enumerate() {
             let groups: Vec<&DpoGroup> = chunk.iter().collect();
@@ -1229,7 +1266,7 @@ impl<'a> DpoObjective<'a> {
             let off = self.val_off[c * gpb];
             let refs = &reference.val[off..off + lp.len()];
             let bl = batch_loss(&s, &groups, &lp, refs);
-            pref_sum += bl.pref_loss * groups.len() as f64;
+            excess_sum += bl.pref_excess * groups.len() as f64;
             let tokens: usize = groups
                 .iter()
                 .map(|g| g.top().iter().map(|&i| g.response_len(i)).sum::<usize>())
@@ -1264,7 +1301,7 @@ impl<'a> DpoObjective<'a> {
         }
         tot.nll = nll_sum / nll_tokens.max(1) as f64;
         let mut m = tot.metrics(s.sft_coef > 0.0);
-        let pref = pref_sum / self.val.len().max(1) as f64;
+        let pref = pair_loss(&s, 0.0).0 + excess_sum / self.val.len().max(1) as f64;
         m.insert("loss".into(), pref + s.sft_coef * tot.nll);
         if kl_seqs > 0 {
             m.insert("kl".into(), kl_sum / kl_seqs as f64);
