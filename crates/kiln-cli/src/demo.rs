@@ -333,7 +333,8 @@ pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
             );
             println!("# A Kiln pipeline. Name your data: corpus.input, sft.data / sft.val_data, rm.data / rm.val_data,");
             println!("# ppo.prompts (and judge, for the demo world only). Paths between stages (pretrain.data,");
-            println!("# pretrain.tokenizer, sft.init, rm.init, ppo.actor, ppo.reward_model, every out) are derived from `out`.");
+            println!("# pretrain.tokenizer, sft.init, rm.init, ppo.actor, ppo.reward_model, dpo.init, every out) are derived");
+            println!("# from `out`; [dpo] (delete it to skip DPO) trains on rm.data unless dpo.data names other files.");
             print!("{}", toml::to_string_pretty(&cfg)?);
             Ok(())
         }
