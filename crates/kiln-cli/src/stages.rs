@@ -11,7 +11,7 @@ use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
 use kiln_model::{Arch, Family, Model, ModelConfig};
 use kiln_train::dpo::{
     load_or_compute_reference, model_fingerprint, render_dpo_groups, DpoLoss, DpoObjective,
-    DpoOptions, DpoSettings, Origin, RefSource, REFERENCE_FILE,
+    DpoOptions, DpoSettings, Origin, RefSource, KEY_FILE, REFERENCE_FILE,
 };
 use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
 use kiln_train::pretrain::{LmObjective, PretrainKind};
@@ -897,10 +897,12 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let resuming = resume && run.latest_checkpoint()?.is_some();
     // The reference: computed once (then the run holds one model), or read back from the run.
     let t0 = std::time::Instant::now();
-    let (reference, source) = match &cfg.reference {
+    let (reference, source, key) = match &cfg.reference {
         None => {
             let key = obj.cache_key(&model_fingerprint(&model), model.precision);
-            load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&model))?
+            let (r, src) =
+                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&model))?;
+            (r, src, key)
         }
         Some(path) => {
             let rb = load_bundle(path)?;
@@ -920,7 +922,10 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
             let mut rm = rb.model;
             rm.precision = cfg.train.precision;
             let key = obj.cache_key(&model_fingerprint(&rm), rm.precision);
-            load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&rm))?
+            let (r, src) =
+                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&rm))?;
+            // The reference model is dropped here: training holds the policy alone.
+            (r, src, key)
         }
     };
     match &source {
@@ -938,10 +943,12 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     obj.use_reference(reference)?;
     write_run_config(&cfg.out, cfg)?;
     let meta = KilnMeta::new("dpo", template, &b.tokenizer, cfg.train.seed);
+    let mut extra_files = meta.files(&b.dir.join(TOKENIZER_FILE))?;
+    extra_files.push((KEY_FILE.into(), serde_json::to_vec_pretty(&key)?));
     let trainer = Trainer {
         cfg: cfg.train.clone(),
         run: &run,
-        extra_files: meta.files(&b.dir.join(TOKENIZER_FILE))?,
+        extra_files,
         progress,
         label: "dpo".into(),
     };

@@ -271,6 +271,9 @@ fn dpo_trains_resumes_from_its_cache_and_rejects_bad_input() {
     let mut a = dpo_args(&f, &parts, &["--max-steps", "8", "--resume"]);
     a.extend(["--reference", s(&f.pretrained)]);
     fails(1, &a, &["another reference model", "fresh run"]);
+    // ... even with the cache gone: every checkpoint names the reference its steps used.
+    std::fs::remove_file(&cache).unwrap();
+    fails(1, &a, &["ckpt-0000008", "another reference model"]);
     // A fresh run without --resume refuses the directory, like every stage.
     fails(
         1,

@@ -61,6 +61,8 @@ use std::path::PathBuf;
 
 /// The cached reference log-probabilities, in the run directory.
 pub const REFERENCE_FILE: &str = "reference_logps.safetensors";
+/// The [`CacheKey`] a run trained against, in each of its checkpoints.
+pub const KEY_FILE: &str = "dpo_reference.json";
 const CACHE_FORMAT: &str = "kiln-dpo-reference-v1";
 
 // ---------------------------------------------------------------------------------------------
@@ -669,8 +671,9 @@ pub struct Reference {
 }
 
 /// What identifies a cache: hashes of the data and the reference, and the settings that shape
-/// the numbers (readable, so a mismatch can be explained).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// the numbers (readable, so a mismatch can be explained). Every checkpoint carries it too
+/// ([`KEY_FILE`]), so a resume is checked even when the cache file is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheKey {
     pub data: String,
     pub reference: String,
@@ -855,6 +858,25 @@ pub fn load_or_compute_reference(
     compute: impl FnOnce() -> Result<Reference>,
 ) -> Result<(Reference, RefSource)> {
     let path = run.root.join(REFERENCE_FILE);
+    if resuming {
+        // The checkpoint names what its steps were taken against.
+        if let Some(dir) = run.latest_checkpoint()? {
+            if dir.join(KEY_FILE).exists() {
+                let bytes = kiln_model::checkpoint::read_checked(&dir, KEY_FILE)?;
+                let started: CacheKey = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{}/{KEY_FILE}", dir.display()))?;
+                if let Some(what) = key_difference(&started, key) {
+                    bail!(
+                        "{}: the run was trained against the reference log-probabilities of {what}; \
+                         resuming would continue against other numbers than its first steps used. \
+                         Resume with the run's data, reference and settings, or start a fresh run \
+                         in another --out",
+                        dir.display()
+                    );
+                }
+            }
+        }
+    }
     let reason = match std::fs::read(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no cache yet".to_string(),
         Err(e) => format!("{} is unreadable ({e})", path.display()),
@@ -862,16 +884,7 @@ pub fn load_or_compute_reference(
             Err(e) => format!("{} is unusable ({e:#})", path.display()),
             Ok((cached, r)) if &cached == key => return Ok((r, RefSource::Loaded)),
             Ok((cached, _)) => {
-                let what = if cached.reference != key.reference {
-                    "another reference model".to_string()
-                } else if cached.data != key.data {
-                    "other data".to_string()
-                } else {
-                    format!(
-                        "other settings ({} then, {} now)",
-                        cached.settings, key.settings
-                    )
-                };
+                let what = key_difference(&cached, key).unwrap_or_default();
                 if resuming {
                     bail!(
                         "{}: the run's reference log-probabilities were computed for {what}; \
@@ -889,6 +902,22 @@ pub fn load_or_compute_reference(
     let bytes = r.to_bytes(key)?;
     kiln_data::atomic_write(&path, |w| w.write_all(&bytes))?;
     Ok((r, RefSource::Computed(reason)))
+}
+
+/// How `then` differs from `now`, in words (None when equal).
+fn key_difference(then: &CacheKey, now: &CacheKey) -> Option<String> {
+    if then.reference != now.reference {
+        Some("another reference model".into())
+    } else if then.data != now.data {
+        Some("other data".into())
+    } else if then.settings != now.settings {
+        Some(format!(
+            "other settings ({} then, {} now)",
+            then.settings, now.settings
+        ))
+    } else {
+        None
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
