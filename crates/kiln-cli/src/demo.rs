@@ -5,7 +5,7 @@
 use crate::bundle::load_bundle;
 use crate::evaluate::{Judge, JudgeConfig, Sample};
 use crate::stages::{
-    self, ModelShape, PpoStageConfig, PretrainConfig, RmConfig, SftConfig, StageResult,
+    self, DpoConfig, ModelShape, PpoStageConfig, PretrainConfig, RmConfig, SftConfig, StageResult,
 };
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -13,6 +13,7 @@ use kiln_data::datasets::Message;
 use kiln_demo::Size;
 use kiln_model::{Activations, Family};
 use kiln_train::Metrics;
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -112,8 +113,9 @@ impl Default for CorpusConfig {
     }
 }
 
-/// A whole pipeline: corpus → tokenizer → shards → pretrain → SFT → RM → PPO. Paths between stages
-/// are derived from `out`; the user names the data.
+/// A whole pipeline: corpus → tokenizer → shards → pretrain → SFT → RM → PPO, and optionally DPO
+/// from the same SFT model on the reward model's preference data. Paths between stages are derived
+/// from `out`; the user names the data.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
@@ -126,6 +128,9 @@ pub struct PipelineConfig {
     pub sft: SftConfig,
     pub rm: RmConfig,
     pub ppo: PpoStageConfig,
+    /// DPO as the alternative to RM + PPO (absent: not run). Its data default to `rm.data` /
+    /// `rm.val_data`, its model to the SFT model.
+    pub dpo: Option<DpoConfig>,
 }
 
 impl Default for PipelineConfig {
@@ -139,6 +144,7 @@ impl Default for PipelineConfig {
             sft: SftConfig::default(),
             rm: RmConfig::default(),
             ppo: PpoStageConfig::default(),
+            dpo: None,
         }
     }
 }
@@ -164,7 +170,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
     c.rm.val_data = Some(d("rm_val.jsonl"));
     c.rm.test_data = Some(d("rm_heldout.jsonl"));
     c.ppo.prompts = d("ppo_prompts.jsonl");
-    let (shape, vocab, pre_steps, sft_steps, rm_steps, ppo_iters) = match size {
+    let (shape, vocab, pre_steps, sft_steps, rm_steps, ppo_iters, dpo_steps) = match size {
         Size::Tiny => (
             ModelShape {
                 n_layer: 2,
@@ -178,6 +184,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
             40,
             30,
             4,
+            20,
         ),
         Size::Small => (
             ModelShape {
@@ -192,6 +199,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
             800,
             8000,
             40,
+            600,
         ),
         // Demo documents and answers are short: a 64-token context loses little and halves the cost.
         Size::Full => (
@@ -207,6 +215,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
             1500,
             8000,
             40,
+            600,
         ),
     };
     c.corpus.vocab_size = vocab;
@@ -244,6 +253,20 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
     c.ppo.ppo.iterations = ppo_iters;
     c.ppo.ppo.eval_every = (ppo_iters / 3).max(1);
     c.ppo.ppo.ckpt_every = (ppo_iters / 3).max(1);
+    // DPO from the same SFT model on the same rankings (every ordered pair of each prompt's four
+    // answers), against the SFT model as its reference.
+    let mut dpo = DpoConfig::default();
+    dpo.train.lr = 1e-4;
+    dpo.train.min_lr = 1e-5;
+    dpo.train.batch_size = 8;
+    dpo.train.max_steps = dpo_steps;
+    dpo.train.eval_every = (dpo_steps / 3).max(1);
+    dpo.train.ckpt_every = (dpo_steps / 3).max(1);
+    dpo.train.warmup_steps = (dpo_steps / 10).max(1);
+    if size == Size::Tiny {
+        dpo.train.batch_size = 2;
+    }
+    c.dpo = Some(dpo);
     if size == Size::Tiny {
         c.ppo.ppo.rollout_batch = 16;
         c.ppo.ppo.minibatch = 8;
@@ -310,7 +333,8 @@ pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
             );
             println!("# A Kiln pipeline. Name your data: corpus.input, sft.data / sft.val_data, rm.data / rm.val_data,");
             println!("# ppo.prompts (and judge, for the demo world only). Paths between stages (pretrain.data,");
-            println!("# pretrain.tokenizer, sft.init, rm.init, ppo.actor, ppo.reward_model, every out) are derived from `out`.");
+            println!("# pretrain.tokenizer, sft.init, rm.init, ppo.actor, ppo.reward_model, dpo.init, every out) are derived");
+            println!("# from `out`; [dpo] (delete it to skip DPO) trains on rm.data unless dpo.data names other files.");
             print!("{}", crate::config::to_toml(&cfg)?);
             Ok(())
         }
@@ -467,9 +491,39 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
             ..Default::default()
         })
     })?;
+    // DPO: the alternative to RM + PPO, from the same SFT model and preference data.
+    let dpo = cfg.dpo.clone().map(|mut d| {
+        d.init = sft.out.clone();
+        d.reference = None;
+        if d.data.is_empty() {
+            d.data = rm.data.clone();
+            if d.val_data.is_none() {
+                d.val_data = rm.val_data.clone();
+            }
+        }
+        d.out = out.join("dpo");
+        d.judge = cfg.judge.clone();
+        d.train.seed = cfg.seed;
+        d
+    });
+    if let Some(d) = &dpo {
+        stage("dpo", &d.out.clone(), &mut results, || {
+            let r = stages::dpo(d, true, progress)?;
+            let mut res = summary_result(&r.summary);
+            res.extra["skipped_records"] = serde_json::json!(r.skipped);
+            Ok(res)
+        })?;
+    }
     // Report.
     let t0 = Instant::now();
-    crate::report::write_report(cfg, &results, &pre.out, &sft.out, &rm.out, &ppo.out)?;
+    let dirs = crate::report::StageDirs {
+        pre: &pre.out,
+        sft: &sft.out,
+        rm: &rm.out,
+        ppo: &ppo.out,
+        dpo: dpo.as_ref().map(|d| d.out.as_path()),
+    };
+    crate::report::write_report(cfg, &results, &dirs)?;
     eprintln!(
         "[report] written in {:.1}s: {}",
         t0.elapsed().as_secs_f64(),
@@ -477,6 +531,35 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     );
     eprintln!("pipeline finished in {:.1}s", total.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The drift of a model from the SFT model on the held-out prompts: one answer per prompt sampled
+/// at temperature 1 (seed 0), and Σ over its tokens of KL(π(·|x, y<t) ‖ π_SFT(·|x, y<t)), exact over
+/// the vocabulary; the mean over prompts, in nats per answer (the same measure for PPO and DPO).
+pub fn heldout_kl(dir: &Path, sft_dir: &Path, judge: &Judge) -> Result<f64> {
+    let (p, r) = (load_bundle(dir)?, load_bundle(sft_dir)?);
+    let template = &p.meta.template;
+    let opts = kiln_model::GenerateOptions {
+        max_new_tokens: judge.max_new_tokens,
+        sampling: kiln_model::Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        stop_tokens: template.stop_tokens()?,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut items = Vec::with_capacity(judge.prompts.len());
+    for chunk in judge.prompts.chunks(64) {
+        let rendered: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|q| template.render_prompt(&p.tokenizer, &[Message::user(q.clone())]))
+            .collect::<Result<_, _>>()?;
+        let outs = kiln_model::generate(&p.model, &rendered, &opts, &mut rng, |_, _| {})?;
+        items.extend(rendered.into_iter().zip(outs));
+    }
+    let kl = kiln_train::dpo::response_kl(&p.model, &r.model, &items)?;
+    Ok(kl.iter().sum::<f64>() / kl.len().max(1) as f64)
 }
 
 /// Answers of one model to held-out prompts, judged, and scored by the reward model.

@@ -5,6 +5,7 @@ mod bench;
 mod bundle;
 mod chat;
 mod cmd_data_prepare;
+mod cmd_dpo;
 mod cmd_grpo;
 mod cmd_tokenizer;
 mod config;
@@ -57,6 +58,8 @@ enum Cmd {
     /// RL with verifiable rewards: GRPO / Dr. GRPO / RLOO, no critic (rewards from a judge, a
     /// reward model, a program or a format check).
     Grpo(cmd_grpo::GrpoArgs),
+    /// Direct preference optimisation (DPO, IPO, hinge) of an SFT model on preference data.
+    Dpo(cmd_dpo::DpoArgs),
     /// Generate text from a model (KV cache, batched, streaming).
     Generate(chat::GenerateArgs),
     /// Talk to a fine-tuned model (interactive, or --prompt / stdin for scripts).
@@ -527,6 +530,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Grpo(a) => cmd_grpo::run(a, progress),
+        Cmd::Dpo(a) => cmd_dpo::run(a, progress),
         Cmd::Generate(a) => chat::run_generate(a),
         Cmd::Chat(a) => chat::run_chat(a),
         Cmd::Serve(a) => serve::run_serve(a),

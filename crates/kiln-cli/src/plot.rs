@@ -208,6 +208,7 @@ pub fn write_plots(
     sft: &Path,
     rm: &Path,
     ppo: &Path,
+    dpo: Option<&Path>,
     ppo_start: &kiln_train::Metrics,
 ) -> Result<Vec<String>> {
     use crate::report::series;
@@ -273,6 +274,18 @@ pub fn write_plots(
             ("rollouts", series(ppo, "rollout_acc")),
         ],
     )?;
+    if let Some(dpo) = dpo {
+        chart(
+            "dpo.png",
+            "DPO: reward accuracy and held-out task accuracy",
+            "step",
+            vec![
+                ("train pairs", smoothed(series(dpo, "rewards/accuracies"))),
+                ("val pairs", series(dpo, "val_rewards/accuracies")),
+                ("task accuracy", series(dpo, "val_accuracy")),
+            ],
+        )?;
+    }
     Ok(names)
 }
 

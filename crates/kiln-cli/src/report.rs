@@ -1,8 +1,8 @@
 //! The run folder's `report.md`, `summary.json` and plots: what each stage was given, how long it
-//! took, what it achieved, and the same held-out prompts answered by the pretrained, SFT and PPO
-//! models side by side.
+//! took, what it achieved, and the same held-out prompts answered by the pretrained, SFT, PPO and
+//! DPO models side by side.
 
-use crate::demo::{eval_model, ModelEval, PipelineConfig};
+use crate::demo::{eval_model, heldout_kl, ModelEval, PipelineConfig};
 use crate::evaluate::Judge;
 use crate::stages::StageResult;
 use anyhow::Result;
@@ -41,23 +41,45 @@ fn f(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into())
 }
 
+/// The run directories of the pipeline's stages.
+pub struct StageDirs<'a> {
+    pub pre: &'a Path,
+    pub sft: &'a Path,
+    pub rm: &'a Path,
+    pub ppo: &'a Path,
+    /// When the pipeline ran DPO.
+    pub dpo: Option<&'a Path>,
+}
+
 pub fn write_report(
     cfg: &PipelineConfig,
     results: &BTreeMap<String, StageResult>,
-    pre: &Path,
-    sft: &Path,
-    rm: &Path,
-    ppo: &Path,
+    dirs: &StageDirs,
 ) -> Result<()> {
     let out = &cfg.out;
+    let (pre, sft, rm, ppo) = (dirs.pre, dirs.sft, dirs.rm, dirs.ppo);
     let evals: Vec<ModelEval> = match &cfg.judge {
         Some(j) => {
             let judge = Judge::load(j)?;
-            vec![
+            let mut v = vec![
                 eval_model("pretrained", pre, &judge, rm)?,
                 eval_model("SFT", sft, &judge, rm)?,
                 eval_model("PPO", ppo, &judge, rm)?,
-            ]
+            ];
+            if let Some(d) = dirs.dpo {
+                v.push(eval_model("DPO", d, &judge, rm)?);
+            }
+            // Drift from the SFT model on the held-out prompts, measured alike for both routes.
+            for e in v.iter_mut() {
+                let dir = match e.name.as_str() {
+                    "PPO" => ppo,
+                    "DPO" => dirs.dpo.unwrap_or(ppo),
+                    _ => continue,
+                };
+                e.metrics
+                    .insert("kl_sft".into(), heldout_kl(dir, sft, &judge)?);
+            }
+            v
         }
         None => Vec::new(),
     };
@@ -87,20 +109,39 @@ pub fn write_report(
         "pretrain": {"val_loss": get(results, "pretrain", "loss", true), "val_loss_start": get(results, "pretrain", "loss", false), "val_ppl": get(results, "pretrain", "ppl", true), "accuracy": acc("pretrained", "accuracy")},
         "sft": {"val_loss": get(results, "sft", "loss", true), "accuracy": acc("SFT", "accuracy"), "well_formed": acc("SFT", "well_formed"), "ended": acc("SFT", "ended"), "rm_score": acc("SFT", "rm_score")},
         "rm": {"accuracy": get(results, "rm", "acc", true), "accuracy_start": get(results, "rm", "acc", false), "margin": get(results, "rm", "margin", true), "accuracy_heldout": get(results, "rm", "test_acc", true)},
-        "ppo": {"reward_start": hist(0, "reward"), "reward_end": hist(last, "reward"), "kl_end": hist(last, "kl"), "accuracy": acc("PPO", "accuracy"), "well_formed": acc("PPO", "well_formed"), "rm_score": acc("PPO", "rm_score"), "response_len_end": hist(last, "response_len")},
+        "ppo": {"reward_start": hist(0, "reward"), "reward_end": hist(last, "reward"), "kl_end": hist(last, "kl"), "kl_heldout": acc("PPO", "kl_sft"), "accuracy": acc("PPO", "accuracy"), "well_formed": acc("PPO", "well_formed"), "rm_score": acc("PPO", "rm_score"), "response_len_end": hist(last, "response_len")},
         "seconds": seconds,
         "seed": cfg.seed,
     });
+    let mut summary = summary;
+    if results.contains_key("dpo") {
+        let d = |k: &str| get(results, "dpo", k, true);
+        summary["dpo"] = serde_json::json!({
+            "accuracy": acc("DPO", "accuracy"),
+            "well_formed": acc("DPO", "well_formed"),
+            "rm_score": acc("DPO", "rm_score"),
+            "kl_heldout": acc("DPO", "kl_sft"),
+            "val_kl": d("kl"),
+            "val_loss": d("loss"),
+            "val_loss_start": get(results, "dpo", "loss", false),
+            "val_reward_accuracy": d("rewards/accuracies"),
+            "val_margin": d("rewards/margins"),
+            "steps": results["dpo"].extra.get("steps"),
+            "loss": cfg.dpo.as_ref().map(|c| c.loss.name()),
+            "beta": cfg.dpo.as_ref().map(|c| c.beta),
+        });
+    }
     let bytes = serde_json::to_vec_pretty(&summary)?;
     kiln_data::atomic_write(&out.join("summary.json"), |w| w.write_all(&bytes))?;
     let ppo_start = results
         .get("ppo")
         .map(|r| r.metrics_start.clone())
         .unwrap_or_default();
-    let plots = crate::plot::write_plots(out, pre, sft, rm, ppo, &ppo_start).unwrap_or_else(|e| {
-        eprintln!("[report] plots skipped: {e:#}");
-        Vec::new()
-    });
+    let plots = crate::plot::write_plots(out, pre, sft, rm, ppo, dirs.dpo, &ppo_start)
+        .unwrap_or_else(|e| {
+            eprintln!("[report] plots skipped: {e:#}");
+            Vec::new()
+        });
 
     let mut md = String::new();
     writeln!(md, "# Kiln pipeline report\n")?;
@@ -171,23 +212,64 @@ pub fn write_report(
         f(hist(0, "response_len")),
         f(hist(last, "response_len"))
     )?;
+    if results.contains_key("dpo") {
+        writeln!(
+            md,
+            "| dpo | {} | val loss {} → {}; val reward accuracy {} (margin {}); val KL to the reference {} |",
+            t("dpo"),
+            f(get(results, "dpo", "loss", false)),
+            f(get(results, "dpo", "loss", true)),
+            f(get(results, "dpo", "rewards/accuracies", true)),
+            f(get(results, "dpo", "rewards/margins", true)),
+            f(get(results, "dpo", "kl", true))
+        )?;
+    }
     writeln!(md)?;
     if !evals.is_empty() {
-        writeln!(md, "## Held-out prompts: the three models side by side\n")?;
-        writeln!(md, "Greedy answers to {} held-out prompts (never seen in training), judged by the demo world's rule-based judge and scored by the reward model (normalised).\n", evals[0].samples.len())?;
-        writeln!(md, "| model | task accuracy | well-formed | judge score | stops at end token | mean RM score |\n|---|---:|---:|---:|---:|---:|")?;
+        writeln!(md, "## Held-out prompts: the models side by side\n")?;
+        writeln!(md, "Greedy answers to {} held-out prompts (never seen in training), judged by the demo world's rule-based judge and scored by the reward model (normalised). KL to SFT: one answer per prompt sampled at temperature 1, Σ over its tokens of KL(π ‖ π_SFT), exact over the vocabulary (nats per answer).\n", evals[0].samples.len())?;
+        writeln!(md, "| model | task accuracy | well-formed | judge score | stops at end token | mean RM score | KL to SFT |\n|---|---:|---:|---:|---:|---:|---:|")?;
         for e in &evals {
             let g = |k: &str| f(e.metrics.get(k).copied());
             writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 e.name,
                 g("accuracy"),
                 g("well_formed"),
                 g("judge_score"),
                 g("ended"),
-                g("rm_score")
+                g("rm_score"),
+                g("kl_sft")
             )?;
+        }
+        if results.contains_key("dpo") {
+            let secs = |k: &str| seconds.get(k).copied().unwrap_or(0.0);
+            writeln!(
+                md,
+                "\n### DPO or RM + PPO, from the same SFT model and rankings\n"
+            )?;
+            writeln!(md, "| route | training time (s) | task accuracy | well-formed | mean RM score | KL to SFT |\n|---|---:|---:|---:|---:|---:|")?;
+            for (route, name, time) in [
+                ("SFT (start)", "SFT", None),
+                ("RM + PPO", "PPO", Some(secs("rm") + secs("ppo"))),
+                ("DPO", "DPO", Some(secs("dpo"))),
+            ] {
+                writeln!(
+                    md,
+                    "| {route} | {} | {} | {} | {} | {} |",
+                    time.map(|x| format!("{x:.1}"))
+                        .unwrap_or_else(|| "–".into()),
+                    f(acc(name, "accuracy")),
+                    f(acc(name, "well_formed")),
+                    f(acc(name, "rm_score")),
+                    if name == "SFT" {
+                        "0".to_string()
+                    } else {
+                        f(acc(name, "kl_sft"))
+                    }
+                )?;
+            }
         }
         writeln!(md, "\n### Sample answers\n")?;
         for i in 0..evals[0].samples.len().min(8) {

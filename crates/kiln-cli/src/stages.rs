@@ -4,11 +4,15 @@
 use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE, TOKENIZER_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
-use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, Role};
+use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, PrefRecord, Role};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
 use kiln_model::{Arch, Family, Model, ModelConfig};
+use kiln_train::dpo::{
+    load_or_compute_reference, model_fingerprint, render_dpo_groups, DpoLoss, DpoObjective,
+    DpoOptions, DpoSettings, Origin, RefSource, KEY_FILE, REFERENCE_FILE,
+};
 use kiln_train::grpo::{Grpo, GrpoConfig, GrpoSummary};
 use kiln_train::ppo::{Ppo, PpoConfig, PpoSummary, RewardModel};
 use kiln_train::pretrain::{LmObjective, PretrainKind};
@@ -687,6 +691,274 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         grad_hook: None,
     };
     ppo.train(resume)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct preference optimisation
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoConfig {
+    /// The SFT model: the policy starts here and, without `reference`, it is the frozen reference.
+    pub init: PathBuf,
+    /// Another reference model (same tokenizer); default: `init`.
+    pub reference: Option<PathBuf>,
+    /// Rankings (every ordered pair), pairs, HH-RLHF or Stack Exchange files.
+    pub data: Vec<PathBuf>,
+    /// Held-out preferences; without them `val_fraction` of `data` is held out.
+    pub val_data: Option<PathBuf>,
+    pub val_fraction: f64,
+    pub out: PathBuf,
+    /// Tokens per sequence (default: the model's context).
+    pub seq_len: usize,
+    /// `sigmoid` (DPO), `ipo` or `hinge` (SLiC).
+    pub loss: DpoLoss,
+    pub beta: f64,
+    /// Conservative DPO's ε (sigmoid loss only).
+    pub label_smoothing: f64,
+    /// RPO: weight of the NLL term on the preferred responses.
+    pub sft_coef: f64,
+    /// Pack several sequences into each row.
+    pub packing: bool,
+    /// Reference tokens kept per position for the validation KL (0: the whole vocabulary).
+    pub kl_top_k: usize,
+    /// Validation prompts the KL is measured on (0: all).
+    pub kl_max_prompts: usize,
+    pub skip_bad_records: bool,
+    /// Task accuracy by the demo judge during evaluation.
+    pub judge: Option<JudgeConfig>,
+    /// `train.batch_size` counts prompts, each with all its responses.
+    pub train: TrainConfig,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        DpoConfig {
+            init: PathBuf::from("runs/sft"),
+            reference: None,
+            data: Vec::new(),
+            val_data: None,
+            val_fraction: 0.05,
+            out: PathBuf::from("runs/dpo"),
+            seq_len: 0,
+            loss: DpoLoss::Sigmoid,
+            beta: 0.1,
+            label_smoothing: 0.0,
+            sft_coef: 0.0,
+            packing: true,
+            kl_top_k: 64,
+            kl_max_prompts: 256,
+            skip_bad_records: false,
+            judge: None,
+            train: TrainConfig {
+                lr: 5e-5,
+                min_lr: 5e-6,
+                warmup_steps: 20,
+                max_steps: 300,
+                batch_size: 8,
+                eval_every: 100,
+                weight_decay: 0.0,
+                ..TrainConfig::default()
+            },
+        }
+    }
+}
+
+/// Preference records of `paths` with where each came from; bad records fail the load or, with
+/// `skip_bad`, are counted (and reported).
+fn load_pref_records(
+    paths: &[PathBuf],
+    opts: &LoadOptions,
+) -> Result<(Vec<PrefRecord>, Vec<Origin>, usize)> {
+    let (mut records, mut origins, mut skipped) = (Vec::new(), Vec::new(), 0);
+    for p in paths {
+        let l = load_preferences(p, opts)?;
+        if l.skipped > 0 {
+            eprintln!(
+                "[dpo] {}: skipped {} bad records (first: {})",
+                p.display(),
+                l.skipped,
+                l.first_error.as_deref().unwrap_or_default()
+            );
+        }
+        skipped += l.skipped;
+        origins.extend(l.locations.iter().map(|&loc| Origin {
+            file: p.clone(),
+            loc: Some(loc),
+        }));
+        records.extend(l.records);
+    }
+    Ok((records, origins, skipped))
+}
+
+/// What `kiln dpo` reports besides the trainer's summary.
+pub struct DpoOutcome {
+    pub summary: TrainSummary,
+    /// Bad records skipped (reader and renderer together).
+    pub skipped: usize,
+}
+
+pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> {
+    if cfg.data.is_empty() {
+        bail!("dpo: no --data given");
+    }
+    let settings = DpoSettings {
+        loss: cfg.loss,
+        beta: cfg.beta,
+        label_smoothing: cfg.label_smoothing,
+        sft_coef: cfg.sft_coef,
+    };
+    settings.validate()?;
+    let b = load_bundle(&cfg.init)?;
+    if b.model.cfg.arch != Arch::Decoder || b.model.cfg.score_head {
+        bail!(
+            "{}: DPO starts from a decoder language model (an SFT model), not an encoder or a reward model",
+            b.dir.display()
+        );
+    }
+    let template = b.meta.template.clone();
+    let opts = LoadOptions {
+        skip_bad: cfg.skip_bad_records,
+    };
+    let (records, origins, mut skipped) = load_pref_records(&cfg.data, &opts)?;
+    let paired: Vec<(PrefRecord, Origin)> = records.into_iter().zip(origins).collect();
+    let (train_r, val_r) = match &cfg.val_data {
+        Some(v) => {
+            let (r, o, s) = load_pref_records(std::slice::from_ref(v), &opts)?;
+            skipped += s;
+            (paired, r.into_iter().zip(o).collect())
+        }
+        None => split_val(paired, cfg.val_fraction, cfg.train.seed),
+    };
+    let seq_len = if cfg.seq_len == 0 {
+        b.model.cfg.n_ctx
+    } else {
+        cfg.seq_len.min(b.model.cfg.n_ctx)
+    };
+    let render = |rs: Vec<(PrefRecord, Origin)>| {
+        let (r, o): (Vec<_>, Vec<_>) = rs.into_iter().unzip();
+        render_dpo_groups(
+            &b.tokenizer,
+            &template,
+            &r,
+            &o,
+            seq_len,
+            cfg.skip_bad_records,
+        )
+    };
+    let (train, tr) = render(train_r)?;
+    let (val, vr) = render(val_r)?;
+    for r in [&tr, &vr] {
+        if let Some(first) = &r.first_error {
+            let by: Vec<String> = r.skipped.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            eprintln!(
+                "[dpo] skipped {} bad records ({}; first: {first})",
+                r.total_skipped(),
+                by.join(", ")
+            );
+        }
+    }
+    skipped += tr.total_skipped() + vr.total_skipped();
+    let cut = tr.truncated_prompts + vr.truncated_prompts;
+    if cut > 0 {
+        eprintln!("[dpo] {cut} prompts cut at the start to fit the context of {seq_len} tokens");
+    }
+    let mut model = b.model;
+    // The reference passes through the arithmetic training will use.
+    model.precision = cfg.train.precision;
+    let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
+    let tok = b.tokenizer.clone();
+    let tpl = template.clone();
+    let extra: Option<ExtraEval> =
+        judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
+    let mut obj = DpoObjective::new(
+        &model,
+        train,
+        val,
+        DpoOptions {
+            settings,
+            groups_per_batch: cfg.train.batch_size,
+            seq_len,
+            packing: cfg.packing,
+            seed: cfg.train.seed,
+            kl_top_k: cfg.kl_top_k,
+            kl_max_groups: cfg.kl_max_prompts,
+        },
+        extra,
+    )?;
+    let (prompts, pairs, seqs) = obj.counts();
+    eprintln!(
+        "[dpo] {prompts} train prompts ({pairs} pairs, {seqs} responses) / {} val prompts; loss {}, β {}",
+        obj.val_prompts(),
+        cfg.loss.name(),
+        cfg.beta
+    );
+    let max_rows = obj.activation_rows();
+    check_memory(
+        training_bytes(&model.cfg, max_rows, seq_len, true) + obj.reference_bytes(),
+        "DPO",
+    )?;
+    let run = open_run(&cfg.out, resume)?;
+    let resuming = resume && run.latest_checkpoint()?.is_some();
+    // The reference: computed once (then the run holds one model), or read back from the run.
+    let t0 = std::time::Instant::now();
+    let (reference, source, key) = match &cfg.reference {
+        None => {
+            let key = obj.cache_key(&model_fingerprint(&model), model.precision);
+            let (r, src) =
+                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&model))?;
+            (r, src, key)
+        }
+        Some(path) => {
+            let rb = load_bundle(path)?;
+            if rb.tokenizer.fingerprint() != b.tokenizer.fingerprint() {
+                bail!(
+                    "the reference {} uses another tokenizer than the policy {} (they must share one)",
+                    rb.dir.display(),
+                    b.dir.display()
+                );
+            }
+            if rb.model.cfg.arch != Arch::Decoder || rb.model.cfg.score_head {
+                bail!(
+                    "{}: the reference must be a decoder language model",
+                    rb.dir.display()
+                );
+            }
+            let mut rm = rb.model;
+            rm.precision = cfg.train.precision;
+            let key = obj.cache_key(&model_fingerprint(&rm), rm.precision);
+            let (r, src) =
+                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&rm))?;
+            // The reference model is dropped here: training holds the policy alone.
+            (r, src, key)
+        }
+    };
+    match &source {
+        RefSource::Loaded => eprintln!(
+            "[dpo] reference log-probabilities read from {} (not recomputed)",
+            cfg.out.join(REFERENCE_FILE).display()
+        ),
+        RefSource::Computed(why) => eprintln!(
+            "[dpo] reference log-probabilities of {seqs} train and {} val responses computed in {:.1}s ({why}); cached in {}",
+            obj.val_responses(),
+            t0.elapsed().as_secs_f64(),
+            cfg.out.join(REFERENCE_FILE).display()
+        ),
+    }
+    obj.use_reference(reference)?;
+    write_run_config(&cfg.out, cfg)?;
+    let meta = KilnMeta::new("dpo", template, &b.tokenizer, cfg.train.seed);
+    let mut extra_files = meta.files(&b.dir.join(TOKENIZER_FILE))?;
+    extra_files.push((KEY_FILE.into(), serde_json::to_vec_pretty(&key)?));
+    let trainer = Trainer {
+        cfg: cfg.train.clone(),
+        run: &run,
+        extra_files,
+        progress,
+        label: "dpo".into(),
+    };
+    let summary = trainer.train(&mut model, &mut obj, resume)?;
+    Ok(DpoOutcome { summary, skipped })
 }
 
 /// GRPO/RLOO with verifiable rewards (`kiln grpo`).

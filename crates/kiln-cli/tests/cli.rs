@@ -77,7 +77,15 @@ fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {
         ("ppo", "reward_start"),
         ("ppo", "reward_end"),
         ("ppo", "kl_end"),
+        ("ppo", "kl_heldout"),
         ("ppo", "accuracy"),
+        ("dpo", "accuracy"),
+        ("dpo", "well_formed"),
+        ("dpo", "rm_score"),
+        ("dpo", "kl_heldout"),
+        ("dpo", "val_kl"),
+        ("dpo", "val_reward_accuracy"),
+        ("seconds", "dpo"),
     ] {
         assert!(
             summary[stage][key].is_number(),
@@ -91,6 +99,15 @@ fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {
     );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("side by side"), "{report}");
+    assert!(
+        report.contains("| DPO | ") && report.contains("RM + PPO"),
+        "{report}"
+    );
+    // DPO starts from the SFT model, its own reference: ln 2 and no drift at step 0.
+    assert_eq!(
+        summary["dpo"]["val_loss_start"].as_f64(),
+        Some(std::f64::consts::LN_2)
+    );
     assert!(out.join("pretrain_loss.png").exists());
     // Every stage's output is a model directory the other commands accept.
     let gen = ok(&[
@@ -130,6 +147,7 @@ fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("[ppo] finished earlier"), "{err}");
+    assert!(err.contains("[dpo] finished earlier"), "{err}");
     (dir, out)
 }
 

@@ -1,4 +1,4 @@
-//! Crash safety: `kill -9` at many moments of pretraining, SFT, reward-model training and PPO
+//! Crash safety: `kill -9` at many moments of pretraining, SFT, reward-model training, PPO and DPO
 //! (before the first checkpoint, inside checkpoint writes, between a checkpoint and its `latest`
 //! pointer, between steps, at the very end), then `--resume` to completion: the metrics must be
 //! identical to an uninterrupted run's (same seed, same --threads). Also a full disk (a file-size
@@ -459,6 +459,58 @@ fn kill_9_at_many_moments_then_resume_matches_an_uninterrupted_run() {
         When::CkptWrite(8),
     ];
     crash_and_resume("ppo", &ppo, &root, &points, &["reward", "kl"], &mut tally);
+
+    // DPO from the SFT model on the rankings: 12 steps, a checkpoint every 3. The first kill lands
+    // while the reference log-probabilities are computed or cached; later runs read the cache.
+    let dpo = |out: &Path| -> Vec<String> {
+        let mut a = strings(&[
+            "dpo",
+            "--batch-size",
+            "2",
+            "--ckpt-every",
+            "3",
+            "--eval-every",
+            "6",
+            "--max-steps",
+            "12",
+            "--set",
+            "train.keep_last=2",
+        ]);
+        a.extend([
+            "--init".into(),
+            s(&sft_model),
+            "--data".into(),
+            s(&d.join("rm_train.jsonl")),
+            "--val-data".into(),
+            s(&d.join("rm_val.jsonl")),
+        ]);
+        a.extend(["--out".into(), s(out)]);
+        a
+    };
+    let points = [
+        When::After(ms(10)),
+        When::CkptWrite(3),
+        When::Lines(5),
+        When::Ckpt(6),
+        When::CkptWrite(9),
+        When::Lines(12),
+        When::CkptWrite(12),
+    ];
+    crash_and_resume(
+        "dpo",
+        &dpo,
+        &root,
+        &points,
+        &["loss", "grad_norm", "rewards/margins"],
+        &mut tally,
+    );
+    // The interrupted run's cache holds the same numbers as the uninterrupted run's.
+    let cache =
+        |stage: &str| std::fs::read(root.join(stage).join("reference_logps.safetensors")).unwrap();
+    assert!(
+        cache("dpo_ref") == cache("dpo_crash"),
+        "the reference caches differ"
+    );
 
     eprintln!(
         "crash test: {} kill -9 interruptions ({} inside a checkpoint write), {} kill points reached after the run had finished; {:.1}s",

@@ -136,6 +136,8 @@ pub struct LoadOptions {
 #[derive(Debug, Clone)]
 pub struct Loaded<T> {
     pub records: Vec<T>,
+    /// Where each of `records` is in its file (same order), for errors found after loading.
+    pub locations: Vec<RecordLoc>,
     /// Number of bad records skipped (always 0 without `skip_bad`).
     pub skipped: usize,
     /// The message of the first skipped record's error.
@@ -283,6 +285,7 @@ fn load_records<T>(
     }
     let total = raw.len();
     let mut records = Vec::with_capacity(total);
+    let mut locations = Vec::with_capacity(total);
     let mut skipped = 0;
     let mut first_error = None;
     for (loc, value) in raw {
@@ -295,7 +298,10 @@ fn load_records<T>(
             ))),
         };
         match result {
-            Ok(r) => records.push(r),
+            Ok(r) => {
+                records.push(r);
+                locations.push(loc);
+            }
             Err(e) => {
                 let err = DataError {
                     file: path.to_path_buf(),
@@ -322,6 +328,7 @@ fn load_records<T>(
     }
     Ok(Loaded {
         records,
+        locations,
         skipped,
         first_error,
     })

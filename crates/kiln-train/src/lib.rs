@@ -1,7 +1,8 @@
 //! Kiln's training stages: the shared loop (`trainer`), the optimizer, run directories, and each stage's
-//! objective: pretraining (causal and masked LM), SFT, reward model, PPO and GRPO/RLOO (with reward
-//! sources: a judge, a reward model, an external program, a format check).
+//! objective: pretraining (causal and masked LM), SFT, reward model, DPO, PPO and GRPO/RLOO (with
+//! reward sources: a judge, a reward model, an external program, a format check).
 
+pub mod dpo;
 pub mod grpo;
 pub mod optim;
 pub mod ppo;
