@@ -5,7 +5,7 @@
 use crate::bundle::load_bundle;
 use crate::evaluate::{Judge, JudgeConfig, Sample};
 use crate::stages::{
-    self, DpoConfig, ModelShape, PpoStageConfig, PretrainConfig, RmConfig, SftConfig, StageResult,
+    self, DpoConfig, GrpoStageConfig, ModelShape, PpoStageConfig, PretrainConfig, RmConfig, SftConfig, StageResult,
 };
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -131,6 +131,9 @@ pub struct PipelineConfig {
     /// DPO as the alternative to RM + PPO (absent: not run). Its data default to `rm.data` /
     /// `rm.val_data`, its model to the SFT model.
     pub dpo: Option<DpoConfig>,
+    /// GRPO from the SFT model with verifiable rewards (absent: not run). Its prompts default to
+    /// `ppo.prompts`; with a judge and no rewards named, the judge is the reward.
+    pub grpo: Option<GrpoStageConfig>,
 }
 
 impl Default for PipelineConfig {
@@ -145,6 +148,7 @@ impl Default for PipelineConfig {
             rm: RmConfig::default(),
             ppo: PpoStageConfig::default(),
             dpo: None,
+            grpo: None,
         }
     }
 }
@@ -267,6 +271,18 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
         dpo.train.batch_size = 2;
     }
     c.dpo = Some(dpo);
+    // GRPO from the same SFT model on PPO's prompts, rewarded by the judge (1 for a right answer):
+    // as many iterations as PPO, 16 prompts × 8 answers each.
+    let mut grpo = GrpoStageConfig::default();
+    grpo.grpo.iterations = ppo_iters;
+    grpo.grpo.eval_every = (ppo_iters / 3).max(1);
+    grpo.grpo.ckpt_every = (ppo_iters / 3).max(1);
+    if size == Size::Tiny {
+        grpo.grpo.prompts_per_iter = 4;
+        grpo.grpo.group_size = 4;
+        grpo.grpo.minibatch = 8;
+    }
+    c.grpo = Some(grpo);
     if size == Size::Tiny {
         c.ppo.ppo.rollout_batch = 16;
         c.ppo.ppo.minibatch = 8;
@@ -514,6 +530,31 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
             Ok(res)
         })?;
     }
+    // GRPO: RL with the judge as a verifiable reward, no reward model and no critic.
+    let grpo = cfg.grpo.clone().map(|mut g| {
+        g.actor = sft.out.clone();
+        if g.prompts == GrpoStageConfig::default().prompts {
+            g.prompts = ppo.prompts.clone();
+        }
+        g.out = out.join("grpo");
+        g.judge = cfg.judge.clone();
+        if g.judge.is_none() {
+            g.rewards.retain(|r| r != "judge");
+        }
+        g.grpo.seed = cfg.seed;
+        g
+    });
+    if let Some(g) = grpo.as_ref().filter(|g| !g.rewards.is_empty()) {
+        stage("grpo", &g.out.clone(), &mut results, || {
+            let s = stages::grpo(g, true, progress)?;
+            Ok(StageResult {
+                metrics_start: s.eval_start.clone(),
+                metrics_end: s.eval_end.clone(),
+                extra: serde_json::json!({"history": s.history, "iterations": s.iterations}),
+                ..Default::default()
+            })
+        })?;
+    }
     // Report.
     let t0 = Instant::now();
     let dirs = crate::report::StageDirs {
@@ -522,6 +563,10 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
         rm: &rm.out,
         ppo: &ppo.out,
         dpo: dpo.as_ref().map(|d| d.out.as_path()),
+        grpo: grpo
+            .as_ref()
+            .filter(|_| results.contains_key("grpo"))
+            .map(|g| g.out.as_path()),
     };
     crate::report::write_report(cfg, &results, &dirs)?;
     eprintln!(

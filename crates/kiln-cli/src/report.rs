@@ -49,6 +49,8 @@ pub struct StageDirs<'a> {
     pub ppo: &'a Path,
     /// When the pipeline ran DPO.
     pub dpo: Option<&'a Path>,
+    /// When the pipeline ran GRPO.
+    pub grpo: Option<&'a Path>,
 }
 
 pub fn write_report(
@@ -69,11 +71,15 @@ pub fn write_report(
             if let Some(d) = dirs.dpo {
                 v.push(eval_model("DPO", d, &judge, rm)?);
             }
+            if let Some(d) = dirs.grpo {
+                v.push(eval_model("GRPO", d, &judge, rm)?);
+            }
             // Drift from the SFT model on the held-out prompts, measured alike for both routes.
             for e in v.iter_mut() {
                 let dir = match e.name.as_str() {
                     "PPO" => ppo,
                     "DPO" => dirs.dpo.unwrap_or(ppo),
+                    "GRPO" => dirs.grpo.unwrap_or(ppo),
                     _ => continue,
                 };
                 e.metrics
@@ -129,6 +135,33 @@ pub fn write_report(
             "steps": results["dpo"].extra.get("steps"),
             "loss": cfg.dpo.as_ref().map(|c| c.loss.name()),
             "beta": cfg.dpo.as_ref().map(|c| c.beta),
+        });
+    }
+    let grpo_hist: Vec<serde_json::Value> = results
+        .get("grpo")
+        .and_then(|r| r.extra.get("history"))
+        .and_then(|h| h.as_array().cloned())
+        .unwrap_or_default();
+    let ghist = |i: usize, k: &str| {
+        grpo_hist
+            .get(i)
+            .and_then(|m| m.get(k))
+            .and_then(|v| v.as_f64())
+    };
+    let glast = grpo_hist.len().saturating_sub(1);
+    if results.contains_key("grpo") {
+        summary["grpo"] = serde_json::json!({
+            "reward_start": ghist(0, "reward"),
+            "reward_end": ghist(glast, "reward"),
+            "rollout_acc_start": ghist(0, "rollout_acc"),
+            "rollout_acc_end": ghist(glast, "rollout_acc"),
+            "kl_heldout": acc("GRPO", "kl_sft"),
+            "accuracy": acc("GRPO", "accuracy"),
+            "well_formed": acc("GRPO", "well_formed"),
+            "rm_score": acc("GRPO", "rm_score"),
+            "response_len_end": ghist(glast, "response_len"),
+            "sample_share": grpo_hist.iter().filter_map(|m| m.get("sample_share")?.as_f64()).sum::<f64>() / grpo_hist.len().max(1) as f64,
+            "iterations": grpo_hist.len(),
         });
     }
     let bytes = serde_json::to_vec_pretty(&summary)?;
@@ -224,6 +257,19 @@ pub fn write_report(
             f(get(results, "dpo", "kl", true))
         )?;
     }
+    if results.contains_key("grpo") {
+        writeln!(
+            md,
+            "| grpo | {} | judge reward {} → {}, zero-variance groups {} → {}, length {} → {} |",
+            t("grpo"),
+            f(ghist(0, "reward")),
+            f(ghist(glast, "reward")),
+            f(ghist(0, "zero_std_frac")),
+            f(ghist(glast, "zero_std_frac")),
+            f(ghist(0, "response_len")),
+            f(ghist(glast, "response_len"))
+        )?;
+    }
     writeln!(md)?;
     if !evals.is_empty() {
         writeln!(md, "## Held-out prompts: the models side by side\n")?;
@@ -243,24 +289,32 @@ pub fn write_report(
                 g("kl_sft")
             )?;
         }
-        if results.contains_key("dpo") {
+        if results.contains_key("dpo") || results.contains_key("grpo") {
             let secs = |k: &str| seconds.get(k).copied().unwrap_or(0.0);
             writeln!(
                 md,
-                "\n### DPO or RM + PPO, from the same SFT model and rankings\n"
+                "\n### Every post-training route from the same SFT model\n"
             )?;
+            writeln!(md, "RM + PPO and DPO learn from the same rankings; GRPO from the judge's verdicts on its own samples (a verifiable reward, no reward model). Task accuracy ± its 95 % interval (normal approximation over the {} prompts).\n", evals[0].samples.len())?;
             writeln!(md, "| route | training time (s) | task accuracy | well-formed | mean RM score | KL to SFT |\n|---|---:|---:|---:|---:|---:|")?;
             for (route, name, time) in [
                 ("SFT (start)", "SFT", None),
                 ("RM + PPO", "PPO", Some(secs("rm") + secs("ppo"))),
                 ("DPO", "DPO", Some(secs("dpo"))),
+                ("GRPO (judge reward)", "GRPO", Some(secs("grpo"))),
             ] {
+                if acc(name, "accuracy").is_none() {
+                    continue;
+                }
                 writeln!(
                     md,
                     "| {route} | {} | {} | {} | {} | {} |",
                     time.map(|x| format!("{x:.1}"))
                         .unwrap_or_else(|| "–".into()),
-                    f(acc(name, "accuracy")),
+                    acc(name, "accuracy").map_or("–".into(), |p| {
+                        let n = evals[0].samples.len().max(1) as f64;
+                        format!("{p:.3} ± {:.3}", 1.96 * (p * (1.0 - p) / n).sqrt())
+                    }),
                     f(acc(name, "well_formed")),
                     f(acc(name, "rm_score")),
                     if name == "SFT" {
