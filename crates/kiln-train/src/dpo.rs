@@ -1543,17 +1543,24 @@ mod tests {
 
     #[test]
     fn coarse_kl_by_hand() {
-        // p = (0.5, 0.3, 0.2), q known on {0, 1} as (0.6, 0.3), rest 0.1.
-        let p = [0.5f32, 0.3, 0.2];
-        let got = coarse_kl(&p, &[0, 1], &[0.6, 0.3]);
+        // p = (0.5, 0.3, 0.15, 0.05) against q = (0.6, 0.3, 0.05, 0.05), q known on {0, 1} only:
+        // the rest pools tokens 2 and 3 (p 0.2, q 0.1).
+        let p = [0.5f32, 0.3, 0.15, 0.05];
+        let q = [0.6f32, 0.3, 0.05, 0.05];
         let f = |x: f32| x as f64;
-        let (p0, p1, p2) = (f(0.5), f(0.3), 1.0 - f(0.5) - f(0.3));
-        let (q0, q1, q2) = (f(0.6), f(0.3), 1.0 - f(0.6) - f(0.3));
-        let want = p0 * (p0 / q0).ln() + p1 * (p1 / q1).ln() + p2 * (p2 / q2).ln();
+        let got = coarse_kl(&p, &[0, 1], &q[..2]);
+        let (pr, qr) = (1.0 - f(p[0]) - f(p[1]), 1.0 - f(q[0]) - f(q[1]));
+        let want = f(p[0]) * (f(p[0]) / f(q[0])).ln()
+            + f(p[1]) * (f(p[1]) / f(q[1])).ln()
+            + pr * (pr / qr).ln();
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
-        // The coarse KL never exceeds the exact one.
-        let exact = coarse_kl(&p, &[0, 1, 2], &[0.6, 0.3, 0.1]);
-        assert!(got <= exact + 1e-12 && got > 0.0);
-        assert_eq!(coarse_kl(&p, &[0, 1], &[0.5, 0.3]), 0.0);
+        // 0.5·ln(5/6) + 0.2·ln 2 = 0.047467.
+        assert!((got - 0.047_467).abs() < 1e-5, "{got}");
+        // Coarsening never raises a KL: the exact one (every token known) is larger here.
+        let exact = coarse_kl(&p, &[0, 1, 2, 3], &q);
+        let by_hand = 0.5 * (0.5f64 / 0.6).ln() + 0.15 * 3f64.ln();
+        assert!((exact - by_hand).abs() < 1e-6, "{exact} vs {by_hand}");
+        assert!(got < exact);
+        assert_eq!(coarse_kl(&p, &[0, 1], &p[..2]), 0.0);
     }
 }
