@@ -124,3 +124,157 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `kiln eval --reward ...`: a user's own prompts evaluated exactly as `kiln grpo` rewards them.
+pub struct RewardEvalArgs {
+    pub model: PathBuf,
+    pub world: Option<PathBuf>,
+    pub prompts: PathBuf,
+    pub limit: usize,
+    pub show: usize,
+    pub rewards: Vec<String>,
+    pub reward_weights: Vec<f32>,
+    pub by: Option<String>,
+    pub max_new_tokens: usize,
+}
+
+/// Greedy answers to every prompt, scored by the reward sources: the mean of each source and of
+/// their weighted sum, the share of answers whose total reward is at least 0.5 ("accuracy", for
+/// 0/1 checkers), and the same per value of the `by` field.
+pub fn run_reward_eval(a: RewardEvalArgs) -> Result<()> {
+    use kiln_data::datasets::Role;
+    use std::collections::BTreeMap;
+    let b = crate::bundle::load_bundle(&a.model)?;
+    let template = b.meta.template.clone();
+    let mut loaded =
+        kiln_data::datasets::load_prompts_with_fields(&a.prompts, &Default::default())?.records;
+    if a.limit > 0 {
+        loaded.truncate(a.limit);
+    }
+    let n_ctx = b.model.cfg.n_ctx;
+    let rendered: Vec<Vec<u32>> = loaded
+        .iter()
+        .map(|(r, _)| template.render_prompt(&b.tokenizer, &r.prompt))
+        .collect::<Result<_, _>>()?;
+    let keep: Vec<usize> = (0..rendered.len())
+        .filter(|&i| rendered[i].len() < n_ctx)
+        .collect();
+    if keep.len() < rendered.len() {
+        eprintln!(
+            "[eval] {} of {} prompts skipped: no room for an answer in the context of {n_ctx}",
+            rendered.len() - keep.len(),
+            rendered.len()
+        );
+    }
+    anyhow::ensure!(!keep.is_empty(), "no prompt fits the model's context");
+    let questions: Vec<String> = loaded
+        .iter()
+        .map(|(r, _)| {
+            let user = r.prompt.iter().rev().find(|m| m.role == Role::User);
+            user.map(|m| m.content.clone()).unwrap_or_default()
+        })
+        .collect();
+    let judge = match &a.world {
+        Some(w) => Some(crate::evaluate::Judge::load(
+            &crate::evaluate::JudgeConfig {
+                world: w.clone(),
+                prompts: a.prompts.clone(),
+                limit: a.limit,
+                max_new_tokens: a.max_new_tokens,
+            },
+        )?),
+        None => None,
+    };
+    let stop_tokens = template.stop_tokens()?;
+    let mut sources = stages::reward_sources(
+        &a.rewards,
+        &a.reward_weights,
+        &stages::RewardContext {
+            actor: &b,
+            loaded: &loaded,
+            prompts: &rendered,
+            questions: &questions,
+            judge: judge.as_ref(),
+            stop_tokens: &stop_tokens,
+            timeout_s: 30.0,
+            batch: 32,
+        },
+    )?;
+    let opts = kiln_model::GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: kiln_model::Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        stop_tokens,
+    };
+    // Greedy: the generator never draws from it.
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let mut answers: Vec<Vec<u32>> = Vec::with_capacity(keep.len());
+    for chunk in keep.chunks(32) {
+        let ps: Vec<Vec<u32>> = chunk.iter().map(|&i| rendered[i].clone()).collect();
+        answers.extend(kiln_model::generate(
+            &b.model,
+            &ps,
+            &opts,
+            &mut rng,
+            |_, _| {},
+        )?);
+    }
+    let mut total = vec![0.0f64; keep.len()];
+    let mut per_source = Vec::new();
+    for w in sources.iter_mut() {
+        let s = w.source.score(&keep, &answers)?;
+        for (t, x) in total.iter_mut().zip(&s) {
+            *t += (w.weight * x) as f64;
+        }
+        per_source.push((w.source.name(), s));
+    }
+    let n = keep.len() as f64;
+    for (k, &i) in keep.iter().enumerate().take(a.show) {
+        println!(
+            "{:+.3} {:?} -> {:?}",
+            total[k],
+            loaded[i].0.raw,
+            b.tokenizer.decode_skip_special(&answers[k])
+        );
+    }
+    println!("{:>20} {}", "answers", keep.len());
+    println!(
+        "{:>20} {:.4}",
+        "accuracy",
+        total.iter().filter(|&&x| x >= 0.5).count() as f64 / n
+    );
+    println!("{:>20} {:.4}", "reward", total.iter().sum::<f64>() / n);
+    for (name, s) in &per_source {
+        println!(
+            "{:>20} {:.4}",
+            format!("reward/{name}"),
+            s.iter().map(|&x| x as f64).sum::<f64>() / n
+        );
+    }
+    if let Some(field) = &a.by {
+        let mut groups: BTreeMap<String, (usize, usize, f64)> = BTreeMap::new();
+        for (k, &i) in keep.iter().enumerate() {
+            let key = match loaded[i].1.get(field) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => "(none)".into(),
+            };
+            let g = groups.entry(key).or_default();
+            g.0 += 1;
+            g.1 += usize::from(total[k] >= 0.5);
+            g.2 += total[k];
+        }
+        println!("by {field}:");
+        for (key, (c, right, sum)) in groups {
+            println!(
+                "  {key:>18} n {c:>5}  accuracy {:.4}  reward {:.4}",
+                right as f64 / c as f64,
+                sum / c as f64
+            );
+        }
+    }
+    Ok(())
+}

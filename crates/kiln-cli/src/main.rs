@@ -69,7 +69,8 @@ enum Cmd {
     /// Print a model's logits for some token ids as JSON (for comparing with other implementations).
     #[command(hide = true)]
     Logits(LogitsArgs),
-    /// Judge a chat model's answers to held-out demo prompts (task accuracy per kind).
+    /// Evaluate a chat model: judged task accuracy on demo prompts, or any prompts scored by reward
+    /// sources (a checker program, a reward model) exactly as `kiln grpo` rewards them.
     Eval(EvalArgs),
     /// Fill in `<|mask|>` tokens with an MLM encoder.
     FillMask(chat::FillMaskArgs),
@@ -83,10 +84,11 @@ struct EvalArgs {
     /// A chat model (checkpoint or run directory).
     #[arg(long)]
     model: PathBuf,
-    /// The demo world (world.json).
+    /// The demo world (world.json): judged task accuracy, and the `judge` reward source.
     #[arg(long)]
-    world: PathBuf,
-    /// Prompts to answer (e.g. eval_prompts.jsonl).
+    world: Option<PathBuf>,
+    /// Prompts to answer (e.g. eval_prompts.jsonl; with --reward, any prompt file whose records
+    /// carry what the checker needs, such as a reference answer).
     #[arg(long)]
     prompts: PathBuf,
     /// At most this many prompts (0: all).
@@ -95,15 +97,44 @@ struct EvalArgs {
     /// Print this many judged answers.
     #[arg(long, default_value_t = 10)]
     show: usize,
+    /// Evaluate with reward sources, exactly as `kiln grpo` rewards (repeatable; summed):
+    /// judge | format | rm:DIR | cmd:PROGRAM.
+    #[arg(long = "reward", value_name = "SOURCE")]
+    rewards: Vec<String>,
+    /// The weight of each --reward, in order (default 1 each).
+    #[arg(long = "reward-weight", value_name = "W")]
+    reward_weights: Vec<f32>,
+    /// With --reward: break the results down by this field of the prompt records.
+    #[arg(long)]
+    by: Option<String>,
+    /// Tokens generated per answer (greedy).
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
+    if !a.rewards.is_empty() {
+        return cmd_grpo::run_reward_eval(cmd_grpo::RewardEvalArgs {
+            model: a.model,
+            world: a.world,
+            prompts: a.prompts,
+            limit: a.limit,
+            show: a.show,
+            rewards: a.rewards,
+            reward_weights: a.reward_weights,
+            by: a.by,
+            max_new_tokens: a.max_new_tokens,
+        });
+    }
+    let Some(world) = a.world else {
+        bail!("kiln eval needs --world (the demo world's judge) or --reward sources");
+    };
     let b = bundle::load_bundle(&a.model)?;
     let judge = evaluate::Judge::load(&evaluate::JudgeConfig {
-        world: a.world,
+        world,
         prompts: a.prompts,
         limit: a.limit,
-        max_new_tokens: 32,
+        max_new_tokens: a.max_new_tokens,
     })?;
     let (m, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
     for s in samples.iter().take(a.show) {

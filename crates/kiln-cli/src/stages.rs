@@ -1031,70 +1031,20 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     }
     let stop_tokens = template.stop_tokens()?;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
-    let mut rewards: Vec<Weighted> = Vec::new();
-    for (i, spec) in cfg.rewards.iter().enumerate() {
-        let weight = cfg.reward_weights.get(i).copied().unwrap_or(1.0);
-        let source: Box<dyn RewardSource> = match spec.split_once(':') {
-            None if spec == "judge" => {
-                let j = judge.as_ref().context(
-                    "the judge reward needs a judge (the demo world: --world and --judge-prompts)",
-                )?;
-                let world = j.world.clone();
-                let tok = actor.tokenizer.clone();
-                let questions = questions.clone();
-                Box::new(FnReward {
-                    name: "judge".into(),
-                    f: Box::new(move |p, resp| {
-                        let v = world.judge(&questions[p], &tok.decode_skip_special(resp));
-                        f32::from(u8::from(v.correct))
-                    }),
-                })
-            }
-            None if spec == "format" => Box::new(FormatReward {
-                stop_tokens: stop_tokens.clone(),
-            }),
-            Some(("rm", dir)) => {
-                let rm = load_bundle(Path::new(dir))?;
-                if !rm.model.cfg.score_head {
-                    bail!("{}: not a reward model (no score head)", rm.dir.display());
-                }
-                if rm.tokenizer.fingerprint() != actor.tokenizer.fingerprint() {
-                    bail!("the reward model {dir} uses another tokenizer than the actor");
-                }
-                Box::new(ModelReward {
-                    rm: RewardModel {
-                        mean: rm.meta.reward_mean.unwrap_or(0.0),
-                        std: rm.meta.reward_std.unwrap_or(1.0),
-                        model: rm.model,
-                    },
-                    prompts: prompts.clone(),
-                    batch: cfg.grpo.minibatch,
-                })
-            }
-            Some(("cmd", program)) => {
-                let records = loaded
-                    .records
-                    .iter()
-                    .map(|(r, obj)| {
-                        let mut o = obj.clone();
-                        o.entry("prompt").or_insert_with(|| r.raw.clone().into());
-                        o
-                    })
-                    .collect();
-                let tok = actor.tokenizer.clone();
-                Box::new(CommandReward::start(
-                    program,
-                    records,
-                    Box::new(move |t: &[u32]| tok.decode_skip_special(t)),
-                    std::time::Duration::from_secs_f64(cfg.reward_timeout_s.max(0.001)),
-                )?)
-            }
-            _ => bail!(
-                "unknown reward source {spec:?} (expected judge, format, rm:DIR or cmd:PROGRAM)"
-            ),
-        };
-        rewards.push(Weighted { source, weight });
-    }
+    let rewards = reward_sources(
+        &cfg.rewards,
+        &cfg.reward_weights,
+        &RewardContext {
+            actor: &actor,
+            loaded: &loaded.records,
+            prompts: &prompts,
+            questions: &questions,
+            judge: judge.as_ref(),
+            stop_tokens: &stop_tokens,
+            timeout_s: cfg.reward_timeout_s,
+            batch: cfg.grpo.minibatch,
+        },
+    )?;
     eprintln!(
         "[grpo] {} prompts × {} samples per iteration; rewards: {}",
         cfg.grpo.prompts_per_iter,
@@ -1140,4 +1090,92 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
         grad_hook: None,
     };
     g.train(resume)
+}
+
+/// What reward sources are built from: the policy's bundle and the rendered prompts.
+pub struct RewardContext<'a> {
+    pub actor: &'a crate::bundle::Bundle,
+    /// Each prompt's record and its whole JSON object.
+    pub loaded: &'a [(kiln_data::datasets::PromptRecord, kiln_data::datasets::Obj)],
+    pub prompts: &'a [Vec<u32>],
+    /// Each prompt's question (its last user turn), for the judge.
+    pub questions: &'a [String],
+    pub judge: Option<&'a Judge>,
+    pub stop_tokens: &'a [u32],
+    pub timeout_s: f64,
+    pub batch: usize,
+}
+
+/// The reward sources `specs` name (`judge`, `format`, `rm:DIR`, `cmd:PROGRAM`), with `weights`
+/// (one per source, or none for 1 each): shared by `kiln grpo` and `kiln eval`.
+pub fn reward_sources(
+    specs: &[String],
+    weights: &[f32],
+    ctx: &RewardContext,
+) -> Result<Vec<Weighted<'static>>> {
+    let mut rewards: Vec<Weighted> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let weight = weights.get(i).copied().unwrap_or(1.0);
+        let source: Box<dyn RewardSource> = match spec.split_once(':') {
+            None if spec == "judge" => {
+                let j = ctx.judge.context(
+                    "the judge reward needs a judge (the demo world: --world and --judge-prompts)",
+                )?;
+                let world = j.world.clone();
+                let tok = ctx.actor.tokenizer.clone();
+                let questions = ctx.questions.to_vec();
+                Box::new(FnReward {
+                    name: "judge".into(),
+                    f: Box::new(move |p, resp| {
+                        let v = world.judge(&questions[p], &tok.decode_skip_special(resp));
+                        f32::from(u8::from(v.correct))
+                    }),
+                })
+            }
+            None if spec == "format" => Box::new(FormatReward {
+                stop_tokens: ctx.stop_tokens.to_vec(),
+            }),
+            Some(("rm", dir)) => {
+                let rm = load_bundle(Path::new(dir))?;
+                if !rm.model.cfg.score_head {
+                    bail!("{}: not a reward model (no score head)", rm.dir.display());
+                }
+                if rm.tokenizer.fingerprint() != ctx.actor.tokenizer.fingerprint() {
+                    bail!("the reward model {dir} uses another tokenizer than the actor");
+                }
+                Box::new(ModelReward {
+                    rm: RewardModel {
+                        mean: rm.meta.reward_mean.unwrap_or(0.0),
+                        std: rm.meta.reward_std.unwrap_or(1.0),
+                        model: rm.model,
+                    },
+                    prompts: ctx.prompts.to_vec(),
+                    batch: ctx.batch,
+                })
+            }
+            Some(("cmd", program)) => {
+                let records = ctx
+                    .loaded
+                    .iter()
+                    .map(|(r, obj)| {
+                        let mut o = obj.clone();
+                        o.entry("prompt").or_insert_with(|| r.raw.clone().into());
+                        o
+                    })
+                    .collect();
+                let tok = ctx.actor.tokenizer.clone();
+                Box::new(CommandReward::start(
+                    program,
+                    records,
+                    Box::new(move |t: &[u32]| tok.decode_skip_special(t)),
+                    std::time::Duration::from_secs_f64(ctx.timeout_s.max(0.001)),
+                )?)
+            }
+            _ => bail!(
+                "unknown reward source {spec:?} (expected judge, format, rm:DIR or cmd:PROGRAM)"
+            ),
+        };
+        rewards.push(Weighted { source, weight });
+    }
+    Ok(rewards)
 }

@@ -142,6 +142,93 @@ fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {
         "2 plus 3 is 5.",
     ]);
     assert!(score.starts_with("score "), "{score}");
+    // `kiln eval --reward`: a checker program in another language, fed the prompt records' own
+    // fields, scores the answers exactly as the demo judge does.
+    let data = out.join("data");
+    let mine = out.join("mine.jsonl");
+    let mut lines = String::new();
+    for l in std::fs::read_to_string(data.join("eval_prompts.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let q = v["prompt"].as_str().unwrap();
+        let w: Vec<&str> = q.trim_end_matches('?').split(' ').collect();
+        if let ["What", "is", a, op @ ("plus" | "minus"), b] = w[..] {
+            let (a, b): (i64, i64) = (a.parse().unwrap(), b.parse().unwrap());
+            let ans = if op == "plus" { a + b } else { a - b };
+            lines += &format!(
+                "{}\n",
+                serde_json::json!({"prompt": q, "answer": ans.to_string(), "kind": op})
+            );
+        }
+    }
+    std::fs::write(&mine, lines).unwrap();
+    let checker = "python3 -u -c 'import sys,json,re\nfor l in sys.stdin:\n r=json.loads(l); n=re.findall(r\"-?[0-9]+\",r[\"response\"]); print(1.0 if n and n[-1]==r[\"answer\"] else 0.0)'";
+    let sft_dir = out.join("sft");
+    let program = format!("cmd:{checker}");
+    let o = ok(&[
+        "eval",
+        "--model",
+        s(&sft_dir),
+        "--prompts",
+        s(&mine),
+        "--by",
+        "kind",
+        "--show",
+        "1000",
+        "--reward",
+        &program,
+        "--reward",
+        "format",
+        "--reward-weight",
+        "1",
+        "--reward-weight",
+        "0",
+    ]);
+    // Every shown answer's reward is what the checker's rule gives (the last number is the answer).
+    let answers: std::collections::HashMap<String, String> = std::fs::read_to_string(&mine)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["prompt"].as_str().unwrap().to_string(),
+                v["answer"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let (mut shown, mut right) = (0, 0);
+    for l in o
+        .lines()
+        .filter(|l| l.starts_with('+') || l.starts_with('-'))
+    {
+        let (score, rest) = l.split_once(' ').unwrap();
+        let (q, a) = rest.split_once(" -> ").unwrap();
+        let (q, a): (String, String) = (
+            serde_json::from_str(q).unwrap(),
+            serde_json::from_str(a).unwrap(),
+        );
+        let last = a
+            .split(|c: char| !(c.is_ascii_digit() || c == '-'))
+            .filter(|w| w.parse::<i64>().is_ok())
+            .next_back();
+        let want = if last == Some(answers[&q].as_str()) {
+            1.0
+        } else {
+            0.0
+        };
+        assert_eq!(score.parse::<f64>().unwrap(), want, "{l}");
+        shown += 1;
+        right += want as usize;
+    }
+    assert_eq!(shown, answers.len(), "{o}");
+    let acc = format!("accuracy {:.4}", right as f64 / shown as f64);
+    assert!(o.contains(&acc), "{acc} in {o}");
+    assert!(
+        o.contains("reward/format") && o.contains("by kind:") && o.contains("plus n"),
+        "{o}"
+    );
     // A second run reuses every finished stage.
     let o = kiln(&["demo", "--size", "tiny", "--out", s(&out), "--arch", arch]);
     assert!(o.status.success());
