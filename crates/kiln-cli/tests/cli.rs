@@ -211,8 +211,7 @@ fn pipeline_check(arch: &str) -> (tempfile::TempDir, PathBuf) {
         );
         let last = a
             .split(|c: char| !(c.is_ascii_digit() || c == '-'))
-            .filter(|w| w.parse::<i64>().is_ok())
-            .next_back();
+            .rfind(|w| w.parse::<i64>().is_ok());
         let want = if last == Some(answers[&q].as_str()) {
             1.0
         } else {
