@@ -5,6 +5,7 @@ mod bench;
 mod bundle;
 mod chat;
 mod cmd_data_prepare;
+mod cmd_template;
 mod cmd_tokenizer;
 mod config;
 mod demo;
@@ -66,6 +67,9 @@ enum Cmd {
     /// Speed benchmarks (same shapes and output lines as shared/bench/torch_gpt_bench.py).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Chat templates: render messages with a model's template (`kiln template render`).
+    #[command(subcommand)]
+    Template(cmd_template::TemplateCmd),
 }
 
 #[derive(Args)]
@@ -261,7 +265,8 @@ struct SftArgs {
     val_data: Option<PathBuf>,
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Chat template JSON (default: Kiln's).
+    /// Chat template: Kiln's JSON, or a Hugging Face Jinja template (FILE.jinja). Default: the
+    /// model's own (kiln.json, or tokenizer_config.json's chat_template).
     #[arg(long)]
     template: Option<PathBuf>,
     /// Skip malformed records (counted and reported) instead of failing.
@@ -525,6 +530,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => run_eval(a),
         Cmd::Logits(a) => run_logits(a),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Template(c) => cmd_template::run(c),
     }
 }
 

@@ -735,8 +735,10 @@ impl SpecialTokens {
     /// Reads the roles of a Hugging Face model directory's tokenizer: `bos_token`, `eos_token`,
     /// `pad_token`, `unk_token`, `mask_token` of `tokenizer_config.json` (strings or
     /// `{"content": ...}` objects, resolved to ids through the tokenizer) or
-    /// `special_tokens_map.json`; `eos_token_id` (an int or a list) of `generation_config.json`,
-    /// else of `config.json`; the same for `bos_token_id` and `pad_token_id`. The end of turn is a
+    /// `special_tokens_map.json`; `eos_token_id` (an int or a list) of `generation_config.json`
+    /// added to them, `config.json`'s only when neither names one; `bos_token_id` and
+    /// `pad_token_id` of `generation_config.json`, else `config.json`, for roles not named by
+    /// token. A `config.json` that Kiln wrote (`kiln_arch`) is not consulted: its ids are Kiln's. The end of turn is a
     /// well-known end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...) that the tokenizer has as a
     /// special token and the chat template uses, else the first end-of-sequence token.
     pub fn from_hf_dir(
@@ -746,7 +748,11 @@ impl SpecialTokens {
         let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
         let stm = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or_default();
         let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or_default();
-        let cfg = read_json(&dir.join("config.json"))?.unwrap_or_default();
+        // Kiln's own config.json carries Kiln's fixed ids, which mean nothing for another
+        // tokenizer (the checkpoints Kiln writes for one carry generation_config.json).
+        let cfg = read_json(&dir.join("config.json"))?
+            .filter(|c| c.get("kiln_arch").is_none())
+            .unwrap_or_default();
         let mut s = SpecialTokens::default();
         let mut named = |role: &str| -> std::result::Result<Option<u32>, String> {
             let Some(name) = tc
@@ -777,7 +783,11 @@ impl SpecialTokens {
         };
         s.bos = bos.or(ids("bos_token_id").first().copied());
         s.eos = eos.into_iter().collect();
-        for id in ids("eos_token_id") {
+        let mut more = token_ids(gc.get("eos_token_id"));
+        if s.eos.is_empty() && more.is_empty() {
+            more = token_ids(cfg.get("eos_token_id"));
+        }
+        for id in more {
             if !s.eos.contains(&id) {
                 s.eos.push(id);
             }
