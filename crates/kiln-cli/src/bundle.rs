@@ -11,7 +11,7 @@
 use anyhow::{bail, Context, Result};
 use kiln_data::chat_format::{ChatFormat, JinjaChat, KilnChat};
 use kiln_data::template::ChatTemplate;
-use kiln_data::Tokenizer;
+use kiln_data::{SpecialOverrides, Tokenizer};
 use kiln_model::checkpoint::{load_model, read_checked, resolve_model_dir};
 use kiln_model::Model;
 use serde::{Deserialize, Serialize};
@@ -99,11 +99,21 @@ impl Bundle {
                 if let Some(t) = &meta.chat_template {
                     o.insert("chat_template".into(), t.clone().into());
                 }
+                // Roles missing from the file, or given otherwise (flags), are written as strings.
                 for role in ["bos_token", "eos_token", "pad_token"] {
-                    if o.get(role).is_none_or(|x| x.is_null()) {
-                        if let Some(s) = sp.strings.get(role) {
-                            o.insert(role.into(), s.clone().into());
-                        }
+                    let Some(want) = sp.strings.get(role) else {
+                        continue;
+                    };
+                    let have = o.get(role).and_then(|x| match x {
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        serde_json::Value::Object(m) => m
+                            .get("content")
+                            .and_then(|c| c.as_str())
+                            .map(str::to_string),
+                        _ => None,
+                    });
+                    if have.as_ref() != Some(want) {
+                        o.insert(role.into(), want.clone().into());
                     }
                 }
             }
@@ -241,9 +251,14 @@ impl KilnMeta {
 /// Loads a model directory (or a run directory's latest checkpoint) with its tokenizer and metadata,
 /// checking that they belong together.
 pub fn load_bundle(path: &Path) -> Result<Bundle> {
+    load_bundle_with(path, &SpecialOverrides::default())
+}
+
+/// [`load_bundle`] with special-token roles given explicitly (a Hugging Face tokenizer only).
+pub fn load_bundle_with(path: &Path, roles: &SpecialOverrides) -> Result<Bundle> {
     let dir = resolve_model_dir(path)?;
     let model = load_model(&dir)?;
-    let tokenizer = load_tokenizer(&dir)?;
+    let tokenizer = load_tokenizer(&dir, roles)?;
     if !tokenizer.is_kiln() {
         // Hugging Face models often pad their embedding past the tokenizer's last id.
         if tokenizer.vocab_size() > model.cfg.vocab_size {
@@ -284,17 +299,17 @@ pub fn load_chat(
     KilnMeta,
     Option<Arc<dyn ChatFormat + Send + Sync>>,
 )> {
-    let tokenizer = load_tokenizer(dir)?;
+    let tokenizer = load_tokenizer(dir, &SpecialOverrides::default())?;
     let (meta, chat) = load_meta_and_chat(dir, &tokenizer)?;
     Ok((tokenizer, meta, chat))
 }
 
-fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+fn load_tokenizer(dir: &Path, roles: &SpecialOverrides) -> Result<Tokenizer> {
     let tok_path = dir.join(TOKENIZER_FILE);
     if !tok_path.exists() {
         bail!("{}: no tokenizer.json beside the model", dir.display());
     }
-    Ok(Tokenizer::load_dir(dir)?)
+    Ok(Tokenizer::load_dir_with(dir, roles)?)
 }
 
 #[allow(clippy::type_complexity)]

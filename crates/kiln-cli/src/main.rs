@@ -280,6 +280,18 @@ struct SftArgs {
     judge_world: Option<PathBuf>,
     #[arg(long)]
     judge_prompts: Option<PathBuf>,
+    /// A Hugging Face tokenizer's end-of-sequence token, overriding its files (e.g. "<|im_end|>").
+    #[arg(long)]
+    eos_token: Option<String>,
+    /// Its beginning-of-sequence token.
+    #[arg(long)]
+    bos_token: Option<String>,
+    /// Its padding token (padding is always masked, whatever its id).
+    #[arg(long)]
+    pad_token: Option<String>,
+    /// The token that ends a chat turn (default: found from the template, else the EOS token).
+    #[arg(long)]
+    end_of_turn_token: Option<String>,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -444,6 +456,10 @@ fn run(cli: Cli) -> Result<()> {
             if a.packing {
                 o.set("packing", true);
             }
+            o.opt("eos_token", a.eos_token.clone());
+            o.opt("bos_token", a.bos_token.clone());
+            o.opt("pad_token", a.pad_token.clone());
+            o.opt("end_of_turn_token", a.end_of_turn_token.clone());
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();

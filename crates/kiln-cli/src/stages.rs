@@ -231,13 +231,19 @@ pub struct SftConfig {
     pub out: PathBuf,
     /// Tokens per row (default: the model's context).
     pub seq_len: usize,
-    /// A chat template JSON file (default: Kiln's template).
+    /// A chat template: Kiln's JSON, or a Hugging Face Jinja file (`.jinja`). Default: the model's.
     pub template: Option<PathBuf>,
     pub skip_bad_records: bool,
     /// Pack several short examples into each row (attention never crosses examples).
     pub packing: bool,
     /// Task accuracy by the demo judge during evaluation.
     pub judge: Option<JudgeConfig>,
+    /// Special-token roles of a Hugging Face tokenizer, by token string, overriding its files
+    /// (carried on into the checkpoints' tokenizer_config.json / generation_config.json).
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub end_of_turn_token: Option<String>,
     pub train: TrainConfig,
 }
 
@@ -254,6 +260,10 @@ impl Default for SftConfig {
             skip_bad_records: false,
             packing: false,
             judge: None,
+            bos_token: None,
+            eos_token: None,
+            pad_token: None,
+            end_of_turn_token: None,
             train: TrainConfig {
                 lr: 1e-3,
                 min_lr: 1e-4,
@@ -304,7 +314,13 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     if cfg.data.is_empty() {
         bail!("sft: no --data given");
     }
-    let b = load_bundle(&cfg.init)?;
+    let roles = kiln_data::SpecialOverrides {
+        bos: cfg.bos_token.clone(),
+        eos: cfg.eos_token.iter().cloned().collect(),
+        pad: cfg.pad_token.clone(),
+        end_of_turn: cfg.end_of_turn_token.clone(),
+    };
+    let b = crate::bundle::load_bundle_with(&cfg.init, &roles)?;
     if b.model.cfg.arch != Arch::Decoder {
         bail!(
             "sft needs a decoder (GPT) model; {} is an encoder",

@@ -252,6 +252,86 @@ fn sft_and_chat_on_a_hugging_face_model_directory() {
         "{textual}"
     );
 
+    // Reward model, scoring and PPO on the Hugging Face tokenizer and template.
+    let prefs = root.path().join("prefs.jsonl");
+    let prompts = root.path().join("prompts.jsonl");
+    let mut p = String::new();
+    let mut q = String::new();
+    for i in 0..16 {
+        p.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": format!("Add {i} and 2."),
+                               "chosen": format!("The sum is {}.", i + 2), "rejected": "I do not know."})
+        ));
+        q.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": format!("Add {i} and 3.")})
+        ));
+    }
+    std::fs::write(&prefs, p).unwrap();
+    std::fs::write(&prompts, q).unwrap();
+    let rm = root.path().join("rm");
+    ok(
+        THREADS,
+        &[
+            "rm",
+            "--init",
+            s(&ckpt),
+            "--data",
+            s(&prefs),
+            "--out",
+            s(&rm),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--set",
+            "val_fraction=0",
+        ],
+    );
+    let rm_ckpt = latest(&rm);
+    assert!(rm_ckpt.join("tokenizer_config.json").exists());
+    let o = ok(
+        THREADS,
+        &[
+            "rm",
+            "score",
+            "--model",
+            s(&rm),
+            "--prompt",
+            "Add 1 and 2.",
+            "--response",
+            "3",
+        ],
+    );
+    assert!(text(&o.stdout).starts_with("score "));
+    let ppo = root.path().join("ppo");
+    ok(
+        THREADS,
+        &[
+            "ppo",
+            "--actor",
+            s(&out),
+            "--reward-model",
+            s(&rm),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(&ppo),
+            "--iterations",
+            "1",
+            "--set",
+            "ppo.rollout_batch=4",
+            "--set",
+            "ppo.minibatch=2",
+            "--set",
+            "ppo.max_new_tokens=8",
+        ],
+    );
+    let ppo_ckpt = latest(&ppo);
+    let tc = std::fs::read_to_string(ppo_ckpt.join("tokenizer_config.json")).unwrap();
+    assert!(tc.contains("im_start"), "{tc}");
+
     // Logits of the trained model for some ids.
     let o = ok(
         THREADS,
@@ -293,6 +373,60 @@ fn hugging_face_directories_with_bad_parts_give_clear_errors() {
     let tok = hf_model_dir(&no_eos, None, hf::CHATML);
     hf::write_tokenizer_dir(&no_eos, &tok, None, None, None, Some(hf::CHATML));
     sft(&no_eos, &["no end-of-sequence token"]);
+    // ... which a flag supplies, and the checkpoint keeps.
+    let out = root.path().join("with_eos");
+    ok(
+        THREADS,
+        &[
+            "sft",
+            "--init",
+            s(&no_eos),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--max-steps",
+            "2",
+            "--eos-token",
+            "<|im_end|>",
+            "--set",
+            "seq_len=64",
+            "--batch-size",
+            "2",
+        ],
+    );
+    let tc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(latest(&out).join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+    ok(
+        THREADS,
+        &[
+            "chat",
+            "--model",
+            s(&out),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ],
+    );
+    fails(
+        THREADS,
+        &[
+            "sft",
+            "--init",
+            s(&no_eos),
+            "--data",
+            s(&data),
+            "--out",
+            s(&root.path().join("x")),
+            "--eos-token",
+            "<|nope|>",
+        ],
+        &["the eos token \"<|nope|>\" is not in the vocabulary"],
+    );
     // A template that raises.
     let raises = root.path().join("raises");
     hf_model_dir(&raises, None, "{{ raise_exception('only ChatML here') }}");

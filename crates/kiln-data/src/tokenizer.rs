@@ -382,12 +382,18 @@ impl Tokenizer {
     /// [`Tokenizer::load_dir`] with roles given explicitly (they win over the files).
     pub fn load_dir_with(dir: &Path, overrides: &SpecialOverrides) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
-        let kiln_err = match Self::load(&path) {
-            Ok(t) if overrides.is_empty() => return Ok(t),
-            Ok(_) => None,
-            Err(e @ Error::NotFound { .. }) => return Err(e),
-            Err(e) => Some(e),
-        };
+        let kiln_err =
+            match Self::load(&path) {
+                Ok(t) if overrides.is_empty() => return Ok(t),
+                Ok(_) => return Err(Error::InvalidTokenizer {
+                    path,
+                    msg: "a Kiln tokenizer's special tokens have fixed ids; their roles cannot be \
+                          changed"
+                        .into(),
+                }),
+                Err(e @ Error::NotFound { .. }) => return Err(e),
+                Err(e) => Some(e),
+            };
         let invalid = |msg: String| Error::InvalidTokenizer {
             path: path.clone(),
             msg,

@@ -308,3 +308,55 @@ fn kiln_template_through_the_trait_is_unchanged() {
     );
     assert_eq!(r.num_targets(), 0);
 }
+
+/// The bug TRL users hit: with the pad token equal to the end-of-sequence token, masking "pad"
+/// positions by id drops the end of sequence from the loss and the model never learns to stop.
+/// Kiln masks padding by position, so the end-of-sequence target stays.
+#[test]
+fn end_of_sequence_equal_to_pad_is_still_trained() {
+    use kiln_data::template::{collate, pack, IGNORE};
+    let dir = tempfile::tempdir().unwrap();
+    let lib = hf::llama3_layout(500);
+    hf::write_tokenizer_dir(
+        dir.path(),
+        &lib,
+        Some("<|begin_of_text|>"),
+        Some("<|end_of_text|>"),
+        Some("<|end_of_text|>"),
+        Some(hf::ALPACA),
+    );
+    let tok = Tokenizer::load_dir(dir.path()).unwrap();
+    let eos = tok.token_to_id("<|end_of_text|>").unwrap();
+    assert_eq!(tok.specials().pad, Some(eos));
+    assert_eq!(tok.specials().eos, vec![eos]);
+    let chat = JinjaChat::new(hf::ALPACA, tok).unwrap();
+    let short = chat
+        .render_conversation(&Conversation {
+            messages: vec![Message::user("hi"), Message::assistant("hello")],
+        })
+        .unwrap();
+    let long = chat
+        .render_conversation(&Conversation {
+            messages: vec![
+                Message::user("tell me a longer story"),
+                Message::assistant("once upon a time there was a fox"),
+            ],
+        })
+        .unwrap();
+    let last = short.loss_mask.iter().rposition(|&m| m).unwrap();
+    assert_eq!(short.tokens[last], eos);
+    for batch in [
+        collate(&[short.clone(), long.clone()], 64),
+        pack(&[short, long], 64),
+    ] {
+        // Every row's end-of-sequence token is a target...
+        let eos_targets = batch.targets.iter().filter(|&&t| t == eos).count();
+        assert_eq!(eos_targets, 2);
+        // ...and padding never is, whatever its id.
+        for i in 0..batch.tokens.len() {
+            if !batch.valid[i] {
+                assert_eq!(batch.targets[i], IGNORE);
+            }
+        }
+    }
+}
