@@ -102,20 +102,22 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         .iter()
         .map(|p| -> Result<Vec<u32>> {
             if a.chat {
-                Ok(b.meta
-                    .template
-                    .render_prompt(&b.tokenizer, &[Message::user(p.clone())])?)
+                Ok(b.chat()?.render_prompt(&[Message::user(p.clone())])?)
             } else {
-                Ok(std::iter::once(special::EOT)
+                // A document starts after the beginning-of-sequence token (Kiln: <|endoftext|>).
+                Ok(b.tokenizer
+                    .specials()
+                    .bos
+                    .into_iter()
                     .chain(b.tokenizer.encode(p))
                     .collect())
             }
         })
         .collect::<Result<_>>()?;
     let stops = if a.chat {
-        b.meta.template.stop_tokens()?
+        b.chat()?.stop_tokens()?
     } else {
-        vec![special::EOT]
+        b.tokenizer.specials().eos.clone()
     };
     let opts = GenerateOptions {
         max_new_tokens: a.sampling.max_new_tokens,
@@ -180,7 +182,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     if b.model.cfg.arch != Arch::Decoder {
         bail!("{}: an encoder cannot chat", b.dir.display());
     }
-    let template = &b.meta.template;
+    let template = b.chat()?;
     let stops = template.stop_tokens()?;
     let opts = GenerateOptions {
         max_new_tokens: a.sampling.max_new_tokens,
@@ -200,10 +202,10 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         conv.push(Message::user(user));
         // Drop the oldest turns when the conversation outgrows the context.
         let n_ctx = b.model.cfg.n_ctx;
-        let mut tokens = template.render_prompt(&b.tokenizer, conv)?;
+        let mut tokens = template.render_prompt(conv)?;
         while tokens.len() + 8 > n_ctx && conv.len() > 1 + start.len() {
             conv.remove(start.len());
-            tokens = template.render_prompt(&b.tokenizer, conv)?;
+            tokens = template.render_prompt(conv)?;
         }
         if tokens.len() >= n_ctx {
             conv.pop();
@@ -404,11 +406,9 @@ pub fn run_score(a: ScoreArgs) -> Result<()> {
     let seqs: Vec<Vec<u32>> = pairs
         .iter()
         .map(|(p, r)| -> Result<Vec<u32>> {
-            let rendered = b.meta.template.render_prompt_response(
-                &b.tokenizer,
-                &[Message::user(p.clone())],
-                r,
-            )?;
+            let rendered = b
+                .chat()?
+                .render_prompt_response(&[Message::user(p.clone())], r)?;
             let fit = kiln_data::template::fit_example(&rendered, n_ctx - 1)
                 .context("the response does not fit the model's context")?;
             Ok(fit.tokens)

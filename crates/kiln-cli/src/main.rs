@@ -7,6 +7,7 @@ mod chat;
 mod cmd_data_prepare;
 mod cmd_dpo;
 mod cmd_grpo;
+mod cmd_template;
 mod cmd_tokenizer;
 mod config;
 mod demo;
@@ -77,6 +78,9 @@ enum Cmd {
     /// Speed benchmarks (same shapes and output lines as shared/bench/torch_gpt_bench.py).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Chat templates: render messages with a model's template (`kiln template render`).
+    #[command(subcommand)]
+    Template(cmd_template::TemplateCmd),
 }
 
 #[derive(Args)]
@@ -302,7 +306,8 @@ struct SftArgs {
     val_data: Option<PathBuf>,
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Chat template JSON (default: Kiln's).
+    /// Chat template: Kiln's JSON, or a Hugging Face Jinja template (FILE.jinja). Default: the
+    /// model's own (kiln.json, or tokenizer_config.json's chat_template).
     #[arg(long)]
     template: Option<PathBuf>,
     /// Skip malformed records (counted and reported) instead of failing.
@@ -316,6 +321,18 @@ struct SftArgs {
     judge_world: Option<PathBuf>,
     #[arg(long)]
     judge_prompts: Option<PathBuf>,
+    /// A Hugging Face tokenizer's end-of-sequence token, overriding its files (e.g. "<|im_end|>").
+    #[arg(long)]
+    eos_token: Option<String>,
+    /// Its beginning-of-sequence token.
+    #[arg(long)]
+    bos_token: Option<String>,
+    /// Its padding token (padding is always masked, whatever its id).
+    #[arg(long)]
+    pad_token: Option<String>,
+    /// The token that ends a chat turn (default: found from the template, else the EOS token).
+    #[arg(long)]
+    end_of_turn_token: Option<String>,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -480,6 +497,10 @@ fn run(cli: Cli) -> Result<()> {
             if a.packing {
                 o.set("packing", true);
             }
+            o.opt("eos_token", a.eos_token.clone());
+            o.opt("bos_token", a.bos_token.clone());
+            o.opt("pad_token", a.pad_token.clone());
+            o.opt("end_of_turn_token", a.end_of_turn_token.clone());
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
@@ -569,6 +590,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => run_eval(a),
         Cmd::Logits(a) => run_logits(a),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Template(c) => cmd_template::run(c),
     }
 }
 

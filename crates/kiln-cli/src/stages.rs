@@ -1,7 +1,7 @@
 //! The pipeline's stages as functions of a config (TOML-loadable, flag-overridable): each reads its
 //! inputs, trains, and leaves a run directory whose latest checkpoint is the next stage's input.
 
-use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE, TOKENIZER_FILE};
+use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
 use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, PrefRecord, Role};
@@ -19,8 +19,8 @@ use kiln_train::pretrain::{LmObjective, PretrainKind};
 use kiln_train::reward::{
     CommandReward, FnReward, FormatReward, ModelReward, RewardSource, Weighted,
 };
-use kiln_train::rm::{render_groups, RmLoss, RmObjective};
-use kiln_train::sft::{render_examples, ExtraEval, SftObjective};
+use kiln_train::rm::{render_groups_with, RmLoss, RmObjective};
+use kiln_train::sft::{render_examples_with, ExtraEval, SftObjective};
 use kiln_train::{RunDir, TrainConfig, TrainSummary, Trainer};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -239,13 +239,19 @@ pub struct SftConfig {
     pub out: PathBuf,
     /// Tokens per row (default: the model's context).
     pub seq_len: usize,
-    /// A chat template JSON file (default: Kiln's template).
+    /// A chat template: Kiln's JSON, or a Hugging Face Jinja file (`.jinja`). Default: the model's.
     pub template: Option<PathBuf>,
     pub skip_bad_records: bool,
     /// Pack several short examples into each row (attention never crosses examples).
     pub packing: bool,
     /// Task accuracy by the demo judge during evaluation.
     pub judge: Option<JudgeConfig>,
+    /// Special-token roles of a Hugging Face tokenizer, by token string, overriding its files
+    /// (carried on into the checkpoints' tokenizer_config.json / generation_config.json).
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub end_of_turn_token: Option<String>,
     pub train: TrainConfig,
 }
 
@@ -262,6 +268,10 @@ impl Default for SftConfig {
             skip_bad_records: false,
             packing: false,
             judge: None,
+            bos_token: None,
+            eos_token: None,
+            pad_token: None,
+            end_of_turn_token: None,
             train: TrainConfig {
                 lr: 1e-3,
                 min_lr: 1e-4,
@@ -288,18 +298,6 @@ fn report_skipped<T>(stage: &str, path: &Path, l: kiln_data::datasets::Loaded<T>
     l.records
 }
 
-fn load_template(path: &Option<PathBuf>) -> Result<ChatTemplate> {
-    match path {
-        None => Ok(ChatTemplate::default()),
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            ChatTemplate::from_json(&text)
-                .with_context(|| format!("{}: invalid chat template", p.display()))
-        }
-    }
-}
-
 /// Splits records into (train, val) deterministically by index.
 fn split_val<T: Clone>(records: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     if fraction <= 0.0 || records.len() < 2 {
@@ -324,18 +322,23 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     if cfg.data.is_empty() {
         bail!("sft: no --data given");
     }
-    let b = load_bundle(&cfg.init)?;
+    let roles = kiln_data::SpecialOverrides {
+        bos: cfg.bos_token.clone(),
+        eos: cfg.eos_token.iter().cloned().collect(),
+        pad: cfg.pad_token.clone(),
+        end_of_turn: cfg.end_of_turn_token.clone(),
+    };
+    let b = crate::bundle::load_bundle_with(&cfg.init, &roles)?;
     if b.model.cfg.arch != Arch::Decoder {
         bail!(
             "sft needs a decoder (GPT) model; {} is an encoder",
             b.dir.display()
         );
     }
-    let template = match &cfg.template {
-        Some(_) => load_template(&cfg.template)?,
-        None => b.meta.template.clone(),
-    };
-    template.validate()?;
+    let (template, jinja, chat) = crate::bundle::stage_template(&b, &cfg.template)?;
+    let mut meta = KilnMeta::new("sft", template.clone(), &b.tokenizer, cfg.train.seed);
+    meta.chat_template = jinja;
+    let extra_files = b.stage_files(&meta)?;
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
     };
@@ -352,8 +355,8 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     } else {
         cfg.seq_len.min(b.model.cfg.n_ctx)
     };
-    let (train, skipped) = render_examples(&b.tokenizer, &template, &train_c, seq_len)?;
-    let (val, vskipped) = render_examples(&b.tokenizer, &template, &val_c, seq_len)?;
+    let (train, skipped) = render_examples_with(chat.as_ref(), &train_c, seq_len)?;
+    let (val, vskipped) = render_examples_with(chat.as_ref(), &val_c, seq_len)?;
     eprintln!(
         "[sft] {} train / {} val examples ({} + {} skipped: response longer than {seq_len} tokens)",
         train.len(),
@@ -362,6 +365,9 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
         vskipped
     );
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
+    if judge.is_some() && meta.chat_template.is_some() {
+        bail!("sft: the demo judge needs Kiln's chat template");
+    }
     let tok = b.tokenizer.clone();
     let tpl = template.clone();
     let extra: Option<ExtraEval> =
@@ -383,11 +389,10 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     )?;
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let meta = KilnMeta::new("sft", template, &b.tokenizer, cfg.train.seed);
     let trainer = Trainer {
         cfg: cfg.train.clone(),
         run: &run,
-        extra_files: meta.files(&b.dir.join(TOKENIZER_FILE))?,
+        extra_files,
         progress,
         label: "sft".into(),
     };
@@ -453,6 +458,10 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     }
     let b = load_bundle(&cfg.init)?;
     let template = b.meta.template.clone();
+    let chat = b.chat()?;
+    let mut meta = KilnMeta::new("rm", template.clone(), &b.tokenizer, cfg.train.seed);
+    meta.chat_template = b.meta.chat_template.clone();
+    let extra_files = b.stage_files(&meta)?;
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
     };
@@ -478,8 +487,9 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     } else {
         seq_len
     };
-    let (train, skipped) = render_groups(&b.tokenizer, &template, &train_r, fit)?;
-    let (val, vskipped) = render_groups(&b.tokenizer, &template, &val_r, fit)?;
+    let (train, skipped) = render_groups_with(chat, &train_r, fit)?;
+    let (val, vskipped) = render_groups_with(chat, &val_r, fit)?;
+    let chat = b.chat.clone().expect("checked above");
     let pairs: usize = train
         .iter()
         .map(|g| kiln_data::datasets::expand_pairs(&g.ranks).len())
@@ -510,19 +520,17 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     )?;
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let mut meta = KilnMeta::new("rm", template.clone(), &b.tokenizer, cfg.train.seed);
-    let tok_path = b.dir.join(TOKENIZER_FILE);
     let trainer = Trainer {
         cfg: cfg.train.clone(),
         run: &run,
-        extra_files: meta.files(&tok_path)?,
+        extra_files,
         progress,
         label: "rm".into(),
     };
     let mut summary = trainer.train(&mut model, &mut obj, resume)?;
     if let Some(path) = &cfg.test_data {
         let records = report_skipped("rm", path, load_preferences(path, &opts)?);
-        let (test, _) = render_groups(&b.tokenizer, &template, &records, fit)?;
+        let (test, _) = render_groups_with(chat.as_ref(), &records, fit)?;
         let m = obj.evaluate_groups(&model, &test);
         eprintln!(
             "[rm] test ({}): {}",
@@ -607,12 +615,14 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         rm.meta.reward_std.unwrap_or(1.0),
     );
     let template = actor.meta.template.clone();
+    let chat = actor.chat()?;
     let loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &Default::default())?;
     let prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
-        .map(|r| template.render_prompt(&actor.tokenizer, &r.prompt))
+        .map(|r| chat.render_prompt(&r.prompt))
         .collect::<Result<_, _>>()?;
+    let stop_tokens = chat.stop_tokens()?;
     eprintln!(
         "[ppo] {} prompts; reward normalisation mean {mean:.3} std {std:.3}",
         prompts.len()
@@ -652,7 +662,9 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     )?;
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
+    let mut meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
+    meta.chat_template = actor.meta.chat_template.clone();
+    let extra_files = actor.stage_files(&meta)?;
     let ptx: Option<Box<dyn kiln_train::Objective>> = match (&cfg.ptx_data, cfg.ppo.ptx_coef > 0.0)
     {
         (Some(dir), true) => Some(Box::new(LmObjective::new(
@@ -680,9 +692,9 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
             std,
         },
         prompts,
-        stop_tokens: template.stop_tokens()?,
+        stop_tokens,
         run: &run,
-        extra_files: meta.files(&actor.dir.join(TOKENIZER_FILE))?,
+        extra_files,
         eval,
         decode: Box::new(move |t| tok2.decode_skip_special(t)),
         progress,
@@ -810,6 +822,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     };
     settings.validate()?;
     let b = load_bundle(&cfg.init)?;
+    b.require_kiln_template("dpo")?;
     if b.model.cfg.arch != Arch::Decoder || b.model.cfg.score_head {
         bail!(
             "{}: DPO starts from a decoder language model (an SFT model), not an encoder or a reward model",
@@ -863,6 +876,9 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     if cut > 0 {
         eprintln!("[dpo] {cut} prompts cut at the start to fit the context of {seq_len} tokens");
     }
+    let mut meta = KilnMeta::new("dpo", template.clone(), &b.tokenizer, cfg.train.seed);
+    meta.chat_template = b.meta.chat_template.clone();
+    let stage_files = b.stage_files(&meta)?;
     let mut model = b.model;
     // The reference passes through the arithmetic training will use.
     model.precision = cfg.train.precision;
@@ -947,8 +963,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     }
     obj.use_reference(reference)?;
     write_run_config(&cfg.out, cfg)?;
-    let meta = KilnMeta::new("dpo", template, &b.tokenizer, cfg.train.seed);
-    let mut extra_files = meta.files(&b.dir.join(TOKENIZER_FILE))?;
+    let mut extra_files = stage_files;
     extra_files.push((KEY_FILE.into(), serde_json::to_vec_pretty(&key)?));
     let trainer = Trainer {
         cfg: cfg.train.clone(),
@@ -1073,12 +1088,13 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     )?;
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
-    let meta = KilnMeta::new("grpo", template.clone(), &actor.tokenizer, cfg.grpo.seed);
+    let mut meta = KilnMeta::new("grpo", template.clone(), &actor.tokenizer, cfg.grpo.seed);
+    meta.chat_template = actor.meta.chat_template.clone();
     let tok2 = actor.tokenizer.clone();
     let mut g = Grpo {
         cfg: cfg.grpo.clone(),
         reference,
-        extra_files: meta.files(&actor.dir.join(TOKENIZER_FILE))?,
+        extra_files: actor.stage_files(&meta)?,
         actor: actor.model,
         rewards,
         prompts,

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod bench;
+pub mod chat_format;
 pub mod corpus;
 pub mod datasets;
 pub mod prepare;
@@ -30,7 +31,7 @@ pub use bench::{bench_tokenizer, TokenizerBench};
 pub use corpus::{expand_inputs, read_documents};
 pub use prepare::{prepare, PrepareMeta, PrepareStats};
 pub use shards::{write_shard, Shard, ShardSet};
-pub use tokenizer::{special, Tokenizer};
+pub use tokenizer::{special, SpecialOverrides, SpecialTokens, Tokenizer};
 
 /// Errors of the data layer. Messages name the file (and line, where there is one).
 #[derive(Debug, thiserror::Error)]

@@ -65,6 +65,9 @@ pub enum TemplateError {
     /// A conversation that cannot be rendered for training.
     #[error("cannot render conversation: {0}")]
     Conversation(String),
+    /// A Jinja chat template that does not compile or render.
+    #[error("Jinja chat template: {0}")]
+    Jinja(String),
 }
 
 /// How conversations are turned into tokens. Each field is a template for one role's turn and

@@ -78,10 +78,17 @@ pub struct TrainStats {
     pub bytes: u64,
 }
 
-/// A byte-level BPE tokenizer with the fixed [`special`] tokens at ids 0..=7.
+/// A tokenizer: Kiln's own byte-level BPE with the fixed [`special`] tokens at ids 0..=7, or any
+/// other `tokenizer.json` the `tokenizers` crate loads (see [`Tokenizer::load_dir`]), whose special
+/// tokens are known by their roles ([`SpecialTokens`]).
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Special-token strings in text are encoded as text.
+    inner: Arc<tokenizers::Tokenizer>,
+    /// Another tokenizer's pipeline that turns special-token strings into their ids (trusted text:
+    /// rendered chat templates); `None` for Kiln's own tokenizers.
+    foreign: Option<Arc<tokenizers::Tokenizer>>,
+    specials: SpecialTokens,
     fingerprint: String,
     vocab_size: usize,
     /// Fast equivalent of the HF encoding pipeline (None: use HF).
@@ -306,11 +313,116 @@ impl Tokenizer {
             .and_then(|v| fast::FastBpe::from_json(&v))
             .map(Arc::new);
         Ok(Tokenizer {
-            inner,
+            inner: Arc::new(inner),
+            foreign: None,
+            specials: SpecialTokens::kiln(),
             fingerprint,
             vocab_size: vocab.len(),
             fast,
         })
+    }
+
+    /// Wraps any tokenizer the `tokenizers` crate loaded, with its special tokens given by role.
+    /// Encoding goes through the library's own pipeline. Fails when `specials` names no
+    /// end-of-sequence token or an id outside the vocabulary.
+    pub fn from_hf(
+        inner: tokenizers::Tokenizer,
+        specials: SpecialTokens,
+    ) -> std::result::Result<Tokenizer, String> {
+        let vocab = inner.get_vocab(true);
+        let vocab_size = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
+        if vocab_size == 0 {
+            return Err("the vocabulary is empty".into());
+        }
+        if specials.eos.is_empty() {
+            return Err(
+                "no end-of-sequence token: set eos_token in tokenizer_config.json (or \
+                 eos_token_id in generation_config.json), or pass --eos-token"
+                    .into(),
+            );
+        }
+        for (role, id) in specials.roles() {
+            if id as usize >= vocab_size {
+                return Err(format!(
+                    "the {role} token id {id} is outside the vocabulary ({vocab_size} tokens)"
+                ));
+            }
+        }
+        let json = inner
+            .to_string(false)
+            .map_err(|e| format!("cannot serialize: {e}"))?;
+        let digest = Sha256::digest(json.as_bytes());
+        let fingerprint: String = digest
+            .iter()
+            .take(FINGERPRINT_LEN / 2)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut parsing = inner;
+        parsing.set_encode_special_tokens(false);
+        Ok(Tokenizer {
+            inner: Arc::new(plain),
+            foreign: Some(Arc::new(parsing)),
+            specials,
+            fingerprint,
+            vocab_size,
+            fast: None,
+        })
+    }
+
+    /// Loads the tokenizer of a model directory: `tokenizer.json`, as Kiln's own tokenizer when it
+    /// is one (fixed special ids, fast encoder), otherwise as any tokenizer the `tokenizers` crate
+    /// loads, with its special tokens' roles read from `tokenizer_config.json`,
+    /// `generation_config.json` and `config.json` (see [`SpecialTokens::from_hf_dir`]).
+    pub fn load_dir(dir: &Path) -> Result<Tokenizer> {
+        Self::load_dir_with(dir, &SpecialOverrides::default())
+    }
+
+    /// [`Tokenizer::load_dir`] with roles given explicitly (they win over the files).
+    pub fn load_dir_with(dir: &Path, overrides: &SpecialOverrides) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        let kiln_err =
+            match Self::load(&path) {
+                Ok(t) if overrides.is_empty() => return Ok(t),
+                Ok(_) => return Err(Error::InvalidTokenizer {
+                    path,
+                    msg: "a Kiln tokenizer's special tokens have fixed ids; their roles cannot be \
+                          changed"
+                        .into(),
+                }),
+                Err(e @ Error::NotFound { .. }) => return Err(e),
+                Err(e) => Some(e),
+            };
+        let invalid = |msg: String| Error::InvalidTokenizer {
+            path: path.clone(),
+            msg,
+        };
+        let json =
+            std::fs::read_to_string(&path).map_err(|e| Error::io("read tokenizer", &path, e))?;
+        let parsed =
+            std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(&json)).map_err(|_| {
+                invalid("cannot parse tokenizer JSON (the tokenizers library panicked)".into())
+            })?;
+        let inner = parsed.map_err(|e| {
+            invalid(match &kiln_err {
+                Some(k) => format!("cannot parse tokenizer JSON: {e} (as a Kiln tokenizer: {k})"),
+                None => format!("cannot parse tokenizer JSON: {e}"),
+            })
+        })?;
+        let mut specials = SpecialTokens::from_hf_dir(dir, &inner).map_err(invalid)?;
+        specials.apply(overrides, &inner).map_err(invalid)?;
+        Self::from_hf(inner, specials).map_err(invalid)
+    }
+
+    /// The special tokens by role.
+    pub fn specials(&self) -> &SpecialTokens {
+        &self.specials
+    }
+
+    /// Whether this is one of Kiln's own tokenizers (the fixed ids of [`special`]).
+    pub fn is_kiln(&self) -> bool {
+        self.foreign.is_none()
     }
 
     /// Loads a `tokenizer.json` written by [`Tokenizer::save`] and checks it (see the module docs).
@@ -375,12 +487,25 @@ impl Tokenizer {
         }
     }
 
+    /// Encodes trusted text (a rendered chat template) the way `transformers` does with
+    /// `add_special_tokens=False`: the special tokens' strings become their ids, and the
+    /// post-processor adds nothing.
+    pub fn encode_trusted(&self, text: &str) -> Vec<u32> {
+        match &self.foreign {
+            Some(t) => match t.encode_fast(text, false) {
+                Ok(enc) => enc.get_ids().to_vec(),
+                Err(e) => panic!("tokenizer failed to encode (this is a bug): {e}"),
+            },
+            None => self.encode_with_specials(text),
+        }
+    }
+
     /// [`Tokenizer::encode`] through the HF `tokenizers` pipeline (the reference the fast
     /// encoder is tested against).
     pub fn encode_hf(&self, text: &str) -> Vec<u32> {
         match self.inner.encode_fast(text, false) {
             Ok(enc) => enc.get_ids().to_vec(),
-            Err(e) => panic!("byte-level BPE encoding failed (this is a bug): {e}"),
+            Err(e) => panic!("tokenizer failed to encode (this is a bug): {e}"),
         }
     }
 
@@ -403,6 +528,9 @@ impl Tokenizer {
     /// Like [`Tokenizer::encode`] but the exact special-token strings (e.g. `<|user|>`) in `text`
     /// become their special ids. Only for trusted text (templates, tests).
     pub fn encode_with_specials(&self, text: &str) -> Vec<u32> {
+        if self.foreign.is_some() {
+            return self.encode_trusted(text);
+        }
         let mut out = Vec::new();
         let mut rest = text;
         while !rest.is_empty() {
@@ -454,6 +582,9 @@ impl Tokenizer {
     /// where a multi-byte character can be split across tokens.
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         let tok = self.inner.id_to_token(id)?;
+        if self.foreign.is_some() {
+            return Some(self.inner.decode(&[id], false).ok()?.into_bytes());
+        }
         if special::is_special(id) {
             return Some(tok.into_bytes());
         }
@@ -472,6 +603,276 @@ impl Tokenizer {
     /// The wrapped HF tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// The special tokens of a tokenizer by role. Kiln's own tokenizers declare their fixed ids
+/// ([`SpecialTokens::kiln`]); any other is read from its model directory
+/// ([`SpecialTokens::from_hf_dir`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SpecialTokens {
+    /// Beginning of sequence (Kiln: `<|endoftext|>`, which every document follows).
+    pub bos: Option<u32>,
+    /// End of sequence: generation stops at any of them (Llama 3 has several). Never empty.
+    pub eos: Vec<u32>,
+    /// Padding. Batches never rely on it: padded positions are masked by position (attention
+    /// mask, no target), so a pad token equal to an end-of-sequence token never hides the latter
+    /// from the loss, and a tokenizer without one pads with a reserved id that is always masked.
+    pub pad: Option<u32>,
+    /// The token that ends a chat turn (Kiln: `<|end|>`; ChatML: `<|im_end|>`; Llama 3:
+    /// `<|eot_id|>`); by default the first end-of-sequence token.
+    pub end_of_turn: Option<u32>,
+    /// Masked-LM mask.
+    pub mask: Option<u32>,
+    /// Unknown token.
+    pub unk: Option<u32>,
+    /// The token strings, by role, as chat templates see them (`bos_token`, `eos_token`, ...).
+    pub strings: std::collections::BTreeMap<String, String>,
+}
+
+/// Roles given explicitly (token strings), winning over what the model directory says.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialOverrides {
+    pub bos: Option<String>,
+    pub eos: Vec<String>,
+    pub pad: Option<String>,
+    pub end_of_turn: Option<String>,
+}
+
+impl SpecialOverrides {
+    pub fn is_empty(&self) -> bool {
+        self.bos.is_none()
+            && self.eos.is_empty()
+            && self.pad.is_none()
+            && self.end_of_turn.is_none()
+    }
+}
+
+/// Names of end-of-turn tokens of well-known chat formats.
+const END_OF_TURN_NAMES: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|eot|>",
+];
+
+fn token_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn read_json(path: &Path) -> std::result::Result<Option<serde_json::Value>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: not valid JSON: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+impl SpecialTokens {
+    /// Kiln's fixed ids: BOS and EOS `<|endoftext|>`, pad `<|pad|>`, end of turn `<|end|>`,
+    /// mask `<|mask|>`.
+    pub fn kiln() -> SpecialTokens {
+        let mut strings = std::collections::BTreeMap::new();
+        for (role, id) in [
+            ("bos_token", special::EOT),
+            ("eos_token", special::EOT),
+            ("pad_token", special::PAD),
+            ("mask_token", special::MASK),
+        ] {
+            strings.insert(role.to_string(), special::NAMES[id as usize].to_string());
+        }
+        SpecialTokens {
+            bos: Some(special::EOT),
+            eos: vec![special::EOT],
+            pad: Some(special::PAD),
+            end_of_turn: Some(special::END),
+            mask: Some(special::MASK),
+            unk: None,
+            strings,
+        }
+    }
+
+    /// Every role that has an id, with it.
+    pub fn roles(&self) -> Vec<(&'static str, u32)> {
+        let mut out = Vec::new();
+        out.extend(self.bos.map(|i| ("bos", i)));
+        out.extend(self.eos.iter().map(|&i| ("eos", i)));
+        out.extend(self.pad.map(|i| ("pad", i)));
+        out.extend(self.end_of_turn.map(|i| ("end_of_turn", i)));
+        out.extend(self.mask.map(|i| ("mask", i)));
+        out.extend(self.unk.map(|i| ("unk", i)));
+        out
+    }
+
+    /// The end-of-turn token, or the first end-of-sequence token.
+    pub fn turn_end(&self) -> u32 {
+        self.end_of_turn.or(self.eos.first().copied()).unwrap_or(0)
+    }
+
+    /// Where generation stops: every end-of-sequence token and the end-of-turn token.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        let mut stops = self.eos.clone();
+        if let Some(e) = self.end_of_turn {
+            if !stops.contains(&e) {
+                stops.push(e);
+            }
+        }
+        stops
+    }
+
+    /// Reads the roles of a Hugging Face model directory's tokenizer: `bos_token`, `eos_token`,
+    /// `pad_token`, `unk_token`, `mask_token` of `tokenizer_config.json` (strings or
+    /// `{"content": ...}` objects, resolved to ids through the tokenizer) or
+    /// `special_tokens_map.json`; `eos_token_id` (an int or a list) of `generation_config.json`
+    /// added to them, `config.json`'s only when neither names one; `bos_token_id` and
+    /// `pad_token_id` of `generation_config.json`, else `config.json`, for roles not named by
+    /// token. A `config.json` that Kiln wrote (`kiln_arch`) is not consulted: its ids are Kiln's. The end of turn is a
+    /// well-known end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...) that the tokenizer has as a
+    /// special token and the chat template uses, else the first end-of-sequence token.
+    pub fn from_hf_dir(
+        dir: &Path,
+        tok: &tokenizers::Tokenizer,
+    ) -> std::result::Result<SpecialTokens, String> {
+        let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
+        let stm = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or_default();
+        let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or_default();
+        // Kiln's own config.json carries Kiln's fixed ids, which mean nothing for another
+        // tokenizer (the checkpoints Kiln writes for one carry generation_config.json).
+        let cfg = read_json(&dir.join("config.json"))?
+            .filter(|c| c.get("kiln_arch").is_none())
+            .unwrap_or_default();
+        let mut s = SpecialTokens::default();
+        let mut named = |role: &str| -> std::result::Result<Option<u32>, String> {
+            let Some(name) = tc
+                .get(role)
+                .and_then(token_string)
+                .or_else(|| stm.get(role).and_then(token_string))
+            else {
+                return Ok(None);
+            };
+            let id = tok.token_to_id(&name).ok_or_else(|| {
+                format!("tokenizer_config.json: {role} {name:?} is not a token of tokenizer.json")
+            })?;
+            s.strings.insert(role.to_string(), name);
+            Ok(Some(id))
+        };
+        let bos = named("bos_token")?;
+        let eos = named("eos_token")?;
+        let pad = named("pad_token")?;
+        let unk = named("unk_token")?;
+        let mask = named("mask_token")?;
+        let ids = |key: &str| {
+            let g = token_ids(gc.get(key));
+            if g.is_empty() {
+                token_ids(cfg.get(key))
+            } else {
+                g
+            }
+        };
+        s.bos = bos.or(ids("bos_token_id").first().copied());
+        s.eos = eos.into_iter().collect();
+        let mut more = token_ids(gc.get("eos_token_id"));
+        if s.eos.is_empty() && more.is_empty() {
+            more = token_ids(cfg.get("eos_token_id"));
+        }
+        for id in more {
+            if !s.eos.contains(&id) {
+                s.eos.push(id);
+            }
+        }
+        s.pad = pad.or(ids("pad_token_id").first().copied());
+        s.unk = unk;
+        s.mask = mask;
+        let template = tc
+            .get("chat_template")
+            .and_then(|t| t.as_str().map(str::to_string))
+            .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())
+            .unwrap_or_default();
+        let added = tok.get_added_tokens_decoder();
+        s.end_of_turn = END_OF_TURN_NAMES
+            .iter()
+            .find(|n| {
+                template.contains(*n)
+                    && tok
+                        .token_to_id(n)
+                        .is_some_and(|id| added.get(&id).is_some_and(|t| t.special))
+            })
+            .and_then(|n| tok.token_to_id(n))
+            .or(s.eos.first().copied());
+        s.fill_strings(tok);
+        Ok(s)
+    }
+
+    /// Fills in the token strings of roles known only by id.
+    fn fill_strings(&mut self, tok: &tokenizers::Tokenizer) {
+        for (role, id) in [
+            ("bos_token", self.bos),
+            ("eos_token", self.eos.first().copied()),
+            ("pad_token", self.pad),
+            ("unk_token", self.unk),
+            ("mask_token", self.mask),
+        ] {
+            if let Some(id) = id {
+                if !self.strings.contains_key(role) {
+                    if let Some(t) = tok.id_to_token(id) {
+                        self.strings.insert(role.to_string(), t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies explicit roles (token strings) over what was read.
+    pub fn apply(
+        &mut self,
+        o: &SpecialOverrides,
+        tok: &tokenizers::Tokenizer,
+    ) -> std::result::Result<(), String> {
+        let id = |what: &str, name: &str| {
+            tok.token_to_id(name)
+                .ok_or_else(|| format!("the {what} token {name:?} is not in the vocabulary"))
+        };
+        if let Some(b) = &o.bos {
+            self.bos = Some(id("bos", b)?);
+            self.strings.insert("bos_token".into(), b.clone());
+        }
+        if !o.eos.is_empty() {
+            self.eos = o
+                .eos
+                .iter()
+                .map(|e| id("eos", e))
+                .collect::<std::result::Result<_, _>>()?;
+            self.strings.insert("eos_token".into(), o.eos[0].clone());
+        }
+        if let Some(p) = &o.pad {
+            self.pad = Some(id("pad", p)?);
+            self.strings.insert("pad_token".into(), p.clone());
+        }
+        if let Some(e) = &o.end_of_turn {
+            self.end_of_turn = Some(id("end-of-turn", e)?);
+        }
+        if self.end_of_turn.is_none() {
+            self.end_of_turn = self.eos.first().copied();
+        }
+        Ok(())
     }
 }
 

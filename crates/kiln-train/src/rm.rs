@@ -3,6 +3,7 @@
 
 use crate::trainer::{Metrics, Objective, StepStats};
 use anyhow::{bail, Context, Result};
+use kiln_data::chat_format::{ChatFormat, KilnChat};
 use kiln_data::datasets::{expand_pairs, PrefRecord};
 use kiln_data::template::{fit_example, ids, ChatTemplate, TextEncoder};
 use kiln_model::{Activations, Arch, Input, Model};
@@ -40,6 +41,19 @@ pub fn render_groups(
     records: &[PrefRecord],
     max_len: usize,
 ) -> Result<(Vec<RmGroup>, usize)> {
+    let chat = KilnChat {
+        template: template.clone(),
+        enc,
+    };
+    render_groups_with(&chat, records, max_len)
+}
+
+/// [`render_groups`] with any chat template ([`ChatFormat`]).
+pub fn render_groups_with(
+    chat: &dyn ChatFormat,
+    records: &[PrefRecord],
+    max_len: usize,
+) -> Result<(Vec<RmGroup>, usize)> {
     let mut out = Vec::new();
     let mut skipped = 0;
     for (i, rec) in records.iter().enumerate() {
@@ -59,8 +73,8 @@ pub fn render_groups(
         let mut seqs = Vec::new();
         let mut kept_ranks = Vec::new();
         for (j, resp) in responses.iter().enumerate() {
-            let r = template
-                .render_prompt_response(enc, prompt, resp)
+            let r = chat
+                .render_prompt_response(prompt, resp)
                 .with_context(|| format!("record {i}"))?;
             if let Some(fit) = fit_example(&r, max_len) {
                 seqs.push(fit.tokens);

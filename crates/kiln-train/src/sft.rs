@@ -2,6 +2,7 @@
 
 use crate::trainer::{Metrics, Objective, StepStats};
 use anyhow::{bail, Context, Result};
+use kiln_data::chat_format::{ChatFormat, KilnChat};
 use kiln_data::datasets::Conversation;
 use kiln_data::template::{collate, fit_example, pack, Batch, ChatTemplate, Rendered, TextEncoder};
 use kiln_kernels::IGNORE;
@@ -22,11 +23,24 @@ pub fn render_examples(
     convs: &[Conversation],
     max_len: usize,
 ) -> Result<(Vec<Rendered>, usize)> {
+    let chat = KilnChat {
+        template: template.clone(),
+        enc,
+    };
+    render_examples_with(&chat, convs, max_len)
+}
+
+/// [`render_examples`] with any chat template ([`ChatFormat`]): the loss mask is the rendering's.
+pub fn render_examples_with(
+    chat: &dyn ChatFormat,
+    convs: &[Conversation],
+    max_len: usize,
+) -> Result<(Vec<Rendered>, usize)> {
     let mut out = Vec::with_capacity(convs.len());
     let mut skipped = 0;
     for (i, c) in convs.iter().enumerate() {
-        let r = template
-            .render_conversation(enc, c)
+        let r = chat
+            .render_conversation(c)
             .with_context(|| format!("record {i}"))?;
         match fit_example(&r, max_len) {
             Some(r) => out.push(r),
