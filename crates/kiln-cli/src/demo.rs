@@ -273,9 +273,13 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
     }
     c.dpo = Some(dpo);
     // GRPO from the same SFT model on PPO's prompts, rewarded by the judge (1 for a right answer):
-    // as many iterations as PPO, 16 prompts × 8 answers each.
+    // as many iterations as PPO, 8 prompts × 16 answers each. The SFT policy answers these short
+    // questions almost deterministically, so most groups of 8 are all right or all wrong and teach
+    // nothing; groups of 16 (the same 128 samples) found more mixed ones: 53.0 → 58.5 % held out.
     let mut grpo = GrpoStageConfig::default();
     grpo.grpo.iterations = ppo_iters;
+    grpo.grpo.group_size = 16;
+    grpo.grpo.prompts_per_iter = 8;
     grpo.grpo.eval_every = (ppo_iters / 3).max(1);
     grpo.grpo.ckpt_every = (ppo_iters / 3).max(1);
     if size == Size::Tiny {
