@@ -12,9 +12,8 @@ use crate::ppo::{prompt_order, row_len, PolicyEval};
 use crate::reward::Weighted;
 use crate::rollout::Rows;
 use crate::run::RunDir;
-use crate::trainer::{fmt_metrics, say, Metrics, NonFinite, STOP};
+use crate::trainer::{fmt_metrics, progress_bar, say, Metrics, NonFinite, STOP};
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{model_files, read_checked};
 use kiln_model::{
@@ -354,20 +353,7 @@ impl<'a> Grpo<'a> {
             summary.eval_start = f(&self.actor)?;
             eprintln!("[grpo] start {}", fmt_metrics(&summary.eval_start));
         }
-        let pb = if self.progress {
-            let pb = ProgressBar::new(cfg.iterations);
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}",
-                )
-                .unwrap(),
-            );
-            pb.set_prefix("grpo");
-            pb.set_position(st.iteration);
-            pb
-        } else {
-            ProgressBar::hidden()
-        };
+        let pb = progress_bar(self.progress, "grpo", cfg.iterations, st.iteration);
         let mut guard = UpdateGuard::new(
             "grpo",
             cfg.non_finite,

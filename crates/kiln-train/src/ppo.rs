@@ -11,9 +11,8 @@ use crate::rm::score_rows;
 use crate::rollout::{Rows, Span};
 use crate::run::RunDir;
 use crate::trainer::NonFinite;
-use crate::trainer::{fmt_metrics, say, Metrics, STOP};
+use crate::trainer::{fmt_metrics, progress_bar, say, Metrics, STOP};
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{bytes_to_tensors, model_files, params_from_tensors, read_checked};
 use kiln_model::{generate, Activations, GenerateOptions, Model, ModelConfig, Sampling};
@@ -473,20 +472,7 @@ impl<'a> Ppo<'a> {
             summary.eval_start = f(&self.actor)?;
             eprintln!("[ppo] start {}", fmt_metrics(&summary.eval_start));
         }
-        let pb = if self.progress {
-            let pb = ProgressBar::new(cfg.iterations);
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}",
-                )
-                .unwrap(),
-            );
-            pb.set_prefix("ppo");
-            pb.set_position(st.iteration);
-            pb
-        } else {
-            ProgressBar::hidden()
-        };
+        let pb = progress_bar(self.progress, "ppo", cfg.iterations, st.iteration);
         let start = Instant::now();
         let mb = cfg.minibatch;
         // A guard per model; the state counts their skipped updates together.

@@ -32,6 +32,24 @@ fn ctrlc_handler() -> Result<()> {
     Ok(())
 }
 
+/// The progress bar every training loop shows (hidden when `show` is false): label, elapsed time,
+/// bar, position of `len`, the loop's message and the ETA, starting at `pos` (a resumed run).
+pub fn progress_bar(show: bool, label: &str, len: u64, pos: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}",
+        )
+        .expect("a valid template"),
+    );
+    pb.set_prefix(label.to_string());
+    pb.set_position(pos);
+    pb
+}
+
 /// What to do when a step's loss or gradient is NaN or infinite.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -256,20 +274,7 @@ impl<'a> Trainer<'a> {
             self.run.log(&line)?;
             eprintln!("[{}] step 0 | val {}", self.label, fmt_metrics(&eval_start));
         }
-        let pb = if self.progress {
-            let pb = ProgressBar::new(cfg.max_steps);
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}",
-                )
-                .unwrap(),
-            );
-            pb.set_prefix(self.label.clone());
-            pb.set_position(step);
-            pb
-        } else {
-            ProgressBar::hidden()
-        };
+        let pb = progress_bar(self.progress, &self.label, cfg.max_steps, step);
         let start = Instant::now();
         let start_step = step;
         let mut run_tokens = 0u64;
