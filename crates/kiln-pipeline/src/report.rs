@@ -2,8 +2,8 @@
 //! took, what it achieved, and the same held-out prompts answered by the pretrained, SFT, PPO and
 //! DPO models side by side.
 
-use crate::demo::{eval_model, heldout_kl, ModelEval, PipelineConfig};
 use crate::evaluate::Judge;
+use crate::pipeline::{eval_model, heldout_kl, ModelEval, PipelineConfig};
 use crate::stages::StageResult;
 use anyhow::Result;
 use std::collections::BTreeMap;
