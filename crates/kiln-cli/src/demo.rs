@@ -63,19 +63,28 @@ pub struct DemoArgs {
 
 #[derive(Subcommand)]
 pub enum PipelineCmd {
-    /// Run the pipeline a TOML file describes (see README: "Your own data").
+    /// Run the pipeline a TOML file describes (see README: "Your own data"). The whole plan is
+    /// checked first (`kiln pipeline check`); finished stages are reused, an interrupted one resumes.
     Run {
         config: PathBuf,
+        /// Start over: delete the run folder first.
         #[arg(long)]
         fresh: bool,
     },
-    /// Print the pipeline configuration the demo uses, as a starting point for your own.
+    /// Check a pipeline file without training: every file exists and parses (format named, bad
+    /// records counted), records that are too long for the context are counted, the output folder
+    /// is writable, every key is known. Lists every problem at once; exit code 1 if any.
+    Check { config: PathBuf },
+    /// Print a pipeline configuration to start your own from (your data's paths to fill in).
     Example {
         #[arg(long, default_value = "small")]
         size: Size,
         /// Model family (model.arch in [pretrain]): llama or gpt2.
         #[arg(long, default_value = "llama", value_parser = crate::bench::parse_family)]
         arch: Family,
+        /// The demo's own configuration instead (its data in runs/demo/data, and the judge).
+        #[arg(long)]
+        demo: bool,
     },
 }
 
@@ -88,32 +97,40 @@ pub fn run_data_and_demo_config(a: &DemoArgs) -> Result<PipelineConfig> {
 }
 pub fn run_demo(a: DemoArgs, progress: bool) -> Result<()> {
     let cfg = run_data_and_demo_config(&a)?;
-    run_pipeline_config(&cfg, progress)
+    run_pipeline_config(&cfg, progress).map(|_| ())
 }
 
 pub fn run_pipeline(c: PipelineCmd, progress: bool) -> Result<()> {
     match c {
         PipelineCmd::Run { config, fresh } => {
-            let cfg: PipelineConfig =
-                kiln_pipeline::config::build(Some(&config), Default::default())?;
+            let cfg = PipelineConfig::load(&config)?;
             if fresh && cfg.out.exists() {
-                std::fs::remove_dir_all(&cfg.out)?;
+                std::fs::remove_dir_all(&cfg.out)
+                    .with_context(|| format!("removing {}", cfg.out.display()))?;
             }
-            run_pipeline_config(&cfg, progress)
+            run_pipeline_config(&cfg, progress).map(|_| ())
         }
-        PipelineCmd::Example { size, arch } => {
-            let cfg = demo_config(
-                Path::new("runs/demo/data"),
-                Path::new("runs/mine"),
-                size,
-                1337,
-                arch,
-            );
-            println!("# A Kiln pipeline. Name your data: corpus.input, sft.data / sft.val_data, rm.data / rm.val_data,");
-            println!("# ppo.prompts (and judge, for the demo world only). Paths between stages (pretrain.data,");
-            println!("# pretrain.tokenizer, sft.init, rm.init, ppo.actor, ppo.reward_model, dpo.init, every out) are derived");
-            println!("# from `out`; [dpo] (delete it to skip DPO) trains on rm.data unless dpo.data names other files.");
-            print!("{}", kiln_pipeline::config::to_toml(&cfg)?);
+        PipelineCmd::Check { config } => {
+            let rep = kiln_pipeline::check::check_file(&config);
+            rep.print();
+            let n = rep.problems.len();
+            rep.into_result()?;
+            println!("{}: the plan is sound ({n} problems)", config.display());
+            Ok(())
+        }
+        PipelineCmd::Example { size, arch, demo } => {
+            let cfg = if demo {
+                demo_config(
+                    Path::new("runs/demo/data"),
+                    Path::new("runs/demo"),
+                    size,
+                    1337,
+                    arch,
+                )
+            } else {
+                kiln_pipeline::pipeline::example_config(size, arch)
+            };
+            print!("{}", kiln_pipeline::example::commented_toml(&cfg)?);
             Ok(())
         }
     }

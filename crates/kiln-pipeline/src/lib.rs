@@ -3,8 +3,11 @@
 //! report with its plots (`report`, `plot`). The `kiln` binary only parses flags and prints.
 
 pub mod bundle;
+pub mod check;
 pub mod config;
 pub mod evaluate;
+pub mod example;
+pub mod heldout;
 pub mod pipeline;
 pub mod plot;
 pub mod report;

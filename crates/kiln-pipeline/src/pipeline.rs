@@ -1,20 +1,20 @@
-//! The whole pipeline in one command: `kiln demo` (on self-generated data) and `kiln pipeline run`
-//! (on a user's TOML file). Stages whose output is complete are reused; an interrupted stage resumes
-//! from its last checkpoint. At the end: `report.md`, `summary.json` and plots in the run folder.
+//! The whole pipeline: corpus → tokenizer → shards → pretraining → SFT → reward model, then every
+//! post-training branch from the SFT model (PPO, DPO, GRPO, each with its own settings), then the
+//! held-out evaluation of every model and the report. `kiln demo` runs it on self-generated data,
+//! `kiln pipeline run` on a user's TOML file. The plan is checked whole before the first stage
+//! (`check`); stages whose output is complete are reused; an interrupted stage resumes from its
+//! last checkpoint.
 
-use crate::bundle::load_bundle;
-use crate::evaluate::{Judge, JudgeConfig, Sample};
+use crate::evaluate::JudgeConfig;
+use crate::heldout::{self, EvalPlan, ModelEval};
 use crate::stages::{
     self, DpoConfig, GrpoStageConfig, ModelShape, PpoStageConfig, PretrainConfig, RmConfig,
     SftConfig, StageResult,
 };
 use anyhow::{bail, Context, Result};
-use kiln_data::datasets::Message;
 use kiln_demo::Size;
-use kiln_model::{Activations, Family};
-use kiln_train::Metrics;
-use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
+use kiln_model::Family;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,27 +42,192 @@ impl Default for CorpusConfig {
     }
 }
 
-/// A whole pipeline: corpus → tokenizer → shards → pretrain → SFT → RM → PPO, and optionally DPO
-/// from the same SFT model on the reward model's preference data. Paths between stages are derived
-/// from `out`; the user names the data.
+/// The held-out evaluation of every model (TOML `[eval]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Prompts every model answers. Default: the judge's prompts with a judge, otherwise
+    /// `heldout_fraction` of `prompts`, held out of RL training.
+    pub prompts: Option<PathBuf>,
+    pub heldout_fraction: f64,
+    /// At most this many held-out prompts (0: all).
+    pub limit: usize,
+    pub max_new_tokens: usize,
+    /// Reward sources scoring the answers, as `kiln eval --reward`: `exact` (the answer equals the
+    /// record's `answer` field), `cmd:PROGRAM`, `format`. Default: `exact` when the records carry
+    /// an `answer`.
+    pub rewards: Vec<String>,
+    pub reward_weights: Vec<f32>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            prompts: None,
+            heldout_fraction: 0.1,
+            limit: 200,
+            max_new_tokens: 64,
+            rewards: Vec::new(),
+            reward_weights: Vec::new(),
+        }
+    }
+}
+
+/// What a post-training branch runs.
+#[derive(Clone, Debug)]
+pub enum Method {
+    /// RM + PPO: the pipeline's reward model is the reward and the critic's start.
+    Ppo(PpoStageConfig),
+    /// DPO (or IPO, hinge) on the reward model's preference data unless `data` names other files.
+    Dpo(DpoConfig),
+    /// GRPO/RLOO with verifiable rewards (`judge` with a judge; otherwise `rm`, the pipeline's
+    /// reward model, unless `rewards` names others).
+    Grpo(GrpoStageConfig),
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Ppo(_) => "ppo",
+            Method::Dpo(_) => "dpo",
+            Method::Grpo(_) => "grpo",
+        }
+    }
+
+    /// Keys the pipeline derives (models and run folders between stages): never written by users.
+    fn derived_keys(&self) -> &'static [&'static str] {
+        match self {
+            Method::Ppo(_) => &["actor", "reward_model", "out", "judge"],
+            Method::Dpo(_) => &["init", "out", "judge"],
+            Method::Grpo(_) => &["actor", "out", "judge"],
+        }
+    }
+}
+
+/// One post-training branch from the SFT model (TOML `[[branch]]`: `name`, `method`, then the
+/// method's settings as `kiln ppo|dpo|grpo --config` takes them, less the paths the pipeline
+/// derives).
+#[derive(Clone, Debug)]
+pub struct Branch {
+    /// Its run folder under `out` and its label in the report (default: the method).
+    pub name: String,
+    pub method: Method,
+}
+
+impl Branch {
+    pub fn new(method: Method) -> Branch {
+        Branch {
+            name: method.name().into(),
+            method,
+        }
+    }
+}
+
+fn table_of<T: Serialize>(v: &T) -> Result<toml::Table, String> {
+    match toml::Value::try_from(v).map_err(|e| e.to_string())? {
+        toml::Value::Table(t) => Ok(t),
+        _ => Err("expected a table".into()),
+    }
+}
+
+impl Serialize for Branch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut t = toml::Table::new();
+        t.insert("name".into(), self.name.clone().into());
+        t.insert("method".into(), self.method.name().into());
+        let body = match &self.method {
+            Method::Ppo(c) => table_of(c),
+            Method::Dpo(c) => table_of(c),
+            Method::Grpo(c) => table_of(c),
+        }
+        .map_err(S::Error::custom)?;
+        // The prompts a branch names itself; the placeholder default means the pipeline's.
+        let default_prompts = match &self.method {
+            Method::Ppo(_) => Some(PpoStageConfig::default().prompts),
+            Method::Grpo(_) => Some(GrpoStageConfig::default().prompts),
+            Method::Dpo(_) => None,
+        };
+        for (k, v) in body {
+            let placeholder = k == "prompts"
+                && default_prompts
+                    .as_ref()
+                    .is_some_and(|p| v.as_str() == Some(&p.display().to_string()));
+            if !self.method.derived_keys().contains(&k.as_str()) && !placeholder {
+                t.insert(k, v);
+            }
+        }
+        t.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Branch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Branch, D::Error> {
+        use serde::de::Error;
+        let mut t = toml::Table::deserialize(d)?;
+        let method = match t.remove("method") {
+            Some(toml::Value::String(m)) => m,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "branch method: expected a string, got {other}"
+                )))
+            }
+            None => {
+                return Err(D::Error::custom(
+                    "a [[branch]] needs `method` (ppo, dpo or grpo)",
+                ))
+            }
+        };
+        let name = match t.remove("name") {
+            Some(toml::Value::String(n)) => n,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "branch name: expected a string, got {other}"
+                )))
+            }
+            None => method.clone(),
+        };
+        let ctx =
+            |e: toml::de::Error| D::Error::custom(format!("branch {name:?}: {}", e.message()));
+        let body = toml::Value::Table(t.clone());
+        let method = match method.as_str() {
+            "ppo" => Method::Ppo(body.try_into().map_err(ctx)?),
+            "dpo" => Method::Dpo(body.try_into().map_err(ctx)?),
+            "grpo" => Method::Grpo(body.try_into().map_err(ctx)?),
+            m => {
+                return Err(D::Error::custom(format!(
+                    "branch {name:?}: unknown method {m:?} (expected ppo, dpo or grpo)"
+                )))
+            }
+        };
+        if let Some(k) = method.derived_keys().iter().find(|k| t.contains_key(**k)) {
+            return Err(D::Error::custom(format!(
+                "branch {name:?}: `{k}` is derived by the pipeline (the SFT model, the reward model, out/{name}); remove it"
+            )));
+        }
+        Ok(Branch { name, method })
+    }
+}
+
+/// A whole pipeline. Paths between stages are derived from `out`; the user names the data.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
     pub out: PathBuf,
     pub seed: u64,
     pub corpus: CorpusConfig,
-    /// Judged task accuracy (demo world) for SFT, PPO and the report.
+    /// Prompts of the RL branches (PPO, GRPO) that name none: `{"prompt", ...}`, Alpaca or chat
+    /// records.
+    pub prompts: Option<PathBuf>,
+    /// The demo world's judge (judged task accuracy during training and in the report).
     pub judge: Option<JudgeConfig>,
+    pub eval: EvalConfig,
     pub pretrain: PretrainConfig,
     pub sft: SftConfig,
+    /// The reward model (skipped when `rm.data` is empty; PPO needs it).
     pub rm: RmConfig,
-    pub ppo: PpoStageConfig,
-    /// DPO as the alternative to RM + PPO (absent: not run). Its data default to `rm.data` /
-    /// `rm.val_data`, its model to the SFT model.
-    pub dpo: Option<DpoConfig>,
-    /// GRPO from the SFT model with verifiable rewards (absent: not run). Its prompts default to
-    /// `ppo.prompts`; with a judge and no rewards named, the judge is the reward.
-    pub grpo: Option<GrpoStageConfig>,
+    /// Post-training branches from the SFT model, run in order.
+    pub branch: Vec<Branch>,
 }
 
 impl Default for PipelineConfig {
@@ -71,14 +236,67 @@ impl Default for PipelineConfig {
             out: PathBuf::from("runs/pipeline"),
             seed: 1337,
             corpus: CorpusConfig::default(),
+            prompts: None,
             judge: None,
+            eval: EvalConfig::default(),
             pretrain: PretrainConfig::default(),
             sft: SftConfig::default(),
             rm: RmConfig::default(),
-            ppo: PpoStageConfig::default(),
-            dpo: None,
-            grpo: None,
+            branch: vec![
+                Branch::new(Method::Ppo(PpoStageConfig::default())),
+                Branch::new(Method::Dpo(DpoConfig::default())),
+                Branch::new(Method::Grpo(GrpoStageConfig::default())),
+            ],
         }
+    }
+}
+
+/// Keys of the top-level stages the pipeline derives.
+pub const DERIVED_KEYS: [(&str, &[&str]); 3] = [
+    ("pretrain", &["data", "tokenizer", "out"]),
+    ("sft", &["init", "out", "judge"]),
+    ("rm", &["init", "out"]),
+];
+
+impl PipelineConfig {
+    /// Reads a pipeline file (unknown keys and derived paths are errors naming them).
+    pub fn load(path: &Path) -> Result<PipelineConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let t: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        Self::from_table(t, path)
+    }
+
+    /// The configuration a pipeline file's table describes (`path` names it in errors).
+    pub fn from_table(t: toml::Table, path: &Path) -> Result<PipelineConfig> {
+        for (table, keys) in DERIVED_KEYS {
+            if let Some(toml::Value::Table(s)) = t.get(table) {
+                if let Some(k) = keys.iter().find(|k| s.contains_key(**k)) {
+                    bail!(
+                        "{}: {table}.{k} is derived by the pipeline from `out`; remove it",
+                        path.display()
+                    );
+                }
+            }
+        }
+        crate::config::from_value(toml::Value::Table(t))
+            .with_context(|| format!("{}: invalid pipeline configuration", path.display()))
+    }
+
+    /// The configuration as TOML, without the paths the pipeline derives.
+    pub fn to_toml(&self) -> Result<String> {
+        let mut v = toml::Value::try_from(self)?;
+        if let toml::Value::Table(t) = &mut v {
+            for (table, keys) in DERIVED_KEYS {
+                if let Some(toml::Value::Table(s)) = t.get_mut(table) {
+                    for k in keys {
+                        s.remove(*k);
+                    }
+                }
+            }
+        }
+        crate::config::to_toml(&v)
     }
 }
 
@@ -102,7 +320,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
     c.rm.data = vec![d("rm_train.jsonl")];
     c.rm.val_data = Some(d("rm_val.jsonl"));
     c.rm.test_data = Some(d("rm_heldout.jsonl"));
-    c.ppo.prompts = d("ppo_prompts.jsonl");
+    c.prompts = Some(d("ppo_prompts.jsonl"));
     let (shape, vocab, pre_steps, sft_steps, rm_steps, ppo_iters, dpo_steps) = match size {
         Size::Tiny => (
             ModelShape {
@@ -180,12 +398,13 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
     c.rm.train.ckpt_every = (rm_steps / 2).max(1);
     c.rm.train.warmup_steps = (rm_steps / 10).max(1);
     // A model this small moves little at the 1e-5 that suits large ones.
-    c.ppo.ppo.actor_lr = 5e-5;
-    c.ppo.ppo.kl_coef = 0.1;
-    c.ppo.ppo.critic_lr = 1e-4;
-    c.ppo.ppo.iterations = ppo_iters;
-    c.ppo.ppo.eval_every = (ppo_iters / 3).max(1);
-    c.ppo.ppo.ckpt_every = (ppo_iters / 3).max(1);
+    let mut ppo = PpoStageConfig::default();
+    ppo.ppo.actor_lr = 5e-5;
+    ppo.ppo.kl_coef = 0.1;
+    ppo.ppo.critic_lr = 1e-4;
+    ppo.ppo.iterations = ppo_iters;
+    ppo.ppo.eval_every = (ppo_iters / 3).max(1);
+    ppo.ppo.ckpt_every = (ppo_iters / 3).max(1);
     // DPO from the same SFT model on the same rankings (every ordered pair of each prompt's four
     // answers), against the SFT model as its reference.
     let mut dpo = DpoConfig::default();
@@ -199,7 +418,7 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
     if size == Size::Tiny {
         dpo.train.batch_size = 2;
     }
-    c.dpo = Some(dpo);
+
     // GRPO from the same SFT model on PPO's prompts, rewarded by the judge (1 for a right answer):
     // as many iterations as PPO, 8 prompts × 16 answers each. The SFT policy answers these short
     // questions almost deterministically, so most groups of 8 are all right or all wrong and teach
@@ -215,10 +434,9 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
         grpo.grpo.group_size = 4;
         grpo.grpo.minibatch = 8;
     }
-    c.grpo = Some(grpo);
     if size == Size::Tiny {
-        c.ppo.ppo.rollout_batch = 16;
-        c.ppo.ppo.minibatch = 8;
+        ppo.ppo.rollout_batch = 16;
+        ppo.ppo.minibatch = 8;
         c.pretrain.train.batch_size = 8;
         c.sft.train.batch_size = 8;
         c.rm.train.batch_size = 2;
@@ -226,6 +444,26 @@ pub fn demo_config(data: &Path, out: &Path, size: Size, seed: u64, arch: Family)
             j.limit = 24;
         }
     }
+    c.branch = vec![
+        Branch::new(Method::Ppo(ppo)),
+        Branch::new(Method::Dpo(dpo)),
+        Branch::new(Method::Grpo(grpo)),
+    ];
+    c
+}
+
+/// A configuration to start one's own from: the demo's settings for `size`, with the user's data
+/// to name (placeholder paths) and no judge (that is the demo world's).
+pub fn example_config(size: Size, arch: Family) -> PipelineConfig {
+    let mut c = demo_config(Path::new("data"), Path::new("runs/mine"), size, 1337, arch);
+    c.judge = None;
+    c.corpus.input = vec![PathBuf::from("my_corpus.txt")];
+    c.sft.data = vec![PathBuf::from("my_instructions.jsonl")];
+    c.sft.val_data = None;
+    c.rm.data = vec![PathBuf::from("my_preferences.jsonl")];
+    c.rm.val_data = None;
+    c.rm.test_data = None;
+    c.prompts = Some(PathBuf::from("my_prompts.jsonl"));
     c
 }
 
@@ -293,12 +531,240 @@ fn summary_result(s: &kiln_train::TrainSummary) -> StageResult {
     }
 }
 
-pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
+fn rl_result(
+    eval_start: &kiln_train::Metrics,
+    eval_end: &kiln_train::Metrics,
+    history: &[kiln_train::Metrics],
+    iterations: u64,
+) -> StageResult {
+    StageResult {
+        metrics_start: eval_start.clone(),
+        metrics_end: eval_end.clone(),
+        extra: serde_json::json!({"history": history, "iterations": iterations}),
+        ..Default::default()
+    }
+}
+
+/// Where a finished pipeline's pieces are: what the report reads.
+pub struct PipelineRun {
+    pub cfg: PipelineConfig,
+    pub results: BTreeMap<String, StageResult>,
+    /// (name, run folder) of every model, in the report's order: pretrained, SFT, the branches.
+    pub models: Vec<(String, PathBuf)>,
+    /// The branches that ran: (name, method, run folder).
+    pub branches: Vec<(String, &'static str, PathBuf)>,
+    pub rm: Option<PathBuf>,
+    pub evals: Vec<ModelEval>,
+    /// Where the held-out prompts came from, for the report.
+    pub eval_source: String,
+}
+
+/// The stage configs of a pipeline with every derived path filled in: what will run.
+pub struct Plan {
+    pub pretrain: PretrainConfig,
+    pub sft: SftConfig,
+    pub rm: Option<RmConfig>,
+    pub branches: Vec<Branch>,
+    /// The RL branches' prompt file (the training split when prompts are held out).
+    pub rl_prompts: Option<PathBuf>,
+    /// Held-out prompts to split off `prompts` before any RL branch trains: (source, fraction).
+    pub heldout_split: Option<(PathBuf, f64)>,
+}
+
+impl PipelineConfig {
+    pub fn plan(&self) -> Result<Plan> {
+        let out = &self.out;
+        let mut pre = self.pretrain.clone();
+        pre.data = out.join("shards");
+        pre.tokenizer = out.join("tokenizer").join("tokenizer.json");
+        pre.out = out.join("pretrain");
+        pre.train.seed = self.seed;
+        let mut sft = self.sft.clone();
+        sft.init = pre.out.clone();
+        sft.out = out.join("sft");
+        sft.judge = self.judge.clone();
+        sft.train.seed = self.seed;
+        let rm = (!self.rm.data.is_empty()).then(|| {
+            let mut rm = self.rm.clone();
+            rm.init = sft.out.clone();
+            rm.out = out.join("rm");
+            rm.train.seed = self.seed;
+            rm
+        });
+        // Without a judge and without eval.prompts, part of the RL prompts is held out.
+        let heldout_split = match (&self.judge, &self.eval.prompts, &self.prompts) {
+            (None, None, Some(p)) if self.eval.heldout_fraction > 0.0 => {
+                Some((p.clone(), self.eval.heldout_fraction))
+            }
+            _ => None,
+        };
+        let rl_prompts = match &heldout_split {
+            Some(_) => Some(out.join("eval").join("prompts_train.jsonl")),
+            None => self.prompts.clone(),
+        };
+        let mut names = std::collections::BTreeSet::new();
+        let mut branches = Vec::new();
+        for b in &self.branch {
+            let name = &b.name;
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || [
+                    "data",
+                    "tokenizer",
+                    "shards",
+                    "pretrain",
+                    "sft",
+                    "rm",
+                    "eval",
+                ]
+                .contains(&name.as_str())
+            {
+                bail!("branch name {name:?}: use letters, digits, '-', '_' or '.', and not a stage's name");
+            }
+            if !names.insert(name.clone()) {
+                bail!("two branches are named {name:?}; give each its own `name`");
+            }
+            let dir = out.join(name);
+            let method = match &b.method {
+                Method::Ppo(c) => {
+                    let mut c = c.clone();
+                    c.actor = sft.out.clone();
+                    c.reward_model = rm.as_ref().map(|r| r.out.clone()).with_context(|| {
+                        format!("branch {name:?} (ppo) needs a reward model: name preference data in rm.data")
+                    })?;
+                    c.out = dir;
+                    c.judge = self.judge.clone();
+                    c.ppo.seed = self.seed;
+                    if c.prompts == PpoStageConfig::default().prompts {
+                        c.prompts = rl_prompts.clone().with_context(|| {
+                            format!("branch {name:?} (ppo) has no prompts: set `prompts` (top level) or the branch's `prompts`")
+                        })?;
+                    }
+                    if c.ppo.ptx_coef > 0.0 && c.ptx_data.is_none() {
+                        c.ptx_data = Some(pre.data.clone());
+                    }
+                    Method::Ppo(c)
+                }
+                Method::Dpo(d) => {
+                    let mut d = d.clone();
+                    d.init = sft.out.clone();
+                    if d.data.is_empty() {
+                        let r = rm.as_ref().with_context(|| {
+                            format!("branch {name:?} (dpo) has no preference data: set its `data` or rm.data")
+                        })?;
+                        d.data = r.data.clone();
+                        if d.val_data.is_none() {
+                            d.val_data = r.val_data.clone();
+                        }
+                    }
+                    d.out = dir;
+                    d.judge = self.judge.clone();
+                    d.train.seed = self.seed;
+                    Method::Dpo(d)
+                }
+                Method::Grpo(g) => {
+                    let mut g = g.clone();
+                    g.actor = sft.out.clone();
+                    if g.prompts == GrpoStageConfig::default().prompts {
+                        g.prompts = rl_prompts.clone().with_context(|| {
+                            format!("branch {name:?} (grpo) has no prompts: set `prompts` (top level) or the branch's `prompts`")
+                        })?;
+                    }
+                    g.out = dir;
+                    g.judge = self.judge.clone();
+                    // The default reward is the judge; without one, the pipeline's reward model.
+                    let default_rewards = g.rewards == GrpoStageConfig::default().rewards;
+                    if self.judge.is_none() && default_rewards {
+                        g.rewards = vec!["rm".into()];
+                    }
+                    for r in g.rewards.iter_mut() {
+                        if r == "rm" {
+                            let dir = rm.as_ref().map(|r| r.out.clone()).with_context(|| {
+                                format!("branch {name:?} (grpo): reward `rm` needs a reward model (rm.data)")
+                            })?;
+                            *r = format!("rm:{}", dir.display());
+                        }
+                    }
+                    g.grpo.seed = self.seed;
+                    Method::Grpo(g)
+                }
+            };
+            branches.push(Branch {
+                name: name.clone(),
+                method,
+            });
+        }
+        Ok(Plan {
+            pretrain: pre,
+            sft,
+            rm,
+            branches,
+            rl_prompts,
+            heldout_split,
+        })
+    }
+}
+
+/// Splits `src` into a training and a held-out prompt file in `dir` (deterministic for a seed),
+/// unless both exist already.
+fn split_prompts(src: &Path, fraction: f64, seed: u64, dir: &Path) -> Result<()> {
+    let (train, held) = (
+        dir.join("prompts_train.jsonl"),
+        dir.join("prompts_heldout.jsonl"),
+    );
+    if train.exists() && held.exists() {
+        return Ok(());
+    }
+    let loaded = kiln_data::datasets::load_prompts_with_fields(src, &Default::default())?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (i, (r, o)) in loaded.records.into_iter().enumerate() {
+        let mut o = o;
+        o.entry("prompt").or_insert_with(|| r.raw.clone().into());
+        let line = serde_json::to_string(&o)?;
+        if kiln_data::prepare::split_hash(seed ^ 0x5eed, i as u64) < fraction {
+            b.push(line);
+        } else {
+            a.push(line);
+        }
+    }
+    if a.is_empty() || b.is_empty() {
+        bail!(
+            "{}: {} prompts are too few to hold out {:.0} % (set eval.prompts, or eval.heldout_fraction = 0)",
+            src.display(),
+            a.len() + b.len(),
+            fraction * 100.0
+        );
+    }
+    for (path, lines) in [(&train, &a), (&held, &b)] {
+        kiln_data::atomic_write(path, |w| {
+            for l in lines.iter() {
+                writeln!(w, "{l}")?;
+            }
+            Ok(())
+        })?;
+    }
+    eprintln!(
+        "[eval] {}: {} prompts for RL training, {} held out for evaluation",
+        src.display(),
+        a.len(),
+        b.len()
+    );
+    Ok(())
+}
+
+pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<PipelineRun> {
     kiln_train::install_ctrlc();
     let total = Instant::now();
     let out = &cfg.out;
+    let report = crate::check::check(cfg)?;
+    report.print();
+    report.into_result()?;
+    let plan = cfg.plan()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let text = crate::config::to_toml(cfg)?;
+    let text = cfg.to_toml()?;
     // Finished stages are reused only for the configuration that made them.
     if let Ok(old) = std::fs::read_to_string(out.join("pipeline.toml")) {
         let old = crate::config::normalize_toml(&old).unwrap_or(old);
@@ -317,12 +783,9 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
     }
     kiln_data::atomic_write(&out.join("pipeline.toml"), |w| w.write_all(text.as_bytes()))?;
     let mut results = BTreeMap::new();
-    if cfg.corpus.input.is_empty() {
-        bail!("pipeline: corpus.input names no files");
-    }
     // Tokenizer.
     let tok_dir = out.join("tokenizer");
-    let tok_path = tok_dir.join("tokenizer.json");
+    let tok_path = plan.pretrain.tokenizer.clone();
     stage("tokenizer", &tok_dir, &mut results, || {
         let t0 = Instant::now();
         let (tok, _stats) = kiln_data::Tokenizer::train_with_stats(
@@ -342,7 +805,7 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
         })
     })?;
     // Shards.
-    let shards = out.join("shards");
+    let shards = plan.pretrain.data.clone();
     stage("prepare", &shards, &mut results, || {
         let tok = kiln_data::Tokenizer::load(&tok_path)?;
         let s = kiln_data::prepare(
@@ -360,198 +823,167 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<()> {
             ..Default::default()
         })
     })?;
-    // Pretraining.
-    let mut pre = cfg.pretrain.clone();
-    pre.data = shards.clone();
-    pre.tokenizer = tok_path.clone();
-    pre.out = out.join("pretrain");
-    pre.train.seed = cfg.seed;
-    stage("pretrain", &pre.out.clone(), &mut results, || {
-        Ok(summary_result(&stages::pretrain(&pre, true, progress)?))
+    let pre = &plan.pretrain;
+    stage("pretrain", &pre.out, &mut results, || {
+        Ok(summary_result(&stages::pretrain(pre, true, progress)?))
     })?;
-    // SFT.
-    let mut sft = cfg.sft.clone();
-    sft.init = pre.out.clone();
-    sft.out = out.join("sft");
-    sft.judge = cfg.judge.clone();
-    sft.train.seed = cfg.seed;
-    stage("sft", &sft.out.clone(), &mut results, || {
-        Ok(summary_result(&stages::sft(&sft, true, progress)?))
+    let sft = &plan.sft;
+    stage("sft", &sft.out, &mut results, || {
+        Ok(summary_result(&stages::sft(sft, true, progress)?))
     })?;
-    // Reward model.
-    let mut rm = cfg.rm.clone();
-    rm.init = sft.out.clone();
-    rm.out = out.join("rm");
-    rm.train.seed = cfg.seed;
-    stage("rm", &rm.out.clone(), &mut results, || {
-        Ok(summary_result(&stages::reward_model(&rm, true, progress)?))
-    })?;
-    // PPO.
-    let mut ppo = cfg.ppo.clone();
-    ppo.actor = sft.out.clone();
-    ppo.reward_model = rm.out.clone();
-    ppo.out = out.join("ppo");
-    ppo.judge = cfg.judge.clone();
-    ppo.ppo.seed = cfg.seed;
-    if ppo.ppo.ptx_coef > 0.0 && ppo.ptx_data.is_none() {
-        ppo.ptx_data = Some(shards.clone());
+    if let Some(rm) = &plan.rm {
+        stage("rm", &rm.out, &mut results, || {
+            Ok(summary_result(&stages::reward_model(rm, true, progress)?))
+        })?;
     }
-    stage("ppo", &ppo.out.clone(), &mut results, || {
-        let s = stages::ppo(&ppo, true, progress)?;
-        Ok(StageResult {
-            metrics_start: s.eval_start.clone(),
-            metrics_end: s.eval_end.clone(),
-            extra: serde_json::json!({"history": s.history, "iterations": s.iterations}),
-            ..Default::default()
-        })
-    })?;
-    // DPO: the alternative to RM + PPO, from the same SFT model and preference data.
-    let dpo = cfg.dpo.clone().map(|mut d| {
-        d.init = sft.out.clone();
-        d.reference = None;
-        if d.data.is_empty() {
-            d.data = rm.data.clone();
-            if d.val_data.is_none() {
-                d.val_data = rm.val_data.clone();
+    if let Some((src, fraction)) = &plan.heldout_split {
+        split_prompts(src, *fraction, cfg.seed, &out.join("eval"))?;
+    }
+    let mut branches = Vec::new();
+    for b in &plan.branches {
+        let name = b.name.as_str();
+        let (dir, method) = match &b.method {
+            Method::Ppo(c) => (c.out.clone(), "ppo"),
+            Method::Dpo(c) => (c.out.clone(), "dpo"),
+            Method::Grpo(c) => (c.out.clone(), "grpo"),
+        };
+        stage(name, &dir, &mut results, || match &b.method {
+            Method::Ppo(c) => {
+                let s = stages::ppo(c, true, progress)?;
+                Ok(rl_result(
+                    &s.eval_start,
+                    &s.eval_end,
+                    &s.history,
+                    s.iterations,
+                ))
             }
-        }
-        d.out = out.join("dpo");
-        d.judge = cfg.judge.clone();
-        d.train.seed = cfg.seed;
-        d
-    });
-    if let Some(d) = &dpo {
-        stage("dpo", &d.out.clone(), &mut results, || {
-            let r = stages::dpo(d, true, progress)?;
-            let mut res = summary_result(&r.summary);
-            res.extra["skipped_records"] = serde_json::json!(r.skipped);
-            Ok(res)
+            Method::Dpo(c) => {
+                let r = stages::dpo(c, true, progress)?;
+                let mut res = summary_result(&r.summary);
+                res.extra["skipped_records"] = serde_json::json!(r.skipped);
+                Ok(res)
+            }
+            Method::Grpo(c) => {
+                let s = stages::grpo(c, true, progress)?;
+                Ok(rl_result(
+                    &s.eval_start,
+                    &s.eval_end,
+                    &s.history,
+                    s.iterations,
+                ))
+            }
         })?;
+        results.get_mut(name).expect("just run").extra["method"] = method.into();
+        branches.push((name.to_string(), method, dir));
     }
-    // GRPO: RL with the judge as a verifiable reward, no reward model and no critic.
-    let grpo = cfg.grpo.clone().map(|mut g| {
-        g.actor = sft.out.clone();
-        if g.prompts == GrpoStageConfig::default().prompts {
-            g.prompts = ppo.prompts.clone();
-        }
-        g.out = out.join("grpo");
-        g.judge = cfg.judge.clone();
-        if g.judge.is_none() {
-            g.rewards.retain(|r| r != "judge");
-        }
-        g.grpo.seed = cfg.seed;
-        g
-    });
-    if let Some(g) = grpo.as_ref().filter(|g| !g.rewards.is_empty()) {
-        stage("grpo", &g.out.clone(), &mut results, || {
-            let s = stages::grpo(g, true, progress)?;
-            Ok(StageResult {
-                metrics_start: s.eval_start.clone(),
-                metrics_end: s.eval_end.clone(),
-                extra: serde_json::json!({"history": s.history, "iterations": s.iterations}),
-                ..Default::default()
-            })
-        })?;
-    }
-    // Report.
+    // Held-out evaluation of every model.
     let t0 = Instant::now();
-    let dirs = crate::report::StageDirs {
-        pre: &pre.out,
-        sft: &sft.out,
-        rm: &rm.out,
-        ppo: &ppo.out,
-        dpo: dpo.as_ref().map(|d| d.out.as_path()),
-        grpo: grpo
-            .as_ref()
-            .filter(|_| results.contains_key("grpo"))
-            .map(|g| g.out.as_path()),
+    let mut models = vec![
+        ("pretrained".to_string(), pre.out.clone()),
+        ("SFT".to_string(), sft.out.clone()),
+    ];
+    models.extend(branches.iter().map(|(n, _, d)| (n.clone(), d.clone())));
+    let (prompts, eval_source) = eval_prompts(cfg, &plan)?;
+    let mut evals = Vec::new();
+    if prompts.is_empty() {
+        eprintln!(
+            "[eval] no held-out prompts (set `prompts` or eval.prompts): models not evaluated"
+        );
+    } else {
+        let has_answers = prompts.iter().all(|(_, o)| o.contains_key("answer"));
+        let rewards = if cfg.eval.rewards.is_empty() && has_answers && cfg.judge.is_none() {
+            vec!["exact".to_string()]
+        } else {
+            cfg.eval.rewards.clone()
+        };
+        let eval_plan = EvalPlan {
+            prompts,
+            judge: cfg.judge.clone(),
+            reward_model: plan.rm.as_ref().map(|r| r.out.clone()),
+            rewards,
+            reward_weights: cfg.eval.reward_weights.clone(),
+            max_new_tokens: cfg
+                .judge
+                .as_ref()
+                .map_or(cfg.eval.max_new_tokens, |j| j.max_new_tokens),
+        };
+        for (i, (name, dir)) in models.iter().enumerate() {
+            // The drift from SFT, for the post-training branches.
+            let kl_ref = (i >= 2).then_some(sft.out.as_path());
+            let cache = out.join("eval").join(format!("{name}.json"));
+            let e = heldout::evaluate_model(name, dir, &eval_plan, kl_ref, &cache)
+                .with_context(|| format!("evaluating {name} ({})", dir.display()))?;
+            eprintln!(
+                "[eval] {name}: {}",
+                kiln_train::trainer::fmt_metrics(&e.metrics)
+            );
+            evals.push(e);
+        }
+        eprintln!(
+            "[eval] {} models × {} held-out prompts in {:.1}s",
+            evals.len(),
+            evals[0].answers.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let run = PipelineRun {
+        cfg: cfg.clone(),
+        results,
+        models,
+        branches,
+        rm: plan.rm.as_ref().map(|r| r.out.clone()),
+        evals,
+        eval_source,
     };
-    crate::report::write_report(cfg, &results, &dirs)?;
+    let t0 = Instant::now();
+    crate::report::write_report(&run)?;
     eprintln!(
         "[report] written in {:.1}s: {}",
         t0.elapsed().as_secs_f64(),
         out.join("report.md").display()
     );
     eprintln!("pipeline finished in {:.1}s", total.elapsed().as_secs_f64());
-    Ok(())
+    Ok(run)
 }
 
-/// The drift of a model from the SFT model on the held-out prompts: one answer per prompt sampled
-/// at temperature 1 (seed 0), and Σ over its tokens of KL(π(·|x, y<t) ‖ π_SFT(·|x, y<t)), exact over
-/// the vocabulary; the mean over prompts, in nats per answer (the same measure for PPO and DPO).
-pub fn heldout_kl(dir: &Path, sft_dir: &Path, judge: &Judge) -> Result<f64> {
-    let (p, r) = (load_bundle(dir)?, load_bundle(sft_dir)?);
-    let template = &p.meta.template;
-    let opts = kiln_model::GenerateOptions {
-        max_new_tokens: judge.max_new_tokens,
-        sampling: kiln_model::Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        },
-        stop_tokens: template.stop_tokens()?,
+/// The held-out prompts every model answers, and where they came from.
+fn eval_prompts(
+    cfg: &PipelineConfig,
+    plan: &Plan,
+) -> Result<(
+    Vec<(kiln_data::datasets::PromptRecord, kiln_data::datasets::Obj)>,
+    String,
+)> {
+    let (mut prompts, source) = if let Some(j) = &cfg.judge {
+        (
+            heldout::judge_prompts(j)?,
+            format!("the judge's prompts ({})", j.prompts.display()),
+        )
+    } else if let Some(p) = &cfg.eval.prompts {
+        (
+            kiln_data::datasets::load_prompts_with_fields(p, &Default::default())?.records,
+            format!("eval.prompts ({})", p.display()),
+        )
+    } else if let Some((src, f)) = &plan.heldout_split {
+        let held = cfg.out.join("eval").join("prompts_heldout.jsonl");
+        (
+            kiln_data::datasets::load_prompts_with_fields(&held, &Default::default())?.records,
+            format!(
+                "{:.0} % of {} held out of RL training",
+                f * 100.0,
+                src.display()
+            ),
+        )
+    } else {
+        (Vec::new(), String::new())
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut items = Vec::with_capacity(judge.prompts.len());
-    for chunk in judge.prompts.chunks(64) {
-        let rendered: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|q| template.render_prompt(&p.tokenizer, &[Message::user(q.clone())]))
-            .collect::<Result<_, _>>()?;
-        let outs = kiln_model::generate(&p.model, &rendered, &opts, &mut rng, |_, _| {})?;
-        items.extend(rendered.into_iter().zip(outs));
+    let limit = if cfg.judge.is_some() {
+        0
+    } else {
+        cfg.eval.limit
+    };
+    if limit > 0 {
+        prompts.truncate(limit);
     }
-    let kl = kiln_train::dpo::response_kl(&p.model, &r.model, &items)?;
-    Ok(kl.iter().sum::<f64>() / kl.len().max(1) as f64)
-}
-
-/// Answers of one model to held-out prompts, judged, and scored by the reward model.
-pub struct ModelEval {
-    pub name: String,
-    pub metrics: Metrics,
-    pub samples: Vec<Sample>,
-    pub rm_scores: Vec<f32>,
-}
-
-pub fn eval_model(name: &str, dir: &Path, judge: &Judge, rm_dir: &Path) -> Result<ModelEval> {
-    let b = load_bundle(dir)?;
-    let (mut metrics, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
-    let rm = load_bundle(rm_dir)?;
-    let (mean, std) = (
-        rm.meta.reward_mean.unwrap_or(0.0),
-        rm.meta.reward_std.unwrap_or(1.0),
-    );
-    let n_ctx = rm.model.cfg.n_ctx;
-    let seqs: Vec<Vec<u32>> = samples
-        .iter()
-        .map(|s| {
-            let r = rm.meta.template.render_prompt_response(
-                &rm.tokenizer,
-                &[Message::user(s.prompt.clone())],
-                &s.response,
-            )?;
-            Ok(kiln_data::template::fit_example(&r, n_ctx)
-                .map(|f| f.tokens)
-                .unwrap_or_else(|| r.tokens[r.tokens.len().saturating_sub(n_ctx)..].to_vec()))
-        })
-        .collect::<Result<_>>()?;
-    let mut acts = Activations::new(&rm.model.cfg, 32, n_ctx, false);
-    let mut rm_scores = Vec::new();
-    for chunk in seqs.chunks(32) {
-        rm_scores.extend(
-            kiln_train::rm::score_rows(&rm.model, &mut acts, chunk)
-                .into_iter()
-                .map(|s| (s - mean) / std),
-        );
-    }
-    metrics.insert(
-        "rm_score".into(),
-        rm_scores.iter().map(|&x| x as f64).sum::<f64>() / rm_scores.len().max(1) as f64,
-    );
-    Ok(ModelEval {
-        name: name.into(),
-        metrics,
-        samples,
-        rm_scores,
-    })
+    Ok((prompts, source))
 }
