@@ -374,13 +374,9 @@ pub fn check(cfg: &PipelineConfig) -> Result<CheckReport> {
         }
     }
     // The plan: which stage gets what (also checks the branches' settings fit together).
-    let plan = match cfg.plan() {
-        Ok(p) => Some(p),
-        Err(e) => {
-            rep.problem(format!("{e:#}"));
-            None
-        }
-    };
+    if let Err(e) = cfg.plan() {
+        rep.problem(format!("{e:#}"));
+    }
     // Data files, parsed as their stage will.
     if cfg.sft.data.is_empty() {
         rep.problem("sft.data names no files (instruction or chat data)");
@@ -477,7 +473,7 @@ pub fn check(cfg: &PipelineConfig) -> Result<CheckReport> {
     } else {
         None
     };
-    if let (Some(tok), Some(_plan)) = (&tok, &plan) {
+    if let Some(tok) = &tok {
         let n_ctx = cfg.pretrain.model.n_ctx;
         let template = match &cfg.sft.template {
             Some(p) if p.extension().is_some_and(|e| e == "jinja") => None,

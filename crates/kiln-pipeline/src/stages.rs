@@ -1,7 +1,7 @@
 //! The pipeline's stages as functions of a config (TOML-loadable, flag-overridable): each reads its
 //! inputs, trains, and leaves a run directory whose latest checkpoint is the next stage's input.
 
-use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE};
+use crate::bundle::{load_bundle, KilnMeta, META_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
 use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, PrefRecord, Role};
@@ -112,6 +112,58 @@ fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
     )?)
 }
 
+/// A stage's run folder, opened the one way every stage opens it: the memory estimate checked
+/// against the machine, the folder locked (and refused when it holds another run's checkpoints,
+/// unless resuming), the stage's configuration recorded beside its checkpoints.
+pub struct StageRun {
+    pub run: RunDir,
+    label: &'static str,
+    resume: bool,
+    progress: bool,
+}
+
+impl StageRun {
+    pub fn open<C: Serialize>(
+        label: &'static str,
+        out: &Path,
+        cfg: &C,
+        memory_bytes: usize,
+        resume: bool,
+        progress: bool,
+    ) -> Result<StageRun> {
+        check_memory(memory_bytes, label)?;
+        let run = open_run(out, resume)?;
+        write_run_config(out, cfg)?;
+        Ok(StageRun {
+            run,
+            label,
+            resume,
+            progress,
+        })
+    }
+
+    /// Trains `model` on a supervised objective in this folder (the shared training loop:
+    /// progress, metrics, checkpoints, exact resume, Ctrl-C, the non-finite guard).
+    pub fn train(
+        &self,
+        train: &TrainConfig,
+        model: &mut Model,
+        obj: &mut dyn kiln_train::Objective,
+        extra_files: Vec<(String, Vec<u8>)>,
+        final_files: Option<kiln_train::trainer::FinalFiles<'_>>,
+    ) -> Result<TrainSummary> {
+        Trainer {
+            cfg: train.clone(),
+            run: &self.run,
+            extra_files,
+            progress: self.progress,
+            label: self.label.into(),
+            final_files,
+        }
+        .train(model, obj, self.resume)
+    }
+}
+
 /// A stage's result, written as `done.json` in its run directory when it completes.
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
 pub struct StageResult {
@@ -189,10 +241,8 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
     } else {
         cfg.seq_len
     };
-    check_memory(
-        training_bytes(&mcfg, cfg.train.batch_size, seq_len, true),
-        "pretraining",
-    )?;
+    let memory = training_bytes(&mcfg, cfg.train.batch_size, seq_len, true);
+    check_memory(memory, "pretraining")?;
     let mut model = Model::new(mcfg, cfg.train.seed);
     let mut obj = LmObjective::new(
         cfg.objective,
@@ -204,8 +254,7 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
         cfg.train.seed,
         Some(tok.clone()),
     )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
+    let run = StageRun::open("pretrain", &cfg.out, cfg, memory, resume, progress)?;
     let meta = KilnMeta::new("pretrain", ChatTemplate::default(), &tok, cfg.train.seed);
     eprintln!(
         "[pretrain] {:?} model: {} ({:.2}M parameters)",
@@ -213,14 +262,13 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
         model.cfg.describe(),
         model.params.len() as f64 / 1e6
     );
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
-        extra_files: meta.files(&cfg.tokenizer)?,
-        progress,
-        label: "pretrain".into(),
-    };
-    trainer.train(&mut model, &mut obj, resume)
+    run.train(
+        &cfg.train,
+        &mut model,
+        &mut obj,
+        meta.files(&cfg.tokenizer)?,
+        None,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,10 +420,8 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     let tpl = template.clone();
     let extra: Option<ExtraEval> =
         judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
-    check_memory(
-        training_bytes(&b.model.cfg, cfg.train.batch_size, seq_len, true),
-        "SFT",
-    )?;
+    let memory = training_bytes(&b.model.cfg, cfg.train.batch_size, seq_len, true);
+    check_memory(memory, "SFT")?;
     let mut model = b.model;
     let mut obj = SftObjective::new(
         &model,
@@ -387,16 +433,8 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
         cfg.packing,
         extra,
     )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
-        extra_files,
-        progress,
-        label: "sft".into(),
-    };
-    trainer.train(&mut model, &mut obj, resume)
+    let run = StageRun::open("sft", &cfg.out, cfg, memory, resume, progress)?;
+    run.train(&cfg.train, &mut model, &mut obj, extra_files, None)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,10 +541,8 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     );
     let mut model = b.model.with_score_head(true);
     let max_k = train.iter().map(|g| g.seqs.len()).max().unwrap_or(1);
-    check_memory(
-        training_bytes(&model.cfg, cfg.train.batch_size * max_k, seq_len, false),
-        "reward-model training",
-    )?;
+    let memory = training_bytes(&model.cfg, cfg.train.batch_size * max_k, seq_len, false);
+    check_memory(memory, "reward-model training")?;
     let mut obj = RmObjective::new(
         &model,
         train,
@@ -518,16 +554,25 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
         seq_len,
         cfg.train.seed,
     )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
+    let run = StageRun::open("rm", &cfg.out, cfg, memory, resume, progress)?;
+    // The reward statistics PPO normalises with go into the final checkpoint's kiln.json.
+    let final_meta = meta.clone();
+    let final_files: kiln_train::trainer::FinalFiles = Box::new(move |stats| {
+        let mut m = final_meta.clone();
+        m.reward_mean = stats.get("reward_mean").map(|&x| x as f32);
+        m.reward_std = stats.get("reward_std").map(|&x| x as f32);
+        Ok(vec![(
+            META_FILE.to_string(),
+            serde_json::to_vec_pretty(&m)?,
+        )])
+    });
+    let mut summary = run.train(
+        &cfg.train,
+        &mut model,
+        &mut obj,
         extra_files,
-        progress,
-        label: "rm".into(),
-    };
-    let mut summary = trainer.train(&mut model, &mut obj, resume)?;
+        Some(final_files),
+    )?;
     if let Some(path) = &cfg.test_data {
         let records = report_skipped("rm", path, load_preferences(path, &opts)?);
         let (test, _) = render_groups_with(chat.as_ref(), &records, fit)?;
@@ -541,14 +586,12 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
             .eval
             .extend(m.into_iter().map(|(k, v)| (format!("test_{k}"), v)));
     }
-    // PPO normalises rewards with the statistics of the training responses.
-    let (mean, std) = obj.reward_stats(&model);
-    meta.reward_mean = Some(mean as f32);
-    meta.reward_std = Some(std as f32);
-    if let Some(dir) = run.latest_checkpoint()? {
-        update_checkpoint_file(&dir, META_FILE, serde_json::to_vec_pretty(&meta)?)?;
+    if let (Some(mean), Some(std)) = (
+        summary.final_stats.get("reward_mean"),
+        summary.final_stats.get("reward_std"),
+    ) {
+        eprintln!("[rm] reward statistics over training responses: mean {mean:.4}, std {std:.4}");
     }
-    eprintln!("[rm] reward statistics over training responses: mean {mean:.4}, std {std:.4}");
     Ok(summary)
 }
 
@@ -681,15 +724,11 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     });
     // Trainable actor and critic, frozen reference and reward model, and rollout scoring.
     let row_len = kiln_train::ppo::row_len(&prompts, cfg.ppo.max_new_tokens, actor.model.cfg.n_ctx);
-    check_memory(
-        training_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true)
-            + training_bytes(&critic.cfg, cfg.ppo.minibatch, row_len, false)
-            + 4 * (actor.model.params.len() + rm.model.params.len())
-            + activation_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true),
-        "PPO",
-    )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
+    let memory = training_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true)
+        + training_bytes(&critic.cfg, cfg.ppo.minibatch, row_len, false)
+        + 4 * (actor.model.params.len() + rm.model.params.len())
+        + activation_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true);
+    let run = StageRun::open("PPO", &cfg.out, cfg, memory, resume, progress)?;
     let mut meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
     meta.chat_template = actor.meta.chat_template.clone();
     let extra_files = actor.stage_files(&meta)?;
@@ -721,7 +760,7 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         },
         prompts,
         stop_tokens,
-        run: &run,
+        run: &run.run,
         extra_files,
         eval,
         decode: Box::new(move |t| tok2.decode_skip_special(t)),
@@ -938,11 +977,9 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         cfg.beta
     );
     let max_rows = obj.activation_rows();
-    check_memory(
-        training_bytes(&model.cfg, max_rows, seq_len, true) + obj.reference_bytes(),
-        "DPO",
-    )?;
-    let run = open_run(&cfg.out, resume)?;
+    let memory = training_bytes(&model.cfg, max_rows, seq_len, true) + obj.reference_bytes();
+    let stage = StageRun::open("DPO", &cfg.out, cfg, memory, resume, progress)?;
+    let run = &stage.run;
     let resuming = resume && run.latest_checkpoint()?.is_some();
     // The reference: computed once (then the run holds one model), or read back from the run.
     let t0 = std::time::Instant::now();
@@ -950,7 +987,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         None => {
             let key = obj.cache_key(&model_fingerprint(&model), model.precision);
             let (r, src) =
-                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&model))?;
+                load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&model))?;
             (r, src, key)
         }
         Some(path) => {
@@ -972,7 +1009,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
             rm.precision = cfg.train.precision;
             let key = obj.cache_key(&model_fingerprint(&rm), rm.precision);
             let (r, src) =
-                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&rm))?;
+                load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&rm))?;
             // The reference model is dropped here: training holds the policy alone.
             (r, src, key)
         }
@@ -990,17 +1027,9 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         ),
     }
     obj.use_reference(reference)?;
-    write_run_config(&cfg.out, cfg)?;
     let mut extra_files = stage_files;
     extra_files.push((KEY_FILE.into(), serde_json::to_vec_pretty(&key)?));
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
-        extra_files,
-        progress,
-        label: "dpo".into(),
-    };
-    let summary = trainer.train(&mut model, &mut obj, resume)?;
+    let summary = stage.train(&cfg.train, &mut model, &mut obj, extra_files, None)?;
     Ok(DpoOutcome { summary, skipped })
 }
 
@@ -1107,15 +1136,11 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     let row_len =
         kiln_train::ppo::row_len(&prompts, cfg.grpo.max_new_tokens, actor.model.cfg.n_ctx);
     let reference = (cfg.grpo.beta > 0.0).then(|| actor.model.clone());
-    check_memory(
-        training_bytes(&actor.model.cfg, cfg.grpo.minibatch, row_len, true)
-            + reference.as_ref().map_or(0, |r| {
-                4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
-            }),
-        "GRPO",
-    )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
+    let memory = training_bytes(&actor.model.cfg, cfg.grpo.minibatch, row_len, true)
+        + reference.as_ref().map_or(0, |r| {
+            4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
+        });
+    let run = StageRun::open("GRPO", &cfg.out, cfg, memory, resume, progress)?;
     let mut meta = KilnMeta::new("grpo", template.clone(), &actor.tokenizer, cfg.grpo.seed);
     meta.chat_template = actor.meta.chat_template.clone();
     let tok2 = actor.tokenizer.clone();
@@ -1127,7 +1152,7 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
         rewards,
         prompts,
         stop_tokens,
-        run: &run,
+        run: &run.run,
         eval,
         decode: Box::new(move |t| tok2.decode_skip_special(t)),
         progress,
