@@ -31,12 +31,10 @@ impl CheckReport {
         self.problems.push(s.into());
     }
 
+    /// Prints the notes (the problems are the error of [`CheckReport::into_result`]).
     pub fn print(&self) {
         for n in &self.notes {
             eprintln!("[check] {n}");
-        }
-        for p in &self.problems {
-            eprintln!("[check] PROBLEM: {p}");
         }
     }
 

@@ -130,6 +130,10 @@ fn comment(table: &str, key: &str) -> Option<&'static str> {
         "clip_low" => "ratio clip below 1",
         "clip_high" => "ratio clip above 1 (DAPO's clip-higher when larger)",
         "mask_truncated" => "no loss on responses cut at the length limit",
+        "dynamic_sampling" => {
+            "DAPO: drop groups with equal rewards and sample more prompts until the batch is full"
+        }
+        "max_sample_rounds" => "sampling rounds per iteration at most (dynamic sampling)",
         "sample_weights" => "weights rollouts sample with: f32, bf16 or int8",
         _ => return None,
     })
