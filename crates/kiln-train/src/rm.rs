@@ -413,8 +413,10 @@ impl RmObjective {
     }
 }
 
-impl Objective for RmObjective {
-    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
+impl RmObjective {
+    /// The next micro-batch's groups (indices into the training set), cycling through shuffled
+    /// epochs.
+    fn next_groups(&mut self) -> Vec<usize> {
         let mut picked = Vec::with_capacity(self.groups_per_batch);
         while picked.len() < self.groups_per_batch {
             if self.idx >= self.order.len() {
@@ -425,6 +427,13 @@ impl Objective for RmObjective {
             picked.push(self.order[self.idx]);
             self.idx += 1;
         }
+        picked
+    }
+}
+
+impl Objective for RmObjective {
+    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
+        let picked = self.next_groups();
         let groups: Vec<RmGroup> = picked.iter().map(|&i| self.train[i].clone()).collect();
         let refs: Vec<&RmGroup> = groups.iter().collect();
         let scores = self.scores(model, &refs);
@@ -477,6 +486,11 @@ impl Objective for RmObjective {
         let m = self.evaluate_groups(model, &val);
         self.val = val;
         Ok(m)
+    }
+
+    fn skip_micro_batch(&mut self) -> Result<()> {
+        self.next_groups();
+        Ok(())
     }
 
     fn state(&self) -> serde_json::Value {
