@@ -899,8 +899,11 @@ pub fn load_or_compute_reference(
         },
     };
     let r = compute()?;
-    let bytes = r.to_bytes(key)?;
-    kiln_data::atomic_write(&path, |w| w.write_all(&bytes))?;
+    // In a data-parallel run every rank computes the same numbers; rank 0 keeps them.
+    if crate::dist::is_root() {
+        let bytes = r.to_bytes(key)?;
+        kiln_data::atomic_write(&path, |w| w.write_all(&bytes))?;
+    }
     Ok((r, RefSource::Computed(reason)))
 }
 
