@@ -234,9 +234,10 @@ impl Collective for MpiWorld {
                     Some(d)
                 })
                 .collect();
-            let total = lens.iter().map(|&l| l as usize).sum();
+            let total: usize = lens.iter().map(|&l| l as usize).sum();
             let mut flat = vec![0u8; total];
-            {
+            // (MPI refuses the empty buffers of a gather with nothing in it.)
+            if total > 0 {
                 let mut out = PartitionMut::new(&mut flat[..], &lens[..], &displs[..]);
                 self.world.all_gather_varcount_into(mine, &mut out);
             }

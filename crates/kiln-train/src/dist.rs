@@ -146,6 +146,46 @@ pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).context("state broadcast from rank 0 does not parse")
 }
 
+/// Every rank's value of any serializable thing, in rank order.
+pub fn all_gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+    world: &dyn Collective,
+    mine: &T,
+) -> Result<Vec<T>> {
+    world
+        .all_gather_bytes(&serde_json::to_vec(mine)?)?
+        .iter()
+        .enumerate()
+        .map(|(rank, b)| {
+            serde_json::from_slice(b).with_context(|| format!("data from rank {rank} do not parse"))
+        })
+        .collect()
+}
+
+/// Every rank's floats, in rank order (bit for bit).
+pub fn all_gather_f32(world: &dyn Collective, mine: &[f32]) -> Result<Vec<Vec<f32>>> {
+    let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok(world
+        .all_gather_bytes(&bytes)?
+        .iter()
+        .map(|b| {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+        .collect())
+}
+
+/// This rank's part `[start, end)` of `n` items dealt out in contiguous blocks (`n` a multiple of
+/// the number of ranks).
+pub fn block(world: &dyn Collective, n: usize) -> (usize, usize) {
+    part_of(n, world.rank(), world.size())
+}
+
+/// Rank `rank`'s block of `n` items among `size` ranks.
+pub fn part_of(n: usize, rank: usize, size: usize) -> (usize, usize) {
+    (n * rank / size, n * (rank + 1) / size)
+}
+
 /// Copies rank 0's weights and AdamW moments to every rank (at the start of a run, fresh or
 /// resumed), so every rank begins from the same state whatever it read from disk.
 pub fn broadcast_start(
