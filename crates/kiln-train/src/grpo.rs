@@ -667,6 +667,8 @@ impl<'a> Grpo<'a> {
                 rows.spans.iter().filter(|s| !s.ended).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
+            m.insert("sampled_tokens".into(), sampled_tokens as f64);
+            m.insert("train_tokens".into(), ntok as f64);
             m.insert(
                 "sample_tok_per_s".into(),
                 sampled_tokens as f64 / sample_secs.max(1e-9),

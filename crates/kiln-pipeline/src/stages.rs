@@ -555,6 +555,28 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     Ok(summary)
 }
 
+/// Indices of the prompts that leave room for a response in a context of `n_ctx`; the others are
+/// counted and reported. An error only when no prompt fits.
+pub fn fitting_prompts(stage: &str, prompts: &[Vec<u32>], n_ctx: usize) -> Result<Vec<usize>> {
+    let keep: Vec<usize> = (0..prompts.len())
+        .filter(|&i| prompts[i].len() < n_ctx)
+        .collect();
+    if keep.is_empty() && !prompts.is_empty() {
+        bail!(
+            "{stage}: every one of the {} prompts is at least as long as the model's context ({n_ctx} tokens)",
+            prompts.len()
+        );
+    }
+    if keep.len() < prompts.len() {
+        eprintln!(
+            "[{stage}] {} of {} prompts skipped: no room for a response in the context of {n_ctx} tokens",
+            prompts.len() - keep.len(),
+            prompts.len()
+        );
+    }
+    Ok(keep)
+}
+
 // ---------------------------------------------------------------------------------------------
 // PPO
 
@@ -619,12 +641,18 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     );
     let template = actor.meta.template.clone();
     let chat = actor.chat()?;
-    let loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &Default::default())?;
-    let prompts: Vec<Vec<u32>> = loaded
+    let mut loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &Default::default())?;
+    let mut prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
         .map(|r| chat.render_prompt(&r.prompt))
         .collect::<Result<_, _>>()?;
+    // Over-long prompts are skipped with a count, as every stage skips over-long records.
+    let keep = fitting_prompts("ppo", &prompts, actor.model.cfg.n_ctx)?;
+    if keep.len() < prompts.len() {
+        loaded.records = keep.iter().map(|&i| loaded.records[i].clone()).collect();
+        prompts = keep.iter().map(|&i| prompts[i].clone()).collect();
+    }
     let stop_tokens = chat.stop_tokens()?;
     eprintln!(
         "[ppo] {} prompts; reward normalisation mean {mean:.3} std {std:.3}",
@@ -1125,6 +1153,21 @@ pub struct RewardContext<'a> {
     pub batch: usize,
 }
 
+/// An answer matches a reference when they are equal up to case, surrounding whitespace and
+/// punctuation, and runs of whitespace (`" The answer is 5. "` ≠ `"5"`; `"Paris."` = `"paris"`).
+pub fn exact_match(answer: &str, reference: &str) -> bool {
+    let norm = |s: &str| {
+        s.trim()
+            .trim_matches(|c: char| c.is_ascii_punctuation() && c != '-')
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    let a = norm(answer);
+    !a.is_empty() && a == norm(reference)
+}
+
 /// The reward sources `specs` name (`judge`, `format`, `rm:DIR`, `cmd:PROGRAM`), with `weights`
 /// (one per source, or none for 1 each): shared by `kiln grpo` and `kiln eval`.
 pub fn reward_sources(
@@ -1148,6 +1191,29 @@ pub fn reward_sources(
                     f: Box::new(move |p, resp| {
                         let v = world.judge(&questions[p], &tok.decode_skip_special(resp));
                         f32::from(u8::from(v.correct))
+                    }),
+                })
+            }
+            None | Some(("exact", _)) if spec == "exact" || spec.starts_with("exact:") => {
+                let field = spec.strip_prefix("exact:").unwrap_or("answer").to_string();
+                let answers: Vec<Option<String>> = ctx
+                    .loaded
+                    .iter()
+                    .map(|(_, o)| match o.get(&field) {
+                        Some(serde_json::Value::String(s)) => Some(s.clone()),
+                        Some(serde_json::Value::Null) | None => None,
+                        Some(v) => Some(v.to_string()),
+                    })
+                    .collect();
+                if let Some(i) = answers.iter().position(|a| a.is_none()) {
+                    bail!("reward {spec}: prompt record {} has no \"{field}\" field to compare with", i + 1);
+                }
+                let tok = ctx.actor.tokenizer.clone();
+                Box::new(FnReward {
+                    name: spec.clone(),
+                    f: Box::new(move |p, resp| {
+                        let want = answers[p].as_deref().unwrap_or_default();
+                        f32::from(u8::from(exact_match(&tok.decode_skip_special(resp), want)))
                     }),
                 })
             }
@@ -1191,7 +1257,7 @@ pub fn reward_sources(
                 )?)
             }
             _ => bail!(
-                "unknown reward source {spec:?} (expected judge, format, rm:DIR or cmd:PROGRAM)"
+                "unknown reward source {spec:?} (expected judge, format, exact[:FIELD], rm:DIR or cmd:PROGRAM)"
             ),
         };
         rewards.push(Weighted { source, weight });
