@@ -96,7 +96,7 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
             out.display()
         );
     }
-    if !resume {
+    if !resume && run.writes() {
         // Metrics of an earlier run that never reached a checkpoint.
         let _ = std::fs::remove_file(out.join("metrics.jsonl"));
     }
@@ -104,6 +104,9 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
 }
 
 fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
+    if !kiln_train::dist::is_root() {
+        return Ok(());
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let text = crate::config::to_toml(cfg)?;
     Ok(kiln_data::atomic_write(
