@@ -503,22 +503,30 @@ impl<'a> Grpo<'a> {
                 all_reward_sum += round_reward.iter().map(|&x| x as f64).sum::<f64>();
                 drawn += rn;
                 rounds += 1;
-                // When no round found a group with signal, the last round's groups are kept (their
-                // zero advantages move nothing but the KL term) so every iteration has a batch.
-                let rescue = rounds >= cfg.max_sample_rounds.max(1) && prompt_of.is_empty();
+                let last_round = rounds >= cfg.max_sample_rounds.max(1);
+                let mut keep_group = |gi: usize, prompt_of: &mut Vec<usize>| {
+                    let r = gi * g..(gi + 1) * g;
+                    prompt_of.extend_from_slice(&round_prompts[r.clone()]);
+                    kept_sampled.extend(r.clone().map(|i| sampled[i].clone()));
+                    reward.extend_from_slice(&round_reward[r]);
+                };
                 for (gi, grp) in round_reward.chunks(g).enumerate() {
                     let flat = grp.iter().all(|&x| x == grp[0]);
                     flat_groups += usize::from(flat);
                     let room = prompt_of.len() < cfg.prompts_per_iter * g;
-                    if (!flat || !cfg.dynamic_sampling || rescue) && room {
-                        let r = gi * g..(gi + 1) * g;
-                        prompt_of.extend_from_slice(&round_prompts[r.clone()]);
-                        kept_sampled.extend(r.clone().map(|i| sampled[i].clone()));
-                        reward.extend_from_slice(&round_reward[r]);
+                    if (!flat || !cfg.dynamic_sampling) && room {
+                        keep_group(gi, &mut prompt_of);
+                    }
+                }
+                // When no round found a group with signal, the last round's groups are kept (their
+                // zero advantages move nothing but the KL term) so every iteration has a batch.
+                if last_round && prompt_of.is_empty() {
+                    for gi in 0..rn / g {
+                        keep_group(gi, &mut prompt_of);
                     }
                 }
                 let full = prompt_of.len() >= cfg.prompts_per_iter * g;
-                if !cfg.dynamic_sampling || full || rounds >= cfg.max_sample_rounds.max(1) {
+                if !cfg.dynamic_sampling || full || last_round {
                     break;
                 }
             }
