@@ -149,7 +149,11 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     }
     let b = s.batch.unwrap_or(8);
     let mut model = model_for(s)?;
-    model.precision = args.precision;
+    let (precision, why) = args.precision.for_this_cpu();
+    if let Some(why) = why {
+        eprintln!("{why}");
+    }
+    model.precision = precision;
     let t = s.ctx;
     let mut rng = ChaCha8Rng::seed_from_u64(1234);
     let data: Vec<u32> = (0..b * (t + 1))
@@ -176,8 +180,8 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         s.dim,
         s.ctx,
         b,
-        args.precision,
-        match args.precision {
+        precision,
+        match precision {
             kiln_kernels::Precision::Bf16 if kiln_kernels::bf16::amx_active() => " (AMX)",
             kiln_kernels::Precision::Bf16 => " (no AMX: portable path)",
             kiln_kernels::Precision::F32 => "",

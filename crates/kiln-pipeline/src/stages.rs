@@ -155,8 +155,14 @@ impl StageRun {
         extra_files: Vec<(String, Vec<u8>)>,
         final_files: Option<kiln_train::trainer::FinalFiles<'_>>,
     ) -> Result<TrainSummary> {
+        let mut train = train.clone();
+        let (precision, why) = train.precision.for_this_cpu();
+        if let Some(why) = why {
+            eprintln!("[{}] {why}", self.label);
+        }
+        train.precision = precision;
         Trainer {
-            cfg: train.clone(),
+            cfg: train,
             run: &self.run,
             extra_files,
             progress: self.progress,
@@ -951,7 +957,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let stage_files = b.stage_files(&meta)?;
     let mut model = b.model;
     // The reference passes through the arithmetic training will use.
-    model.precision = cfg.train.precision;
+    model.precision = cfg.train.precision.for_this_cpu().0;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let tok = b.tokenizer.clone();
     let tpl = template.clone();
@@ -1009,7 +1015,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
                 );
             }
             let mut rm = rb.model;
-            rm.precision = cfg.train.precision;
+            rm.precision = cfg.train.precision.for_this_cpu().0;
             let key = obj.cache_key(&model_fingerprint(&rm), rm.precision);
             let (r, src) =
                 load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&rm))?;
