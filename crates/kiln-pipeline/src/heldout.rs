@@ -50,8 +50,11 @@ pub struct Answer {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelEval {
     pub name: String,
-    /// The checkpoint evaluated (an evaluation file is reused only for the same one).
+    /// The checkpoint evaluated.
     pub checkpoint: String,
+    /// What made the model and the evaluation (an evaluation file is reused only for the same).
+    #[serde(default)]
+    pub key: String,
     pub metrics: Metrics,
     pub answers: Vec<Answer>,
 }
@@ -88,18 +91,20 @@ pub fn evaluate_model(
     dir: &Path,
     plan: &EvalPlan,
     kl_reference: Option<&Path>,
+    key: &str,
     cache: &Path,
 ) -> Result<ModelEval> {
     let checkpoint = checkpoint_of(dir);
     if let Some(e) = std::fs::read(cache)
         .ok()
         .and_then(|b| serde_json::from_slice::<ModelEval>(&b).ok())
-        .filter(|e| e.checkpoint == checkpoint && e.name == name)
+        .filter(|e| e.checkpoint == checkpoint && e.name == name && e.key == key)
     {
         return Ok(e);
     }
     let b = load_bundle(dir)?;
-    let e = evaluate_bundle(name, &b, plan, kl_reference, checkpoint)?;
+    let mut e = evaluate_bundle(name, &b, plan, kl_reference, checkpoint)?;
+    e.key = key.to_string();
     let bytes = serde_json::to_vec_pretty(&e)?;
     if let Some(parent) = cache.parent() {
         std::fs::create_dir_all(parent)
@@ -255,6 +260,7 @@ fn evaluate_bundle(
     Ok(ModelEval {
         name: name.into(),
         checkpoint,
+        key: String::new(),
         metrics: m,
         answers,
     })

@@ -493,14 +493,50 @@ pub fn demo_data(out: &Path, seed: u64, size: Size) -> Result<PathBuf> {
     Ok(data)
 }
 
-/// Runs `f` unless the stage's `done.json` says it finished; records its time.
+/// What a stage's output depends on: its settings and the keys of the stages it reads. A
+/// finished stage is reused only for the same key, so adding or changing a branch reruns only that
+/// branch, and changing SFT reruns everything after it.
+pub fn stage_key<T: Serialize>(cfg: &T, inputs: &[&str]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(serde_json::to_string(cfg)?.as_bytes());
+    for k in inputs {
+        h.update(b"\0");
+        h.update(k.as_bytes());
+    }
+    Ok(h.finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+const KEY_FILE: &str = "stage_key.txt";
+
+/// Runs `f` unless the stage's `done.json` says it finished with the same `key`; records its time.
+/// A folder that holds the stage run with another key is refused (nothing is deleted).
 fn stage<F: FnOnce() -> Result<StageResult>>(
     name: &str,
     dir: &Path,
+    key: &str,
     results: &mut BTreeMap<String, StageResult>,
     f: F,
 ) -> Result<()> {
-    if let Some(r) = StageResult::load(dir) {
+    let key_file = dir.join(KEY_FILE);
+    let done = StageResult::load(dir);
+    // A folder with a result or checkpoints but no key was made before keys existed: not reused.
+    let old_key = std::fs::read_to_string(&key_file)
+        .ok()
+        .or_else(|| (done.is_some() || dir.join("latest").exists()).then(String::new));
+    if old_key.is_some_and(|k| k.trim() != key) {
+        bail!(
+            "{} holds a run of another configuration of the {name} stage (its settings or an earlier stage's changed): \
+             delete {} to run it again with these settings, add --fresh to start the whole pipeline over, or choose another --out",
+            dir.display(),
+            dir.display()
+        );
+    }
+    if let Some(r) = done {
         eprintln!(
             "[{name}] finished earlier ({:.0}s); reusing {}",
             r.seconds,
@@ -509,6 +545,8 @@ fn stage<F: FnOnce() -> Result<StageResult>>(
         results.insert(name.into(), r);
         return Ok(());
     }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    kiln_data::atomic_write(&key_file, |w| w.write_all(key.as_bytes()))?;
     let t0 = Instant::now();
     let mut r = f()?;
     r.stage = name.into();
@@ -765,28 +803,21 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<Pipel
     let plan = cfg.plan()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let text = cfg.to_toml()?;
-    // Finished stages are reused only for the configuration that made them.
-    if let Ok(old) = std::fs::read_to_string(out.join("pipeline.toml")) {
-        let old = crate::config::normalize_toml(&old).unwrap_or(old);
-        if old != text {
-            let line = old
-                .lines()
-                .zip(text.lines())
-                .find(|(a, b)| a != b)
-                .map(|(a, b)| format!(" (first difference: {a:?} then, {b:?} now)"))
-                .unwrap_or_default();
-            bail!(
-                "{} holds a run of another configuration{line}: add --fresh to start over, or choose another --out",
-                out.display()
-            );
-        }
-    }
+    // The configuration of the latest run, for the record (each stage checks its own key).
     kiln_data::atomic_write(&out.join("pipeline.toml"), |w| w.write_all(text.as_bytes()))?;
     let mut results = BTreeMap::new();
+    let k_tok = stage_key(&cfg.corpus, &[])?;
+    let k_prep = stage_key(&cfg.corpus, &[&k_tok, &cfg.seed.to_string()])?;
+    let k_pre = stage_key(&plan.pretrain, &[&k_prep])?;
+    let k_sft = stage_key(&plan.sft, &[&k_pre])?;
+    let k_rm = match &plan.rm {
+        Some(rm) => stage_key(rm, &[&k_sft])?,
+        None => String::new(),
+    };
     // Tokenizer.
     let tok_dir = out.join("tokenizer");
     let tok_path = plan.pretrain.tokenizer.clone();
-    stage("tokenizer", &tok_dir, &mut results, || {
+    stage("tokenizer", &tok_dir, &k_tok, &mut results, || {
         let t0 = Instant::now();
         let (tok, _stats) = kiln_data::Tokenizer::train_with_stats(
             &cfg.corpus.input,
@@ -806,7 +837,7 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<Pipel
     })?;
     // Shards.
     let shards = plan.pretrain.data.clone();
-    stage("prepare", &shards, &mut results, || {
+    stage("prepare", &shards, &k_prep, &mut results, || {
         let tok = kiln_data::Tokenizer::load(&tok_path)?;
         let s = kiln_data::prepare(
             &tok,
@@ -824,15 +855,15 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<Pipel
         })
     })?;
     let pre = &plan.pretrain;
-    stage("pretrain", &pre.out, &mut results, || {
+    stage("pretrain", &pre.out, &k_pre, &mut results, || {
         Ok(summary_result(&stages::pretrain(pre, true, progress)?))
     })?;
     let sft = &plan.sft;
-    stage("sft", &sft.out, &mut results, || {
+    stage("sft", &sft.out, &k_sft, &mut results, || {
         Ok(summary_result(&stages::sft(sft, true, progress)?))
     })?;
     if let Some(rm) = &plan.rm {
-        stage("rm", &rm.out, &mut results, || {
+        stage("rm", &rm.out, &k_rm, &mut results, || {
             Ok(summary_result(&stages::reward_model(rm, true, progress)?))
         })?;
     }
@@ -840,6 +871,9 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<Pipel
         split_prompts(src, *fraction, cfg.seed, &out.join("eval"))?;
     }
     let mut branches = Vec::new();
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    keys.insert("pretrained".into(), k_pre.clone());
+    keys.insert("SFT".into(), k_sft.clone());
     for b in &plan.branches {
         let name = b.name.as_str();
         let (dir, method) = match &b.method {
@@ -847,7 +881,13 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<Pipel
             Method::Dpo(c) => (c.out.clone(), "dpo"),
             Method::Grpo(c) => (c.out.clone(), "grpo"),
         };
-        stage(name, &dir, &mut results, || match &b.method {
+        let key = match &b.method {
+            Method::Ppo(c) => stage_key(c, &[&k_sft, &k_rm])?,
+            Method::Dpo(c) => stage_key(c, &[&k_sft])?,
+            Method::Grpo(c) => stage_key(c, &[&k_sft, &k_rm])?,
+        };
+        keys.insert(name.to_string(), key.clone());
+        stage(name, &dir, &key, &mut results, || match &b.method {
             Method::Ppo(c) => {
                 let s = stages::ppo(c, true, progress)?;
                 Ok(rl_result(
@@ -907,11 +947,14 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<Pipel
                 .as_ref()
                 .map_or(cfg.eval.max_new_tokens, |j| j.max_new_tokens),
         };
+        // An evaluation is reused for the same model (its stage key) and the same evaluation.
+        let k_eval = stage_key(&(&cfg.eval, &cfg.judge), &[&k_rm])?;
         for (i, (name, dir)) in models.iter().enumerate() {
             // The drift from SFT, for the post-training branches.
             let kl_ref = (i >= 2).then_some(sft.out.as_path());
             let cache = out.join("eval").join(format!("{name}.json"));
-            let e = heldout::evaluate_model(name, dir, &eval_plan, kl_ref, &cache)
+            let key = format!("{}-{k_eval}-{k_sft}", keys[name]);
+            let e = heldout::evaluate_model(name, dir, &eval_plan, kl_ref, &key, &cache)
                 .with_context(|| format!("evaluating {name} ({})", dir.display()))?;
             eprintln!(
                 "[eval] {name}: {}",

@@ -87,6 +87,42 @@ fn tiny_demo_runs_every_branch_from_the_library() {
     for (a, b) in run.evals.iter().zip(&again.evals) {
         assert_eq!(a.metrics, b.metrics);
     }
+    // A new branch runs alone: every finished stage is reused.
+    let mut more = cfg.clone();
+    let mut ipo = DpoConfig::default();
+    ipo.loss = kiln_train::dpo::DpoLoss::Ipo;
+    ipo.train.max_steps = 4;
+    ipo.train.batch_size = 2;
+    more.branch.push(Branch {
+        name: "ipo".into(),
+        method: Method::Dpo(ipo),
+    });
+    let grown = run_pipeline_config(&more, false).unwrap();
+    assert_eq!(grown.evals.len(), 6);
+    for stage in ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"] {
+        assert_eq!(
+            grown.results[stage].seconds, run.results[stage].seconds,
+            "{stage} was rerun"
+        );
+    }
+    assert_eq!(grown.evals[1].metrics, run.evals[1].metrics);
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("| ipo | DPO |"));
+    // A branch whose settings changed is refused, naming it; nothing is deleted.
+    let mut changed = more.clone();
+    if let Method::Grpo(g) = &mut changed.branch[2].method {
+        g.grpo.iterations += 1;
+    }
+    let Err(err) = run_pipeline_config(&changed, false) else {
+        panic!("a changed branch was reused")
+    };
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("another configuration of the grpo stage"),
+        "{err}"
+    );
+    assert!(out.join("grpo").join("done.json").exists());
 }
 
 /// A user's pipeline file with five different mistakes: all are reported by one check, before
