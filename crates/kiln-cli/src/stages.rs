@@ -683,7 +683,7 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     let tok2 = actor.tokenizer.clone();
     let mut ppo = Ppo {
         cfg: cfg.ppo.clone(),
-        reference: actor.model.clone(),
+        reference: Some(actor.model.clone()),
         actor: actor.model,
         critic,
         reward: RewardModel {

@@ -202,6 +202,31 @@ impl PackedLinear {
         w
     }
 
+    /// [`Self::dequantize`] into `w` (`[k, n]` row-major f32, overwritten), rows in parallel: how a
+    /// frozen packed base hands its weight to the training matmuls, one layer at a time.
+    pub fn dequantize_into(&self, w: &mut [f32]) {
+        let (k, n) = (self.k, self.n);
+        assert!(w.len() >= k * n, "PackedLinear::dequantize_into: buffer too small");
+        w[..k * n].par_chunks_mut(n).enumerate().for_each(|(p, row)| {
+            for (q, cols) in row.chunks_mut(PANEL).enumerate() {
+                let at = q * k * PANEL + p * PANEL;
+                match &self.data {
+                    Data::I8(d) => {
+                        let sc = &self.scale[q * PANEL..];
+                        for (c, x) in cols.iter_mut().enumerate() {
+                            *x = d[at + c] as f32 * sc[c];
+                        }
+                    }
+                    Data::Bf16(h) => {
+                        for (c, x) in cols.iter_mut().enumerate() {
+                            *x = bf16_to_f32(h[at + c]);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// The bias (zeros when the layer has none).
     pub fn bias(&self) -> &[f32] {
         &self.bias[..self.n]
@@ -502,6 +527,19 @@ mod tests {
                 err <= b,
                 "{what}: element {i}: got {g}, want {w}, err {err:.3e} > {b:.3e}"
             );
+        }
+    }
+
+    #[test]
+    fn dequantize_into_matches_dequantize() {
+        for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
+            for &(k, n) in &[(1, 1), (17, 70), (33, 129), (64, 64)] {
+                let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 41.0).collect();
+                let l = PackedLinear::from_in_out(&w, None, k, n, fmt);
+                let mut got = vec![f32::NAN; k * n];
+                l.dequantize_into(&mut got);
+                assert_eq!(got, l.dequantize(), "{fmt:?} {k}x{n}");
+            }
         }
     }
 

@@ -290,6 +290,8 @@ impl<'a> Grpo<'a> {
             match &self.reference {
                 Some(r) if r.cfg == self.actor.cfg => {}
                 Some(_) => bail!("the reference model's architecture differs from the actor's"),
+                // The actor's base (adapters off) is the reference.
+                None if self.actor.lora.is_some() => {}
                 None => bail!("beta > 0 needs a reference model"),
             }
         }
@@ -467,6 +469,12 @@ impl<'a> Grpo<'a> {
                 let (lp, _) = rows.logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
                 let rlp = match (&self.reference, ref_acts.as_mut()) {
                     (Some(r), Some(ra)) => Some(rows.logprobs(r, ra, chunk, cfg.temperature).0),
+                    (None, _) if cfg.beta > 0.0 => {
+                        self.actor.set_adapters_enabled(false);
+                        let out = rows.logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
+                        self.actor.set_adapters_enabled(true);
+                        Some(out.0)
+                    }
                     _ => None,
                 };
                 for (k, &r) in chunk.iter().enumerate() {
@@ -680,14 +688,7 @@ impl<'a> Grpo<'a> {
         opt: &mut AdamW,
         st: &mut GrpoState,
     ) -> Result<()> {
-        let actor = kiln_model::checkpoint::load_model(dir)?;
-        if actor.cfg != self.actor.cfg {
-            bail!(
-                "{}: the checkpoint's actor has another architecture",
-                dir.display()
-            );
-        }
-        self.actor.params = actor.params;
+        crate::trainer::restore_trained(&mut self.actor, dir)?;
         let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, "grpo_state.json")?)?;
         *st = serde_json::from_value(v["state"].clone()).context("grpo_state.json")?;
         opt.load_bytes(

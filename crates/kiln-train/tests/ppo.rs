@@ -70,7 +70,7 @@ fn with_ppo<T>(
             missing_end_penalty: 0.0,
             ..PpoConfig::default()
         },
-        reference: actor.clone(),
+        reference: Some(actor.clone()),
         actor,
         critic: rm.clone(),
         reward: RewardModel {
@@ -214,7 +214,7 @@ fn ppo_ptx_mixes_the_pretraining_loss_into_every_policy_update() {
             ptx_coef: 0.5,
             ..PpoConfig::default()
         },
-        reference: actor.clone(),
+        reference: Some(actor.clone()),
         actor,
         critic: rm.clone(),
         reward: RewardModel {
