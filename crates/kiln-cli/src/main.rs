@@ -7,6 +7,7 @@ mod chat;
 mod cmd_data_prepare;
 mod cmd_dpo;
 mod cmd_grpo;
+mod cmd_lora;
 mod cmd_template;
 mod cmd_tokenizer;
 mod config;
@@ -78,6 +79,9 @@ enum Cmd {
     /// Speed benchmarks (same shapes and output lines as shared/bench/torch_gpt_bench.py).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// LoRA adapters: `kiln lora merge` folds a PEFT adapter into its base.
+    #[command(subcommand)]
+    Lora(cmd_lora::LoraCmd),
     /// Chat templates: render messages with a model's template (`kiln template render`).
     #[command(subcommand)]
     Template(cmd_template::TemplateCmd),
@@ -88,6 +92,9 @@ struct EvalArgs {
     /// A chat model (checkpoint or run directory).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The demo world (world.json): judged task accuracy, and the `judge` reward source.
     #[arg(long)]
     world: Option<PathBuf>,
@@ -120,6 +127,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if !a.rewards.is_empty() {
         return cmd_grpo::run_reward_eval(cmd_grpo::RewardEvalArgs {
             model: a.model,
+            adapter: a.adapter,
             world: a.world,
             prompts: a.prompts,
             limit: a.limit,
@@ -133,7 +141,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let Some(world) = a.world else {
         bail!("kiln eval needs --world (the demo world's judge) or --reward sources");
     };
-    let b = bundle::load_bundle(&a.model)?;
+    let b = cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
     let judge = evaluate::Judge::load(&evaluate::JudgeConfig {
         world,
         prompts: a.prompts,
@@ -161,6 +169,9 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 struct LogitsArgs {
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Token ids, separated by spaces or commas.
     #[arg(long)]
     tokens: String,
@@ -169,6 +180,7 @@ struct LogitsArgs {
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let dir = kiln_model::checkpoint::resolve_model_dir(&a.model)?;
     let model = kiln_model::checkpoint::load_model(&dir)?;
+    let model = cmd_lora::merge_adapter(model, a.adapter.as_deref())?;
     let tokens: Vec<u32> = a
         .tokens
         .split(|c: char| c == ',' || c.is_whitespace())
@@ -334,7 +346,8 @@ struct SftArgs {
     #[arg(long)]
     end_of_turn_token: Option<String>,
     #[command(flatten)]
-    train: TrainFlags,
+    train: TrainFlags,    #[command(flatten)]
+    lora: cmd_lora::LoraFlags,
 }
 
 #[derive(Args)]
@@ -375,7 +388,8 @@ struct RmArgs {
     #[arg(long)]
     skip_bad_records: bool,
     #[command(flatten)]
-    train: TrainFlags,
+    train: TrainFlags,    #[command(flatten)]
+    lora: cmd_lora::LoraFlags,
 }
 
 #[derive(Args)]
@@ -420,6 +434,8 @@ struct PpoArgs {
     sets: Vec<String>,
     #[arg(long)]
     seed: Option<i64>,
+    #[command(flatten)]
+    lora: cmd_lora::LoraFlags,
 }
 
 pub(crate) fn judge_overrides(
@@ -502,6 +518,7 @@ fn run(cli: Cli) -> Result<()> {
             o.opt("pad_token", a.pad_token.clone());
             o.opt("end_of_turn_token", a.end_of_turn_token.clone());
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+            a.lora.apply(&mut o)?;
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::sft(&cfg, a.train.resume, progress)?;
@@ -530,6 +547,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.skip_bad_records {
                 o.set("skip_bad_records", true);
             }
+            a.lora.apply(&mut o)?;
             let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;
@@ -557,6 +575,7 @@ fn run(cli: Cli) -> Result<()> {
             o.path("ptx_data", &a.ptx_data);
             o.opt("ppo.seed", a.seed);
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+            a.lora.apply(&mut o)?;
             let cfg: stages::PpoStageConfig = config::build(a.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::ppo(&cfg, a.resume, progress)?;
@@ -591,6 +610,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logits(a) => run_logits(a),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Template(c) => cmd_template::run(c),
+        Cmd::Lora(c) => cmd_lora::run(c),
     }
 }
 
