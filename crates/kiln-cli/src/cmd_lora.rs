@@ -86,7 +86,8 @@ pub fn merge_adapter(model: Model, adapter: Option<&Path>) -> Result<Model> {
     } else {
         model
     };
-    attach_peft(&mut model, dir).with_context(|| format!("loading the adapter {}", dir.display()))?;
+    attach_peft(&mut model, dir)
+        .with_context(|| format!("loading the adapter {}", dir.display()))?;
     model.merge_lora();
     Ok(model)
 }

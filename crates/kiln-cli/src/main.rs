@@ -202,10 +202,12 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
     let logits = model.logits(&tokens);
     let v = model.cfg.vocab_size;
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
-    println!(
-        "{}",
-        serde_json::json!({ "tokens": tokens, "logits": rows })
-    );
+    let mut out = serde_json::json!({ "tokens": tokens, "logits": rows });
+    if model.cfg.score_head {
+        // A reward model or critic: its score at every position too (the reward is the last).
+        out["scores"] = serde_json::json!(model.position_scores(&tokens));
+    }
+    println!("{out}");
     Ok(())
 }
 
@@ -346,7 +348,8 @@ struct SftArgs {
     #[arg(long)]
     end_of_turn_token: Option<String>,
     #[command(flatten)]
-    train: TrainFlags,    #[command(flatten)]
+    train: TrainFlags,
+    #[command(flatten)]
     lora: cmd_lora::LoraFlags,
 }
 
@@ -388,7 +391,8 @@ struct RmArgs {
     #[arg(long)]
     skip_bad_records: bool,
     #[command(flatten)]
-    train: TrainFlags,    #[command(flatten)]
+    train: TrainFlags,
+    #[command(flatten)]
     lora: cmd_lora::LoraFlags,
 }
 

@@ -381,7 +381,13 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
         judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
     check_memory(
-        training_bytes_with(&b.model.cfg, cfg.train.batch_size, seq_len, true, lora.as_ref()),
+        training_bytes_with(
+            &b.model.cfg,
+            cfg.train.batch_size,
+            seq_len,
+            true,
+            lora.as_ref(),
+        ),
         "SFT",
     )?;
     let mut model = b.model;
@@ -698,7 +704,9 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     let mb = cfg.ppo.minibatch;
     let reference_bytes = match lora {
         Some(_) => 0,
-        None => 4 * actor.model.params.len() + activation_bytes(&actor.model.cfg, mb, row_len, true),
+        None => {
+            4 * actor.model.params.len() + activation_bytes(&actor.model.cfg, mb, row_len, true)
+        }
     };
     check_memory(
         training_bytes_with(&actor.model.cfg, mb, row_len, true, lora.as_ref())
@@ -716,7 +724,13 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         cfg.ppo.seed,
     )?;
     // The critic gets fresh adapters of the same settings (and trains its score head in full).
-    kiln_train::adapters::attach(&mut critic, lora.as_ref(), None, &critic_dir, cfg.ppo.seed ^ 1)?;
+    kiln_train::adapters::attach(
+        &mut critic,
+        lora.as_ref(),
+        None,
+        &critic_dir,
+        cfg.ppo.seed ^ 1,
+    )?;
     let run = open_run(&cfg.out, resume)?;
     write_run_config(&cfg.out, cfg)?;
     let mut meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
@@ -950,7 +964,14 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
     let base_fingerprint = match &lora {
         None => None,
-        Some(l) => Some(format!("{}-{}-{}", model_fingerprint(&model), l.base_weights, cfg.adapter.as_ref().map_or(String::new(), |a| a.display().to_string()))),
+        Some(l) => Some(format!(
+            "{}-{}-{}",
+            model_fingerprint(&model),
+            l.base_weights,
+            cfg.adapter
+                .as_ref()
+                .map_or(String::new(), |a| a.display().to_string())
+        )),
     };
     kiln_train::adapters::attach(
         &mut model,
@@ -988,7 +1009,8 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     );
     let max_rows = obj.activation_rows();
     check_memory(
-        training_bytes_with(&model.cfg, max_rows, seq_len, true, lora.as_ref()) + obj.reference_bytes(),
+        training_bytes_with(&model.cfg, max_rows, seq_len, true, lora.as_ref())
+            + obj.reference_bytes(),
         "DPO",
     )?;
     let run = open_run(&cfg.out, resume)?;
@@ -1177,10 +1199,15 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
         cfg.grpo.seed,
     )?;
     check_memory(
-        training_bytes_with(&actor.model.cfg, cfg.grpo.minibatch, row_len, true, lora.as_ref())
-            + reference.as_ref().map_or(0, |r| {
-                4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
-            }),
+        training_bytes_with(
+            &actor.model.cfg,
+            cfg.grpo.minibatch,
+            row_len,
+            true,
+            lora.as_ref(),
+        ) + reference.as_ref().map_or(0, |r| {
+            4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
+        }),
         "GRPO",
     )?;
     let run = open_run(&cfg.out, resume)?;

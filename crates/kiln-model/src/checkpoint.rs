@@ -408,7 +408,10 @@ pub fn load_model_unmerged(dir: &Path) -> Result<Model> {
         let cfg_path = dir.join(crate::lora::ADAPTER_CONFIG_FILE);
         let (_, base) = crate::lora::read_peft_config(&cfg_path)?;
         let base = base.with_context(|| {
-            format!("{}: no base_model_name_or_path to load the adapter onto", cfg_path.display())
+            format!(
+                "{}: no base_model_name_or_path to load the adapter onto",
+                cfg_path.display()
+            )
         })?;
         let mut model = load_adapter_base(dir, &base)?;
         attach_peft(&mut model, dir)?;
@@ -424,9 +427,16 @@ pub fn load_model_unmerged(dir: &Path) -> Result<Model> {
 /// score head its own config.json asks for (a LoRA reward model's base is a language model).
 fn load_adapter_base(dir: &Path, base: &str) -> Result<Model> {
     let p = Path::new(base);
-    let p = if p.exists() { p.to_path_buf() } else { dir.join(p) };
+    let p = if p.exists() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    };
     let base_dir = resolve_model_dir(&p).with_context(|| {
-        format!("loading the base model {base:?} of the adapter in {}", dir.display())
+        format!(
+            "loading the base model {base:?} of the adapter in {}",
+            dir.display()
+        )
     })?;
     let model = load_model(&base_dir)?;
     let own = dir.join(CONFIG_FILE);
@@ -516,6 +526,12 @@ pub fn model_files(model: &Model) -> Result<Vec<(String, Vec<u8>)>> {
                 CONFIG_FILE.to_string(),
                 serde_json::to_vec_pretty(&model.cfg.to_hf_json())?,
             ),
+            (
+                crate::lora::KILN_LORA_FILE.to_string(),
+                serde_json::to_vec_pretty(
+                    &serde_json::json!({"base_weights": set.cfg.base_weights.to_string()}),
+                )?,
+            ),
         ]);
     }
     Ok(vec![
@@ -572,7 +588,10 @@ impl Model {
         if self.cfg.score_head == score_head {
             return self;
         }
-        assert!(self.lora.is_none(), "add or remove the score head before attaching adapters");
+        assert!(
+            self.lora.is_none(),
+            "add or remove the score head before attaching adapters"
+        );
         let mut cfg = self.cfg.clone();
         cfg.score_head = score_head;
         let layout = crate::params::ParamLayout::new(&cfg);

@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+/// Kiln's own adapter settings beside PEFT's (which warns about keys it does not know): the format
+/// the base was held in while the adapters trained.
+pub const KILN_LORA_FILE: &str = "kiln_lora.json";
 /// PEFT's prefix of every saved tensor name (`PeftModel.base_model.model`).
 pub const PEFT_PREFIX: &str = "base_model.model.";
 /// What `--lora-targets` takes for every linear layer of the blocks (PEFT's spelling).
@@ -358,7 +361,8 @@ impl LoraSet {
 
     /// The round a forward uses: a fresh one while training with dropout, else 0 (no dropout).
     pub(crate) fn next_round(&self) -> Option<u64> {
-        (self.training && self.cfg.dropout > 0.0).then(|| self.round.fetch_add(1, Ordering::Relaxed))
+        (self.training && self.cfg.dropout > 0.0)
+            .then(|| self.round.fetch_add(1, Ordering::Relaxed))
     }
 
     fn on(&self, layer: usize, site: Site) -> impl Iterator<Item = (usize, &Adapter)> {
@@ -409,9 +413,29 @@ impl LoraSet {
             let x = xd.as_deref().unwrap_or(x);
             let o = a.o();
             let mut u = vec![0.0f32; n * r];
-            k::matmul(&mut u, x, &self.params[a.a.clone()], n, a.i, r, false, true, false);
+            k::matmul(
+                &mut u,
+                x,
+                &self.params[a.a.clone()],
+                n,
+                a.i,
+                r,
+                false,
+                true,
+                false,
+            );
             let mut y = vec![0.0f32; n * o];
-            k::matmul(&mut y, &u, &self.params[a.b.clone()], n, r, o, false, true, false);
+            k::matmul(
+                &mut y,
+                &u,
+                &self.params[a.b.clone()],
+                n,
+                r,
+                o,
+                false,
+                true,
+                false,
+            );
             for (row, yr) in out.chunks_exact_mut(width).zip(y.chunks_exact(o)) {
                 for (d, s) in row[a.cols.clone()].iter_mut().zip(yr) {
                     *d += scale * s;
@@ -452,18 +476,78 @@ impl LoraSet {
                 }
             }
             let mut u = vec![0.0f32; n * r];
-            k::matmul(&mut u, xin, &self.params[a.a.clone()], n, i, r, false, true, false);
+            k::matmul(
+                &mut u,
+                xin,
+                &self.params[a.a.clone()],
+                n,
+                i,
+                r,
+                false,
+                true,
+                false,
+            );
             // dB [o, r] += dyᵀ·u; du [n, r] = dy·B; dA [r, i] += duᵀ·x.
-            k::matmul(&mut self.grads[a.b.clone()], &dy, &u, o, n, r, true, false, true);
+            k::matmul(
+                &mut self.grads[a.b.clone()],
+                &dy,
+                &u,
+                o,
+                n,
+                r,
+                true,
+                false,
+                true,
+            );
             let mut du = vec![0.0f32; n * r];
-            k::matmul(&mut du, &dy, &self.params[a.b.clone()], n, o, r, false, false, false);
-            k::matmul(&mut self.grads[a.a.clone()], &du, xin, r, n, i, true, false, true);
+            k::matmul(
+                &mut du,
+                &dy,
+                &self.params[a.b.clone()],
+                n,
+                o,
+                r,
+                false,
+                false,
+                false,
+            );
+            k::matmul(
+                &mut self.grads[a.a.clone()],
+                &du,
+                xin,
+                r,
+                n,
+                i,
+                true,
+                false,
+                true,
+            );
             // dx += (du·A) ⊙ mask/(1-p): the mask's derivative is the same mask.
             match xd {
-                None => k::matmul(dx, &du, &self.params[a.a.clone()], n, r, i, false, false, true),
+                None => k::matmul(
+                    dx,
+                    &du,
+                    &self.params[a.a.clone()],
+                    n,
+                    r,
+                    i,
+                    false,
+                    false,
+                    true,
+                ),
                 Some(_) => {
                     let mut dxd = vec![0.0f32; n * i];
-                    k::matmul(&mut dxd, &du, &self.params[a.a.clone()], n, r, i, false, false, false);
+                    k::matmul(
+                        &mut dxd,
+                        &du,
+                        &self.params[a.a.clone()],
+                        n,
+                        r,
+                        i,
+                        false,
+                        false,
+                        false,
+                    );
                     let masked = self.dropped(round, idx, &dxd).expect("dropout is on");
                     k::add_inplace(&mut dx[..n * i], &masked);
                 }
@@ -527,7 +611,6 @@ impl LoraSet {
             "layers_to_transform": null,
             "layers_pattern": null,
             "revision": null,
-            "kiln_base_weights": self.cfg.base_weights.to_string(),
         })
     }
 
@@ -557,11 +640,12 @@ impl LoraSet {
     /// none may be left over).
     pub fn fill_from(&mut self, tensors: &crate::checkpoint::Tensors, what: &str) -> Result<()> {
         for t in &self.tensors {
-            let (shape, data) = tensors
-                .get(&t.name)
-                .with_context(|| {
-                    format!("{what}: tensor {} missing (adapter of another model or targets?)", t.name)
-                })?;
+            let (shape, data) = tensors.get(&t.name).with_context(|| {
+                format!(
+                    "{what}: tensor {} missing (adapter of another model or targets?)",
+                    t.name
+                )
+            })?;
             if shape != &t.shape {
                 bail!(
                     "{what}: tensor {} has shape {shape:?}, expected {:?} (adapter of another model shape or rank?)",
@@ -600,8 +684,12 @@ pub fn read_peft_config(path: &Path) -> Result<(LoraConfig, Option<String>)> {
         .and_then(|x| x.as_f64())
         .with_context(|| format!("{what}: field \"lora_alpha\" missing or not a number"))?
         as f32;
-    let dropout = field("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32;
-    let rslora = field("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
+    let dropout = field("lora_dropout")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.0) as f32;
+    let rslora = field("use_rslora")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
     let targets = match field("target_modules") {
         Some(serde_json::Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
         Some(serde_json::Value::String(s)) => {
@@ -622,7 +710,10 @@ pub fn read_peft_config(path: &Path) -> Result<(LoraConfig, Option<String>)> {
             bail!("{what}: {name} is set; Kiln reads plain LoRA adapters");
         }
     }
-    if field("bias").and_then(|x| x.as_str()).is_some_and(|b| b != "none") {
+    if field("bias")
+        .and_then(|x| x.as_str())
+        .is_some_and(|b| b != "none")
+    {
         bail!("{what}: bias is not \"none\"; Kiln's adapters train no biases");
     }
     for name in ["rank_pattern", "alpha_pattern"] {
@@ -636,11 +727,20 @@ pub fn read_peft_config(path: &Path) -> Result<(LoraConfig, Option<String>)> {
     if field("layers_to_transform").is_some() {
         bail!("{what}: layers_to_transform is set; Kiln adapts every layer");
     }
-    let base_weights = field("kiln_base_weights")
-        .and_then(|x| x.as_str())
-        .map(str::parse)
-        .transpose()?
-        .unwrap_or_default();
+    let kiln = path.with_file_name(KILN_LORA_FILE);
+    let base_weights = match std::fs::read(&kiln) {
+        Ok(bytes) => {
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not valid JSON", kiln.display()))?;
+            v.get("base_weights")
+                .and_then(|x| x.as_str())
+                .map(str::parse)
+                .transpose()
+                .with_context(|| format!("{}: base_weights", kiln.display()))?
+                .unwrap_or_default()
+        }
+        Err(_) => WeightFormat::F32,
+    };
     let cfg = LoraConfig {
         rank,
         alpha,
@@ -731,12 +831,20 @@ mod tests {
                 let lm = loss(&set, &xp);
                 xp[j] = x[j];
                 let num = (lp - lm) / (2.0 * eps as f64);
-                assert!((num - dx[j] as f64).abs() < 1e-3, "x {j}: {num} vs {}", dx[j]);
+                assert!(
+                    (num - dx[j] as f64).abs() < 1e-3,
+                    "x {j}: {num} vs {}",
+                    dx[j]
+                );
             }
             assert!(dx.iter().any(|v| *v != 0.0));
             // Dropout zeroes some inputs' contributions (a dropped x has zero gradient).
             let zeros = dx.iter().filter(|v| **v == 0.0).count();
-            assert_eq!(zeros > 0, dropout > 0.0, "dropout {dropout}: {zeros} zero input gradients");
+            assert_eq!(
+                zeros > 0,
+                dropout > 0.0,
+                "dropout {dropout}: {zeros} zero input gradients"
+            );
         }
     }
 }

@@ -66,8 +66,8 @@ pub fn training_bytes_with(
     };
     let lay = crate::params::ParamLayout::new(cfg);
     let score = lay.score.as_ref().map(|r| vec![0.0f32; r.len()]);
-    let trainable = crate::lora::LoraSet::new(cfg, &lay, lc, score.as_deref(), 0)
-        .map_or(0, |s| s.num_params());
+    let trainable =
+        crate::lora::LoraSet::new(cfg, &lay, lc, score.as_deref(), 0).map_or(0, |s| s.num_params());
     let matrices = lay.total - lay.dense;
     let (cols, widest): (usize, usize) = lay
         .layers

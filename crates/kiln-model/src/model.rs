@@ -776,7 +776,8 @@ impl Model {
             for (l, b) in self.layout.layers.iter().enumerate() {
                 for s in Site::ALL {
                     let lin = s.linear(b);
-                    pb.linear(l, s).dequantize_into(&mut self.params[lin.w.clone()]);
+                    pb.linear(l, s)
+                        .dequantize_into(&mut self.params[lin.w.clone()]);
                 }
             }
         }
@@ -868,7 +869,11 @@ impl Model {
 
     /// The score head's weights `[c]`: the adapters' trainable copy when there is one.
     fn score_weights(&self) -> &[f32] {
-        match self.lora.as_ref().and_then(|l| l.score.clone().map(|r| (l, r))) {
+        match self
+            .lora
+            .as_ref()
+            .and_then(|l| l.score.clone().map(|r| (l, r)))
+        {
             Some((l, r)) => &l.params[r],
             None => &self.params[self.layout.score.clone().expect("model has no score head")],
         }
@@ -986,6 +991,23 @@ impl Model {
         let w = &self.params[self.layout.head()];
         k::matmul(&mut logits, &acts.hidden, w, t, c, v, false, true, false);
         logits
+    }
+
+    /// The score head's value at every position of one sequence (a reward model's or critic's).
+    pub fn position_scores(&self, tokens: &[u32]) -> Vec<f32> {
+        let t = tokens.len();
+        let mut acts = Activations::new(&self.cfg, 1, t, false);
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let input = Input {
+            tokens,
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b: 1,
+            t,
+        };
+        self.forward(&mut acts, &input);
+        self.score_head(&acts)
     }
 
     /// The LM head (tied to the token embedding, or untied): logits = hidden · Wᵀ, then log p(target)

@@ -89,7 +89,13 @@ fn batch(cfg: &ModelConfig) -> Batch {
         positions: (0..n).map(|i| (i % 6) as u32).collect(),
         valid: (0..n).map(|i| i < 6 || i % 6 < 4).collect(),
         targets: (0..n)
-            .map(|i| if i % 5 == 3 { IGNORE } else { rng.gen_range(0..v) })
+            .map(|i| {
+                if i % 5 == 3 {
+                    IGNORE
+                } else {
+                    rng.gen_range(0..v)
+                }
+            })
             .collect(),
         w: (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect(),
         s: (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect(),
@@ -145,15 +151,14 @@ fn grad_check(cfg: ModelConfig, lc: LoraConfig) {
     let set = model.lora.as_ref().unwrap();
     let analytic = set.grads.clone();
     let tensors = set.tensors.clone();
-    assert_eq!(tensors.len(), set.adapters.len() * 2 + usize::from(cfg.score_head));
+    assert_eq!(
+        tensors.len(),
+        set.adapters.len() * 2 + usize::from(cfg.score_head)
+    );
     let eps = 1e-2f32;
     for t in tensors {
         let g = &analytic[t.range()];
-        assert!(
-            g.iter().any(|x| *x != 0.0),
-            "{} gets no gradient",
-            t.name
-        );
+        assert!(g.iter().any(|x| *x != 0.0), "{} gets no gradient", t.name);
         let (mut diff2, mut num2) = (0.0f64, 0.0f64);
         for j in (0..t.len).step_by((t.len / 10).max(1)) {
             let i = t.offset + j;
@@ -188,13 +193,19 @@ fn lora_gradients_match_finite_differences_llama() {
 
 #[test]
 fn lora_gradients_match_finite_differences_gpt2() {
-    grad_check(gpt2(false), lora(&["c_attn", "c_proj", "c_fc"], 0.0, WeightFormat::F32));
+    grad_check(
+        gpt2(false),
+        lora(&["c_attn", "c_proj", "c_fc"], 0.0, WeightFormat::F32),
+    );
     grad_check(gpt2(false), lora(&["c_attn"], 0.2, WeightFormat::F32));
 }
 
 #[test]
 fn lora_gradients_with_a_saved_score_head() {
-    grad_check(llama(true), lora(&["q_proj", "down_proj"], 0.0, WeightFormat::F32));
+    grad_check(
+        llama(true),
+        lora(&["q_proj", "down_proj"], 0.0, WeightFormat::F32),
+    );
     grad_check(gpt2(true), lora(&["c_proj"], 0.0, WeightFormat::F32));
 }
 
@@ -220,7 +231,11 @@ fn packed_base_drops_its_matrices() {
         let mut m = Model::new(cfg.clone(), 1);
         let matrices = 4 * (m.layout.total - m.layout.dense);
         m.attach_lora(&lora(&["q_proj"], 0.0, f), 1).unwrap();
-        assert_eq!(m.params.len(), m.layout.dense, "{f}: the f32 buffer keeps the dense tensors");
+        assert_eq!(
+            m.params.len(),
+            m.layout.dense,
+            "{f}: the f32 buffer keeps the dense tensors"
+        );
         let packed = m.base.as_ref().unwrap().bytes();
         assert!(
             (packed as f64) < ratio * matrices as f64,
@@ -260,13 +275,19 @@ fn logits_of(model: &Model, tokens: &[u32]) -> Vec<f32> {
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn merge_equals_adapters_and_off_equals_base() {
     for (cfg, targets) in [
-        (llama(false), vec!["q_proj", "k_proj", "o_proj", "gate_proj"]),
+        (
+            llama(false),
+            vec!["q_proj", "k_proj", "o_proj", "gate_proj"],
+        ),
         (gpt2(false), vec![ALL_LINEAR]),
     ] {
         let base = Model::new(cfg.clone(), 3);
@@ -329,7 +350,11 @@ fn kv_cache_with_adapters_equals_recomputation() {
                 .fold(0, |b, (j, &x)| if x > row[b] { j } else { b });
             seq.push(next as u32);
         }
-        assert_eq!(&seq[3..], &got[0][..], "{f}: cached generation with adapters");
+        assert_eq!(
+            &seq[3..],
+            &got[0][..],
+            "{f}: cached generation with adapters"
+        );
     }
 }
 
@@ -356,21 +381,35 @@ fn peft_files_round_trip() {
     let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
     assert_eq!(
         names,
-        ["adapter_model.safetensors", "adapter_config.json", "config.json"]
+        [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "config.json",
+            "kiln_lora.json"
+        ]
     );
     let cfg_json: serde_json::Value = serde_json::from_slice(&files[1].1).unwrap();
     assert_eq!(cfg_json["r"], 3);
-    assert_eq!(cfg_json["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    assert_eq!(
+        cfg_json["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
     assert_eq!(cfg_json["modules_to_save"], serde_json::json!(["score"]));
     let ad = dir.path().join("adapter");
     write_checkpoint_dir(&ad, &files).unwrap();
     let back = load_model_unmerged(&ad).unwrap();
     let bset = back.lora.as_ref().unwrap();
     assert_eq!(bset.params, m.lora.as_ref().unwrap().params);
-    assert_eq!(bset.tensors[0].name, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    assert_eq!(
+        bset.tensors[0].name,
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    );
     assert_eq!(bset.tensors[0].shape, vec![3, 16]);
     assert_eq!(bset.tensors[1].shape, vec![16, 3]);
-    assert!(back.base.is_some(), "the adapter's base format (int8) is kept");
+    assert!(
+        back.base.is_some(),
+        "the adapter's base format (int8) is kept"
+    );
     let toks = [1u32, 4, 2];
     let mut merged = load_model(&ad).unwrap();
     assert!(merged.lora.is_none());
@@ -388,5 +427,8 @@ fn peft_files_round_trip() {
     .unwrap();
     write_checkpoint_dir(&bad, &files2).unwrap();
     let e = format!("{:#}", load_model(&bad).unwrap_err());
-    assert!(e.contains("adapter_model.safetensors") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("shape"),
+        "{e}"
+    );
 }

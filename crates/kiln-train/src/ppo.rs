@@ -374,7 +374,9 @@ impl<'a> Ppo<'a> {
                 (Some(r), Some(ra)) => ro.rows.logprobs(r, ra, chunk, cfg.temperature),
                 _ => {
                     self.actor.set_adapters_enabled(false);
-                    let out = ro.rows.logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
+                    let out = ro
+                        .rows
+                        .logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
                     self.actor.set_adapters_enabled(true);
                     out
                 }

@@ -211,7 +211,10 @@ pub fn restore_trained(model: &mut Model, dir: &std::path::Path) -> Result<()> {
             let f = kiln_model::lora::ADAPTER_FILE;
             let what = dir.join(f).display().to_string();
             let bytes = kiln_model::checkpoint::read_checked(dir, f)?;
-            set.fill_from(&kiln_model::checkpoint::bytes_to_tensors(&bytes, &what)?, &what)?;
+            set.fill_from(
+                &kiln_model::checkpoint::bytes_to_tensors(&bytes, &what)?,
+                &what,
+            )?;
         }
         None => {
             let resumed = kiln_model::checkpoint::load_model(dir)?;

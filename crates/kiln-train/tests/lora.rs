@@ -36,7 +36,13 @@ fn groups(n: usize, seed: u64) -> Vec<RmGroup> {
                 .map(|k| {
                     let len = rng.gen_range(5..10);
                     (0..len)
-                        .map(|i| if i < 2 * k + 1 { 7 } else { rng.gen_range(8..30) })
+                        .map(|i| {
+                            if i < 2 * k + 1 {
+                                7
+                            } else {
+                                rng.gen_range(8..30)
+                            }
+                        })
                         .collect()
                 })
                 .collect();
@@ -143,7 +149,10 @@ fn only_adapters_and_score_head_train() {
         }
         let score = set.score.clone().expect("the score head is saved");
         let base_score = &before.params[before.layout.score.clone().unwrap()];
-        assert_ne!(&set.params[score], base_score, "the saved score head trains");
+        assert_ne!(
+            &set.params[score], base_score,
+            "the saved score head trains"
+        );
         // The checkpoint is the adapter (PEFT files) and loads back merged into a plain model
         // computing what the adapters computed.
         let ckpt = {
@@ -207,6 +216,10 @@ fn lora_resume_continues_exactly() {
                 })
                 .collect()
         };
-        assert_eq!(strip(&m1), strip(&m2), "{base}: metrics differ after resume");
+        assert_eq!(
+            strip(&m1),
+            strip(&m2),
+            "{base}: metrics differ after resume"
+        );
     }
 }
