@@ -222,7 +222,8 @@ pub type Obj = Map<String, Value>;
 // Reading files
 // ---------------------------------------------------------------------------------------------
 
-fn read_text(path: &Path) -> Result<String, DataError> {
+/// A dataset file as text (gzip decompressed, BOM removed).
+pub fn read_text(path: &Path) -> Result<String, DataError> {
     let bytes =
         std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
     let gz = path.extension().is_some_and(|e| e == "gz") || bytes.starts_with(&[0x1f, 0x8b]);
