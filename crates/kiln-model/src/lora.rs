@@ -394,6 +394,7 @@ impl LoraSet {
     }
 
     /// Adds every adapter of (`layer`, `site`) into `out` `[n, width]`: `out[:, cols] += scale·(x·Aᵀ)·Bᵀ`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         layer: usize,

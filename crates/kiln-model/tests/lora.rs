@@ -338,7 +338,14 @@ fn kv_cache_with_adapters_equals_recomputation() {
             stop_tokens: vec![],
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let got = generate(&model, &[prompt.clone()], &opts, &mut rng, |_, _| {}).unwrap();
+        let got = generate(
+            &model,
+            std::slice::from_ref(&prompt),
+            &opts,
+            &mut rng,
+            |_, _| {},
+        )
+        .unwrap();
         let mut seq = prompt.clone();
         for _ in 0..10 {
             let p = logits_of(&model, &seq);

@@ -1029,17 +1029,11 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     // Without another reference, the policy's base is it (adapters off): fingerprinted before the
     // adapters freeze (and maybe pack) it, with the base's format.
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
-    let base_fingerprint = match &lora {
-        None => None,
-        Some(l) => Some(format!(
-            "{}-{}-{}",
-            model_fingerprint(&model),
-            l.base_weights,
-            cfg.adapter
-                .as_ref()
-                .map_or(String::new(), |a| a.display().to_string())
-        )),
-    };
+    let base_fingerprint = lora.as_ref().map(|l| {
+        let adapter = cfg.adapter.as_ref().map(|a| a.display().to_string());
+        let fp = model_fingerprint(&model);
+        format!("{fp}-{}-{}", l.base_weights, adapter.unwrap_or_default())
+    });
     kiln_train::adapters::attach(
         &mut model,
         cfg.lora.as_ref(),

@@ -100,6 +100,7 @@ fn run_rm(
         },
         run: &run,
         extra_files: Vec::new(),
+        final_files: None,
         progress: false,
         label: "rm-lora".into(),
     };
