@@ -158,7 +158,11 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     }
     let b = s.batch.unwrap_or(8);
     let mut model = model_for(s)?;
-    model.precision = args.precision;
+    let (precision, why) = args.precision.for_this_cpu();
+    if let Some(why) = why {
+        eprintln!("{why}");
+    }
+    model.precision = precision;
     let lora = (args.lora_rank > 0).then(|| kiln_model::LoraConfig {
         rank: args.lora_rank,
         alpha: 2.0 * args.lora_rank as f32,
@@ -202,17 +206,21 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         s.dim,
         s.ctx,
         b,
-        args.precision,
-        match args.precision {
+        precision,
+        match precision {
             kiln_kernels::Precision::Bf16 if kiln_kernels::bf16::amx_active() => " (AMX)",
             kiln_kernels::Precision::Bf16 => " (no AMX: portable path)",
             kiln_kernels::Precision::F32 => "",
         }
     );
     let mut times = Vec::new();
+    let mut mm_times = Vec::new();
+    let mut mm_flops = 0u64;
     let mut losses = Vec::new();
     let dlogp = vec![-1.0 / (b * t) as f32; b * t];
+    kiln_kernels::matmul::profile::enable(true);
     for step in 0..s.warmup + s.steps {
+        let _ = kiln_kernels::matmul::profile::take();
         let t0 = Instant::now();
         model.zero_grads();
         model.forward(
@@ -233,12 +241,17 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         clip_grad_norm(&mut model, 1.0);
         opt.update(&mut model, 1e-3);
         let dt = t0.elapsed().as_secs_f64();
+        let (mm, fl) = kiln_kernels::matmul::profile::take();
         losses.push(loss);
         if step >= s.warmup {
             times.push(dt);
+            mm_times.push(mm.as_secs_f64());
+            mm_flops = fl;
         }
     }
+    kiln_kernels::matmul::profile::enable(false);
     let med = median(times);
+    let mm_med = median(mm_times);
     let nparams = model.cfg.num_params();
     let tok = b * t;
     let flops = (6 * nparams + 12 * s.layers * s.ctx * s.dim) as f64 * tok as f64;
@@ -256,6 +269,15 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         losses[losses.len() - 1],
         peak_rss_mib(),
         estimate as f64 / (1 << 20) as f64
+    );
+    // The step against its own matrix products: what the rest (attention's softmax, norms,
+    // activations, the loss, AdamW, memory traffic) costs.
+    println!(
+        "RESULT kiln-train-matmuls matmul_ms={:.1} matmul_gflop_per_s={:.1} other_ms={:.1} step_over_matmuls={:.3}",
+        mm_med * 1e3,
+        mm_flops as f64 / mm_med.max(1e-12) / 1e9,
+        (med - mm_med) * 1e3,
+        med / mm_med.max(1e-12)
     );
     Ok(())
 }

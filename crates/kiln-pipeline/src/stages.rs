@@ -97,7 +97,7 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
             out.display()
         );
     }
-    if !resume {
+    if !resume && run.writes() {
         // Metrics of an earlier run that never reached a checkpoint.
         let _ = std::fs::remove_file(out.join("metrics.jsonl"));
     }
@@ -105,6 +105,9 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
 }
 
 fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
+    if !kiln_train::dist::is_root() {
+        return Ok(());
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let text = crate::config::to_toml(cfg)?;
     Ok(kiln_data::atomic_write(
@@ -153,8 +156,14 @@ impl StageRun {
         extra_files: Vec<(String, Vec<u8>)>,
         final_files: Option<kiln_train::trainer::FinalFiles<'_>>,
     ) -> Result<TrainSummary> {
+        let mut train = train.clone();
+        let (precision, why) = train.precision.for_this_cpu();
+        if let Some(why) = why {
+            eprintln!("[{}] {why}", self.label);
+        }
+        train.precision = precision;
         Trainer {
-            cfg: train.clone(),
+            cfg: train,
             run: &self.run,
             extra_files,
             progress: self.progress,
@@ -1025,7 +1034,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let stage_files = b.stage_files(&meta)?;
     let mut model = b.model;
     // The reference passes through the arithmetic training will use.
-    model.precision = cfg.train.precision;
+    model.precision = cfg.train.precision.for_this_cpu().0;
     // Without another reference, the policy's base is it (adapters off): fingerprinted before the
     // adapters freeze (and maybe pack) it, with the base's format.
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
@@ -1103,7 +1112,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
                 );
             }
             let mut rm = rb.model;
-            rm.precision = cfg.train.precision;
+            rm.precision = cfg.train.precision.for_this_cpu().0;
             let key = obj.cache_key(&model_fingerprint(&rm), rm.precision);
             let (r, src) =
                 load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&rm))?;

@@ -3,6 +3,7 @@
 //! reward sources: a judge, a reward model, an external program, a format check).
 
 pub mod adapters;
+pub mod dist;
 pub mod dpo;
 pub mod grpo;
 pub mod optim;
