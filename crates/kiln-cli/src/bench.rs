@@ -73,6 +73,15 @@ pub struct TrainBench {
     /// Matmul arithmetic: f32, or bf16 (bf16 operands, f32 accumulation; AMX where available).
     #[arg(long, default_value = "f32")]
     precision: kiln_kernels::Precision,
+    /// Train LoRA adapters of this rank on a frozen base instead of every weight (0: full).
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
+    /// LoRA targets (comma-separated module names, or all-linear).
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
+    lora_targets: Vec<String>,
+    /// The frozen base's format under LoRA: f32, bf16 or int8.
+    #[arg(long, default_value_t = WeightFormat::F32)]
+    base_weights: WeightFormat,
 }
 
 #[derive(Args)]
@@ -154,6 +163,21 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         eprintln!("{why}");
     }
     model.precision = precision;
+    let lora = (args.lora_rank > 0).then(|| kiln_model::LoraConfig {
+        rank: args.lora_rank,
+        alpha: 2.0 * args.lora_rank as f32,
+        targets: args.lora_targets.clone(),
+        base_weights: args.base_weights,
+        ..Default::default()
+    });
+    if lora.is_none() && args.base_weights != WeightFormat::F32 {
+        bail!("--base-weights needs --lora-rank (only a frozen base is packed)");
+    }
+    let estimate =
+        kiln_model::memory::training_bytes_with(&model.cfg, b, s.ctx, true, lora.as_ref());
+    if let Some(l) = &lora {
+        model.attach_lora(l, 0)?;
+    }
     let t = s.ctx;
     let mut rng = ChaCha8Rng::seed_from_u64(1234);
     let data: Vec<u32> = (0..b * (t + 1))
@@ -168,6 +192,8 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     let positions: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
     let mut acts = Activations::new(&model.cfg, b, t, true);
     let mut opt = AdamW::new(&model, AdamWConfig::default());
+    // Peak memory from here on: the training loop's, not the f32 model a packed base came from.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     println!(
         "kiln arch={} threads={} vocab={} layers={} heads={} kv_heads={} ffn={} dim={} ctx={} batch={} precision={}{}",
         s.arch.name(),
@@ -226,17 +252,23 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     kiln_kernels::matmul::profile::enable(false);
     let med = median(times);
     let mm_med = median(mm_times);
-    let nparams = model.params.len();
+    let nparams = model.cfg.num_params();
     let tok = b * t;
     let flops = (6 * nparams + 12 * s.layers * s.ctx * s.dim) as f64 * tok as f64;
+    let lora_desc = match &lora {
+        Some(l) => format!(" lora_rank={} base_weights={}", l.rank, l.base_weights),
+        None => String::new(),
+    };
     println!(
-        "RESULT kiln-train params={nparams} tokens_per_step={tok} median_ms={:.1} tok_per_s={:.0} gflop_per_s={:.1} loss_first={:.4} loss_last={:.4} peak_mib={:.0}",
+        "RESULT kiln-train params={nparams} trainable={}{lora_desc} tokens_per_step={tok} median_ms={:.1} tok_per_s={:.0} gflop_per_s={:.1} loss_first={:.4} loss_last={:.4} peak_mib={:.0} estimate_mib={:.0}",
+        model.num_trainable(),
         med * 1e3,
         tok as f64 / med,
         flops / med / 1e9,
         losses[0],
         losses[losses.len() - 1],
-        peak_rss_mib()
+        peak_rss_mib(),
+        estimate as f64 / (1 << 20) as f64
     );
     // The step against its own matrix products: what the rest (attention's softmax, norms,
     // activations, the loss, AdamW, memory traffic) costs.

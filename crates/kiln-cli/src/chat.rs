@@ -61,6 +61,9 @@ pub struct GenerateArgs {
     /// Model directory (a checkpoint or a run directory).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Prompt text (repeat for a batch). Without --chat the text is continued as a document.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -90,7 +93,7 @@ impl Streamer {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let b = load_bundle(&a.model)?;
+    let b = crate::cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
     if b.model.cfg.arch != Arch::Decoder {
         bail!(
             "{}: an encoder cannot generate; use `kiln fill-mask`",
@@ -166,6 +169,9 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
 pub struct ChatArgs {
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Answer this one message and exit (for scripts). Without it, and with stdin not a terminal,
     /// each stdin line is a user turn.
     #[arg(long)]
@@ -178,7 +184,7 @@ pub struct ChatArgs {
 }
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
-    let b = load_bundle(&a.model)?;
+    let b = crate::cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
     if b.model.cfg.arch != Arch::Decoder {
         bail!("{}: an encoder cannot chat", b.dir.display());
     }
@@ -360,6 +366,9 @@ pub struct ScoreArgs {
     /// A reward model directory.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[arg(long)]
     prompt: Option<String>,
     #[arg(long)]
@@ -370,7 +379,7 @@ pub struct ScoreArgs {
 }
 
 pub fn run_score(a: ScoreArgs) -> Result<()> {
-    let b = load_bundle(&a.model)?;
+    let b = crate::cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
     if !b.model.cfg.score_head {
         bail!("{}: not a reward model (no score head)", b.dir.display());
     }

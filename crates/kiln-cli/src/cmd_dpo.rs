@@ -47,6 +47,8 @@ pub struct DpoArgs {
     judge_prompts: Option<PathBuf>,
     #[command(flatten)]
     train: crate::TrainFlags,
+    #[command(flatten)]
+    pub lora: crate::cmd_lora::LoraFlags,
 }
 
 pub fn run(a: DpoArgs, progress: bool) -> Result<()> {
@@ -64,6 +66,7 @@ pub fn run(a: DpoArgs, progress: bool) -> Result<()> {
         o.set("skip_bad_records", true);
     }
     crate::judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+    a.lora.apply(&mut o)?;
     let cfg: stages::DpoConfig = config::build(a.train.config.as_deref(), o)?;
     kiln_train::install_ctrlc();
     let r = stages::dpo(&cfg, a.train.resume, progress)?;

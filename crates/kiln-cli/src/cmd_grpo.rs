@@ -76,6 +76,8 @@ pub struct GrpoArgs {
     sets: Vec<String>,
     #[arg(long)]
     seed: Option<i64>,
+    #[command(flatten)]
+    pub lora: crate::cmd_lora::LoraFlags,
 }
 
 pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
@@ -116,6 +118,7 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
     o.opt("grpo.max_sample_rounds", a.max_sample_rounds);
     o.opt("grpo.seed", a.seed);
     crate::judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+    a.lora.apply(&mut o)?;
     let cfg: stages::GrpoStageConfig = config::build(a.config.as_deref(), o)?;
     kiln_train::install_ctrlc();
     let s = stages::grpo(&cfg, a.resume, progress)?;
@@ -142,6 +145,7 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
 /// `kiln eval --reward ...`: a user's own prompts evaluated exactly as `kiln grpo` rewards them.
 pub struct RewardEvalArgs {
     pub model: PathBuf,
+    pub adapter: Option<PathBuf>,
     pub world: Option<PathBuf>,
     pub prompts: PathBuf,
     pub limit: usize,
@@ -158,7 +162,7 @@ pub struct RewardEvalArgs {
 pub fn run_reward_eval(a: RewardEvalArgs) -> Result<()> {
     use kiln_data::datasets::Role;
     use std::collections::BTreeMap;
-    let b = crate::bundle::load_bundle(&a.model)?;
+    let b = crate::cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
     let template = b.meta.template.clone();
     let mut loaded =
         kiln_data::datasets::load_prompts_with_fields(&a.prompts, &Default::default())?.records;

@@ -6,6 +6,7 @@ mod chat;
 mod cmd_data_prepare;
 mod cmd_dpo;
 mod cmd_grpo;
+mod cmd_lora;
 mod cmd_template;
 mod cmd_tokenizer;
 mod demo;
@@ -77,6 +78,9 @@ enum Cmd {
     /// Speed benchmarks (same shapes and output lines as shared/bench/torch_gpt_bench.py).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// LoRA adapters: `kiln lora merge` folds a PEFT adapter into its base.
+    #[command(subcommand)]
+    Lora(cmd_lora::LoraCmd),
     /// Chat templates: render messages with a model's template (`kiln template render`).
     #[command(subcommand)]
     Template(cmd_template::TemplateCmd),
@@ -87,6 +91,9 @@ struct EvalArgs {
     /// A chat model (checkpoint or run directory).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The demo world (world.json): judged task accuracy, and the `judge` reward source.
     #[arg(long)]
     world: Option<PathBuf>,
@@ -119,6 +126,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if !a.rewards.is_empty() {
         return cmd_grpo::run_reward_eval(cmd_grpo::RewardEvalArgs {
             model: a.model,
+            adapter: a.adapter,
             world: a.world,
             prompts: a.prompts,
             limit: a.limit,
@@ -132,7 +140,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let Some(world) = a.world else {
         bail!("kiln eval needs --world (the demo world's judge) or --reward sources");
     };
-    let b = bundle::load_bundle(&a.model)?;
+    let b = cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
     let judge = evaluate::Judge::load(&evaluate::JudgeConfig {
         world,
         prompts: a.prompts,
@@ -160,6 +168,9 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 struct LogitsArgs {
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Token ids, separated by spaces or commas.
     #[arg(long)]
     tokens: String,
@@ -168,6 +179,7 @@ struct LogitsArgs {
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let dir = kiln_model::checkpoint::resolve_model_dir(&a.model)?;
     let model = kiln_model::checkpoint::load_model(&dir)?;
+    let model = cmd_lora::merge_adapter(model, a.adapter.as_deref())?;
     let tokens: Vec<u32> = a
         .tokens
         .split(|c: char| c == ',' || c.is_whitespace())
@@ -189,10 +201,12 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
     let logits = model.logits(&tokens);
     let v = model.cfg.vocab_size;
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
-    println!(
-        "{}",
-        serde_json::json!({ "tokens": tokens, "logits": rows })
-    );
+    let mut out = serde_json::json!({ "tokens": tokens, "logits": rows });
+    if model.cfg.score_head {
+        // A reward model or critic: its score at every position too (the reward is the last).
+        out["scores"] = serde_json::json!(model.position_scores(&tokens));
+    }
+    println!("{out}");
     Ok(())
 }
 
@@ -334,6 +348,8 @@ struct SftArgs {
     end_of_turn_token: Option<String>,
     #[command(flatten)]
     train: TrainFlags,
+    #[command(flatten)]
+    lora: cmd_lora::LoraFlags,
 }
 
 #[derive(Args)]
@@ -375,6 +391,8 @@ struct RmArgs {
     skip_bad_records: bool,
     #[command(flatten)]
     train: TrainFlags,
+    #[command(flatten)]
+    lora: cmd_lora::LoraFlags,
 }
 
 #[derive(Args)]
@@ -419,6 +437,8 @@ struct PpoArgs {
     sets: Vec<String>,
     #[arg(long)]
     seed: Option<i64>,
+    #[command(flatten)]
+    lora: cmd_lora::LoraFlags,
 }
 
 pub(crate) fn judge_overrides(
@@ -505,6 +525,7 @@ fn run(cli: Cli) -> Result<()> {
             o.opt("pad_token", a.pad_token.clone());
             o.opt("end_of_turn_token", a.end_of_turn_token.clone());
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+            a.lora.apply(&mut o)?;
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::sft(&cfg, a.train.resume, progress)?;
@@ -536,6 +557,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.skip_bad_records {
                 o.set("skip_bad_records", true);
             }
+            a.lora.apply(&mut o)?;
             let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;
@@ -566,6 +588,7 @@ fn run(cli: Cli) -> Result<()> {
             o.path("ptx_data", &a.ptx_data);
             o.opt("ppo.seed", a.seed);
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
+            a.lora.apply(&mut o)?;
             let cfg: stages::PpoStageConfig = config::build(a.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::ppo(&cfg, a.resume, progress)?;
@@ -603,6 +626,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logits(a) => run_logits(a),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Template(c) => cmd_template::run(c),
+        Cmd::Lora(c) => cmd_lora::run(c),
     }
 }
 

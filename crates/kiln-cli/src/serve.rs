@@ -37,7 +37,6 @@ use kiln_model::{Arch, PackedWeights, Sampling, WeightFormat};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::bundle::load_bundle;
 use api::{ApiError, CommonParams, Fields};
 use engine::{Engine, Event, Finish, GenJob, GenParams, Job, ScoreJob, SeqSpec, Shared};
 
@@ -53,6 +52,9 @@ pub struct ServeArgs {
     /// /v1/score.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory to merge into the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The model's id in the API (`model` in requests, GET /v1/models) [default: the --model
     /// directory's name].
     #[arg(long)]
@@ -135,7 +137,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     if !(a.shutdown_timeout >= 0.0 && a.shutdown_timeout.is_finite()) {
         bail!("--shutdown-timeout must be a number of seconds >= 0");
     }
-    let b = load_bundle(&a.model)?;
+    let b = crate::cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
     let cfg = b.model.cfg.clone();
     let can_score = cfg.score_head;
     let can_generate = cfg.arch == Arch::Decoder && !can_score;

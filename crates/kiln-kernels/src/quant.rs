@@ -202,6 +202,39 @@ impl PackedLinear {
         w
     }
 
+    /// [`Self::dequantize`] into `w` (`[k, n]` row-major f32, overwritten), rows in parallel: how a
+    /// frozen packed base hands its weight to the training matmuls, one layer at a time.
+    pub fn dequantize_into(&self, w: &mut [f32]) {
+        let (k, n) = (self.k, self.n);
+        assert!(
+            w.len() >= k * n,
+            "PackedLinear::dequantize_into: buffer too small"
+        );
+        let rows = w[..k * n].par_chunks_mut(n).enumerate();
+        // One loop per format (the branch outside), over slices the compiler vectorises.
+        match &self.data {
+            Data::I8(d) => rows.for_each(|(p, row)| {
+                for (q, cols) in row.chunks_mut(PANEL).enumerate() {
+                    let at = q * k * PANEL + p * PANEL;
+                    let src = &d[at..at + cols.len()];
+                    let sc = &self.scale[q * PANEL..q * PANEL + cols.len()];
+                    for ((x, &v), &s) in cols.iter_mut().zip(src).zip(sc) {
+                        *x = v as f32 * s;
+                    }
+                }
+            }),
+            Data::Bf16(h) => rows.for_each(|(p, row)| {
+                for (q, cols) in row.chunks_mut(PANEL).enumerate() {
+                    let at = q * k * PANEL + p * PANEL;
+                    let src = &h[at..at + cols.len()];
+                    for (x, &v) in cols.iter_mut().zip(src) {
+                        *x = bf16_to_f32(v);
+                    }
+                }
+            }),
+        }
+    }
+
     /// The bias (zeros when the layer has none).
     pub fn bias(&self) -> &[f32] {
         &self.bias[..self.n]
@@ -502,6 +535,21 @@ mod tests {
                 err <= b,
                 "{what}: element {i}: got {g}, want {w}, err {err:.3e} > {b:.3e}"
             );
+        }
+    }
+
+    #[test]
+    fn dequantize_into_matches_dequantize() {
+        for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
+            for &(k, n) in &[(1, 1), (17, 70), (33, 129), (64, 64)] {
+                let w: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 41.0)
+                    .collect();
+                let l = PackedLinear::from_in_out(&w, None, k, n, fmt);
+                let mut got = vec![f32::NAN; k * n];
+                l.dequantize_into(&mut got);
+                assert_eq!(got, l.dequantize(), "{fmt:?} {k}x{n}");
+            }
         }
     }
 

@@ -127,6 +127,9 @@ pub fn hf_tensors(model: &Model) -> Vec<(String, Vec<usize>, Cow<'_, [f32]>)> {
 
 /// The model's parameters under the family's Hugging Face names, as safetensors bytes.
 pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>> {
+    if model.base.is_some() {
+        bail!("the model's frozen base is packed ({:?}): save its adapters, or merge them onto an f32 copy", model.base.as_ref().map(|b| b.format));
+    }
     let tensors = hf_tensors(model);
     let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
         .iter()
@@ -383,12 +386,72 @@ pub fn read_checked(dir: &Path, fname: &str) -> Result<Vec<u8>> {
 }
 
 /// Loads a model directory (written by Kiln or by `transformers`' `save_pretrained`): one
-/// `model.safetensors`, or shards listed by `model.safetensors.index.json`.
+/// `model.safetensors`, or shards listed by `model.safetensors.index.json`; or a PEFT adapter
+/// directory, whose base (`base_model_name_or_path`) is loaded and the adapters merged into it.
 pub fn load_model(dir: &Path) -> Result<Model> {
+    let mut m = load_model_unmerged(dir)?;
+    m.merge_lora();
+    Ok(m)
+}
+
+/// True when `dir` holds a PEFT adapter and no full weights.
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(crate::lora::ADAPTER_CONFIG_FILE).exists()
+        && !dir.join(MODEL_FILE).exists()
+        && !dir.join(INDEX_FILE).exists()
+}
+
+/// [`load_model`], keeping an adapter directory's adapters attached (the base frozen, in the format
+/// it was trained over): to continue training them, or to resume.
+pub fn load_model_unmerged(dir: &Path) -> Result<Model> {
+    if is_adapter_dir(dir) {
+        let cfg_path = dir.join(crate::lora::ADAPTER_CONFIG_FILE);
+        let (_, base) = crate::lora::read_peft_config(&cfg_path)?;
+        let base = base.with_context(|| {
+            format!(
+                "{}: no base_model_name_or_path to load the adapter onto",
+                cfg_path.display()
+            )
+        })?;
+        let mut model = load_adapter_base(dir, &base)?;
+        attach_peft(&mut model, dir)?;
+        return Ok(model);
+    }
     let cfg = ModelConfig::load(&dir.join(CONFIG_FILE))?;
     let (tensors, what) = read_weights(dir)?;
     let params = params_from_tensors(&cfg, &tensors, &what)?;
     Ok(Model::from_params(cfg, params))
+}
+
+/// The base an adapter directory names (a path as written, or relative to the adapter), with the
+/// score head its own config.json asks for (a LoRA reward model's base is a language model).
+fn load_adapter_base(dir: &Path, base: &str) -> Result<Model> {
+    let p = Path::new(base);
+    let p = if p.exists() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    };
+    let base_dir = resolve_model_dir(&p).with_context(|| {
+        format!(
+            "loading the base model {base:?} of the adapter in {}",
+            dir.display()
+        )
+    })?;
+    let model = load_model(&base_dir)?;
+    let own = dir.join(CONFIG_FILE);
+    let score = if own.exists() {
+        ModelConfig::load(&own)?.score_head
+    } else {
+        model.cfg.score_head
+    };
+    Ok(model.with_score_head(score))
+}
+
+/// Attaches the PEFT adapter in `dir` to `model` (freezing its base).
+pub fn attach_peft(model: &mut Model, dir: &Path) -> Result<()> {
+    let set = crate::lora::LoraSet::load_peft(dir, &model.cfg, &model.layout)?;
+    model.attach_adapters(set)
 }
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -445,8 +508,32 @@ pub fn read_weights(dir: &Path) -> Result<(Tensors, String)> {
     Ok((tensors, what))
 }
 
-/// The files of a model-only checkpoint: weights and config.
+/// The files of a model-only checkpoint: weights and config; for a model with adapters, PEFT's
+/// adapter files (and the config, so the directory loads as a model: see [`load_model`]).
 pub fn model_files(model: &Model) -> Result<Vec<(String, Vec<u8>)>> {
+    if let Some(set) = &model.lora {
+        let base = set.base_model.clone().unwrap_or_default();
+        return Ok(vec![
+            (
+                crate::lora::ADAPTER_FILE.to_string(),
+                tensors_to_bytes(&set.peft_tensors())?,
+            ),
+            (
+                crate::lora::ADAPTER_CONFIG_FILE.to_string(),
+                serde_json::to_vec_pretty(&set.peft_config(&model.cfg, &base))?,
+            ),
+            (
+                CONFIG_FILE.to_string(),
+                serde_json::to_vec_pretty(&model.cfg.to_hf_json())?,
+            ),
+            (
+                crate::lora::KILN_LORA_FILE.to_string(),
+                serde_json::to_vec_pretty(
+                    &serde_json::json!({"base_weights": set.cfg.base_weights.to_string()}),
+                )?,
+            ),
+        ]);
+    }
     Ok(vec![
         (MODEL_FILE.to_string(), model_to_bytes(model)?),
         (
@@ -501,6 +588,10 @@ impl Model {
         if self.cfg.score_head == score_head {
             return self;
         }
+        assert!(
+            self.lora.is_none(),
+            "add or remove the score head before attaching adapters"
+        );
         let mut cfg = self.cfg.clone();
         cfg.score_head = score_head;
         let layout = crate::params::ParamLayout::new(&cfg);

@@ -5,8 +5,8 @@
 //! one token per step together).
 
 use crate::config::Arch;
+use crate::lora::Site;
 use crate::model::{attn_shape, linear_forward, mlp_act_forward, norm_forward, Model};
-use crate::params::Linear;
 use anyhow::{bail, Result};
 use kiln_kernels as k;
 use kiln_kernels::{PackedFormat, PackedLinear};
@@ -137,23 +137,22 @@ impl PackedWeights {
         let cfg = &model.cfg;
         assert_eq!(cfg.arch, Arch::Decoder, "packed weights are for decoders");
         let (p, lay) = (&model.params, &model.layout);
-        let pack = |l: &Linear| {
+        let pack = |layer: usize, site: Site| {
+            let l = site.linear(&lay.layers[layer]);
             PackedLinear::from_in_out(
-                &p[l.w.clone()],
+                &model.block_weight(layer, site),
                 l.b.as_ref().map(|b| &p[b.clone()]),
                 l.i,
                 l.o,
                 format,
             )
         };
-        let blocks = lay
-            .layers
-            .iter()
-            .map(|o| PackedBlock {
-                qkv: pack(&o.qkv),
-                o: pack(&o.o),
-                up: pack(&o.up),
-                down: pack(&o.down),
+        let blocks = (0..lay.layers.len())
+            .map(|l| PackedBlock {
+                qkv: pack(l, Site::Qkv),
+                o: pack(l, Site::O),
+                up: pack(l, Site::Up),
+                down: pack(l, Site::Down),
             })
             .collect();
         // The LM head (tied or not) is stored [vocab, n_embd] = [out, in].
@@ -194,19 +193,37 @@ impl PackedWeights {
     }
 }
 
-/// A linear layer of the cached forward: through its packed inference copy when there is one, else
-/// the f32 layer of the training forward.
-fn linear(
-    p: &[f32],
-    lin: &Linear,
-    packed: Option<&PackedLinear>,
-    out: &mut [f32],
-    inp: &[f32],
-    n: usize,
-) {
-    match packed {
-        Some(l) => l.forward(out, inp, n),
-        None => linear_forward(k::Precision::F32, p, lin, out, inp, n),
+impl PackedBlock {
+    fn get(&self, site: Site) -> &PackedLinear {
+        match site {
+            Site::Qkv => &self.qkv,
+            Site::O => &self.o,
+            Site::Up => &self.up,
+            Site::Down => &self.down,
+        }
+    }
+}
+
+impl Model {
+    /// A block linear of the cached forward: through its packed inference copy when there is one,
+    /// else the packed frozen base, else the f32 layer of the training forward; then the adapters.
+    fn cached_linear(
+        &self,
+        packed: Option<&PackedWeights>,
+        (layer, site): (usize, Site),
+        out: &mut [f32],
+        inp: &[f32],
+        n: usize,
+    ) {
+        let lin = site.linear(&self.layout.layers[layer]);
+        match (packed, &self.base) {
+            (Some(pw), _) => pw.blocks[layer].get(site).forward(out, inp, n),
+            (None, Some(pb)) => pb.linear(layer, site).forward(out, inp, n),
+            (None, None) => linear_forward(k::Precision::F32, &self.params, lin, out, inp, n),
+        }
+        if let Some(set) = &self.lora {
+            set.forward(layer, site, None, out, inp, n, lin.o);
+        }
     }
 }
 
@@ -281,9 +298,8 @@ impl Model {
         let scale = 1.0 / (hs as f32).sqrt();
         for l in 0..cfg.n_layer {
             let o = &lay.layers[l];
-            let pb = packed.map(|pw| &pw.blocks[l]);
             norm_forward(cfg, p, &o.norm1, &mut ln, &mut mean, &mut rstd, &x, n);
-            linear(p, &o.qkv, pb.map(|b| &b.qkv), &mut qkv, &ln, n);
+            self.cached_linear(packed, (l, Site::Qkv), &mut qkv, &ln, n);
             if let Some(rope) = &self.rope {
                 k::rope_forward(&mut qkv, &positions, rope, n, qkvw, nh + shape.nkv);
             }
@@ -324,12 +340,12 @@ impl Model {
                     .enumerate()
                     .for_each_init(Vec::new, |scores, (idx, out)| head(idx, out, scores));
             }
-            linear(p, &o.o, pb.map(|b| &b.o), &mut tmp, &atty, n);
+            self.cached_linear(packed, (l, Site::O), &mut tmp, &atty, n);
             k::add_inplace(&mut x, &tmp);
             norm_forward(cfg, p, &o.norm2, &mut ln, &mut mean, &mut rstd, &x, n);
-            linear(p, &o.up, pb.map(|b| &b.up), &mut fch, &ln, n);
+            self.cached_linear(packed, (l, Site::Up), &mut fch, &ln, n);
             mlp_act_forward(cfg, &mut fch_act, &fch, n);
-            linear(p, &o.down, pb.map(|b| &b.down), &mut tmp, &fch_act, n);
+            self.cached_linear(packed, (l, Site::Down), &mut tmp, &fch_act, n);
             k::add_inplace(&mut x, &tmp);
         }
         for &s in slots {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod infer;
+pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod params;
@@ -13,5 +14,6 @@ pub use infer::{
     generate, generate_rows_with, generate_with, sample_token, GenerateOptions, KvCache,
     PackedWeights, Sampling, WeightFormat,
 };
-pub use model::{Activations, Input, Model};
+pub use lora::{LoraConfig, LoraSet, Site};
+pub use model::{Activations, Input, Model, PackedBase, Trainable};
 pub use params::{BlockLayout, Linear, Norm, ParamLayout, Role, TensorInfo};

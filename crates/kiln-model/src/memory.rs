@@ -49,6 +49,43 @@ pub fn training_bytes(cfg: &ModelConfig, batch: usize, seq: usize, lm_head: bool
         .saturating_add(activation_bytes(cfg, batch, seq, lm_head))
 }
 
+/// Bytes of one training process whose base may be frozen under LoRA adapters: without `lora`,
+/// [`training_bytes`]; with it, the dense tensors in f32, the blocks' matrices in the base's format
+/// (f32, bf16 or int8 with a scale per column), no base gradient or moment, the adapters (and a
+/// saved score head) ×4 (values, gradients, two moments), a dequantization buffer of the widest
+/// matrix for a packed base, and the activations.
+pub fn training_bytes_with(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    lm_head: bool,
+    lora: Option<&crate::lora::LoraConfig>,
+) -> usize {
+    let Some(lc) = lora else {
+        return training_bytes(cfg, batch, seq, lm_head);
+    };
+    let lay = crate::params::ParamLayout::new(cfg);
+    let score = lay.score.as_ref().map(|r| vec![0.0f32; r.len()]);
+    let trainable =
+        crate::lora::LoraSet::new(cfg, &lay, lc, score.as_deref(), 0).map_or(0, |s| s.num_params());
+    let matrices = lay.total - lay.dense;
+    let (cols, widest): (usize, usize) = lay
+        .layers
+        .iter()
+        .flat_map(|b| [&b.qkv, &b.o, &b.up, &b.down])
+        .fold((0, 0), |(c, w), l| (c + l.o, w.max(l.i * l.o)));
+    let base = match lc.base_weights {
+        crate::WeightFormat::F32 => matrices.saturating_mul(4),
+        // Weights, a scale and a bias copy per column, and one f32 matrix being dequantized.
+        crate::WeightFormat::Bf16 => matrices * 2 + cols * 8 + widest * 4,
+        crate::WeightFormat::Int8 => matrices + cols * 8 + widest * 4,
+    };
+    (lay.dense.saturating_mul(4))
+        .saturating_add(base)
+        .saturating_add(trainable.saturating_mul(16))
+        .saturating_add(activation_bytes(cfg, batch, seq, lm_head))
+}
+
 /// Parses `MemAvailable` (kB) out of the text of `/proc/meminfo`, in bytes.
 pub fn parse_mem_available(meminfo: &str) -> Option<usize> {
     meminfo.lines().find_map(|l| {

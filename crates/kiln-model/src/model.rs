@@ -11,11 +11,14 @@
 //! built from them.
 
 use crate::config::{Arch, MlpKind, ModelConfig, NormKind};
-use crate::params::{init_params, Linear, Norm, ParamLayout};
+use crate::lora::{LoraConfig, LoraSet, Site};
+use crate::params::{init_params, Linear, Norm, ParamLayout, TensorInfo};
+use anyhow::{bail, Result};
 use kiln_kernels as k;
-use kiln_kernels::{AttnMask, AttnShape};
+use kiln_kernels::{AttnMask, AttnShape, PackedFormat, PackedLinear};
+use std::borrow::Cow;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A batch of token rows as the model sees it: `b` rows of `t` tokens, their positions and mask.
 #[derive(Clone, Copy)]
@@ -56,13 +59,42 @@ pub(crate) fn linear_forward(
     k::linear_forward_with(prec, out, inp, &p[lin.w.clone()], bias, n, lin.i, lin.o);
 }
 
-/// Backward of [`linear_forward`] that OVERWRITES d(input) (its buffer needs no zeroing first) and
-/// accumulates the weight and bias gradients.
+/// Where a block linear's weight `[i, o]` comes from: the flat buffer, or the frozen base's packed
+/// copy, dequantized into a pooled buffer for the length of `f` (one matrix at a time; O(i·o)
+/// beside the O(n·i·o) matmuls it feeds).
+pub(crate) fn with_weight<R>(
+    p: &[f32],
+    base: Option<&PackedBase>,
+    layer: usize,
+    site: Site,
+    lin: &Linear,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    match base {
+        None => f(&p[lin.w.clone()]),
+        Some(pb) => {
+            let mut buf = pb.pool.lock().expect("pool").pop().unwrap_or_default();
+            buf.resize(lin.i * lin.o, 0.0);
+            pb.linear(layer, site).dequantize_into(&mut buf);
+            let r = f(&buf);
+            pb.pool.lock().expect("pool").push(buf);
+            r
+        }
+    }
+}
+
+/// Backward of a block linear that OVERWRITES d(input) (its buffer needs no zeroing first),
+/// accumulates the weight and bias gradients into `g` (`None`: the base is frozen, only the input
+/// gradient flows), and the adapters' gradients into `lora`.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     prec: k::Precision,
     p: &[f32],
-    g: &mut [f32],
+    base: Option<&PackedBase>,
+    g: Option<&mut [f32]>,
+    lora: Option<&mut LoraSet>,
+    round: Option<u64>,
+    (layer, site): (usize, Site),
     lin: &Linear,
     dinp: &mut [f32],
     dout: &[f32],
@@ -70,17 +102,22 @@ fn linear_backward(
     n: usize,
 ) {
     let (i, o) = (lin.i, lin.o);
-    let w = &p[lin.w.clone()];
-    k::matmul_with(prec, dinp, dout, w, n, o, i, false, true, false);
-    match &lin.b {
-        Some(b) => {
-            let [dw, db] = disjoint_mut(g, [&lin.w, b]);
-            k::linear_backward_with(prec, None, dw, Some(db), dout, inp, w, n, i, o);
+    with_weight(p, base, layer, site, lin, |w| {
+        k::matmul_with(prec, dinp, dout, w, n, o, i, false, true, false);
+        match (g, &lin.b) {
+            (None, _) => {}
+            (Some(g), Some(b)) => {
+                let [dw, db] = disjoint_mut(g, [&lin.w, b]);
+                k::linear_backward_with(prec, None, dw, Some(db), dout, inp, w, n, i, o);
+            }
+            (Some(g), None) => {
+                let dw = &mut g[lin.w.clone()];
+                k::linear_backward_with(prec, None, dw, None, dout, inp, w, n, i, o);
+            }
         }
-        None => {
-            let dw = &mut g[lin.w.clone()];
-            k::linear_backward_with(prec, None, dw, None, dout, inp, w, n, i, o);
-        }
+    });
+    if let Some(set) = lora {
+        set.backward(layer, site, round, dinp, dout, inp, n, o);
     }
 }
 
@@ -112,7 +149,7 @@ pub(crate) fn norm_forward(
 fn norm_backward(
     cfg: &ModelConfig,
     p: &[f32],
-    g: &mut [f32],
+    g: Option<&mut [f32]>,
     norm: &Norm,
     dinp: &mut [f32],
     dout: &[f32],
@@ -123,15 +160,25 @@ fn norm_backward(
 ) {
     let c = cfg.n_embd;
     let w = &p[norm.w.clone()];
-    match (&norm.b, cfg.norm_kind()) {
-        (Some(b), NormKind::LayerNorm) => {
+    // A frozen norm's gradients go to a scratch that is dropped (the kernels compute both).
+    let mut scratch = Vec::new();
+    let (dw, db): (&mut [f32], Option<&mut [f32]>) = match (g, &norm.b) {
+        (Some(g), Some(b)) => {
             let [dw, db] = disjoint_mut(g, [&norm.w, b]);
+            (dw, Some(db))
+        }
+        (Some(g), None) => (&mut g[norm.w.clone()], None),
+        (None, b) => {
+            scratch.resize(2 * c, 0.0);
+            let (dw, db) = scratch.split_at_mut(c);
+            (dw, b.as_ref().map(|_| db))
+        }
+    };
+    match (db, cfg.norm_kind()) {
+        (Some(db), NormKind::LayerNorm) => {
             k::layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, n, c);
         }
-        _ => {
-            let dw = &mut g[norm.w.clone()];
-            k::rmsnorm_backward(dinp, dw, dout, x, w, rstd, n, c);
-        }
+        _ => k::rmsnorm_backward(dinp, dw, dout, x, w, rstd, n, c),
     }
 }
 
@@ -377,6 +424,8 @@ pub struct Activations {
     scratch: Vec<f32>,
     targets: Vec<u32>,
     temperature: f32,
+    /// The LoRA dropout round of the last forward (its backward redraws the same masks).
+    lora_round: Option<u64>,
 }
 
 impl Activations {
@@ -412,6 +461,7 @@ impl Activations {
             scratch,
             targets: vec![k::IGNORE; n],
             temperature: 1.0,
+            lora_round: None,
         }
     }
 
@@ -549,6 +599,45 @@ pub struct Model {
     pub precision: k::Precision,
     /// Rotary embedding tables (Llama family), for positions up to the context.
     pub(crate) rope: Option<Arc<k::Rope>>,
+    /// LoRA adapters: with them the base is frozen (`grads` is empty and the backward computes
+    /// only input gradients through it); they and a saved score head are what trains.
+    pub lora: Option<LoraSet>,
+    /// The frozen base's block matrices packed to bf16/int8 (then `params` holds only
+    /// `layout.dense` values: the blocks' matrices are not in it). Shared by clones.
+    pub base: Option<Arc<PackedBase>>,
+}
+
+/// A frozen base's block matrices in a packed format (QLoRA-style): the training matmuls read
+/// each one dequantized to f32 in turn; the KV-cache path multiplies by it directly.
+#[derive(Debug)]
+pub struct PackedBase {
+    pub format: PackedFormat,
+    /// Per layer, the four linears in [`Site`] order (biases included, for the cached path).
+    blocks: Vec<[PackedLinear; 4]>,
+    /// Dequantization buffers, reused.
+    pool: Mutex<Vec<Vec<f32>>>,
+}
+
+impl PackedBase {
+    pub fn linear(&self, layer: usize, site: Site) -> &PackedLinear {
+        &self.blocks[layer][site.index()]
+    }
+
+    /// Bytes of the packed matrices (scales and panel padding included).
+    pub fn bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.iter())
+            .map(|l| l.weight_bytes() + 4 * l.n())
+            .sum()
+    }
+}
+
+/// What the optimizer updates: the model's own tensors (full fine-tuning) or its adapter set's.
+pub struct Trainable<'a> {
+    pub tensors: &'a [TensorInfo],
+    pub params: &'a mut [f32],
+    pub grads: &'a [f32],
 }
 
 /// Splits one buffer into several disjoint mutable slices (the flat gradient buffer holds every
@@ -603,11 +692,191 @@ impl Model {
             grads,
             precision: k::Precision::F32,
             rope,
+            lora: None,
+            base: None,
         }
     }
 
     pub fn zero_grads(&mut self) {
         self.grads.fill(0.0);
+        if let Some(l) = &mut self.lora {
+            l.grads.fill(0.0);
+        }
+    }
+
+    /// Freezes the base and attaches fresh adapters (`cfg.base_weights` packs the base); a score
+    /// head gets a trainable copy (PEFT's `modules_to_save`).
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        let score = self.layout.score.clone().map(|r| self.params[r].to_vec());
+        let set = LoraSet::new(&self.cfg, &self.layout, cfg, score.as_deref(), seed)?;
+        self.attach_adapters(set)
+    }
+
+    /// Freezes the base and attaches `set` (fresh, or read with [`LoraSet::load_peft`]).
+    pub fn attach_adapters(&mut self, set: LoraSet) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("the model already has LoRA adapters (merge them first)");
+        }
+        let format = set.cfg.base_weights.packed();
+        self.lora = Some(set);
+        self.grads = Vec::new();
+        if let Some(f) = format {
+            self.pack_base(f);
+        }
+        Ok(())
+    }
+
+    /// Holds the block matrices in `format` instead of f32 (the base must be frozen: adapters
+    /// attached). `params` shrinks to the dense tensors.
+    fn pack_base(&mut self, format: PackedFormat) {
+        assert!(self.lora.is_some(), "only a frozen base is packed");
+        if self.base.is_some() {
+            return;
+        }
+        let p = &self.params;
+        let blocks = self
+            .layout
+            .layers
+            .iter()
+            .map(|b| {
+                Site::ALL.map(|s| {
+                    let l = s.linear(b);
+                    let bias = l.b.as_ref().map(|r| &p[r.clone()]);
+                    PackedLinear::from_in_out(&p[l.w.clone()], bias, l.i, l.o, format)
+                })
+            })
+            .collect();
+        self.base = Some(Arc::new(PackedBase {
+            format,
+            blocks,
+            pool: Mutex::new(Vec::new()),
+        }));
+        self.params.truncate(self.layout.dense);
+        self.params.shrink_to_fit();
+    }
+
+    /// The f32 weight `[i, o]` of a block linear (dequantized when the base is packed).
+    pub fn block_weight(&self, layer: usize, site: Site) -> Cow<'_, [f32]> {
+        let lin = site.linear(&self.layout.layers[layer]);
+        match &self.base {
+            None => Cow::Borrowed(&self.params[lin.w.clone()]),
+            Some(pb) => Cow::Owned(pb.linear(layer, site).dequantize()),
+        }
+    }
+
+    /// Folds the adapters into the weights (`W += scale·Aᵀ·Bᵀ`, the saved score head into the
+    /// score head) and unfreezes: the plain model the adapters made (a packed base is dequantized
+    /// first: the merge is onto the weights the adapters were trained over).
+    pub fn merge_lora(&mut self) {
+        let Some(set) = self.lora.take() else {
+            return;
+        };
+        if let Some(pb) = self.base.take() {
+            self.params.resize(self.layout.total, 0.0);
+            for (l, b) in self.layout.layers.iter().enumerate() {
+                for s in Site::ALL {
+                    let lin = s.linear(b);
+                    pb.linear(l, s)
+                        .dequantize_into(&mut self.params[lin.w.clone()]);
+                }
+            }
+        }
+        for a in &set.adapters {
+            let lin = a.site.linear(&self.layout.layers[a.layer]).clone();
+            let d = set.delta(a);
+            let w = &mut self.params[lin.w.clone()];
+            for (row, dr) in w.chunks_exact_mut(lin.o).zip(d.chunks_exact(a.o())) {
+                k::add_inplace(&mut row[a.cols.clone()], dr);
+            }
+        }
+        if let (Some(s), Some(b)) = (&set.score, &self.layout.score) {
+            self.params[b.clone()].copy_from_slice(&set.params[s.clone()]);
+        }
+        self.grads = vec![0.0; self.layout.total];
+    }
+
+    /// The tensors the optimizer updates, their values and gradients.
+    pub fn trainable(&mut self) -> Trainable<'_> {
+        match &mut self.lora {
+            Some(l) => Trainable {
+                tensors: &l.tensors,
+                params: &mut l.params,
+                grads: &l.grads,
+            },
+            None => Trainable {
+                tensors: &self.layout.tensors,
+                params: &mut self.params,
+                grads: &self.grads,
+            },
+        }
+    }
+
+    pub fn trainable_tensors(&self) -> &[TensorInfo] {
+        match &self.lora {
+            Some(l) => &l.tensors,
+            None => &self.layout.tensors,
+        }
+    }
+
+    pub fn trainable_grads_mut(&mut self) -> &mut [f32] {
+        match &mut self.lora {
+            Some(l) => &mut l.grads,
+            None => &mut self.grads,
+        }
+    }
+
+    /// Number of trained parameters (all, or the adapters').
+    pub fn num_trainable(&self) -> usize {
+        self.trainable_tensors().iter().map(|t| t.len).sum()
+    }
+
+    /// Turns the adapters off (`false`: the model computes as its frozen base, the RL reference)
+    /// or back on.
+    pub fn set_adapters_enabled(&mut self, on: bool) {
+        if let Some(l) = &mut self.lora {
+            l.enabled = on;
+        }
+    }
+
+    /// Training mode (LoRA dropout on) or evaluation mode.
+    pub fn set_training(&mut self, on: bool) {
+        if let Some(l) = &mut self.lora {
+            l.training = on;
+        }
+    }
+
+    /// A block linear of the training forward: the base (f32 or dequantized) and its adapters.
+    #[allow(clippy::too_many_arguments)]
+    fn block_linear(
+        &self,
+        layer: usize,
+        site: Site,
+        round: Option<u64>,
+        out: &mut [f32],
+        inp: &[f32],
+        n: usize,
+    ) {
+        let (p, prec) = (&self.params, self.precision);
+        let lin = site.linear(&self.layout.layers[layer]);
+        let bias = lin.b.as_ref().map(|b| &p[b.clone()]);
+        with_weight(p, self.base.as_deref(), layer, site, lin, |w| {
+            k::linear_forward_with(prec, out, inp, w, bias, n, lin.i, lin.o)
+        });
+        if let Some(set) = &self.lora {
+            set.forward(layer, site, round, out, inp, n, lin.o);
+        }
+    }
+
+    /// The score head's weights `[c]`: the adapters' trainable copy when there is one.
+    fn score_weights(&self) -> &[f32] {
+        match self
+            .lora
+            .as_ref()
+            .and_then(|l| l.score.clone().map(|r| (l, r)))
+        {
+            Some((l, r)) => &l.params[r],
+            None => &self.params[self.layout.score.clone().expect("model has no score head")],
+        }
     }
 
     /// Runs the blocks; leaves the final norm's output in `acts.hidden`.
@@ -626,8 +895,10 @@ impl Model {
         );
         let n = b * t;
         assert_eq!(input.tokens.len(), n);
-        let (p, lay, prec) = (&self.params, &self.layout, self.precision);
+        let (p, lay) = (&self.params, &self.layout);
         let shape = attn_shape(cfg);
+        let round = self.lora.as_ref().and_then(|l| l.next_round());
+        acts.lora_round = round;
         acts.tokens.copy_from_slice(input.tokens);
         acts.positions.copy_from_slice(input.positions);
         embed_forward(cfg, p, lay, &mut acts.encoded, input);
@@ -651,7 +922,7 @@ impl Model {
                 x_in,
                 n,
             );
-            linear_forward(prec, p, &o.qkv, &mut a.qkv, &a.ln1, n);
+            self.block_linear(l, Site::Qkv, round, &mut a.qkv, &a.ln1, n);
             if let Some(rope) = &self.rope {
                 // q and k are rotated in place; attention saves them rotated.
                 k::rope_forward(
@@ -664,7 +935,7 @@ impl Model {
                 );
             }
             k::attention_forward_gqa(&mut a.atty, &mut a.att, &a.qkv, b, t, shape, &mask);
-            linear_forward(prec, p, &o.o, &mut acts.scratch, &a.atty, n);
+            self.block_linear(l, Site::O, round, &mut acts.scratch, &a.atty, n);
             for ((r, x), y) in a.res2.iter_mut().zip(x_in).zip(&acts.scratch) {
                 *r = x + y;
             }
@@ -678,9 +949,9 @@ impl Model {
                 &a.res2,
                 n,
             );
-            linear_forward(prec, p, &o.up, &mut a.fch, &a.ln2, n);
+            self.block_linear(l, Site::Up, round, &mut a.fch, &a.ln2, n);
             mlp_act_forward(cfg, &mut a.fch_act, &a.fch, n);
-            linear_forward(prec, p, &o.down, &mut acts.scratch, &a.fch_act, n);
+            self.block_linear(l, Site::Down, round, &mut acts.scratch, &a.fch_act, n);
             for ((r, x), y) in a.res3.iter_mut().zip(&a.res2).zip(&acts.scratch) {
                 *r = x + y;
             }
@@ -720,6 +991,23 @@ impl Model {
         let w = &self.params[self.layout.head()];
         k::matmul(&mut logits, &acts.hidden, w, t, c, v, false, true, false);
         logits
+    }
+
+    /// The score head's value at every position of one sequence (a reward model's or critic's).
+    pub fn position_scores(&self, tokens: &[u32]) -> Vec<f32> {
+        let t = tokens.len();
+        let mut acts = Activations::new(&self.cfg, 1, t, false);
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let input = Input {
+            tokens,
+            positions: &positions,
+            valid: None,
+            segments: None,
+            b: 1,
+            t,
+        };
+        self.forward(&mut acts, &input);
+        self.score_head(&acts)
     }
 
     /// The LM head (tied to the token embedding, or untied): logits = hidden · Wᵀ, then log p(target)
@@ -787,6 +1075,10 @@ impl Model {
             false,
             true,
         );
+        if self.lora.is_some() {
+            // A frozen head: no weight gradient (the largest matmul of a small model's step).
+            return;
+        }
         k::matmul_with(
             self.precision,
             &mut self.grads[head],
@@ -804,7 +1096,7 @@ impl Model {
     /// The scalar head: score_i = hidden_i · w for every row (reward model / critic).
     pub fn score_head(&self, acts: &Activations) -> Vec<f32> {
         let c = self.cfg.n_embd;
-        let w = &self.params[self.layout.score.clone().expect("model has no score head")];
+        let w = self.score_weights();
         acts.hidden
             .chunks_exact(c)
             .map(|h| h.iter().zip(w).map(|(a, b)| a * b).sum())
@@ -814,9 +1106,15 @@ impl Model {
     /// Backward of [`Model::score_head`] given dL/dscore per row.
     pub fn score_head_backward(&mut self, acts: &mut Activations, dscore: &[f32]) {
         let c = self.cfg.n_embd;
-        let range = self.layout.score.clone().expect("model has no score head");
-        let w = &self.params[range.clone()];
-        let dw = &mut self.grads[range];
+        let base = self.layout.score.clone().expect("model has no score head");
+        // The trained copy: the adapters' saved score head, the model's own, or none (frozen).
+        let (w, mut dw): (&[f32], Option<&mut [f32]>) = match &mut self.lora {
+            Some(l) => match l.score.clone() {
+                Some(r) => (&l.params[r.clone()], Some(&mut l.grads[r])),
+                None => (&self.params[base], None),
+            },
+            None => (&self.params[base.clone()], Some(&mut self.grads[base])),
+        };
         for ((h, dh), &d) in acts
             .hidden
             .chunks_exact(c)
@@ -828,12 +1126,17 @@ impl Model {
             }
             for i in 0..c {
                 dh[i] += d * w[i];
-                dw[i] += d * h[i];
+            }
+            if let Some(dw) = dw.as_deref_mut() {
+                for i in 0..c {
+                    dw[i] += d * h[i];
+                }
             }
         }
     }
 
-    /// Carries `acts.dhidden` down through the blocks, accumulating every parameter gradient.
+    /// Carries `acts.dhidden` down through the blocks, accumulating every parameter gradient (with
+    /// adapters: theirs only; the frozen base passes input gradients through).
     pub fn backward(&mut self, acts: &mut Activations) {
         let cfg = &self.cfg;
         let (b, t, c) = (acts.b, acts.t, cfg.n_embd);
@@ -842,14 +1145,24 @@ impl Model {
         let shape = attn_shape(cfg);
         let p = &self.params;
         let lay = &self.layout;
+        let base = self.base.as_deref();
+        let frozen = self.lora.is_some();
+        let mut lora = self.lora.as_mut();
         let g = &mut self.grads;
+        let round = acts.lora_round;
+        // The base's gradient buffer, or None when it is frozen.
+        macro_rules! grads {
+            () => {
+                (!frozen).then_some(&mut g[..])
+            };
+        }
         acts.dres.fill(0.0);
         {
             let last = &acts.layers[cfg.n_layer - 1].res3;
             norm_backward(
                 cfg,
                 p,
-                g,
+                grads!(),
                 &lay.norm_f,
                 &mut acts.dres,
                 &acts.dhidden,
@@ -873,7 +1186,11 @@ impl Model {
             linear_backward(
                 prec,
                 p,
-                g,
+                base,
+                grads!(),
+                lora.as_deref_mut(),
+                round,
+                (l, Site::Down),
                 &o.down,
                 &mut acts.dact,
                 &acts.dres,
@@ -881,11 +1198,24 @@ impl Model {
                 n,
             );
             let dfch = mlp_act_backward(cfg, &mut acts.dact, &mut acts.dfch, &a.fch, n);
-            linear_backward(prec, p, g, &o.up, &mut acts.dln, dfch, &a.ln2, n);
+            linear_backward(
+                prec,
+                p,
+                base,
+                grads!(),
+                lora.as_deref_mut(),
+                round,
+                (l, Site::Up),
+                &o.up,
+                &mut acts.dln,
+                dfch,
+                &a.ln2,
+                n,
+            );
             norm_backward(
                 cfg,
                 p,
-                g,
+                grads!(),
                 &o.norm2,
                 &mut acts.dres,
                 &acts.dln,
@@ -895,7 +1225,20 @@ impl Model {
                 n,
             );
             // res2 = x + attn(x): dres is now d(res2).
-            linear_backward(prec, p, g, &o.o, &mut acts.datty, &acts.dres, &a.atty, n);
+            linear_backward(
+                prec,
+                p,
+                base,
+                grads!(),
+                lora.as_deref_mut(),
+                round,
+                (l, Site::O),
+                &o.o,
+                &mut acts.datty,
+                &acts.dres,
+                &a.atty,
+                n,
+            );
             acts.dqkv.fill(0.0);
             k::attention_backward_gqa(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, shape);
             if let Some(rope) = &self.rope {
@@ -908,11 +1251,24 @@ impl Model {
                     shape.nh + shape.nkv,
                 );
             }
-            linear_backward(prec, p, g, &o.qkv, &mut acts.dln, &acts.dqkv, &a.ln1, n);
+            linear_backward(
+                prec,
+                p,
+                base,
+                grads!(),
+                lora.as_deref_mut(),
+                round,
+                (l, Site::Qkv),
+                &o.qkv,
+                &mut acts.dln,
+                &acts.dqkv,
+                &a.ln1,
+                n,
+            );
             norm_backward(
                 cfg,
                 p,
-                g,
+                grads!(),
                 &o.norm1,
                 &mut acts.dres,
                 &acts.dln,
@@ -921,6 +1277,9 @@ impl Model {
                 &a.ln1_rstd,
                 n,
             );
+        }
+        if frozen {
+            return;
         }
         match &lay.wpe {
             Some(wpe) => {

@@ -49,6 +49,9 @@ pub struct TensorInfo {
     pub role: Role,
     /// The checkpoint tensors this one is assembled from, in column order.
     pub hf: Vec<HfPart>,
+    /// The weight of one of a block's linear layers: laid out after every other tensor (see
+    /// [`ParamLayout::dense`]), so a frozen base packed to bf16/int8 drops them from the buffer.
+    pub block_matrix: bool,
 }
 
 impl TensorInfo {
@@ -98,12 +101,17 @@ pub struct ParamLayout {
     pub lm_head: Option<Range<usize>>,
     pub score: Option<Range<usize>>,
     pub total: usize,
+    /// Length of the buffer's first part: every tensor but the blocks' linear weights, which fill
+    /// `dense..total` (what a packed frozen base holds in its own format instead).
+    pub dense: usize,
 }
 
-/// Builds the layout tensor by tensor.
+/// Builds the layout tensor by tensor. Block matrices get offsets in a second region (counted
+/// from 0, then moved after the rest by [`Builder::finish`]).
 struct Builder {
     tensors: Vec<TensorInfo>,
-    offset: usize,
+    /// Next offset of the dense region and of the block-matrix region.
+    offset: [usize; 2],
 }
 
 impl Builder {
@@ -113,19 +121,37 @@ impl Builder {
         shape: Vec<usize>,
         role: Role,
         hf: Vec<HfPart>,
+        block_matrix: bool,
     ) -> Range<usize> {
         let len = shape.iter().product();
+        let region = usize::from(block_matrix);
+        let offset = self.offset[region];
         self.tensors.push(TensorInfo {
             name,
             shape,
-            offset: self.offset,
+            offset,
             len,
             decay: matches!(role, Role::Matrix | Role::ResidualMatrix),
             role,
             hf,
+            block_matrix,
         });
-        self.offset += len;
-        self.offset - len..self.offset
+        self.offset[region] += len;
+        offset..offset + len
+    }
+
+    /// Moves the block matrices after the dense tensors; returns (dense, total).
+    fn finish(&mut self, layers: &mut [BlockLayout]) -> (usize, usize) {
+        let dense = self.offset[0];
+        for t in self.tensors.iter_mut().filter(|t| t.block_matrix) {
+            t.offset += dense;
+        }
+        for b in layers {
+            for lin in [&mut b.qkv, &mut b.o, &mut b.up, &mut b.down] {
+                lin.w = lin.w.start + dense..lin.w.end + dense;
+            }
+        }
+        (dense, dense + self.offset[1])
     }
 
     /// A tensor stored under its own name in the checkpoint, in the same layout.
@@ -136,7 +162,7 @@ impl Builder {
             cols,
             transposed: false,
         }];
-        self.add(name, shape, role, hf)
+        self.add(name, shape, role, hf, false)
     }
 
     fn norm(&mut self, prefix: &str, c: usize, kind: NormKind) -> Norm {
@@ -172,6 +198,7 @@ impl Builder {
             vec![i, o],
             role,
             hf("weight", true),
+            true,
         );
         let b = bias.then(|| {
             self.add(
@@ -179,6 +206,7 @@ impl Builder {
                 vec![o],
                 Role::Bias,
                 hf("bias", false),
+                false,
             )
         });
         Linear { w, b, i, o }
@@ -190,7 +218,7 @@ impl ParamLayout {
         let (v, t, c) = (cfg.vocab_size, cfg.n_ctx, cfg.n_embd);
         let mut bld = Builder {
             tensors: Vec::new(),
-            offset: 0,
+            offset: [0, 0],
         };
         let layout = match cfg.family {
             Family::Gpt2 => {
@@ -201,7 +229,15 @@ impl ParamLayout {
                     let p = format!("transformer.h.{l}.");
                     let lin =
                         |bld: &mut Builder, name: &str, i: usize, o: usize, role: Role| Linear {
-                            w: bld.plain(format!("{p}{name}.weight"), vec![i, o], role),
+                            w: {
+                                let n = format!("{p}{name}.weight");
+                                let hf = vec![HfPart {
+                                    name: n.clone(),
+                                    cols: o,
+                                    transposed: false,
+                                }];
+                                bld.add(n, vec![i, o], role, hf, true)
+                            },
                             b: Some(bld.plain(format!("{p}{name}.bias"), vec![o], Role::Bias)),
                             i,
                             o,
@@ -291,7 +327,7 @@ impl ParamLayout {
                 (wte, None, layers, norm_f)
             }
         };
-        let (wte, wpe, layers, norm_f) = layout;
+        let (wte, wpe, mut layers, norm_f) = layout;
         // A scored model (reward model, critic) has no LM head of its own, as a transformers
         // sequence classifier has none.
         let lm_head = (!cfg.tie_embeddings && !cfg.score_head)
@@ -302,6 +338,7 @@ impl ParamLayout {
         debug_assert!(
             cfg.mlp_kind() == MlpKind::Gelu || layers.iter().all(|b| b.up.o == 2 * cfg.ffn())
         );
+        let (dense, total) = bld.finish(&mut layers);
         ParamLayout {
             tensors: bld.tensors,
             wte,
@@ -310,7 +347,8 @@ impl ParamLayout {
             norm_f,
             lm_head,
             score,
-            total: bld.offset,
+            total,
+            dense,
         }
     }
 

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, PrefRecord, Role};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
-use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
+use kiln_model::lora::LoraConfig;
+use kiln_model::memory::{activation_bytes, check_memory, training_bytes, training_bytes_with};
 use kiln_model::{Arch, Family, Model, ModelConfig};
 use kiln_train::dpo::{
     load_or_compute_reference, model_fingerprint, render_dpo_groups, DpoLoss, DpoObjective,
@@ -310,11 +311,17 @@ pub struct SftConfig {
     pub pad_token: Option<String>,
     pub end_of_turn_token: Option<String>,
     pub train: TrainConfig,
+    /// LoRA: train adapters on a frozen base (`[lora]`; `--lora-rank` ...) instead of every weight.
+    pub lora: Option<LoraConfig>,
+    /// Continue training this PEFT adapter directory (on `init`'s model).
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
         SftConfig {
+            lora: None,
+            adapter: None,
             init: PathBuf::from("runs/pretrain"),
             data: Vec::new(),
             val_data: None,
@@ -429,9 +436,23 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     let tpl = template.clone();
     let extra: Option<ExtraEval> =
         judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
-    let memory = training_bytes(&b.model.cfg, cfg.train.batch_size, seq_len, true);
+    let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
+    let memory = training_bytes_with(
+        &b.model.cfg,
+        cfg.train.batch_size,
+        seq_len,
+        true,
+        lora.as_ref(),
+    );
     check_memory(memory, "SFT")?;
     let mut model = b.model;
+    kiln_train::adapters::attach(
+        &mut model,
+        cfg.lora.as_ref(),
+        cfg.adapter.as_deref(),
+        &b.dir,
+        cfg.train.seed,
+    )?;
     let mut obj = SftObjective::new(
         &model,
         train,
@@ -469,11 +490,17 @@ pub struct RmConfig {
     pub center: f32,
     pub skip_bad_records: bool,
     pub train: TrainConfig,
+    /// LoRA: train adapters on a frozen base (`[lora]`; `--lora-rank` ...) instead of every weight.
+    pub lora: Option<LoraConfig>,
+    /// Continue training this PEFT adapter directory (on `init`'s model).
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for RmConfig {
     fn default() -> Self {
         RmConfig {
+            lora: None,
+            adapter: None,
             init: PathBuf::from("runs/sft"),
             data: Vec::new(),
             val_data: None,
@@ -550,8 +577,18 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     );
     let mut model = b.model.with_score_head(true);
     let max_k = train.iter().map(|g| g.seqs.len()).max().unwrap_or(1);
-    let memory = training_bytes(&model.cfg, cfg.train.batch_size * max_k, seq_len, false);
+    let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
+    let rows = cfg.train.batch_size * max_k;
+    let memory = training_bytes_with(&model.cfg, rows, seq_len, false, lora.as_ref());
     check_memory(memory, "reward-model training")?;
+    // The score head trains in full beside the adapters (PEFT's modules_to_save).
+    kiln_train::adapters::attach(
+        &mut model,
+        cfg.lora.as_ref(),
+        cfg.adapter.as_deref(),
+        &b.dir,
+        cfg.train.seed,
+    )?;
     let mut obj = RmObjective::new(
         &model,
         train,
@@ -644,11 +681,17 @@ pub struct PpoStageConfig {
     /// Pretraining shards for PPO-ptx (used when `ppo.ptx_coef` > 0).
     pub ptx_data: Option<PathBuf>,
     pub ppo: PpoConfig,
+    /// LoRA: train adapters on a frozen base (`[lora]`; `--lora-rank` ...) instead of every weight.
+    pub lora: Option<LoraConfig>,
+    /// Continue training this PEFT adapter directory (on `init`'s model).
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for PpoStageConfig {
     fn default() -> Self {
         PpoStageConfig {
+            lora: None,
+            adapter: None,
             actor: PathBuf::from("runs/sft"),
             reward_model: PathBuf::from("runs/rm"),
             critic: None,
@@ -680,9 +723,12 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
             rm.dir.display()
         );
     }
-    let critic = match &cfg.critic {
-        Some(p) => load_bundle(p)?.model.with_score_head(true),
-        None => rm.model.clone(),
+    let (mut critic, critic_dir) = match &cfg.critic {
+        Some(p) => {
+            let b = load_bundle(p)?;
+            (b.model.with_score_head(true), b.dir)
+        }
+        None => (rm.model.clone(), rm.dir.clone()),
     };
     let (mean, std) = (
         rm.meta.reward_mean.unwrap_or(0.0),
@@ -733,10 +779,35 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     });
     // Trainable actor and critic, frozen reference and reward model, and rollout scoring.
     let row_len = kiln_train::ppo::row_len(&prompts, cfg.ppo.max_new_tokens, actor.model.cfg.n_ctx);
-    let memory = training_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true)
-        + training_bytes(&critic.cfg, cfg.ppo.minibatch, row_len, false)
-        + 4 * (actor.model.params.len() + rm.model.params.len())
-        + activation_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true);
+    // With LoRA the actor's base (adapters off) is the reference: no copy of it is held.
+    let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
+    let mb = cfg.ppo.minibatch;
+    let reference_bytes = match lora {
+        Some(_) => 0,
+        None => {
+            4 * actor.model.params.len() + activation_bytes(&actor.model.cfg, mb, row_len, true)
+        }
+    };
+    let memory = training_bytes_with(&actor.model.cfg, mb, row_len, true, lora.as_ref())
+        + training_bytes_with(&critic.cfg, mb, row_len, false, lora.as_ref())
+        + 4 * rm.model.params.len()
+        + reference_bytes;
+    let mut actor = actor;
+    kiln_train::adapters::attach(
+        &mut actor.model,
+        cfg.lora.as_ref(),
+        cfg.adapter.as_deref(),
+        &actor.dir,
+        cfg.ppo.seed,
+    )?;
+    // The critic gets fresh adapters of the same settings (and trains its score head in full).
+    kiln_train::adapters::attach(
+        &mut critic,
+        lora.as_ref(),
+        None,
+        &critic_dir,
+        cfg.ppo.seed ^ 1,
+    )?;
     let run = StageRun::open("PPO", &cfg.out, cfg, memory, resume, progress)?;
     let mut meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
     meta.chat_template = actor.meta.chat_template.clone();
@@ -759,7 +830,7 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     let tok2 = actor.tokenizer.clone();
     let mut ppo = Ppo {
         cfg: cfg.ppo.clone(),
-        reference: actor.model.clone(),
+        reference: actor.model.lora.is_none().then(|| actor.model.clone()),
         actor: actor.model,
         critic,
         reward: RewardModel {
@@ -817,11 +888,17 @@ pub struct DpoConfig {
     pub judge: Option<JudgeConfig>,
     /// `train.batch_size` counts prompts, each with all its responses.
     pub train: TrainConfig,
+    /// LoRA: train adapters on a frozen base (`[lora]`; `--lora-rank` ...) instead of every weight.
+    pub lora: Option<LoraConfig>,
+    /// Continue training this PEFT adapter directory (on `init`'s model).
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for DpoConfig {
     fn default() -> Self {
         DpoConfig {
+            lora: None,
+            adapter: None,
             init: PathBuf::from("runs/sft"),
             reference: None,
             data: Vec::new(),
@@ -958,6 +1035,21 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let mut model = b.model;
     // The reference passes through the arithmetic training will use.
     model.precision = cfg.train.precision.for_this_cpu().0;
+    // Without another reference, the policy's base is it (adapters off): fingerprinted before the
+    // adapters freeze (and maybe pack) it, with the base's format.
+    let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
+    let base_fingerprint = lora.as_ref().map(|l| {
+        let adapter = cfg.adapter.as_ref().map(|a| a.display().to_string());
+        let fp = model_fingerprint(&model);
+        format!("{fp}-{}-{}", l.base_weights, adapter.unwrap_or_default())
+    });
+    kiln_train::adapters::attach(
+        &mut model,
+        cfg.lora.as_ref(),
+        cfg.adapter.as_deref(),
+        &b.dir,
+        cfg.train.seed,
+    )?;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let tok = b.tokenizer.clone();
     let tpl = template.clone();
@@ -986,7 +1078,8 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         cfg.beta
     );
     let max_rows = obj.activation_rows();
-    let memory = training_bytes(&model.cfg, max_rows, seq_len, true) + obj.reference_bytes();
+    let memory = training_bytes_with(&model.cfg, max_rows, seq_len, true, lora.as_ref())
+        + obj.reference_bytes();
     let stage = StageRun::open("DPO", &cfg.out, cfg, memory, resume, progress)?;
     let run = &stage.run;
     let resuming = resume && run.latest_checkpoint()?.is_some();
@@ -994,9 +1087,13 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let t0 = std::time::Instant::now();
     let (reference, source, key) = match &cfg.reference {
         None => {
-            let key = obj.cache_key(&model_fingerprint(&model), model.precision);
-            let (r, src) =
-                load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&model))?;
+            let fp = base_fingerprint.unwrap_or_else(|| model_fingerprint(&model));
+            let key = obj.cache_key(&fp, model.precision);
+            model.set_adapters_enabled(false);
+            let got =
+                load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&model));
+            model.set_adapters_enabled(true);
+            let (r, src) = got?;
             (r, src, key)
         }
         Some(path) => {
@@ -1062,11 +1159,17 @@ pub struct GrpoStageConfig {
     /// Seconds a reward program may take per answer before the run stops with an error.
     pub reward_timeout_s: f64,
     pub grpo: GrpoConfig,
+    /// LoRA: train adapters on a frozen base (`[lora]`; `--lora-rank` ...) instead of every weight.
+    pub lora: Option<LoraConfig>,
+    /// Continue training this PEFT adapter directory (on `init`'s model).
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for GrpoStageConfig {
     fn default() -> Self {
         GrpoStageConfig {
+            lora: None,
+            adapter: None,
             actor: PathBuf::from("runs/sft"),
             prompts: PathBuf::from("prompts.jsonl"),
             out: PathBuf::from("runs/grpo"),
@@ -1144,11 +1247,26 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     });
     let row_len =
         kiln_train::ppo::row_len(&prompts, cfg.grpo.max_new_tokens, actor.model.cfg.n_ctx);
-    let reference = (cfg.grpo.beta > 0.0).then(|| actor.model.clone());
-    let memory = training_bytes(&actor.model.cfg, cfg.grpo.minibatch, row_len, true)
-        + reference.as_ref().map_or(0, |r| {
-            4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
-        });
+    let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
+    // With LoRA the actor's base (adapters off) is the reference: no copy of it is held.
+    let reference = (cfg.grpo.beta > 0.0 && lora.is_none()).then(|| actor.model.clone());
+    let memory = training_bytes_with(
+        &actor.model.cfg,
+        cfg.grpo.minibatch,
+        row_len,
+        true,
+        lora.as_ref(),
+    ) + reference.as_ref().map_or(0, |r| {
+        4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
+    });
+    let mut actor = actor;
+    kiln_train::adapters::attach(
+        &mut actor.model,
+        cfg.lora.as_ref(),
+        cfg.adapter.as_deref(),
+        &actor.dir,
+        cfg.grpo.seed,
+    )?;
     let run = StageRun::open("GRPO", &cfg.out, cfg, memory, resume, progress)?;
     let mut meta = KilnMeta::new("grpo", template.clone(), &actor.tokenizer, cfg.grpo.seed);
     meta.chat_template = actor.meta.chat_template.clone();

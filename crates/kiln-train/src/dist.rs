@@ -194,7 +194,8 @@ pub fn broadcast_start(
     m: &mut [f32],
     v: &mut [f32],
 ) -> Result<()> {
-    world.broadcast_f32(0, &mut model.params)?;
+    // What trains (all weights, or the adapters: a frozen base is loaded alike on every rank).
+    world.broadcast_f32(0, model.trainable().params)?;
     world.broadcast_f32(0, m)?;
     world.broadcast_f32(0, v)
 }

@@ -298,6 +298,8 @@ impl<'a> Grpo<'a> {
             match &self.reference {
                 Some(r) if r.cfg == self.actor.cfg => {}
                 Some(_) => bail!("the reference model's architecture differs from the actor's"),
+                // The actor's base (adapters off) is the reference.
+                None if self.actor.lora.is_some() => {}
                 None => bail!("beta > 0 needs a reference model"),
             }
         }
@@ -588,6 +590,12 @@ impl<'a> Grpo<'a> {
                 if let (Some(r), Some(ra)) = (&self.reference, ref_acts.as_mut()) {
                     let (rlp, _) = rows.logprobs(r, ra, idx, cfg.temperature);
                     own_ref.extend_from_slice(&rlp[..idx.len() * t]);
+                } else if self.reference.is_none() && cfg.beta > 0.0 {
+                    // LoRA: the reference is the actor with its adapters off.
+                    self.actor.set_adapters_enabled(false);
+                    let (rlp, _) = rows.logprobs(&self.actor, &mut acts, idx, cfg.temperature);
+                    self.actor.set_adapters_enabled(true);
+                    own_ref.extend_from_slice(&rlp[..idx.len() * t]);
                 }
             }
             let mut old_logp = vec![0.0f32; n * t];
@@ -662,7 +670,7 @@ impl<'a> Grpo<'a> {
                     // Data parallel: the minibatch's gradient and loss, summed over the ranks.
                     let comm = dist::reduce_step(
                         world,
-                        &mut self.actor.grads,
+                        self.actor.trainable_grads_mut(),
                         &mut mb_loss,
                         &mut 0,
                         &mut Metrics::new(),
@@ -845,14 +853,7 @@ impl<'a> Grpo<'a> {
         opt: &mut AdamW,
         st: &mut GrpoState,
     ) -> Result<()> {
-        let actor = kiln_model::checkpoint::load_model(dir)?;
-        if actor.cfg != self.actor.cfg {
-            bail!(
-                "{}: the checkpoint's actor has another architecture",
-                dir.display()
-            );
-        }
-        self.actor.params = actor.params;
+        crate::trainer::restore_trained(&mut self.actor, dir)?;
         let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, "grpo_state.json")?)?;
         *st = serde_json::from_value(v["state"].clone()).context("grpo_state.json")?;
         opt.load_bytes(

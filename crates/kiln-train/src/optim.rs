@@ -26,7 +26,8 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW moments for every parameter (same flat layout as the model).
+/// AdamW moments for every trained parameter (the flat layout of [`Model::trainable`]: all the
+/// model's, or only its adapters' when the base is frozen).
 pub struct AdamW {
     pub cfg: AdamWConfig,
     pub m: Vec<f32>,
@@ -39,8 +40,8 @@ impl AdamW {
     pub fn new(model: &Model, cfg: AdamWConfig) -> Self {
         AdamW {
             cfg,
-            m: vec![0.0; model.params.len()],
-            v: vec![0.0; model.params.len()],
+            m: vec![0.0; model.num_trainable()],
+            v: vec![0.0; model.num_trainable()],
             step: 0,
         }
     }
@@ -48,12 +49,13 @@ impl AdamW {
     /// One update with learning rate `lr`; weight decay only on the tensors marked for it (matrices).
     pub fn update(&mut self, model: &mut Model, lr: f32) {
         self.step += 1;
-        for t in &model.layout.tensors {
+        let tr = model.trainable();
+        for t in tr.tensors {
             let r = t.range();
             let wd = if t.decay { self.cfg.weight_decay } else { 0.0 };
             k::adamw_update(
-                &mut model.params[r.clone()],
-                &model.grads[r.clone()],
+                &mut tr.params[r.clone()],
+                &tr.grads[r.clone()],
                 &mut self.m[r.clone()],
                 &mut self.v[r.clone()],
                 lr,
@@ -69,7 +71,7 @@ impl AdamW {
     /// Moments as safetensors (`exp_avg.<name>`, `exp_avg_sq.<name>`, as PyTorch's AdamW calls them).
     pub fn to_bytes(&self, model: &Model) -> Result<Vec<u8>> {
         let mut tensors = Vec::new();
-        for t in &model.layout.tensors {
+        for t in model.trainable_tensors() {
             tensors.push((
                 format!("exp_avg.{}", t.name),
                 t.shape.clone(),
@@ -86,7 +88,7 @@ impl AdamW {
 
     pub fn load_bytes(&mut self, model: &Model, bytes: &[u8], step: u64, what: &str) -> Result<()> {
         let map = bytes_to_tensors(bytes, what)?;
-        for t in &model.layout.tensors {
+        for t in model.trainable_tensors() {
             for (prefix, buf) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
                 let name = format!("{prefix}.{}", t.name);
                 let (shape, data) = map
@@ -109,9 +111,10 @@ impl AdamW {
 /// Scales gradients so their global L2 norm is at most `max_norm` (0: no clipping). Returns the norm
 /// before clipping.
 pub fn clip_grad_norm(model: &mut Model, max_norm: f32) -> f32 {
-    let norm = k::global_grad_norm(&[&model.grads]);
+    let grads = model.trainable_grads_mut();
+    let norm = k::global_grad_norm(&[grads]);
     if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
-        k::scale(&mut model.grads, max_norm / (norm + 1e-6));
+        k::scale(grads, max_norm / (norm + 1e-6));
     }
     norm
 }

@@ -223,7 +223,9 @@ pub struct Ppo<'a> {
     pub cfg: PpoConfig,
     pub actor: Model,
     pub critic: Model,
-    pub reference: Model,
+    /// The frozen reference; `None`: the actor with its LoRA adapters switched off (its base, with
+    /// no second copy of the weights).
+    pub reference: Option<Model>,
     pub reward: RewardModel,
     /// Prompts, already rendered with the chat template (ending in the assistant prefix).
     pub prompts: Vec<Vec<u32>>,
@@ -274,7 +276,7 @@ impl<'a> Ppo<'a> {
             }
         }
         for (name, m) in [
-            ("reference", &self.reference),
+            ("reference", self.reference.as_ref().unwrap_or(&self.actor)),
             ("critic", &self.critic),
             ("reward model", &self.reward.model),
         ] {
@@ -286,8 +288,14 @@ impl<'a> Ppo<'a> {
                 );
             }
         }
-        if self.reference.cfg != self.actor.cfg {
-            bail!("the reference model's architecture differs from the actor's");
+        match &self.reference {
+            Some(r) if r.cfg != self.actor.cfg => {
+                bail!("the reference model's architecture differs from the actor's")
+            }
+            None if self.actor.lora.is_none() => {
+                bail!("no reference model: only an actor with LoRA adapters is its own reference (adapters off)")
+            }
+            _ => {}
         }
         if !self.critic.cfg.score_head || !self.reward.model.cfg.score_head {
             bail!("the critic and the reward model need a score head");
@@ -352,16 +360,27 @@ impl<'a> Ppo<'a> {
         // so the first minibatch's ratio is exactly 1.
         let mb = cfg.minibatch;
         let mut acts = Activations::new(&self.actor.cfg, mb, t, true);
-        let mut ref_acts = Activations::new(&self.reference.cfg, mb, t, true);
+        let mut ref_acts = self
+            .reference
+            .as_ref()
+            .map(|r| Activations::new(&r.cfg, mb, t, true));
         let mut vacts = Activations::new(&self.critic.cfg, mb, t, false);
         let mut ref_logp = vec![0.0f32; n * t];
         for chunk in order0.chunks(mb) {
             let (lp, _) = ro
                 .rows
                 .logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
-            let (rlp, _) = ro
-                .rows
-                .logprobs(&self.reference, &mut ref_acts, chunk, cfg.temperature);
+            let (rlp, _) = match (&self.reference, ref_acts.as_mut()) {
+                (Some(r), Some(ra)) => ro.rows.logprobs(r, ra, chunk, cfg.temperature),
+                _ => {
+                    self.actor.set_adapters_enabled(false);
+                    let out = ro
+                        .rows
+                        .logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
+                    self.actor.set_adapters_enabled(true);
+                    out
+                }
+            };
             let v = Self::values(&self.critic, &mut vacts, &ro.rows, chunk);
             for (k, &r) in chunk.iter().enumerate() {
                 ro.old_logp[r * t..(r + 1) * t].copy_from_slice(&lp[k * t..(k + 1) * t]);
@@ -785,20 +804,20 @@ impl<'a> Ppo<'a> {
         critic_opt: &mut AdamW,
         st: &mut PpoState,
     ) -> Result<()> {
-        let actor = kiln_model::checkpoint::load_model(dir)?;
-        if actor.cfg != self.actor.cfg {
-            bail!(
-                "{}: the checkpoint's actor has another architecture",
-                dir.display()
-            );
-        }
-        self.actor.params = actor.params;
-        let ccfg: serde_json::Value =
-            serde_json::from_slice(&read_checked(dir, "critic_config.json")?)?;
-        let ccfg = ModelConfig::from_hf_json(&ccfg)?;
+        crate::trainer::restore_trained(&mut self.actor, dir)?;
         let what = format!("{}/critic.safetensors", dir.display());
         let tensors = bytes_to_tensors(&read_checked(dir, "critic.safetensors")?, &what)?;
-        self.critic.params = params_from_tensors(&ccfg, &tensors, &what)?;
+        match &mut self.critic.lora {
+            // A critic with adapters saves those (and its score head) only, and its
+            // adapter_config.json as critic_config.json.
+            Some(set) => set.fill_from(&tensors, &what)?,
+            None => {
+                let ccfg: serde_json::Value =
+                    serde_json::from_slice(&read_checked(dir, "critic_config.json")?)?;
+                let ccfg = ModelConfig::from_hf_json(&ccfg)?;
+                self.critic.params = params_from_tensors(&ccfg, &tensors, &what)?;
+            }
+        }
         let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, "ppo_state.json")?)?;
         *st = serde_json::from_value(v["state"].clone()).context("ppo_state.json")?;
         if let Some(p) = self.ptx.as_mut() {

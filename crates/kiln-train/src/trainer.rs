@@ -200,6 +200,49 @@ struct TrainerState {
     tokens_seen: u64,
     eval_start: Metrics,
     config: TrainConfig,
+    /// The next LoRA dropout round (exact resume of the dropout masks).
+    #[serde(default)]
+    lora_round: u64,
+}
+
+/// Puts a checkpoint's trained weights into `model`: all of them, or (a model with adapters) the
+/// adapters' and saved score head's, checked against the model's architecture and adapter layout.
+pub fn restore_trained(model: &mut Model, dir: &std::path::Path) -> Result<()> {
+    match &mut model.lora {
+        Some(set) => {
+            let (saved, _) = kiln_model::lora::read_peft_config(
+                &dir.join(kiln_model::lora::ADAPTER_CONFIG_FILE),
+            )?;
+            if saved.rank != set.cfg.rank || saved.alpha != set.cfg.alpha {
+                bail!(
+                    "{}: adapters of rank {} alpha {}, this run's are rank {} alpha {}",
+                    dir.display(),
+                    saved.rank,
+                    saved.alpha,
+                    set.cfg.rank,
+                    set.cfg.alpha
+                );
+            }
+            let f = kiln_model::lora::ADAPTER_FILE;
+            let what = dir.join(f).display().to_string();
+            let bytes = kiln_model::checkpoint::read_checked(dir, f)?;
+            set.fill_from(
+                &kiln_model::checkpoint::bytes_to_tensors(&bytes, &what)?,
+                &what,
+            )?;
+        }
+        None => {
+            let resumed = kiln_model::checkpoint::load_model(dir)?;
+            if resumed.cfg != model.cfg {
+                bail!(
+                    "{}: checkpoint of another architecture than this run's model",
+                    dir.display()
+                );
+            }
+            model.params = resumed.params;
+        }
+    }
+    Ok(())
 }
 
 pub struct Trainer<'a> {
@@ -256,14 +299,7 @@ impl<'a> Trainer<'a> {
         let mut resumed_state = None;
         if resume && dist::is_root() {
             if let Some(dir) = self.run.latest_checkpoint()? {
-                let resumed = kiln_model::checkpoint::load_model(&dir)?;
-                if resumed.cfg != model.cfg {
-                    bail!(
-                        "{}: checkpoint of another architecture than this run's model",
-                        dir.display()
-                    );
-                }
-                model.params = resumed.params;
+                restore_trained(model, &dir)?;
                 let st: TrainerState =
                     serde_json::from_slice(&read_checked(&dir, "trainer_state.json")?)
                         .with_context(|| format!("{}/trainer_state.json", dir.display()))?;
@@ -292,6 +328,9 @@ impl<'a> Trainer<'a> {
         }
         if let Some(st) = resumed_state {
             obj.restore(&st.objective)?;
+            if let Some(set) = &model.lora {
+                set.set_round(st.lora_round);
+            }
             step = st.step;
             skipped = st.skipped_non_finite;
             tokens_seen = st.tokens_seen;
@@ -339,6 +378,7 @@ impl<'a> Trainer<'a> {
                 tokens_seen,
                 eval_start: eval_start.clone(),
                 config: cfg.clone(),
+                lora_round: model.lora.as_ref().map_or(0, |l| l.round()),
             };
             files.push(("trainer_state.json".into(), serde_json::to_vec_pretty(&st)?));
             let finals = match (last, &self.final_files) {
@@ -361,23 +401,33 @@ impl<'a> Trainer<'a> {
             let mut extra: Metrics = BTreeMap::new();
             let scale = 1.0 / cfg.grad_accum as f32;
             let mut step_tokens = 0u64;
+            // Adapter dropout during the micro-steps only (never in evaluation or samples).
+            model.set_training(true);
             for i in 0..cfg.grad_accum {
                 if !shard.owns(i) {
                     obj.skip_micro_batch()?;
                     continue;
                 }
-                let s = obj.micro_step(model, scale)?;
+                let s = obj.micro_step(model, scale);
+                let s = match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        model.set_training(false);
+                        return Err(e);
+                    }
+                };
                 loss += s.loss / cfg.grad_accum as f64;
                 step_tokens += s.tokens as u64;
                 for (k, v) in s.extra {
                     *extra.entry(k).or_default() += v / cfg.grad_accum as f64;
                 }
             }
+            model.set_training(false);
             // Data parallel: the ranks' gradients, losses and statistics summed (and the stop
             // flag shared, so every rank stops, and rank 0 saves, at the same step).
             let comm = dist::reduce_step(
                 world,
-                &mut model.grads,
+                model.trainable_grads_mut(),
                 &mut loss,
                 &mut step_tokens,
                 &mut extra,
