@@ -682,7 +682,7 @@ fn loader_level_bad_records_are_counted_too() {
         err.contains("p.jsonl:2: field \"chosen\": empty response"),
         "{err}"
     );
-    let l = load_preferences(&p, &LoadOptions { skip_bad: true }).unwrap();
+    let l = load_preferences(&p, &LoadOptions::SKIP_BAD).unwrap();
     assert_eq!((l.records.len(), l.skipped), (1, 3));
     assert_eq!(l.locations, vec![kiln_data::datasets::RecordLoc::Line(1)]);
 }
@@ -715,7 +715,7 @@ fn real_preference_samples_render_as_pairs() {
             eprintln!("skipping {name}: the shared data folder is absent");
             continue;
         };
-        let l = load_preferences(&path, &LoadOptions { skip_bad: true }).unwrap();
+        let l = load_preferences(&path, &LoadOptions::SKIP_BAD).unwrap();
         assert!(
             l.records.len() >= min_records,
             "{name}: {}",
