@@ -63,8 +63,68 @@ fn describe(t: &Type) -> String {
 }
 
 /// Reads every row of `path`. A file that is not Parquet or is cut short (no footer) fails as a
-/// whole; a row that cannot be decoded fails with its row group and row.
+/// whole; a row that cannot be decoded fails with its row group and row. The `parquet` crate
+/// panics on some corrupt files (negative offsets in the footer, ...): such a panic is caught and
+/// reported as a corrupt file, without the panic message on stderr.
 pub fn read_rows(path: &Path) -> Result<ParquetRows, DataError> {
+    quiet_panics::install();
+    let _quiet = quiet_panics::Quiet::new();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rows_unguarded(path))) {
+        Ok(r) => r,
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the reader failed".into());
+            Err(DataError {
+                file: path.to_path_buf(),
+                record: None,
+                field: None,
+                message: format!("corrupt Parquet file: {why}"),
+            })
+        }
+    }
+}
+
+/// Silences the panic hook on this thread while a [`Quiet`] guard lives (the panic is caught
+/// and reported as an error); other threads' panics print as always.
+mod quiet_panics {
+    use std::cell::Cell;
+
+    thread_local! {
+        static QUIET: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub fn install() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if QUIET.with(|q| q.get()) == 0 {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    pub struct Quiet;
+
+    impl Quiet {
+        pub fn new() -> Quiet {
+            QUIET.with(|q| q.set(q.get() + 1));
+            Quiet
+        }
+    }
+
+    impl Drop for Quiet {
+        fn drop(&mut self) {
+            QUIET.with(|q| q.set(q.get() - 1));
+        }
+    }
+}
+
+fn read_rows_unguarded(path: &Path) -> Result<ParquetRows, DataError> {
     let file_err = |message: String| DataError {
         file: path.to_path_buf(),
         record: None,

@@ -406,3 +406,26 @@ fn pyarrow_files_load_the_same_as_their_jsonl() {
     assert_eq!(a.records, b.records);
     assert_eq!(a.records[0].messages[1].content, "Paris.");
 }
+
+/// A corrupted file (any byte changed, any length cut) gives an error or, where the damage
+/// misses what is read, the rows: never a panic.
+#[test]
+fn corrupted_parquet_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.parquet");
+    write_parquet(&good, &alpaca_cols(), 2);
+    let bytes = std::fs::read(&good).unwrap();
+    let p = dir.path().join("bad.parquet");
+    let mut errors = 0;
+    for i in 0..bytes.len() {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut b = bytes.clone();
+            b[i] ^= flip;
+            std::fs::write(&p, &b).unwrap();
+            errors += usize::from(load_sft(&p, &STRICT).is_err());
+        }
+        std::fs::write(&p, &bytes[..i]).unwrap();
+        assert!(load_sft(&p, &STRICT).is_err(), "cut at {i}");
+    }
+    assert!(errors > 0);
+}
