@@ -622,7 +622,7 @@ pub struct ModelEval {
 
 pub fn eval_model(name: &str, dir: &Path, judge: &Judge, rm_dir: &Path) -> Result<ModelEval> {
     let b = load_bundle(dir)?;
-    let (mut metrics, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
+    let (mut metrics, samples) = judge.evaluate(&b.model, &b.tokenizer, b.chat()?)?;
     let rm = load_bundle(rm_dir)?;
     let (mean, std) = (
         rm.meta.reward_mean.unwrap_or(0.0),

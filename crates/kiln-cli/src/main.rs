@@ -111,6 +111,11 @@ struct EvalArgs {
     /// With --reward: break the results down by this field of the prompt records.
     #[arg(long)]
     by: Option<String>,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
+
     /// Tokens generated per answer (greedy).
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
@@ -128,6 +133,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             reward_weights: a.reward_weights,
             by: a.by,
             max_new_tokens: a.max_new_tokens,
+            fields: kiln_data::datasets::FieldMap::parse(&a.fields).map_err(anyhow::Error::msg)?,
         });
     }
     let Some(world) = a.world else {
@@ -140,7 +146,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         limit: a.limit,
         max_new_tokens: a.max_new_tokens,
     })?;
-    let (m, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
+    let (m, samples) = judge.evaluate(&b.model, &b.tokenizer, b.chat()?)?;
     for s in samples.iter().take(a.show) {
         let verdict = if s.correct && s.well_formed {
             "ok  "
@@ -313,6 +319,10 @@ struct SftArgs {
     /// Skip malformed records (counted and reported) instead of failing.
     #[arg(long)]
     skip_bad_records: bool,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
     /// Pack several short examples into each row (attention never crosses examples).
     #[arg(long)]
     packing: bool,
@@ -374,6 +384,10 @@ struct RmArgs {
     margin: Option<f64>,
     #[arg(long)]
     skip_bad_records: bool,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -391,6 +405,10 @@ struct PpoArgs {
     /// Prompt file: {"prompt"}, Alpaca or chat records.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long)]
@@ -420,6 +438,16 @@ struct PpoArgs {
     sets: Vec<String>,
     #[arg(long)]
     seed: Option<i64>,
+}
+
+/// `--field KILN=COLUMN` flags as `fields.KILN = "COLUMN"` (checked here, so a bad one fails
+/// before anything loads).
+pub(crate) fn field_overrides(o: &mut Overrides, specs: &[String]) -> Result<()> {
+    let map = kiln_data::datasets::FieldMap::parse(specs).map_err(anyhow::Error::msg)?;
+    for (kiln, column) in map.0 {
+        o.set(&format!("fields.{kiln}"), column);
+    }
+    Ok(())
 }
 
 pub(crate) fn judge_overrides(
@@ -497,6 +525,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.packing {
                 o.set("packing", true);
             }
+            field_overrides(&mut o, &a.fields)?;
             o.opt("eos_token", a.eos_token.clone());
             o.opt("bos_token", a.bos_token.clone());
             o.opt("pad_token", a.pad_token.clone());
@@ -530,6 +559,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.skip_bad_records {
                 o.set("skip_bad_records", true);
             }
+            field_overrides(&mut o, &a.fields)?;
             let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;
@@ -549,6 +579,7 @@ fn run(cli: Cli) -> Result<()> {
             o.path("reward_model", &a.reward_model);
             o.path("critic", &a.critic);
             o.path("prompts", &a.prompts);
+            field_overrides(&mut o, &a.fields)?;
             o.path("out", &a.out);
             o.opt("ppo.iterations", a.iterations);
             o.opt("ppo.kl_coef", a.kl_coef);

@@ -4,7 +4,9 @@
 use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
-use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, PrefRecord, Role};
+use kiln_data::datasets::{
+    load_preferences, load_sft, FieldMap, LoadOptions, PrefRecord, Role,
+};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
@@ -242,6 +244,9 @@ pub struct SftConfig {
     /// A chat template: Kiln's JSON, or a Hugging Face Jinja file (`.jinja`). Default: the model's.
     pub template: Option<PathBuf>,
     pub skip_bad_records: bool,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    pub fields: FieldMap,
     /// Pack several short examples into each row (attention never crosses examples).
     pub packing: bool,
     /// Task accuracy by the demo judge during evaluation.
@@ -266,6 +271,7 @@ impl Default for SftConfig {
             seq_len: 0,
             template: None,
             skip_bad_records: false,
+            fields: FieldMap::NONE,
             packing: false,
             judge: None,
             bos_token: None,
@@ -341,6 +347,7 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     let extra_files = b.stage_files(&meta)?;
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
+        fields: checked_fields(&cfg.fields)?,
     };
     let mut convs = Vec::new();
     for p in &cfg.data {
@@ -365,13 +372,11 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
         vskipped
     );
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
-    if judge.is_some() && meta.chat_template.is_some() {
-        bail!("sft: the demo judge needs Kiln's chat template");
-    }
     let tok = b.tokenizer.clone();
-    let tpl = template.clone();
-    let extra: Option<ExtraEval> =
-        judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
+    let judge_chat = chat.clone();
+    let extra: Option<ExtraEval> = judge.map(|j| {
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0)) as ExtraEval
+    });
     check_memory(
         training_bytes(&b.model.cfg, cfg.train.batch_size, seq_len, true),
         "SFT",
@@ -421,6 +426,9 @@ pub struct RmConfig {
     /// λ of the centring penalty λ·r².
     pub center: f32,
     pub skip_bad_records: bool,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    pub fields: FieldMap,
     pub train: TrainConfig,
 }
 
@@ -438,6 +446,7 @@ impl Default for RmConfig {
             margin: 0.0,
             center: 0.01,
             skip_bad_records: false,
+            fields: FieldMap::NONE,
             train: TrainConfig {
                 lr: 3e-4,
                 min_lr: 3e-5,
@@ -464,6 +473,7 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     let extra_files = b.stage_files(&meta)?;
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
+        fields: checked_fields(&cfg.fields)?,
     };
     let mut records = Vec::new();
     for p in &cfg.data {
@@ -565,6 +575,9 @@ pub struct PpoStageConfig {
     pub critic: Option<PathBuf>,
     /// Prompts: `{"prompt"}`, Alpaca or chat records.
     pub prompts: PathBuf,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    pub fields: FieldMap,
     pub out: PathBuf,
     pub judge: Option<JudgeConfig>,
     /// Pretraining shards for PPO-ptx (used when `ppo.ptx_coef` > 0).
@@ -579,6 +592,7 @@ impl Default for PpoStageConfig {
             reward_model: PathBuf::from("runs/rm"),
             critic: None,
             prompts: PathBuf::from("prompts.jsonl"),
+            fields: FieldMap::NONE,
             out: PathBuf::from("runs/ppo"),
             judge: None,
             ptx_data: None,
@@ -615,8 +629,8 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         rm.meta.reward_std.unwrap_or(1.0),
     );
     let template = actor.meta.template.clone();
-    let chat = actor.chat()?;
-    let loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &Default::default())?;
+    let chat = actor.chat_format()?;
+    let loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
     let prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
@@ -647,9 +661,10 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         }) as kiln_train::ppo::Grader
     });
     let tok = actor.tokenizer.clone();
-    let tpl = template.clone();
+    let judge_chat = chat.clone();
     let eval = judge.map(|j| {
-        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0))
+            as kiln_train::ppo::PolicyEval
     });
     // Trainable actor and critic, frozen reference and reward model, and rollout scoring.
     let row_len = kiln_train::ppo::row_len(&prompts, cfg.ppo.max_new_tokens, actor.model.cfg.n_ctx);
@@ -705,6 +720,20 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     ppo.train(resume)
 }
 
+/// A stage's column mapping, checked (a typo'd Kiln field fails before any model loads data).
+fn checked_fields(fields: &FieldMap) -> Result<FieldMap> {
+    fields.validate().map_err(anyhow::Error::msg)?;
+    Ok(fields.clone())
+}
+
+/// How prompt files are read: every record must be good, under the stage's column mapping.
+fn prompt_opts(fields: &FieldMap) -> Result<LoadOptions> {
+    Ok(LoadOptions {
+        fields: checked_fields(fields)?,
+        ..LoadOptions::STRICT
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Direct preference optimisation
 
@@ -737,6 +766,9 @@ pub struct DpoConfig {
     /// Validation prompts the KL is measured on (0: all).
     pub kl_max_prompts: usize,
     pub skip_bad_records: bool,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    pub fields: FieldMap,
     /// Task accuracy by the demo judge during evaluation.
     pub judge: Option<JudgeConfig>,
     /// `train.batch_size` counts prompts, each with all its responses.
@@ -761,6 +793,7 @@ impl Default for DpoConfig {
             kl_top_k: 64,
             kl_max_prompts: 256,
             skip_bad_records: false,
+            fields: FieldMap::NONE,
             judge: None,
             train: TrainConfig {
                 lr: 5e-5,
@@ -822,7 +855,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     };
     settings.validate()?;
     let b = load_bundle(&cfg.init)?;
-    b.require_kiln_template("dpo")?;
+    let chat = b.chat_format()?;
     if b.model.cfg.arch != Arch::Decoder || b.model.cfg.score_head {
         bail!(
             "{}: DPO starts from a decoder language model (an SFT model), not an encoder or a reward model",
@@ -832,6 +865,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let template = b.meta.template.clone();
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
+        fields: checked_fields(&cfg.fields)?,
     };
     let (records, origins, mut skipped) = load_pref_records(&cfg.data, &opts)?;
     let paired: Vec<(PrefRecord, Origin)> = records.into_iter().zip(origins).collect();
@@ -851,8 +885,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let render = |rs: Vec<(PrefRecord, Origin)>| {
         let (r, o): (Vec<_>, Vec<_>) = rs.into_iter().unzip();
         render_dpo_groups(
-            &b.tokenizer,
-            &template,
+            chat.as_ref(),
             &r,
             &o,
             seq_len,
@@ -884,9 +917,10 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     model.precision = cfg.train.precision;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let tok = b.tokenizer.clone();
-    let tpl = template.clone();
-    let extra: Option<ExtraEval> =
-        judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
+    let judge_chat = chat.clone();
+    let extra: Option<ExtraEval> = judge.map(|j| {
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0)) as ExtraEval
+    });
     let mut obj = DpoObjective::new(
         &model,
         train,
@@ -984,6 +1018,9 @@ pub struct GrpoStageConfig {
     pub actor: PathBuf,
     /// Prompts: `{"prompt", ...}`, Alpaca or chat records; extra fields go to reward programs.
     pub prompts: PathBuf,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    pub fields: FieldMap,
     pub out: PathBuf,
     /// The demo world's judge: evaluation, and the `judge` reward.
     pub judge: Option<JudgeConfig>,
@@ -1003,6 +1040,7 @@ impl Default for GrpoStageConfig {
         GrpoStageConfig {
             actor: PathBuf::from("runs/sft"),
             prompts: PathBuf::from("prompts.jsonl"),
+            fields: FieldMap::NONE,
             out: PathBuf::from("runs/grpo"),
             judge: None,
             rewards: vec!["judge".into()],
@@ -1022,11 +1060,13 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
         );
     }
     let template = actor.meta.template.clone();
-    let loaded = kiln_data::datasets::load_prompts_with_fields(&cfg.prompts, &Default::default())?;
+    let chat = actor.chat_format()?;
+    let loaded =
+        kiln_data::datasets::load_prompts_with_fields(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
     let prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
-        .map(|(r, _)| template.render_prompt(&actor.tokenizer, &r.prompt))
+        .map(|(r, _)| chat.render_prompt(&r.prompt))
         .collect::<Result<_, _>>()?;
     // The question of each prompt (its last user turn), for the judge.
     let questions: Vec<String> = loaded
@@ -1044,7 +1084,7 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
             cfg.rewards.len()
         );
     }
-    let stop_tokens = template.stop_tokens()?;
+    let stop_tokens = chat.stop_tokens()?;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let rewards = reward_sources(
         &cfg.rewards,
@@ -1072,9 +1112,10 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
             .join(" + ")
     );
     let tok = actor.tokenizer.clone();
-    let tpl = template.clone();
+    let judge_chat = chat.clone();
     let eval = judge.map(|j| {
-        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0))
+            as kiln_train::ppo::PolicyEval
     });
     let row_len =
         kiln_train::ppo::row_len(&prompts, cfg.grpo.max_new_tokens, actor.model.cfg.n_ctx);

@@ -557,6 +557,14 @@ fn the_cache_is_checked_against_its_data_reference_and_settings() {
 }
 
 /// Text → ids 8..24 (one per character; a fake tokenizer for the tiny model).
+/// Kiln's template over a test encoder, as the chat format DPO renders with.
+fn kiln_chat<E: TextEncoder>(enc: E, tpl: &ChatTemplate) -> kiln_data::chat_format::KilnChat<E> {
+    kiln_data::chat_format::KilnChat {
+        template: tpl.clone(),
+        enc,
+    }
+}
+
 struct Chars;
 impl TextEncoder for Chars {
     fn encode(&self, text: &str) -> Vec<u32> {
@@ -608,7 +616,8 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
     ];
     for (bad, needle) in &cases {
         let records = vec![good.clone(), bad.clone(), good.clone()];
-        let err = render_dpo_groups(&Chars, &tpl, &records, &origins(3), 24, false).unwrap_err();
+        let err = render_dpo_groups(
+        &kiln_chat(Chars, &tpl), &records, &origins(3), 24, false).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("prefs.jsonl:2: ") && msg.contains(needle),
@@ -616,15 +625,15 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
         );
         assert!(msg.contains("--skip-bad-records"), "{msg}");
         let (groups, report) =
-            render_dpo_groups(&Chars, &tpl, &records, &origins(3), 24, true).unwrap();
+            render_dpo_groups(
+        &kiln_chat(Chars, &tpl), &records, &origins(3), 24, true).unwrap();
         assert_eq!(groups.len(), 2);
         assert_eq!(report.total_skipped(), 1, "{report:?}");
         assert!(report.first_error.as_deref().unwrap().contains(needle));
     }
     // Ties within a ranking are fine (never paired); a good ranking gives every ordered pair.
     let (groups, _) = render_dpo_groups(
-        &Chars,
-        &tpl,
+        &kiln_chat(Chars, &tpl),
         &[ranked("ab", &[("c", 1), ("d", 2), ("e", 2), ("f", 3)])],
         &origins(1),
         24,
@@ -645,8 +654,7 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
     // A prompt that fits but not with its longest response is cut at its start, for every
     // response alike.
     let (groups, report) = render_dpo_groups(
-        &Chars,
-        &tpl,
+        &kiln_chat(Chars, &tpl),
         &[ranked(&"p".repeat(16), &[("rrrrrr", 1), ("d", 2)])],
         &origins(1),
         24,
@@ -729,7 +737,8 @@ fn real_preference_samples_render_as_pairs() {
                 loc: Some(loc),
             })
             .collect();
-        let (groups, report) = render_dpo_groups(&Bytes, &tpl, &l.records, &o, 4096, true).unwrap();
+        let (groups, report) = render_dpo_groups(
+        &kiln_chat(Bytes, &tpl), &l.records, &o, 4096, true).unwrap();
         assert!(
             groups.len() + report.total_skipped() == l.records.len() && !groups.is_empty(),
             "{name}: {} groups, {report:?}",
@@ -745,7 +754,8 @@ fn real_preference_samples_render_as_pairs() {
             assert_ne!(g.seqs[0], g.seqs[1]);
         }
         // A short context skips the long dialogues (counted) and keeps the rest.
-        let (short, r) = render_dpo_groups(&Bytes, &tpl, &l.records, &o, 256, true).unwrap();
+        let (short, r) = render_dpo_groups(
+        &kiln_chat(Bytes, &tpl), &l.records, &o, 256, true).unwrap();
         assert_eq!(short.len() + r.total_skipped(), l.records.len(), "{name}");
     }
 }
