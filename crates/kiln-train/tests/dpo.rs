@@ -840,3 +840,58 @@ fn response_kl_is_exact_and_zero_against_itself() {
     let one = response_kl(&p, &q, &[(vec![9, 10, 11], vec![12])]).unwrap();
     assert!(close(one[0], want, 1e-5), "{} vs {want}", one[0]);
 }
+
+/// A Hugging Face model's own tokenizer and Jinja template (the `llama3_chat` fixture, made by
+/// transformers): each sequence is exactly what `apply_chat_template` gives for the conversation
+/// (prompt, response) up to the response's end-of-turn token, and the prompt part is the
+/// generation prompt's ids.
+#[test]
+fn dpo_groups_render_with_a_hugging_face_template() {
+    use kiln_data::chat_format::JinjaChat;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiln-model/tests/fixtures/llama3_chat");
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("chat_expected.json")).unwrap())
+            .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let tok = kiln_data::Tokenizer::load_dir(&dir).unwrap();
+    let src = std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap();
+    let chat = JinjaChat::new(&src, tok.clone()).unwrap();
+    let question = e["messages"][0]["content"].as_str().unwrap();
+    let answer = e["messages"][1]["content"].as_str().unwrap();
+    let records = vec![PrefRecord::Ranked(RankedPrompt {
+        prompt: vec![Message::user(question)],
+        choices: vec![(answer.to_string(), 1), ("I do not know.".to_string(), 2)],
+    })];
+    let origins = vec![Origin {
+        file: PathBuf::from("prefs.jsonl"),
+        loc: None,
+    }];
+    let (groups, report) = render_dpo_groups(&chat, &records, &origins, 64, false).unwrap();
+    assert_eq!(report.total_skipped(), 0);
+    let g = &groups[0];
+    let prompt = ids(&e["prompt_ids"]);
+    assert_eq!(g.prompt_len, prompt.len());
+    assert_eq!(g.seqs[0], ids(&e["ids"]), "the chosen conversation, as transformers renders it");
+    assert_eq!(&g.seqs[1][..g.prompt_len], &prompt[..]);
+    assert_eq!(
+        tok.decode(&g.seqs[1][g.prompt_len..]),
+        "I do not know.<|eot_id|>"
+    );
+    assert_eq!(g.pairs, vec![(0, 1)]);
+    // A template that renders no assistant turn is a clear error naming the record.
+    let users = JinjaChat::new(
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}<|eot_id|>{% endif %}{% endfor %}",
+        tok,
+    )
+    .unwrap();
+    let err = render_dpo_groups(&users, &records, &origins, 64, false).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("prefs.jsonl"), "{msg}");
+    assert!(msg.contains("renders nothing for assistant message"), "{msg}");
+}
