@@ -331,20 +331,43 @@ struct SftArgs {
     judge_world: Option<PathBuf>,
     #[arg(long)]
     judge_prompts: Option<PathBuf>,
-    /// A Hugging Face tokenizer's end-of-sequence token, overriding its files (e.g. "<|im_end|>").
-    #[arg(long)]
-    eos_token: Option<String>,
-    /// Its beginning-of-sequence token.
+    #[command(flatten)]
+    roles: RoleFlags,
+    #[command(flatten)]
+    train: TrainFlags,
+}
+
+/// Special-token roles of a Hugging Face tokenizer, overriding its files (tokenizer_config.json,
+/// generation_config.json, config.json); carried on into the checkpoints Kiln writes.
+#[derive(Args)]
+struct RoleFlags {
+    /// End-of-sequence token (repeatable: generation stops at any, e.g. `--eos-token
+    /// "<|end_of_text|>" --eos-token "<|eot_id|>"`).
+    #[arg(long = "eos-token", value_name = "TOKEN")]
+    eos_token: Vec<String>,
+    /// Beginning-of-sequence token.
     #[arg(long)]
     bos_token: Option<String>,
-    /// Its padding token (padding is always masked, whatever its id).
+    /// Padding token (padding is always masked, whatever its id).
     #[arg(long)]
     pad_token: Option<String>,
     /// The token that ends a chat turn (default: found from the template, else the EOS token).
     #[arg(long)]
     end_of_turn_token: Option<String>,
-    #[command(flatten)]
-    train: TrainFlags,
+}
+
+impl RoleFlags {
+    fn overrides(&self, o: &mut Overrides) {
+        if !self.eos_token.is_empty() {
+            o.set(
+                "eos_token",
+                toml::Value::Array(self.eos_token.iter().map(|t| t.clone().into()).collect()),
+            );
+        }
+        o.opt("bos_token", self.bos_token.clone());
+        o.opt("pad_token", self.pad_token.clone());
+        o.opt("end_of_turn_token", self.end_of_turn_token.clone());
+    }
 }
 
 #[derive(Args)]
@@ -388,6 +411,8 @@ struct RmArgs {
     /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
     #[arg(long = "field", value_name = "KILN=COLUMN")]
     fields: Vec<String>,
+    #[command(flatten)]
+    roles: RoleFlags,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -526,10 +551,7 @@ fn run(cli: Cli) -> Result<()> {
                 o.set("packing", true);
             }
             field_overrides(&mut o, &a.fields)?;
-            o.opt("eos_token", a.eos_token.clone());
-            o.opt("bos_token", a.bos_token.clone());
-            o.opt("pad_token", a.pad_token.clone());
-            o.opt("end_of_turn_token", a.end_of_turn_token.clone());
+            a.roles.overrides(&mut o);
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
@@ -560,6 +582,7 @@ fn run(cli: Cli) -> Result<()> {
                 o.set("skip_bad_records", true);
             }
             field_overrides(&mut o, &a.fields)?;
+            a.roles.overrides(&mut o);
             let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;

@@ -254,10 +254,41 @@ pub struct SftConfig {
     /// Special-token roles of a Hugging Face tokenizer, by token string, overriding its files
     /// (carried on into the checkpoints' tokenizer_config.json / generation_config.json).
     pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
+    /// One end-of-sequence token or several (`["<|end_of_text|>", "<|eot_id|>"]`, as Llama 3).
+    #[serde(deserialize_with = "one_or_many")]
+    pub eos_token: Vec<String>,
     pub pad_token: Option<String>,
     pub end_of_turn_token: Option<String>,
     pub train: TrainConfig,
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// The roles a stage's flags give a Hugging Face tokenizer (`--eos-token` ...).
+fn token_roles(
+    bos: &Option<String>,
+    eos: &[String],
+    pad: &Option<String>,
+    end_of_turn: &Option<String>,
+) -> kiln_data::SpecialOverrides {
+    kiln_data::SpecialOverrides {
+        bos: bos.clone(),
+        eos: eos.to_vec(),
+        pad: pad.clone(),
+        end_of_turn: end_of_turn.clone(),
+    }
 }
 
 impl Default for SftConfig {
@@ -275,7 +306,7 @@ impl Default for SftConfig {
             packing: false,
             judge: None,
             bos_token: None,
-            eos_token: None,
+            eos_token: Vec::new(),
             pad_token: None,
             end_of_turn_token: None,
             train: TrainConfig {
@@ -328,12 +359,12 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     if cfg.data.is_empty() {
         bail!("sft: no --data given");
     }
-    let roles = kiln_data::SpecialOverrides {
-        bos: cfg.bos_token.clone(),
-        eos: cfg.eos_token.iter().cloned().collect(),
-        pad: cfg.pad_token.clone(),
-        end_of_turn: cfg.end_of_turn_token.clone(),
-    };
+    let roles = token_roles(
+        &cfg.bos_token,
+        &cfg.eos_token,
+        &cfg.pad_token,
+        &cfg.end_of_turn_token,
+    );
     let b = crate::bundle::load_bundle_with(&cfg.init, &roles)?;
     if b.model.cfg.arch != Arch::Decoder {
         bail!(
@@ -429,6 +460,13 @@ pub struct RmConfig {
     /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
     pub fields: FieldMap,
+    /// Special-token roles of a Hugging Face tokenizer (a reward model started from a hub
+    /// model), as in [`SftConfig`].
+    pub bos_token: Option<String>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub eos_token: Vec<String>,
+    pub pad_token: Option<String>,
+    pub end_of_turn_token: Option<String>,
     pub train: TrainConfig,
 }
 
@@ -447,6 +485,10 @@ impl Default for RmConfig {
             center: 0.01,
             skip_bad_records: false,
             fields: FieldMap::NONE,
+            bos_token: None,
+            eos_token: Vec::new(),
+            pad_token: None,
+            end_of_turn_token: None,
             train: TrainConfig {
                 lr: 3e-4,
                 min_lr: 3e-5,
@@ -465,7 +507,13 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     if cfg.data.is_empty() {
         bail!("rm: no --data given");
     }
-    let b = load_bundle(&cfg.init)?;
+    let roles = token_roles(
+        &cfg.bos_token,
+        &cfg.eos_token,
+        &cfg.pad_token,
+        &cfg.end_of_turn_token,
+    );
+    let b = crate::bundle::load_bundle_with(&cfg.init, &roles)?;
     let template = b.meta.template.clone();
     let chat = b.chat()?;
     let mut meta = KilnMeta::new("rm", template.clone(), &b.tokenizer, cfg.train.seed);
