@@ -1,8 +1,8 @@
 //! Task accuracy of a chat model on held-out prompts, judged by the demo world's rule-based judge.
 
 use anyhow::{Context, Result};
-use kiln_data::datasets::Message;
 use kiln_data::chat_format::ChatFormat;
+use kiln_data::datasets::Message;
 use kiln_data::Tokenizer;
 use kiln_demo::World;
 use kiln_model::{generate, GenerateOptions, Model, Sampling};

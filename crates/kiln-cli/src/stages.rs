@@ -4,9 +4,7 @@
 use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
-use kiln_data::datasets::{
-    load_preferences, load_sft, FieldMap, LoadOptions, PrefRecord, Role,
-};
+use kiln_data::datasets::{load_preferences, load_sft, FieldMap, LoadOptions, PrefRecord, Role};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_model::memory::{activation_bytes, check_memory, training_bytes};
@@ -932,13 +930,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     };
     let render = |rs: Vec<(PrefRecord, Origin)>| {
         let (r, o): (Vec<_>, Vec<_>) = rs.into_iter().unzip();
-        render_dpo_groups(
-            chat.as_ref(),
-            &r,
-            &o,
-            seq_len,
-            cfg.skip_bad_records,
-        )
+        render_dpo_groups(chat.as_ref(), &r, &o, seq_len, cfg.skip_bad_records)
     };
     let (train, tr) = render(train_r)?;
     let (val, vr) = render(val_r)?;

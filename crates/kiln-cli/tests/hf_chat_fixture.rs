@@ -163,11 +163,17 @@ fn sft_dpo_grpo_and_eval_on_a_transformers_directory_with_parquet_data() {
             "grpo.ckpt_every=1",
         ],
     );
-    assert!(text(&o.stdout).contains("grpo: 1 iterations"), "{}", text(&o.stdout));
-    assert!(latest(&grpo).join("chat_template.jinja").exists() || {
-        let tc = json(&latest(&grpo).join("tokenizer_config.json"));
-        tc["chat_template"].is_string()
-    });
+    assert!(
+        text(&o.stdout).contains("grpo: 1 iterations"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(
+        latest(&grpo).join("chat_template.jinja").exists() || {
+            let tc = json(&latest(&grpo).join("tokenizer_config.json"));
+            tc["chat_template"].is_string()
+        }
+    );
 
     // Eval with a reward source, broken down by a column of the Parquet prompts.
     let o = ok(

@@ -395,7 +395,10 @@ fn read_raw(path: &Path) -> Result<RawRecords, DataError> {
     if crate::parquet_rows::is_parquet(path, &head[..n]) {
         let p = crate::parquet_rows::read_rows(path)?;
         if p.rows.is_empty() {
-            return Err(DataError::file(path, "empty dataset (a Parquet file of 0 rows)"));
+            return Err(DataError::file(
+                path,
+                "empty dataset (a Parquet file of 0 rows)",
+            ));
         }
         return Ok(RawRecords {
             records: p.rows.into_iter().map(|(l, v)| (l, Ok(v))).collect(),

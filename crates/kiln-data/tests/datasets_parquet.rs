@@ -117,9 +117,30 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 fn alpaca_cols() -> Vec<Col> {
     vec![
-        Col::Str("instruction", vec![Some("Add 2 and 3."), Some("Say hi."), Some("Name a colour."), Some("Spell cat backwards."), Some("Translate: eau")]),
-        Col::Str("input", vec![Some(""), None, Some("any"), None, Some("français ✓")]),
-        Col::Str("output", vec![Some("5"), Some("Hi!"), Some("Blue."), Some("tac"), Some("water")]),
+        Col::Str(
+            "instruction",
+            vec![
+                Some("Add 2 and 3."),
+                Some("Say hi."),
+                Some("Name a colour."),
+                Some("Spell cat backwards."),
+                Some("Translate: eau"),
+            ],
+        ),
+        Col::Str(
+            "input",
+            vec![Some(""), None, Some("any"), None, Some("français ✓")],
+        ),
+        Col::Str(
+            "output",
+            vec![
+                Some("5"),
+                Some("Hi!"),
+                Some("Blue."),
+                Some("tac"),
+                Some("water"),
+            ],
+        ),
     ]
 }
 
@@ -167,8 +188,18 @@ fn sft_rows_load_the_same_from_parquet_and_jsonl() {
             ["role", "content"],
             vec![
                 vec![["user", "Hi"], ["assistant", "Hello!"]],
-                vec![["system", "Be brief."], ["user", "2+2?"], ["assistant", "4"], ["user", "3+3?"], ["assistant", "6"]],
-                vec![["user", "日本語 🙂"], ["assistant", "はい"], ["user", "trailing"]],
+                vec![
+                    ["system", "Be brief."],
+                    ["user", "2+2?"],
+                    ["assistant", "4"],
+                    ["user", "3+3?"],
+                    ["assistant", "6"],
+                ],
+                vec![
+                    ["user", "日本語 🙂"],
+                    ["assistant", "はい"],
+                    ["user", "trailing"],
+                ],
             ],
         )],
         2,
@@ -181,7 +212,11 @@ fn sft_rows_load_the_same_from_parquet_and_jsonl() {
     let b = load_sft(&write(dir.path(), "chat.jsonl", jsonl), &STRICT).unwrap();
     assert_eq!(a.records, b.records);
     assert_eq!(a.records[1].messages.len(), 5);
-    assert_eq!(a.records[2].messages.len(), 2, "the trailing user turn is dropped");
+    assert_eq!(
+        a.records[2].messages.len(),
+        2,
+        "the trailing user turn is dropped"
+    );
 }
 
 #[test]
@@ -191,7 +226,10 @@ fn preference_and_prompt_rows_load_the_same_from_parquet_and_jsonl() {
     write_parquet(
         &pq,
         &[
-            Col::Str("prompt", vec![Some("What is 2 plus 3?"), Some("Where is Ada?")]),
+            Col::Str(
+                "prompt",
+                vec![Some("What is 2 plus 3?"), Some("Where is Ada?")],
+            ),
             Col::Str("chosen", vec![Some("5."), Some("In Oakvale.")]),
             Col::Str("rejected", vec![Some("I do not know."), Some("oakvale")]),
         ],
@@ -234,7 +272,10 @@ fn columns_map_to_kiln_fields() {
     write_parquet(
         &pq,
         &[
-            Col::Str("question", vec![Some("Capital of France?"), Some("10 minus 3?")]),
+            Col::Str(
+                "question",
+                vec![Some("Capital of France?"), Some("10 minus 3?")],
+            ),
             Col::Str("answer", vec![Some("Paris."), Some("7.")]),
             // A column named like a Kiln field but not the one meant: the mapping wins.
             Col::Str("output", vec![Some("wrong"), Some("wrong")]),
@@ -264,7 +305,9 @@ fn columns_map_to_kiln_fields() {
     // Bad mappings.
     let e = FieldMap::parse(&["answer=output"]).unwrap_err();
     assert!(e.contains("\"answer\" is not a field Kiln reads"), "{e}");
-    assert!(FieldMap::parse(&["output"]).unwrap_err().contains("KILN_FIELD=COLUMN"));
+    assert!(FieldMap::parse(&["output"])
+        .unwrap_err()
+        .contains("KILN_FIELD=COLUMN"));
     let e = FieldMap::parse(&["output=a", "instruction=a"]).unwrap_err();
     assert!(e.contains("mapped to both"), "{e}");
 }
@@ -324,7 +367,10 @@ fn bad_parquet_files_give_clear_errors() {
     // A bad value in a later row group names its row and group; skip_bad skips just it.
     let p = dir.path().join("empty_answer.parquet");
     let mut cols = alpaca_cols();
-    cols[2] = Col::Str("output", vec![Some("5"), Some("Hi"), Some("x"), Some(" "), Some("y")]);
+    cols[2] = Col::Str(
+        "output",
+        vec![Some("5"), Some("Hi"), Some("x"), Some(" "), Some("y")],
+    );
     write_parquet(&p, &cols, 2);
     let e = err(load_sft(&p, &STRICT));
     assert!(
@@ -337,11 +383,18 @@ fn bad_parquet_files_give_clear_errors() {
     let p = dir.path().join("role.parquet");
     write_parquet(
         &p,
-        &[Col::Structs("messages", ["role", "content"], vec![vec![["user", "q"], ["robot", "a"]]])],
+        &[Col::Structs(
+            "messages",
+            ["role", "content"],
+            vec![vec![["user", "q"], ["robot", "a"]]],
+        )],
         8,
     );
     let e = err(load_sft(&p, &STRICT));
-    assert!(e.contains("row 0 (row group 0): column \"messages[1].role\": unknown role \"robot\""), "{e}");
+    assert!(
+        e.contains("row 0 (row group 0): column \"messages[1].role\": unknown role \"robot\""),
+        "{e}"
+    );
     // A truncated footer (the file cut short, as by an interrupted download).
     let good = dir.path().join("good.parquet");
     write_parquet(&good, &alpaca_cols(), 8);
@@ -350,7 +403,10 @@ fn bad_parquet_files_give_clear_errors() {
         let p = dir.path().join("cut.parquet");
         std::fs::write(&p, &bytes[..bytes.len() - cut]).unwrap();
         let e = err(load_sft(&p, &STRICT));
-        assert!(e.contains("cut.parquet: not a readable Parquet file"), "{e}");
+        assert!(
+            e.contains("cut.parquet: not a readable Parquet file"),
+            "{e}"
+        );
     }
     // Parquet's magic bytes without a .parquet name are still read as Parquet.
     let p = dir.path().join("data.bin");

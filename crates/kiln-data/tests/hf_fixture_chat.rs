@@ -36,23 +36,35 @@ fn roles_come_from_the_model_directory() {
     // tokenizer_config.json's eos_token first, then generation_config.json's other ids.
     assert_eq!(sp.eos, vec![id("<|eot_id|>"), id("<|end_of_text|>")]);
     assert_eq!(sp.end_of_turn, Some(id("<|eot_id|>")));
-    assert_eq!(sp.pad, None, "Llama 3 has no pad token: batches pad with a masked id");
+    assert_eq!(
+        sp.pad, None,
+        "Llama 3 has no pad token: batches pad with a masked id"
+    );
     assert_eq!(sp.strings["bos_token"], "<|begin_of_text|>");
-    assert_eq!(tok.vocab_size(), e["tokenizer_size"].as_u64().unwrap() as usize);
+    assert_eq!(
+        tok.vocab_size(),
+        e["tokenizer_size"].as_u64().unwrap() as usize
+    );
     // Flags win over the files: one end-of-sequence token, or several.
     let o = SpecialOverrides {
         eos: vec!["<|end_of_text|>".into(), "<|eot_id|>".into()],
         ..Default::default()
     };
     let t = Tokenizer::load_dir_with(&fixture(), &o).unwrap();
-    assert_eq!(t.specials().eos, vec![id("<|end_of_text|>"), id("<|eot_id|>")]);
+    assert_eq!(
+        t.specials().eos,
+        vec![id("<|end_of_text|>"), id("<|eot_id|>")]
+    );
     // Without generation_config.json, config.json's list is read.
     let dir = tempfile::tempdir().unwrap();
     for f in ["tokenizer.json", "config.json", "chat_template.jinja"] {
         std::fs::copy(fixture().join(f), dir.path().join(f)).unwrap();
     }
     let t = Tokenizer::load_dir(dir.path()).unwrap();
-    assert_eq!(t.specials().eos, vec![id("<|end_of_text|>"), id("<|eot_id|>")]);
+    assert_eq!(
+        t.specials().eos,
+        vec![id("<|end_of_text|>"), id("<|eot_id|>")]
+    );
     assert_eq!(t.specials().bos, Some(id("<|begin_of_text|>")));
 }
 
@@ -76,7 +88,10 @@ fn the_template_renders_as_transformers_does() {
     assert_eq!(chat.render_text(&msgs, false).unwrap(), e["text"]);
     let r = chat.render(&msgs, false).unwrap();
     assert_eq!(r.tokens, ids(&e["ids"]));
-    assert_eq!(chat.render_prompt(&msgs[..1]).unwrap(), ids(&e["prompt_ids"]));
+    assert_eq!(
+        chat.render_prompt(&msgs[..1]).unwrap(),
+        ids(&e["prompt_ids"])
+    );
     let trained: Vec<u32> = r
         .tokens
         .iter()

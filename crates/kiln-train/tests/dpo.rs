@@ -616,8 +616,8 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
     ];
     for (bad, needle) in &cases {
         let records = vec![good.clone(), bad.clone(), good.clone()];
-        let err = render_dpo_groups(
-        &kiln_chat(Chars, &tpl), &records, &origins(3), 24, false).unwrap_err();
+        let err = render_dpo_groups(&kiln_chat(Chars, &tpl), &records, &origins(3), 24, false)
+            .unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("prefs.jsonl:2: ") && msg.contains(needle),
@@ -625,8 +625,7 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
         );
         assert!(msg.contains("--skip-bad-records"), "{msg}");
         let (groups, report) =
-            render_dpo_groups(
-        &kiln_chat(Chars, &tpl), &records, &origins(3), 24, true).unwrap();
+            render_dpo_groups(&kiln_chat(Chars, &tpl), &records, &origins(3), 24, true).unwrap();
         assert_eq!(groups.len(), 2);
         assert_eq!(report.total_skipped(), 1, "{report:?}");
         assert!(report.first_error.as_deref().unwrap().contains(needle));
@@ -737,8 +736,8 @@ fn real_preference_samples_render_as_pairs() {
                 loc: Some(loc),
             })
             .collect();
-        let (groups, report) = render_dpo_groups(
-        &kiln_chat(Bytes, &tpl), &l.records, &o, 4096, true).unwrap();
+        let (groups, report) =
+            render_dpo_groups(&kiln_chat(Bytes, &tpl), &l.records, &o, 4096, true).unwrap();
         assert!(
             groups.len() + report.total_skipped() == l.records.len() && !groups.is_empty(),
             "{name}: {} groups, {report:?}",
@@ -754,8 +753,8 @@ fn real_preference_samples_render_as_pairs() {
             assert_ne!(g.seqs[0], g.seqs[1]);
         }
         // A short context skips the long dialogues (counted) and keeps the rest.
-        let (short, r) = render_dpo_groups(
-        &kiln_chat(Bytes, &tpl), &l.records, &o, 256, true).unwrap();
+        let (short, r) =
+            render_dpo_groups(&kiln_chat(Bytes, &tpl), &l.records, &o, 256, true).unwrap();
         assert_eq!(short.len() + r.total_skipped(), l.records.len(), "{name}");
     }
 }
@@ -848,7 +847,8 @@ fn response_kl_is_exact_and_zero_against_itself() {
 #[test]
 fn dpo_groups_render_with_a_hugging_face_template() {
     use kiln_data::chat_format::JinjaChat;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiln-model/tests/fixtures/llama3_chat");
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiln-model/tests/fixtures/llama3_chat");
     let e: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("chat_expected.json")).unwrap())
             .unwrap();
@@ -877,7 +877,11 @@ fn dpo_groups_render_with_a_hugging_face_template() {
     let g = &groups[0];
     let prompt = ids(&e["prompt_ids"]);
     assert_eq!(g.prompt_len, prompt.len());
-    assert_eq!(g.seqs[0], ids(&e["ids"]), "the chosen conversation, as transformers renders it");
+    assert_eq!(
+        g.seqs[0],
+        ids(&e["ids"]),
+        "the chosen conversation, as transformers renders it"
+    );
     assert_eq!(&g.seqs[1][..g.prompt_len], &prompt[..]);
     assert_eq!(
         tok.decode(&g.seqs[1][g.prompt_len..]),
@@ -893,5 +897,8 @@ fn dpo_groups_render_with_a_hugging_face_template() {
     let err = render_dpo_groups(&users, &records, &origins, 64, false).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("prefs.jsonl"), "{msg}");
-    assert!(msg.contains("renders nothing for assistant message"), "{msg}");
+    assert!(
+        msg.contains("renders nothing for assistant message"),
+        "{msg}"
+    );
 }
