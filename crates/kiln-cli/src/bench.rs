@@ -184,9 +184,13 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         }
     );
     let mut times = Vec::new();
+    let mut mm_times = Vec::new();
+    let mut mm_flops = 0u64;
     let mut losses = Vec::new();
     let dlogp = vec![-1.0 / (b * t) as f32; b * t];
+    kiln_kernels::matmul::profile::enable(true);
     for step in 0..s.warmup + s.steps {
+        let _ = kiln_kernels::matmul::profile::take();
         let t0 = Instant::now();
         model.zero_grads();
         model.forward(
@@ -207,12 +211,17 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         clip_grad_norm(&mut model, 1.0);
         opt.update(&mut model, 1e-3);
         let dt = t0.elapsed().as_secs_f64();
+        let (mm, fl) = kiln_kernels::matmul::profile::take();
         losses.push(loss);
         if step >= s.warmup {
             times.push(dt);
+            mm_times.push(mm.as_secs_f64());
+            mm_flops = fl;
         }
     }
+    kiln_kernels::matmul::profile::enable(false);
     let med = median(times);
+    let mm_med = median(mm_times);
     let nparams = model.params.len();
     let tok = b * t;
     let flops = (6 * nparams + 12 * s.layers * s.ctx * s.dim) as f64 * tok as f64;
@@ -224,6 +233,15 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         losses[0],
         losses[losses.len() - 1],
         peak_rss_mib()
+    );
+    // The step against its own matrix products: what the rest (attention's softmax, norms,
+    // activations, the loss, AdamW, memory traffic) costs.
+    println!(
+        "RESULT kiln-train-matmuls matmul_ms={:.1} matmul_gflop_per_s={:.1} other_ms={:.1} step_over_matmuls={:.3}",
+        mm_med * 1e3,
+        mm_flops as f64 / mm_med.max(1e-12) / 1e9,
+        (med - mm_med) * 1e3,
+        med / mm_med.max(1e-12)
     );
     Ok(())
 }

@@ -60,6 +60,13 @@ pub struct GrpoArgs {
     /// Leave answers cut off at max_new_tokens out of the loss.
     #[arg(long)]
     mask_truncated: bool,
+    /// DAPO's dynamic sampling: drop groups whose answers all got the same reward (they teach
+    /// nothing) and sample more prompts until the batch is full, up to --max-sample-rounds.
+    #[arg(long)]
+    dynamic_sampling: bool,
+    /// Sampling rounds per iteration at most, with --dynamic-sampling (default 4).
+    #[arg(long)]
+    max_sample_rounds: Option<i64>,
     #[arg(long)]
     judge_world: Option<PathBuf>,
     #[arg(long)]
@@ -107,6 +114,10 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
     if a.mask_truncated {
         o.set("grpo.mask_truncated", true);
     }
+    if a.dynamic_sampling {
+        o.set("grpo.dynamic_sampling", true);
+    }
+    o.opt("grpo.max_sample_rounds", a.max_sample_rounds);
     o.opt("grpo.seed", a.seed);
     crate::field_overrides(&mut o, &a.fields)?;
     crate::judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;

@@ -2,20 +2,17 @@
 //! fine-tuning, reward model and RLHF with PPO — in one binary.
 
 mod bench;
-mod bundle;
 mod chat;
 mod cmd_data_prepare;
 mod cmd_dpo;
 mod cmd_grpo;
 mod cmd_template;
 mod cmd_tokenizer;
-mod config;
 mod demo;
-mod evaluate;
-mod plot;
-mod report;
 mod serve;
-mod stages;
+
+// The pipeline library's modules under their old paths, so `crate::stages::…` reads as before.
+use kiln_pipeline::{bundle, config, evaluate, stages};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};

@@ -357,6 +357,11 @@ pub type Obj = Map<String, Value>;
 // Reading files
 // ---------------------------------------------------------------------------------------------
 
+/// A dataset file as text (gzip decompressed, BOM removed).
+pub fn read_text(path: &Path) -> Result<String, DataError> {
+    utf8_text(path, read_bytes(path)?)
+}
+
 /// The file's bytes, gunzipped when it is gzip.
 fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
     let bytes =

@@ -357,6 +357,66 @@ mod skinny {
     }
 }
 
+/// Where a step's time goes, for `kiln bench train`: the wall time during which at least one
+/// matrix product runs (so products running side by side on several threads count once) and
+/// their floating-point operations. Off by default: then a product pays one relaxed load.
+pub mod profile {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    static NANOS: AtomicU64 = AtomicU64::new(0);
+    static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+    fn now() -> u64 {
+        static BASE: OnceLock<Instant> = OnceLock::new();
+        BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+
+    /// Starts (or stops) counting, from zero.
+    pub fn enable(on: bool) {
+        NANOS.store(0, Ordering::SeqCst);
+        FLOPS.store(0, Ordering::SeqCst);
+        ON.store(on, Ordering::SeqCst);
+    }
+
+    /// The time covered by matrix products and their flops since the last call (or `enable`).
+    pub fn take() -> (Duration, u64) {
+        (
+            Duration::from_nanos(NANOS.swap(0, Ordering::SeqCst)),
+            FLOPS.swap(0, Ordering::SeqCst),
+        )
+    }
+
+    /// Counts one product while alive.
+    pub(crate) struct Span(bool);
+
+    impl Span {
+        pub(crate) fn start(m: usize, k: usize, n: usize) -> Span {
+            if !ON.load(Ordering::Relaxed) {
+                return Span(false);
+            }
+            FLOPS.fetch_add((2 * m * k * n) as u64, Ordering::Relaxed);
+            if ACTIVE.fetch_add(1, Ordering::SeqCst) == 0 {
+                SINCE.store(now(), Ordering::SeqCst);
+            }
+            Span(true)
+        }
+    }
+
+    impl Drop for Span {
+        fn drop(&mut self) {
+            if self.0 && ACTIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let start = SINCE.load(Ordering::SeqCst);
+                NANOS.fetch_add(now().saturating_sub(start), Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 /// `out[m,n] (+)= op(a)[m,k] @ op(b)[k,n]`.
 ///
 /// `a` is stored `[m,k]` (or `[k,m]` when `trans_a`), `b` is stored `[k,n]` (or `[n,k]` when
@@ -376,6 +436,7 @@ pub fn matmul(
     assert!(out.len() >= m * n, "matmul: out too small");
     assert!(a.len() >= m * k, "matmul: a too small");
     assert!(b.len() >= k * n, "matmul: b too small");
+    let _span = profile::Span::start(m, k, n);
     // A transpose is the same memory read with row and column strides swapped.
     if !trans_a && skinny::matmul(out, a, b, m, k, n, trans_b, accumulate) {
         return;
@@ -419,7 +480,10 @@ pub fn matmul_with(
 ) {
     match prec {
         Precision::F32 => matmul(out, a, b, m, k, n, trans_a, trans_b, accumulate),
-        Precision::Bf16 => matmul_bf16(out, a, b, m, k, n, trans_a, trans_b, accumulate),
+        Precision::Bf16 => {
+            let _span = profile::Span::start(m, k, n);
+            matmul_bf16(out, a, b, m, k, n, trans_a, trans_b, accumulate)
+        }
     }
 }
 

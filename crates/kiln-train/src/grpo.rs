@@ -186,6 +186,11 @@ pub struct GrpoConfig {
     pub beta: f32,
     /// Leave responses that hit max_new_tokens without a stop token out of the loss.
     pub mask_truncated: bool,
+    /// DAPO's dynamic sampling: groups whose rewards are all equal (no advantage, no gradient)
+    /// are dropped and more prompts sampled until `prompts_per_iter` groups with signal are
+    /// collected, or `max_sample_rounds` rounds were drawn.
+    pub dynamic_sampling: bool,
+    pub max_sample_rounds: usize,
     pub grad_clip: f32,
     /// Weights the sampler multiplies by (f32: the training weights; bf16/int8: packed copies,
     /// rebuilt each iteration; the old log-probs always come from the f32 training forward).
@@ -215,6 +220,8 @@ impl Default for GrpoConfig {
             clip_high: 0.28,
             beta: 0.0,
             mask_truncated: false,
+            dynamic_sampling: false,
+            max_sample_rounds: 4,
             grad_clip: 1.0,
             sample_weights: "f32".into(),
             eval_every: 10,
@@ -371,25 +378,9 @@ impl<'a> Grpo<'a> {
             .map(|r| Activations::new(&r.cfg, mb, t, true));
         while st.iteration < cfg.iterations {
             let it_start = Instant::now();
-            // The next prompts, cycling through a shuffled list; each is sampled g times.
-            let mut picked = Vec::with_capacity(cfg.prompts_per_iter);
-            while picked.len() < cfg.prompts_per_iter {
-                if st.prompt_idx >= usable.len() {
-                    st.prompt_epoch += 1;
-                    st.prompt_idx = 0;
-                }
-                let order = prompt_order(usable.len(), cfg.seed, st.prompt_epoch);
-                picked.push(usable[order[st.prompt_idx]]);
-                st.prompt_idx += 1;
-            }
-            let prompt_of: Vec<usize> = picked
-                .iter()
-                .flat_map(|&p| std::iter::repeat_n(p, g))
-                .collect();
-            let n = prompt_of.len();
-            let batch_prompts: Vec<Vec<u32>> =
-                prompt_of.iter().map(|&p| self.prompts[p].clone()).collect();
-            // Sampling: one batched decode over every response of the iteration.
+            // Sampling rounds: each draws the next prompts (cycling through a shuffled list) and
+            // samples each g times in one batched decode; with dynamic sampling, groups without
+            // signal are dropped and another round drawn until the batch is full.
             let t_sample = Instant::now();
             let packed = sample_weights
                 .packed()
@@ -403,48 +394,118 @@ impl<'a> Grpo<'a> {
                 },
                 stop_tokens: self.stop_tokens.clone(),
             };
-            let sampled = generate_with(
-                &self.actor,
-                packed.as_ref(),
-                &batch_prompts,
-                &opts,
-                &mut rng,
-                |_, _| {},
-            )?;
-            let sample_secs = t_sample.elapsed().as_secs_f64();
-            let rows = Rows::build(&batch_prompts, &sampled, t, &self.stop_tokens);
-            let sampled_tokens: usize = rows.spans.iter().map(|s| s.len).sum();
-            // Rewards: the weighted sum of every source.
             let mut m = Metrics::new();
-            let mut reward = vec![0.0f32; n];
-            for w in self.rewards.iter_mut() {
-                let name = w.source.name();
-                let s = w.source.score(&prompt_of, &rows.responses)?;
-                if s.len() != n {
-                    bail!(
-                        "reward source {name} returned {} scores for {n} responses",
-                        s.len()
-                    );
+            // What the policy scored on everything it sampled, per source: (sum, sum of squares).
+            let mut source_sums: Vec<(String, f64, f64)> = Vec::new();
+            let (mut all_reward_sum, mut all_right, mut all_judged) = (0.0f64, 0usize, 0usize);
+            let (mut drawn, mut flat_groups, mut rounds, mut sampled_tokens) =
+                (0usize, 0usize, 0usize, 0usize);
+            let mut prompt_of: Vec<usize> = Vec::new();
+            let mut kept_sampled: Vec<Vec<u32>> = Vec::new();
+            let mut reward: Vec<f32> = Vec::new();
+            loop {
+                let mut picked = Vec::with_capacity(cfg.prompts_per_iter);
+                while picked.len() < cfg.prompts_per_iter {
+                    if st.prompt_idx >= usable.len() {
+                        st.prompt_epoch += 1;
+                        st.prompt_idx = 0;
+                    }
+                    let order = prompt_order(usable.len(), cfg.seed, st.prompt_epoch);
+                    picked.push(usable[order[st.prompt_idx]]);
+                    st.prompt_idx += 1;
                 }
-                let mean = s.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
-                let var = s.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
-                m.insert(format!("reward/{name}"), mean);
-                m.insert(format!("reward_std/{name}"), var.sqrt());
-                if name == "judge" {
-                    m.insert(
-                        "rollout_acc".into(),
-                        s.iter().filter(|&&x| x > 0.5).count() as f64 / n as f64,
-                    );
+                let round_prompts: Vec<usize> = picked
+                    .iter()
+                    .flat_map(|&p| std::iter::repeat_n(p, g))
+                    .collect();
+                let rn = round_prompts.len();
+                let batch_prompts: Vec<Vec<u32>> = round_prompts
+                    .iter()
+                    .map(|&p| self.prompts[p].clone())
+                    .collect();
+                let sampled = generate_with(
+                    &self.actor,
+                    packed.as_ref(),
+                    &batch_prompts,
+                    &opts,
+                    &mut rng,
+                    |_, _| {},
+                )?;
+                let round_rows = Rows::build(&batch_prompts, &sampled, t, &self.stop_tokens);
+                sampled_tokens += round_rows.spans.iter().map(|s| s.len).sum::<usize>();
+                // Rewards: the weighted sum of every source.
+                let mut round_reward = vec![0.0f32; rn];
+                for (k, w) in self.rewards.iter_mut().enumerate() {
+                    let name = w.source.name();
+                    let s = w.source.score(&round_prompts, &round_rows.responses)?;
+                    if s.len() != rn {
+                        bail!(
+                            "reward source {name} returned {} scores for {rn} responses",
+                            s.len()
+                        );
+                    }
+                    if source_sums.len() <= k {
+                        source_sums.push((name.clone(), 0.0, 0.0));
+                    }
+                    source_sums[k].1 += s.iter().map(|&x| x as f64).sum::<f64>();
+                    source_sums[k].2 += s.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+                    if name == "judge" {
+                        all_right += s.iter().filter(|&&x| x > 0.5).count();
+                        all_judged += rn;
+                    }
+                    for (r, x) in round_reward.iter_mut().zip(&s) {
+                        *r += w.weight * x;
+                    }
                 }
-                for (r, x) in reward.iter_mut().zip(&s) {
-                    *r += w.weight * x;
+                all_reward_sum += round_reward.iter().map(|&x| x as f64).sum::<f64>();
+                drawn += rn;
+                rounds += 1;
+                // When no round found a group with signal, the last round's groups are kept (their
+                // zero advantages move nothing but the KL term) so every iteration has a batch.
+                let rescue = rounds >= cfg.max_sample_rounds.max(1) && prompt_of.is_empty();
+                for (gi, grp) in round_reward.chunks(g).enumerate() {
+                    let flat = grp.iter().all(|&x| x == grp[0]);
+                    flat_groups += usize::from(flat);
+                    let room = prompt_of.len() < cfg.prompts_per_iter * g;
+                    if (!flat || !cfg.dynamic_sampling || rescue) && room {
+                        let r = gi * g..(gi + 1) * g;
+                        prompt_of.extend_from_slice(&round_prompts[r.clone()]);
+                        kept_sampled.extend(r.clone().map(|i| sampled[i].clone()));
+                        reward.extend_from_slice(&round_reward[r]);
+                    }
+                }
+                let full = prompt_of.len() >= cfg.prompts_per_iter * g;
+                if !cfg.dynamic_sampling || full || rounds >= cfg.max_sample_rounds.max(1) {
+                    break;
                 }
             }
+            let sample_secs = t_sample.elapsed().as_secs_f64();
+            let n = prompt_of.len();
+            let batch_prompts: Vec<Vec<u32>> =
+                prompt_of.iter().map(|&p| self.prompts[p].clone()).collect();
+            let rows = Rows::build(&batch_prompts, &kept_sampled, t, &self.stop_tokens);
+            for (name, sum, sq) in &source_sums {
+                let mean = sum / drawn as f64;
+                m.insert(format!("reward/{name}"), mean);
+                m.insert(
+                    format!("reward_std/{name}"),
+                    (sq / drawn as f64 - mean * mean).max(0.0).sqrt(),
+                );
+            }
+            if all_judged > 0 {
+                m.insert("rollout_acc".into(), all_right as f64 / all_judged as f64);
+            }
+            m.insert("sample_rounds".into(), rounds as f64);
+            m.insert("groups_trained".into(), (n / g) as f64);
+            m.insert(
+                "zero_std_trained".into(),
+                reward
+                    .chunks(g)
+                    .filter(|grp| grp.iter().all(|&x| x == grp[0]))
+                    .count() as f64
+                    / (n / g).max(1) as f64,
+            );
             let adv = advantages(&reward, g, cfg.advantage);
-            let flat_groups = reward
-                .chunks(g)
-                .filter(|grp| grp.iter().all(|&x| x == grp[0]))
-                .count();
             let keep: Vec<bool> = rows
                 .spans
                 .iter()
@@ -545,13 +606,10 @@ impl<'a> Grpo<'a> {
             let nt = ntok.max(1) as f64;
             let n_f = n as f64;
             m.insert("iteration".into(), st.iteration as f64);
-            m.insert(
-                "reward".into(),
-                reward.iter().map(|&x| x as f64).sum::<f64>() / n_f,
-            );
+            m.insert("reward".into(), all_reward_sum / drawn.max(1) as f64);
             m.insert(
                 "zero_std_frac".into(),
-                flat_groups as f64 / cfg.prompts_per_iter as f64,
+                flat_groups as f64 / (drawn / g).max(1) as f64,
             );
             m.insert("entropy".into(), ent_sum / nt);
             m.insert("clip_frac".into(), clipped as f64 / nt);
@@ -575,6 +633,8 @@ impl<'a> Grpo<'a> {
                 rows.spans.iter().filter(|s| !s.ended).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
+            m.insert("sampled_tokens".into(), sampled_tokens as f64);
+            m.insert("train_tokens".into(), ntok as f64);
             m.insert(
                 "sample_tok_per_s".into(),
                 sampled_tokens as f64 / sample_secs.max(1e-9),

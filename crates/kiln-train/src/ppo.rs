@@ -645,6 +645,11 @@ impl<'a> Ppo<'a> {
             m.insert("value_loss".into(), vloss_sum / nt);
             m.insert("explained_var".into(), ev);
             m.insert(
+                "sampled_tokens".into(),
+                ro.rows.spans.iter().map(|s| s.len as f64).sum::<f64>(),
+            );
+            m.insert("train_tokens".into(), ntok as f64);
+            m.insert(
                 "response_len".into(),
                 ro.rows.spans.iter().map(|s| s.len as f64).sum::<f64>() / n_f,
             );

@@ -414,6 +414,16 @@ impl RmObjective {
 }
 
 impl Objective for RmObjective {
+    /// The mean and spread of the scores of the training responses (`reward_mean`,
+    /// `reward_std`), which PPO and GRPO normalise rewards with.
+    fn final_stats(&mut self, model: &Model) -> Result<Metrics> {
+        let (mean, std) = self.reward_stats(model);
+        Ok(Metrics::from([
+            ("reward_mean".to_string(), mean),
+            ("reward_std".to_string(), std),
+        ]))
+    }
+
     fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
         let mut picked = Vec::with_capacity(self.groups_per_batch);
         while picked.len() < self.groups_per_batch {

@@ -159,6 +159,11 @@ pub trait Objective {
     fn sample(&mut self, _model: &Model) -> Result<Option<String>> {
         Ok(None)
     }
+    /// Statistics of the trained model that its final checkpoint records (e.g. a reward model's
+    /// score mean and spread, which later stages normalise with).
+    fn final_stats(&mut self, _model: &Model) -> Result<Metrics> {
+        Ok(Metrics::new())
+    }
     /// Data position and RNG state, for exact resume.
     fn state(&self) -> serde_json::Value;
     fn restore(&mut self, state: &serde_json::Value) -> Result<()>;
@@ -175,6 +180,9 @@ pub struct TrainSummary {
     pub tokens_per_sec: f64,
     pub skipped_non_finite: u64,
     pub interrupted: bool,
+    /// The objective's [`Objective::final_stats`] when training reached its last step.
+    #[serde(default)]
+    pub final_stats: Metrics,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -195,7 +203,13 @@ pub struct Trainer<'a> {
     pub progress: bool,
     /// A label for the progress bar ("pretrain", "sft", ...).
     pub label: String,
+    /// Files of the final checkpoint made from the objective's [`Objective::final_stats`]
+    /// (replacing extra files of the same name), so a finished stage's checkpoint is complete
+    /// when it is written, never patched afterwards.
+    pub final_files: Option<FinalFiles<'a>>,
 }
+
+pub type FinalFiles<'a> = Box<dyn Fn(&Metrics) -> Result<Vec<(String, Vec<u8>)>> + 'a>;
 
 impl<'a> Trainer<'a> {
     /// Runs (or, with `resume`, continues) training to `cfg.max_steps`.
@@ -286,7 +300,8 @@ impl<'a> Trainer<'a> {
                     step: u64,
                     skipped: u64,
                     tokens_seen: u64,
-                    eval_start: &Metrics|
+                    eval_start: &Metrics,
+                    last: Option<&Metrics>|
          -> Result<()> {
             let mut files = model_files(model)?;
             files.push(("optimizer.safetensors".into(), opt.to_bytes(model)?));
@@ -299,7 +314,17 @@ impl<'a> Trainer<'a> {
                 config: cfg.clone(),
             };
             files.push(("trainer_state.json".into(), serde_json::to_vec_pretty(&st)?));
-            files.extend(self.extra_files.iter().cloned());
+            let finals = match (last, &self.final_files) {
+                (Some(stats), Some(f)) => f(stats)?,
+                _ => Vec::new(),
+            };
+            files.extend(
+                self.extra_files
+                    .iter()
+                    .filter(|(n, _)| !finals.iter().any(|(m, _)| m == n))
+                    .cloned(),
+            );
+            files.extend(finals);
             self.run.save_checkpoint(step, &files, cfg.keep_last)?;
             Ok(())
         };
@@ -364,6 +389,13 @@ impl<'a> Trainer<'a> {
             self.run.log(&line)?;
             let stop = STOP.load(Ordering::SeqCst);
             if (cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every)) || last || stop {
+                let stats = if last && !stop {
+                    let m = obj.final_stats(model)?;
+                    summary.final_stats = m.clone();
+                    Some(m)
+                } else {
+                    None
+                };
                 save(
                     model,
                     &opt,
@@ -372,6 +404,7 @@ impl<'a> Trainer<'a> {
                     guard.skipped,
                     tokens_seen,
                     &eval_start,
+                    stats.as_ref(),
                 )?;
             }
             if stop {

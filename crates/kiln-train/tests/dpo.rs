@@ -427,6 +427,7 @@ fn dpo_run(dir: &Path, steps: u64, resume: bool, s: DpoSettings) -> RefSource {
         extra_files: vec![],
         progress: false,
         label: "dpo".into(),
+        final_files: None,
     };
     trainer.train(&mut model, &mut obj, resume).unwrap();
     src
@@ -792,6 +793,7 @@ fn dpo_learns_a_preference_it_is_shown() {
         extra_files: vec![],
         progress: false,
         label: "dpo".into(),
+        final_files: None,
     };
     let s = trainer.train(&mut model, &mut obj, false).unwrap();
     assert_eq!(s.eval_start["loss"], LN_2);

@@ -120,6 +120,63 @@ fn first_ratio_is_one_and_the_reward_rises() {
     }
 }
 
+/// DAPO's dynamic sampling: with a reward that is flat for half the prompts (0 whatever the
+/// answer), the groups trained on all carry signal, more rounds are drawn to fill the batch, and a
+/// resumed run continues exactly. Without it, flat groups are trained on.
+#[test]
+fn dynamic_sampling_trains_only_on_groups_with_signal() {
+    let half_flat = || Weighted {
+        source: Box::new(FnReward {
+            name: "judge".into(),
+            f: Box::new(|p, r: &[u32]| {
+                if p % 2 == 0 {
+                    0.0
+                } else {
+                    r.iter().filter(|&&t| t == 7).count() as f32 / r.len().max(1) as f32
+                }
+            }),
+        }),
+        weight: 1.0,
+    };
+    let go = |dir: &std::path::Path, dynamic: bool, iterations: u64, resume: bool| {
+        with_grpo(dir, iterations, vec![half_flat()], |g| {
+            g.cfg.dynamic_sampling = dynamic;
+            g.cfg.max_sample_rounds = 8;
+            g.train(resume).unwrap()
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = go(dir.path(), true, 8, false);
+    for m in &s.history {
+        assert_eq!(m["groups_trained"], 4.0, "{m:?}");
+        assert_eq!(m["zero_std_trained"], 0.0, "{m:?}");
+    }
+    assert!(s.history.iter().any(|m| m["sample_rounds"] > 1.0));
+    assert!(s.history.iter().all(|m| m["zero_std_frac"] > 0.0));
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = go(plain_dir.path(), false, 4, false);
+    assert!(plain.history.iter().all(|m| m["sample_rounds"] == 1.0));
+    assert!(plain.history.iter().any(|m| m["zero_std_trained"] >= 0.5));
+    // Resume from iteration 4 of the dynamic run: the same figures as without the interruption.
+    let part = tempfile::tempdir().unwrap();
+    go(part.path(), true, 8, false);
+    {
+        let rd = RunDir::create(part.path()).unwrap();
+        for (step, p) in rd.checkpoints().unwrap() {
+            if step > 4 {
+                std::fs::remove_dir_all(p).unwrap();
+            }
+        }
+    }
+    std::fs::write(part.path().join("latest"), RunDir::checkpoint_name(4)).unwrap();
+    let resumed = go(part.path(), true, 8, true);
+    for (a, b) in s.history.iter().zip(&resumed.history) {
+        for k in ["reward", "loss", "sample_rounds", "zero_std_frac"] {
+            assert_eq!(a[k], b[k], "{k}");
+        }
+    }
+}
+
 #[test]
 fn resume_continues_exactly() {
     let full_dir = tempfile::tempdir().unwrap();

@@ -117,6 +117,7 @@ fn train(
         extra_files: Vec::new(),
         progress: false,
         label: "test".into(),
+        final_files: None,
     };
     let mut m = model();
     let r = trainer.train(&mut m, obj, false);

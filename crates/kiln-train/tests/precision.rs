@@ -125,6 +125,7 @@ fn train(precision: Precision, steps: u64) -> (Vec<f64>, f64, Precision) {
         extra_files: Vec::new(),
         progress: false,
         label: "precision".into(),
+        final_files: None,
     };
     let summary = trainer.train(&mut model, &mut obj, false).unwrap();
     (obj.losses, summary.eval["loss"], model.precision)

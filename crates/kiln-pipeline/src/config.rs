@@ -108,6 +108,13 @@ pub fn build<T: Serialize + DeserializeOwned + Default>(
     T::deserialize(v).with_context(|| format!("invalid configuration ({what})"))
 }
 
+/// Defaults ← `user` (a TOML tree), checked against the config's fields.
+pub fn from_value<T: Serialize + DeserializeOwned + Default>(user: Value) -> Result<T> {
+    let mut v = Value::try_from(T::default())?;
+    merge(&mut v, user);
+    Ok(T::deserialize(v)?)
+}
+
 /// A config as TOML for people to read: f32 settings printed as the f32 they are (`lr = 0.003`,
 /// not the f64 widening `0.003000000026077032`).
 pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {

@@ -1,7 +1,7 @@
 //! The pipeline's stages as functions of a config (TOML-loadable, flag-overridable): each reads its
 //! inputs, trains, and leaves a run directory whose latest checkpoint is the next stage's input.
 
-use crate::bundle::{load_bundle, update_checkpoint_file, KilnMeta, META_FILE};
+use crate::bundle::{load_bundle, KilnMeta, META_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
 use kiln_data::datasets::{load_preferences, load_sft, FieldMap, LoadOptions, PrefRecord, Role};
@@ -112,6 +112,58 @@ fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
     )?)
 }
 
+/// A stage's run folder, opened the one way every stage opens it: the memory estimate checked
+/// against the machine, the folder locked (and refused when it holds another run's checkpoints,
+/// unless resuming), the stage's configuration recorded beside its checkpoints.
+pub struct StageRun {
+    pub run: RunDir,
+    label: &'static str,
+    resume: bool,
+    progress: bool,
+}
+
+impl StageRun {
+    pub fn open<C: Serialize>(
+        label: &'static str,
+        out: &Path,
+        cfg: &C,
+        memory_bytes: usize,
+        resume: bool,
+        progress: bool,
+    ) -> Result<StageRun> {
+        check_memory(memory_bytes, label)?;
+        let run = open_run(out, resume)?;
+        write_run_config(out, cfg)?;
+        Ok(StageRun {
+            run,
+            label,
+            resume,
+            progress,
+        })
+    }
+
+    /// Trains `model` on a supervised objective in this folder (the shared training loop:
+    /// progress, metrics, checkpoints, exact resume, Ctrl-C, the non-finite guard).
+    pub fn train(
+        &self,
+        train: &TrainConfig,
+        model: &mut Model,
+        obj: &mut dyn kiln_train::Objective,
+        extra_files: Vec<(String, Vec<u8>)>,
+        final_files: Option<kiln_train::trainer::FinalFiles<'_>>,
+    ) -> Result<TrainSummary> {
+        Trainer {
+            cfg: train.clone(),
+            run: &self.run,
+            extra_files,
+            progress: self.progress,
+            label: self.label.into(),
+            final_files,
+        }
+        .train(model, obj, self.resume)
+    }
+}
+
 /// A stage's result, written as `done.json` in its run directory when it completes.
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
 pub struct StageResult {
@@ -189,10 +241,8 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
     } else {
         cfg.seq_len
     };
-    check_memory(
-        training_bytes(&mcfg, cfg.train.batch_size, seq_len, true),
-        "pretraining",
-    )?;
+    let memory = training_bytes(&mcfg, cfg.train.batch_size, seq_len, true);
+    check_memory(memory, "pretraining")?;
     let mut model = Model::new(mcfg, cfg.train.seed);
     let mut obj = LmObjective::new(
         cfg.objective,
@@ -204,8 +254,7 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
         cfg.train.seed,
         Some(tok.clone()),
     )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
+    let run = StageRun::open("pretrain", &cfg.out, cfg, memory, resume, progress)?;
     let meta = KilnMeta::new("pretrain", ChatTemplate::default(), &tok, cfg.train.seed);
     eprintln!(
         "[pretrain] {:?} model: {} ({:.2}M parameters)",
@@ -213,14 +262,13 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
         model.cfg.describe(),
         model.params.len() as f64 / 1e6
     );
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
-        extra_files: meta.files(&cfg.tokenizer)?,
-        progress,
-        label: "pretrain".into(),
-    };
-    trainer.train(&mut model, &mut obj, resume)
+    run.train(
+        &cfg.train,
+        &mut model,
+        &mut obj,
+        meta.files(&cfg.tokenizer)?,
+        None,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,10 +454,8 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     let extra: Option<ExtraEval> = judge.map(|j| {
         Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0)) as ExtraEval
     });
-    check_memory(
-        training_bytes(&b.model.cfg, cfg.train.batch_size, seq_len, true),
-        "SFT",
-    )?;
+    let memory = training_bytes(&b.model.cfg, cfg.train.batch_size, seq_len, true);
+    check_memory(memory, "SFT")?;
     let mut model = b.model;
     let mut obj = SftObjective::new(
         &model,
@@ -421,16 +467,8 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
         cfg.packing,
         extra,
     )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
-        extra_files,
-        progress,
-        label: "sft".into(),
-    };
-    trainer.train(&mut model, &mut obj, resume)
+    let run = StageRun::open("sft", &cfg.out, cfg, memory, resume, progress)?;
+    run.train(&cfg.train, &mut model, &mut obj, extra_files, None)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -559,10 +597,8 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     );
     let mut model = b.model.with_score_head(true);
     let max_k = train.iter().map(|g| g.seqs.len()).max().unwrap_or(1);
-    check_memory(
-        training_bytes(&model.cfg, cfg.train.batch_size * max_k, seq_len, false),
-        "reward-model training",
-    )?;
+    let memory = training_bytes(&model.cfg, cfg.train.batch_size * max_k, seq_len, false);
+    check_memory(memory, "reward-model training")?;
     let mut obj = RmObjective::new(
         &model,
         train,
@@ -574,16 +610,25 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
         seq_len,
         cfg.train.seed,
     )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
+    let run = StageRun::open("rm", &cfg.out, cfg, memory, resume, progress)?;
+    // The reward statistics PPO normalises with go into the final checkpoint's kiln.json.
+    let final_meta = meta.clone();
+    let final_files: kiln_train::trainer::FinalFiles = Box::new(move |stats| {
+        let mut m = final_meta.clone();
+        m.reward_mean = stats.get("reward_mean").map(|&x| x as f32);
+        m.reward_std = stats.get("reward_std").map(|&x| x as f32);
+        Ok(vec![(
+            META_FILE.to_string(),
+            serde_json::to_vec_pretty(&m)?,
+        )])
+    });
+    let mut summary = run.train(
+        &cfg.train,
+        &mut model,
+        &mut obj,
         extra_files,
-        progress,
-        label: "rm".into(),
-    };
-    let mut summary = trainer.train(&mut model, &mut obj, resume)?;
+        Some(final_files),
+    )?;
     if let Some(path) = &cfg.test_data {
         let records = report_skipped("rm", path, load_preferences(path, &opts)?);
         let (test, _) = render_groups_with(chat.as_ref(), &records, fit)?;
@@ -597,15 +642,35 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
             .eval
             .extend(m.into_iter().map(|(k, v)| (format!("test_{k}"), v)));
     }
-    // PPO normalises rewards with the statistics of the training responses.
-    let (mean, std) = obj.reward_stats(&model);
-    meta.reward_mean = Some(mean as f32);
-    meta.reward_std = Some(std as f32);
-    if let Some(dir) = run.latest_checkpoint()? {
-        update_checkpoint_file(&dir, META_FILE, serde_json::to_vec_pretty(&meta)?)?;
+    if let (Some(mean), Some(std)) = (
+        summary.final_stats.get("reward_mean"),
+        summary.final_stats.get("reward_std"),
+    ) {
+        eprintln!("[rm] reward statistics over training responses: mean {mean:.4}, std {std:.4}");
     }
-    eprintln!("[rm] reward statistics over training responses: mean {mean:.4}, std {std:.4}");
     Ok(summary)
+}
+
+/// Indices of the prompts that leave room for a response in a context of `n_ctx`; the others are
+/// counted and reported. An error only when no prompt fits.
+pub fn fitting_prompts(stage: &str, prompts: &[Vec<u32>], n_ctx: usize) -> Result<Vec<usize>> {
+    let keep: Vec<usize> = (0..prompts.len())
+        .filter(|&i| prompts[i].len() < n_ctx)
+        .collect();
+    if keep.is_empty() && !prompts.is_empty() {
+        bail!(
+            "{stage}: every one of the {} prompts is at least as long as the model's context ({n_ctx} tokens)",
+            prompts.len()
+        );
+    }
+    if keep.len() < prompts.len() {
+        eprintln!(
+            "[{stage}] {} of {} prompts skipped: no room for a response in the context of {n_ctx} tokens",
+            prompts.len() - keep.len(),
+            prompts.len()
+        );
+    }
+    Ok(keep)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -676,12 +741,18 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     );
     let template = actor.meta.template.clone();
     let chat = actor.chat_format()?;
-    let loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
-    let prompts: Vec<Vec<u32>> = loaded
+    let mut loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
+    let mut prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
         .map(|r| chat.render_prompt(&r.prompt))
         .collect::<Result<_, _>>()?;
+    // Over-long prompts are skipped with a count, as every stage skips over-long records.
+    let keep = fitting_prompts("ppo", &prompts, actor.model.cfg.n_ctx)?;
+    if keep.len() < prompts.len() {
+        loaded.records = keep.iter().map(|&i| loaded.records[i].clone()).collect();
+        prompts = keep.iter().map(|&i| prompts[i].clone()).collect();
+    }
     let stop_tokens = chat.stop_tokens()?;
     eprintln!(
         "[ppo] {} prompts; reward normalisation mean {mean:.3} std {std:.3}",
@@ -714,15 +785,11 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     });
     // Trainable actor and critic, frozen reference and reward model, and rollout scoring.
     let row_len = kiln_train::ppo::row_len(&prompts, cfg.ppo.max_new_tokens, actor.model.cfg.n_ctx);
-    check_memory(
-        training_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true)
-            + training_bytes(&critic.cfg, cfg.ppo.minibatch, row_len, false)
-            + 4 * (actor.model.params.len() + rm.model.params.len())
-            + activation_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true),
-        "PPO",
-    )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
+    let memory = training_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true)
+        + training_bytes(&critic.cfg, cfg.ppo.minibatch, row_len, false)
+        + 4 * (actor.model.params.len() + rm.model.params.len())
+        + activation_bytes(&actor.model.cfg, cfg.ppo.minibatch, row_len, true);
+    let run = StageRun::open("PPO", &cfg.out, cfg, memory, resume, progress)?;
     let mut meta = KilnMeta::new("ppo", template.clone(), &actor.tokenizer, cfg.ppo.seed);
     meta.chat_template = actor.meta.chat_template.clone();
     let extra_files = actor.stage_files(&meta)?;
@@ -754,7 +821,7 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         },
         prompts,
         stop_tokens,
-        run: &run,
+        run: &run.run,
         extra_files,
         eval,
         decode: Box::new(move |t| tok2.decode_skip_special(t)),
@@ -984,11 +1051,9 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         cfg.beta
     );
     let max_rows = obj.activation_rows();
-    check_memory(
-        training_bytes(&model.cfg, max_rows, seq_len, true) + obj.reference_bytes(),
-        "DPO",
-    )?;
-    let run = open_run(&cfg.out, resume)?;
+    let memory = training_bytes(&model.cfg, max_rows, seq_len, true) + obj.reference_bytes();
+    let stage = StageRun::open("DPO", &cfg.out, cfg, memory, resume, progress)?;
+    let run = &stage.run;
     let resuming = resume && run.latest_checkpoint()?.is_some();
     // The reference: computed once (then the run holds one model), or read back from the run.
     let t0 = std::time::Instant::now();
@@ -996,7 +1061,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         None => {
             let key = obj.cache_key(&model_fingerprint(&model), model.precision);
             let (r, src) =
-                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&model))?;
+                load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&model))?;
             (r, src, key)
         }
         Some(path) => {
@@ -1018,7 +1083,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
             rm.precision = cfg.train.precision;
             let key = obj.cache_key(&model_fingerprint(&rm), rm.precision);
             let (r, src) =
-                load_or_compute_reference(&run, &key, resuming, || obj.compute_reference(&rm))?;
+                load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&rm))?;
             // The reference model is dropped here: training holds the policy alone.
             (r, src, key)
         }
@@ -1036,17 +1101,9 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         ),
     }
     obj.use_reference(reference)?;
-    write_run_config(&cfg.out, cfg)?;
     let mut extra_files = stage_files;
     extra_files.push((KEY_FILE.into(), serde_json::to_vec_pretty(&key)?));
-    let trainer = Trainer {
-        cfg: cfg.train.clone(),
-        run: &run,
-        extra_files,
-        progress,
-        label: "dpo".into(),
-    };
-    let summary = trainer.train(&mut model, &mut obj, resume)?;
+    let summary = stage.train(&cfg.train, &mut model, &mut obj, extra_files, None)?;
     Ok(DpoOutcome { summary, skipped })
 }
 
@@ -1160,15 +1217,11 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     let row_len =
         kiln_train::ppo::row_len(&prompts, cfg.grpo.max_new_tokens, actor.model.cfg.n_ctx);
     let reference = (cfg.grpo.beta > 0.0).then(|| actor.model.clone());
-    check_memory(
-        training_bytes(&actor.model.cfg, cfg.grpo.minibatch, row_len, true)
-            + reference.as_ref().map_or(0, |r| {
-                4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
-            }),
-        "GRPO",
-    )?;
-    let run = open_run(&cfg.out, resume)?;
-    write_run_config(&cfg.out, cfg)?;
+    let memory = training_bytes(&actor.model.cfg, cfg.grpo.minibatch, row_len, true)
+        + reference.as_ref().map_or(0, |r| {
+            4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
+        });
+    let run = StageRun::open("GRPO", &cfg.out, cfg, memory, resume, progress)?;
     let mut meta = KilnMeta::new("grpo", template.clone(), &actor.tokenizer, cfg.grpo.seed);
     meta.chat_template = actor.meta.chat_template.clone();
     let tok2 = actor.tokenizer.clone();
@@ -1180,7 +1233,7 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
         rewards,
         prompts,
         stop_tokens,
-        run: &run,
+        run: &run.run,
         eval,
         decode: Box::new(move |t| tok2.decode_skip_special(t)),
         progress,
@@ -1201,6 +1254,21 @@ pub struct RewardContext<'a> {
     pub stop_tokens: &'a [u32],
     pub timeout_s: f64,
     pub batch: usize,
+}
+
+/// An answer matches a reference when they are equal up to case, surrounding whitespace and
+/// punctuation, and runs of whitespace (`" The answer is 5. "` ≠ `"5"`; `"Paris."` = `"paris"`).
+pub fn exact_match(answer: &str, reference: &str) -> bool {
+    let norm = |s: &str| {
+        s.trim()
+            .trim_matches(|c: char| c.is_ascii_punctuation() && c != '-')
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    let a = norm(answer);
+    !a.is_empty() && a == norm(reference)
 }
 
 /// The reward sources `specs` name (`judge`, `format`, `rm:DIR`, `cmd:PROGRAM`), with `weights`
@@ -1226,6 +1294,29 @@ pub fn reward_sources(
                     f: Box::new(move |p, resp| {
                         let v = world.judge(&questions[p], &tok.decode_skip_special(resp));
                         f32::from(u8::from(v.correct))
+                    }),
+                })
+            }
+            None | Some(("exact", _)) if spec == "exact" || spec.starts_with("exact:") => {
+                let field = spec.strip_prefix("exact:").unwrap_or("answer").to_string();
+                let answers: Vec<Option<String>> = ctx
+                    .loaded
+                    .iter()
+                    .map(|(_, o)| match o.get(&field) {
+                        Some(serde_json::Value::String(s)) => Some(s.clone()),
+                        Some(serde_json::Value::Null) | None => None,
+                        Some(v) => Some(v.to_string()),
+                    })
+                    .collect();
+                if let Some(i) = answers.iter().position(|a| a.is_none()) {
+                    bail!("reward {spec}: prompt record {} has no \"{field}\" field to compare with", i + 1);
+                }
+                let tok = ctx.actor.tokenizer.clone();
+                Box::new(FnReward {
+                    name: spec.clone(),
+                    f: Box::new(move |p, resp| {
+                        let want = answers[p].as_deref().unwrap_or_default();
+                        f32::from(u8::from(exact_match(&tok.decode_skip_special(resp), want)))
                     }),
                 })
             }
@@ -1269,7 +1360,7 @@ pub fn reward_sources(
                 )?)
             }
             _ => bail!(
-                "unknown reward source {spec:?} (expected judge, format, rm:DIR or cmd:PROGRAM)"
+                "unknown reward source {spec:?} (expected judge, format, exact[:FIELD], rm:DIR or cmd:PROGRAM)"
             ),
         };
         rewards.push(Weighted { source, weight });

@@ -351,18 +351,3 @@ fn load_meta_and_chat(
     meta.chat_template = jinja;
     Ok((meta, chat))
 }
-
-/// Replaces one file of an existing checkpoint (rewriting the directory atomically, checksums included).
-pub fn update_checkpoint_file(dir: &Path, name: &str, bytes: Vec<u8>) -> Result<()> {
-    let mut files = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let e = e?;
-        let fname = e.file_name().to_string_lossy().to_string();
-        if fname == kiln_model::checkpoint::CHECKSUMS_FILE || fname == name || !e.path().is_file() {
-            continue;
-        }
-        files.push((fname.clone(), read_checked(dir, &fname)?));
-    }
-    files.push((name.to_string(), bytes));
-    kiln_model::checkpoint::write_checkpoint_dir(dir, &files)
-}
