@@ -292,6 +292,7 @@ pub struct SftConfig {
     pub skip_bad_records: bool,
     /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
     pub fields: FieldMap,
     /// Pack several short examples into each row (attention never crosses examples).
     pub packing: bool,
@@ -301,7 +302,7 @@ pub struct SftConfig {
     /// (carried on into the checkpoints' tokenizer_config.json / generation_config.json).
     pub bos_token: Option<String>,
     /// One end-of-sequence token or several (`["<|end_of_text|>", "<|eot_id|>"]`, as Llama 3).
-    #[serde(deserialize_with = "one_or_many")]
+    #[serde(deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
     pub eos_token: Vec<String>,
     pub pad_token: Option<String>,
     pub end_of_turn_token: Option<String>,
@@ -495,11 +496,12 @@ pub struct RmConfig {
     pub skip_bad_records: bool,
     /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
     pub fields: FieldMap,
     /// Special-token roles of a Hugging Face tokenizer (a reward model started from a hub
     /// model), as in [`SftConfig`].
     pub bos_token: Option<String>,
-    #[serde(deserialize_with = "one_or_many")]
+    #[serde(deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
     pub eos_token: Vec<String>,
     pub pad_token: Option<String>,
     pub end_of_turn_token: Option<String>,
@@ -688,6 +690,7 @@ pub struct PpoStageConfig {
     pub prompts: PathBuf,
     /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
     pub fields: FieldMap,
     pub out: PathBuf,
     pub judge: Option<JudgeConfig>,
@@ -881,6 +884,7 @@ pub struct DpoConfig {
     pub skip_bad_records: bool,
     /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
     pub fields: FieldMap,
     /// Task accuracy by the demo judge during evaluation.
     pub judge: Option<JudgeConfig>,
@@ -1117,6 +1121,7 @@ pub struct GrpoStageConfig {
     pub prompts: PathBuf,
     /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
     pub fields: FieldMap,
     pub out: PathBuf,
     /// The demo world's judge: evaluation, and the `judge` reward.
