@@ -148,9 +148,11 @@ fn read_rows_unguarded(path: &Path) -> Result<ParquetRows, DataError> {
         .collect();
     let mut rows = Vec::with_capacity(reader.metadata().file_metadata().num_rows().max(0) as usize);
     for group in 0..reader.num_row_groups() {
+        // Row numbers count from the file's first row.
+        let first = rows.len();
         let at = |row: usize| RecordLoc::Row {
             group,
-            row: rows_before(&reader, group) + row,
+            row: first + row,
         };
         let rg = reader.get_row_group(group).map_err(|e| DataError {
             record: Some(at(0)),
@@ -173,13 +175,6 @@ fn read_rows_unguarded(path: &Path) -> Result<ParquetRows, DataError> {
         }
     }
     Ok(ParquetRows { rows, columns })
-}
-
-/// Rows in the row groups before `group` (so row numbers count from the file's first row).
-fn rows_before(reader: &SerializedFileReader<File>, group: usize) -> usize {
-    (0..group)
-        .map(|g| reader.metadata().row_group(g).num_rows().max(0) as usize)
-        .sum()
 }
 
 /// One Parquet value as JSON.

@@ -302,7 +302,10 @@ pub struct SftConfig {
     /// (carried on into the checkpoints' tokenizer_config.json / generation_config.json).
     pub bos_token: Option<String>,
     /// One end-of-sequence token or several (`["<|end_of_text|>", "<|eot_id|>"]`, as Llama 3).
-    #[serde(deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub eos_token: Vec<String>,
     pub pad_token: Option<String>,
     pub end_of_turn_token: Option<String>,
@@ -501,7 +504,10 @@ pub struct RmConfig {
     /// Special-token roles of a Hugging Face tokenizer (a reward model started from a hub
     /// model), as in [`SftConfig`].
     pub bos_token: Option<String>,
-    #[serde(deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub eos_token: Vec<String>,
     pub pad_token: Option<String>,
     pub end_of_turn_token: Option<String>,
