@@ -149,7 +149,11 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     }
     let b = s.batch.unwrap_or(8);
     let mut model = model_for(s)?;
-    model.precision = args.precision;
+    let (precision, why) = args.precision.for_this_cpu();
+    if let Some(why) = why {
+        eprintln!("{why}");
+    }
+    model.precision = precision;
     let t = s.ctx;
     let mut rng = ChaCha8Rng::seed_from_u64(1234);
     let data: Vec<u32> = (0..b * (t + 1))
@@ -176,8 +180,8 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         s.dim,
         s.ctx,
         b,
-        args.precision,
-        match args.precision {
+        precision,
+        match precision {
             kiln_kernels::Precision::Bf16 if kiln_kernels::bf16::amx_active() => " (AMX)",
             kiln_kernels::Precision::Bf16 => " (no AMX: portable path)",
             kiln_kernels::Precision::F32 => "",
@@ -318,7 +322,100 @@ fn bench_generate(s: &Shape) -> Result<()> {
         (b * s.new_tokens) as f64 / med,
         peak_rss_mib()
     );
+    // The memory-bandwidth bound: every decoding step streams the matrices once (for the whole
+    // batch) and each sequence's KV cache so far.
+    let cfg = &model.cfg;
+    let weights = match &packed {
+        Some(p) => p.bytes(),
+        None => {
+            let lay = &model.layout;
+            let per_layer: usize = lay
+                .layers
+                .iter()
+                .map(|l| {
+                    [&l.qkv, &l.o, &l.up, &l.down]
+                        .iter()
+                        .map(|x| x.i * x.o)
+                        .sum::<usize>()
+                })
+                .sum();
+            4 * (per_layer + cfg.vocab_size * cfg.n_embd)
+        }
+    };
+    let avg_len = s.prompt_tokens as f64 + s.new_tokens as f64 / 2.0;
+    let kv = 2.0 * 4.0 * (cfg.n_layer * cfg.kv_heads() * cfg.head_size()) as f64 * avg_len;
+    let step_bytes = weights as f64 + b as f64 * kv;
+    let bw = read_bandwidth();
+    let bound_steps = bw / step_bytes;
+    let steps_per_s = s.new_tokens as f64 / med;
+    println!(
+        "RESULT kiln-generate-bound read_gb_per_s={:.1} mb_per_step={:.2} (weights {:.2} + kv {:.2}) bound_tok_per_s={:.0} share_of_bound={:.2}",
+        bw / 1e9,
+        step_bytes / 1e6,
+        weights as f64 / 1e6,
+        b as f64 * kv / 1e6,
+        bound_steps * b as f64,
+        steps_per_s / bound_steps
+    );
+    if let Some(llc) = last_level_cache_bytes().filter(|&c| step_bytes < c as f64) {
+        println!(
+            "note: a step's {:.1} MB fit in the {:.0} MB last-level cache, so decoding can beat the memory bound",
+            step_bytes / 1e6,
+            llc as f64 / 1e6
+        );
+    }
     Ok(())
+}
+
+/// The largest CPU cache (Linux sysfs), in bytes.
+fn last_level_cache_bytes() -> Option<usize> {
+    (0..8)
+        .filter_map(|i| {
+            let t = std::fs::read_to_string(format!(
+                "/sys/devices/system/cpu/cpu0/cache/index{i}/size"
+            ))
+            .ok()?;
+            let t = t.trim();
+            let (num, mult) = match t.strip_suffix('K') {
+                Some(n) => (n, 1 << 10),
+                None => match t.strip_suffix('M') {
+                    Some(n) => (n, 1 << 20),
+                    None => (t, 1),
+                },
+            };
+            Some(num.parse::<usize>().ok()? * mult)
+        })
+        .max()
+}
+
+/// The machine's read bandwidth from memory (bytes/s): the best of 5 passes over 512 MiB (far
+/// beyond any cache), summed on every thread of the pool.
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = 512 << 20 >> 2;
+    let buf: Vec<f32> = (0..n).map(|i| (i & 0xff) as f32).collect();
+    let mut best = f64::MAX;
+    let mut check = 0.0f32;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // 16 independent sums: the loop vectorises.
+                let mut acc = [0.0f32; 16];
+                for w in c.chunks_exact(16) {
+                    for (a, x) in acc.iter_mut().zip(w) {
+                        *a += x;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        best = best.min(t0.elapsed().as_secs_f64());
+        check += total;
+    }
+    std::hint::black_box(check);
+    (n * 4) as f64 / best
 }
 
 fn bench_tokenizer(a: &TokArgs) -> Result<()> {

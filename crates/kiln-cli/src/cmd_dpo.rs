@@ -74,6 +74,9 @@ pub fn run(a: DpoArgs, progress: bool) -> Result<()> {
     let r = stages::dpo(&cfg, a.train.resume, progress)?;
     let s = &r.summary;
     crate::exit_if_interrupted(s.interrupted, s.steps);
+    if !kiln_train::dist::is_root() {
+        return Ok(());
+    }
     let skipped = if r.skipped > 0 {
         format!(" ({} bad records skipped)", r.skipped)
     } else {

@@ -125,6 +125,9 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
     kiln_train::install_ctrlc();
     let s = stages::grpo(&cfg, a.resume, progress)?;
     crate::exit_if_interrupted(s.interrupted, s.iterations);
+    if !kiln_train::dist::is_root() {
+        return Ok(());
+    }
     if let (Some(first), Some(last)) = (s.history.first(), s.history.last()) {
         println!(
             "grpo: {} iterations in {:.1}s; reward {:.3} → {:.3}",

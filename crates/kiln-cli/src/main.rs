@@ -9,6 +9,8 @@ mod cmd_grpo;
 mod cmd_template;
 mod cmd_tokenizer;
 mod demo;
+#[cfg(feature = "mpi")]
+mod mpi_world;
 mod serve;
 
 // The pipeline library's modules under their old paths, so `crate::stages::…` reads as before.
@@ -497,7 +499,8 @@ pub(crate) fn exit_if_interrupted(interrupted: bool, step: u64) {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let progress = !cli.quiet;
+    // In a data-parallel run rank 0 speaks for all.
+    let progress = !cli.quiet && kiln_train::dist::is_root();
     match cli.cmd {
         Cmd::Demo(a) => demo::run_demo(a, progress),
         Cmd::Pipeline(c) => demo::run_pipeline(c, progress),
@@ -525,6 +528,9 @@ fn run(cli: Cli) -> Result<()> {
             kiln_train::install_ctrlc();
             let s = stages::pretrain(&cfg, a.train.resume, progress)?;
             exit_if_interrupted(s.interrupted, s.steps);
+            if !kiln_train::dist::is_root() {
+                return Ok(());
+            }
             println!(
                 "pretrain: {} steps in {:.1}s ({:.0} tok/s), final {}",
                 s.steps,
@@ -554,6 +560,9 @@ fn run(cli: Cli) -> Result<()> {
             kiln_train::install_ctrlc();
             let s = stages::sft(&cfg, a.train.resume, progress)?;
             exit_if_interrupted(s.interrupted, s.steps);
+            if !kiln_train::dist::is_root() {
+                return Ok(());
+            }
             println!(
                 "sft: {} steps in {:.1}s, final {}",
                 s.steps,
@@ -584,6 +593,9 @@ fn run(cli: Cli) -> Result<()> {
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;
             exit_if_interrupted(s.interrupted, s.steps);
+            if !kiln_train::dist::is_root() {
+                return Ok(());
+            }
             println!(
                 "rm: {} steps in {:.1}s, final {}",
                 s.steps,
@@ -612,6 +624,9 @@ fn run(cli: Cli) -> Result<()> {
             kiln_train::install_ctrlc();
             let s = stages::ppo(&cfg, a.resume, progress)?;
             exit_if_interrupted(s.interrupted, s.iterations);
+            if !kiln_train::dist::is_root() {
+                return Ok(());
+            }
             if let (Some(first), Some(last)) = (s.history.first(), s.history.last()) {
                 println!(
                     "ppo: {} iterations in {:.1}s; reward {:.3} → {:.3}, KL {:.3} → {:.3}",
@@ -647,10 +662,20 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    #[cfg(feature = "mpi")]
+    let (_mpi_universe, threads) = match start_mpi(cli.threads) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: starting MPI: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    #[cfg(not(feature = "mpi"))]
+    let threads = cli.threads;
     // The command runs on a worker of the pool, not beside it: every parallel kernel call from the
     // main thread would otherwise be handed over to the pool and waited for, which halves the speed
     // of generation's many small calls (`bench generate` int8, batch 1: ~640 vs ~1,180 tok/s).
-    let pool = match kiln_kernels::thread_pool_builder(cli.threads)
+    let pool = match kiln_kernels::thread_pool_builder(threads)
         .stack_size(8 << 20)
         .build()
     {
@@ -661,7 +686,44 @@ fn main() {
         }
     };
     if let Err(e) = pool.install(|| run(cli)) {
+        let world = kiln_train::dist::world();
+        if world.size() > 1 {
+            eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.size());
+            // The other ranks would wait for this one forever: end them all.
+            #[cfg(feature = "mpi")]
+            mpi_world::abort_all(1);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Under an MPI launcher: starts MPI, installs the process group, makes a panic on any rank end
+/// them all, and divides the machine's cores among its ranks unless `--threads` (or
+/// RAYON_NUM_THREADS) says otherwise. Returns the universe (MPI is finalized when it drops) and the
+/// thread count.
+#[cfg(feature = "mpi")]
+fn start_mpi(
+    threads: Option<usize>,
+) -> Result<(Option<mpi::environment::Universe>, Option<usize>)> {
+    let Some((universe, world)) = mpi_world::init()? else {
+        return Ok((None, threads));
+    };
+    let size = kiln_train::dist::Collective::size(&world);
+    kiln_train::dist::set_world(Box::new(world))?;
+    if size > 1 {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            mpi_world::abort_all(101);
+        }));
+    }
+    let threads = threads.or_else(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+            return None;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some((cores / mpi_world::local_ranks()).max(1))
+    });
+    Ok((Some(universe), threads))
 }

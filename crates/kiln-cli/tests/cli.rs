@@ -719,3 +719,49 @@ fn a_second_trainer_on_a_running_folder_is_refused() {
     let o = kiln(&second);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `--precision bf16` trains in f32 where bf16 has no hardware (here forced with KILN_AMX=0), and
+/// says so; KILN_FORCE_BF16=1 keeps bf16.
+#[test]
+fn bf16_falls_back_to_f32_without_amx_and_says_so() {
+    let args = [
+        "bench",
+        "train",
+        "--layers",
+        "1",
+        "--dim",
+        "32",
+        "--heads",
+        "2",
+        "--ctx",
+        "16",
+        "--vocab",
+        "128",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--precision",
+        "bf16",
+    ];
+    let o = common::kiln(THREADS)
+        .env("KILN_AMX", "0")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(out.contains("precision=f32"), "{out}");
+    assert!(err.contains("training in f32"), "{err}");
+    let o = common::kiln(THREADS)
+        .env("KILN_AMX", "0")
+        .env("KILN_FORCE_BF16", "1")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        text(&o.stdout).contains("precision=bf16 (no AMX"),
+        "{}",
+        text(&o.stdout)
+    );
+}

@@ -30,6 +30,24 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The arithmetic a user's request runs in on this CPU, and why when it differs: bf16 pays
+    /// off only on AMX tiles; elsewhere the portable bf16 path costs more than f32 (measured 0.92×
+    /// on an AVX2-only Zen 3), so f32 is used instead. `KILN_FORCE_BF16=1` keeps bf16 anyway
+    /// (results are then bf16's on any CPU).
+    pub fn for_this_cpu(self) -> (Precision, Option<&'static str>) {
+        match self {
+            Precision::Bf16
+                if !amx_active() && !std::env::var("KILN_FORCE_BF16").is_ok_and(|v| v == "1") =>
+            {
+                (
+                    Precision::F32,
+                    Some("bf16 requested, but this CPU has no AMX bf16 tiles (or KILN_AMX=0), where Kiln's bf16 matmuls are slower than f32: training in f32 (KILN_FORCE_BF16=1 keeps bf16)"),
+                )
+            }
+            p => (p, None),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::F32 => "f32",

@@ -460,6 +460,54 @@ pub fn generate_with<R: Rng>(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     rng: &mut R,
+    on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    let s = &opts.sampling;
+    decode(
+        model,
+        packed,
+        prompts,
+        opts,
+        |_, logits| sample_token(logits, s, rng),
+        on_token,
+    )
+}
+
+/// [`generate_with`] drawing row `r`'s tokens from `rngs[r]` alone, so a row's sample does not
+/// depend on which other rows share the batch (data-parallel RL splits a batch across processes).
+pub fn generate_rows_with<R: Rng>(
+    model: &Model,
+    packed: Option<&PackedWeights>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    rngs: &mut [R],
+    on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    if rngs.len() != prompts.len() {
+        bail!(
+            "{} random generators for {} prompts",
+            rngs.len(),
+            prompts.len()
+        );
+    }
+    let s = &opts.sampling;
+    decode(
+        model,
+        packed,
+        prompts,
+        opts,
+        |r, logits| sample_token(logits, s, &mut rngs[r]),
+        on_token,
+    )
+}
+
+/// The batched KV-cache decode; `sample(row, logits)` picks each row's next token.
+fn decode(
+    model: &Model,
+    packed: Option<&PackedWeights>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    mut sample: impl FnMut(usize, &[f32]) -> u32,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Vec<u32>>> {
     let n_ctx = model.cfg.n_ctx;
@@ -495,7 +543,7 @@ pub fn generate_with<R: Rng>(
         let mut step_tokens = Vec::with_capacity(active.len());
         let mut still = Vec::with_capacity(active.len());
         for &r in &active {
-            let tok = sample_token(&next_logits[r * v..(r + 1) * v], &opts.sampling, rng);
+            let tok = sample(r, &next_logits[r * v..(r + 1) * v]);
             out[r].push(tok);
             on_token(r, tok);
             if !opts.stop_tokens.contains(&tok) && cache.len[r] < cache.capacity() {

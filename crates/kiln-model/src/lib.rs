@@ -10,8 +10,8 @@ pub mod params;
 
 pub use config::{Arch, Family, MlpKind, ModelConfig, NormKind, RopeScaling};
 pub use infer::{
-    generate, generate_with, sample_token, GenerateOptions, KvCache, PackedWeights, Sampling,
-    WeightFormat,
+    generate, generate_rows_with, generate_with, sample_token, GenerateOptions, KvCache,
+    PackedWeights, Sampling, WeightFormat,
 };
 pub use model::{Activations, Input, Model};
 pub use params::{BlockLayout, Linear, Norm, ParamLayout, Role, TensorInfo};

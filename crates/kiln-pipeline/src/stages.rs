@@ -96,7 +96,7 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
             out.display()
         );
     }
-    if !resume {
+    if !resume && run.writes() {
         // Metrics of an earlier run that never reached a checkpoint.
         let _ = std::fs::remove_file(out.join("metrics.jsonl"));
     }
@@ -104,6 +104,9 @@ fn open_run(out: &Path, resume: bool) -> Result<RunDir> {
 }
 
 fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
+    if !kiln_train::dist::is_root() {
+        return Ok(());
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let text = crate::config::to_toml(cfg)?;
     Ok(kiln_data::atomic_write(
@@ -152,8 +155,14 @@ impl StageRun {
         extra_files: Vec<(String, Vec<u8>)>,
         final_files: Option<kiln_train::trainer::FinalFiles<'_>>,
     ) -> Result<TrainSummary> {
+        let mut train = train.clone();
+        let (precision, why) = train.precision.for_this_cpu();
+        if let Some(why) = why {
+            eprintln!("[{}] {why}", self.label);
+        }
+        train.precision = precision;
         Trainer {
-            cfg: train.clone(),
+            cfg: train,
             run: &self.run,
             extra_files,
             progress: self.progress,
@@ -1031,7 +1040,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let stage_files = b.stage_files(&meta)?;
     let mut model = b.model;
     // The reference passes through the arithmetic training will use.
-    model.precision = cfg.train.precision;
+    model.precision = cfg.train.precision.for_this_cpu().0;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let tok = b.tokenizer.clone();
     let judge_chat = chat.clone();
@@ -1090,7 +1099,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
                 );
             }
             let mut rm = rb.model;
-            rm.precision = cfg.train.precision;
+            rm.precision = cfg.train.precision.for_this_cpu().0;
             let key = obj.cache_key(&model_fingerprint(&rm), rm.precision);
             let (r, src) =
                 load_or_compute_reference(run, &key, resuming, || obj.compute_reference(&rm))?;

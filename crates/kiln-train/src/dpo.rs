@@ -921,8 +921,11 @@ pub fn load_or_compute_reference(
         },
     };
     let r = compute()?;
-    let bytes = r.to_bytes(key)?;
-    kiln_data::atomic_write(&path, |w| w.write_all(&bytes))?;
+    // In a data-parallel run every rank computes the same numbers; rank 0 keeps them.
+    if crate::dist::is_root() {
+        let bytes = r.to_bytes(key)?;
+        kiln_data::atomic_write(&path, |w| w.write_all(&bytes))?;
+    }
     Ok((r, RefSource::Computed(reason)))
 }
 
@@ -1406,8 +1409,10 @@ fn coarse_kl(p: &[f32], ids: &[u32], q: &[f32]) -> f64 {
     kl
 }
 
-impl Objective for DpoObjective<'_> {
-    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
+impl DpoObjective<'_> {
+    /// The next micro-batch's groups (indices into the training set), cycling through shuffled
+    /// epochs.
+    fn next_groups(&mut self) -> Vec<usize> {
         let mut picked = Vec::with_capacity(self.opts.groups_per_batch);
         while picked.len() < self.opts.groups_per_batch {
             if self.idx >= self.order.len() {
@@ -1418,6 +1423,13 @@ impl Objective for DpoObjective<'_> {
             picked.push(self.order[self.idx]);
             self.idx += 1;
         }
+        picked
+    }
+}
+
+impl Objective for DpoObjective<'_> {
+    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
+        let picked = self.next_groups();
         let reference = self
             .reference
             .as_ref()
@@ -1464,6 +1476,11 @@ impl Objective for DpoObjective<'_> {
             m.extend(f(model)?);
         }
         Ok(m)
+    }
+
+    fn skip_micro_batch(&mut self) -> Result<()> {
+        self.next_groups();
+        Ok(())
     }
 
     fn state(&self) -> serde_json::Value {

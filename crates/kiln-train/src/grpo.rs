@@ -7,6 +7,7 @@
 //! come from the training forward in the first pass's minibatch order, so the first minibatch's
 //! ratio is exactly 1. Per-token quantities are indexed by the position that PREDICTS the token.
 
+use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
 use crate::ppo::{prompt_order, row_len, PolicyEval};
 use crate::reward::Weighted;
@@ -17,10 +18,10 @@ use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{model_files, read_checked};
 use kiln_model::{
-    generate_with, Activations, GenerateOptions, Model, PackedWeights, Sampling, WeightFormat,
+    generate_rows_with, Activations, GenerateOptions, Model, PackedWeights, Sampling, WeightFormat,
 };
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -304,6 +305,14 @@ impl<'a> Grpo<'a> {
             bail!("clip_low, clip_high must be >= 0 and temperature > 0");
         }
         c.sample_weights.parse::<WeightFormat>()?;
+        let ranks = dist::world().size();
+        if !c.prompts_per_iter.is_multiple_of(ranks) || !c.minibatch.is_multiple_of(ranks) {
+            bail!(
+                "prompts_per_iter ({}) and minibatch ({}) must be multiples of the number of processes ({ranks}): each rank samples whole groups and computes an equal part of every minibatch",
+                c.prompts_per_iter,
+                c.minibatch
+            );
+        }
         Ok(())
     }
 
@@ -342,7 +351,8 @@ impl<'a> Grpo<'a> {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed).get_seed(),
             ..Default::default()
         };
-        if resume {
+        let world = dist::world();
+        if resume && dist::is_root() {
             if let Some(dir) = self.run.latest_checkpoint()? {
                 self.load_state(&dir, &mut opt, &mut st)?;
                 self.run.truncate_metrics_after(st.iteration)?;
@@ -353,14 +363,27 @@ impl<'a> Grpo<'a> {
                 );
             }
         }
+        if world.size() > 1 {
+            // Every rank starts from rank 0's weights, moments and loop state.
+            dist::broadcast_start(world, &mut self.actor, &mut opt.m, &mut opt.v)?;
+            st = dist::broadcast_json(world, &st)?;
+            opt.step = st.updates;
+        }
         let mut rng = ChaCha8Rng::from_seed(st.rng);
         rng.set_word_pos(st.rng_word);
         let mut summary = GrpoSummary::default();
         if let Some(f) = self.eval.as_mut() {
             summary.eval_start = f(&self.actor)?;
-            eprintln!("[grpo] start {}", fmt_metrics(&summary.eval_start));
+            if dist::is_root() {
+                eprintln!("[grpo] start {}", fmt_metrics(&summary.eval_start));
+            }
         }
-        let pb = progress_bar(self.progress, "grpo", cfg.iterations, st.iteration);
+        let pb = progress_bar(
+            self.progress && dist::is_root(),
+            "grpo",
+            cfg.iterations,
+            st.iteration,
+        );
         let mut guard = UpdateGuard::new(
             "grpo",
             cfg.non_finite,
@@ -370,12 +393,14 @@ impl<'a> Grpo<'a> {
         let start = Instant::now();
         let mb = cfg.minibatch;
         let g = cfg.group_size;
-        let mut acts = Activations::new(&self.actor.cfg, mb, t, true);
+        // Each rank runs its part of every minibatch.
+        let mb_rows = mb / world.size();
+        let mut acts = Activations::new(&self.actor.cfg, mb_rows, t, true);
         let mut ref_acts = self
             .reference
             .as_ref()
             .filter(|_| cfg.beta > 0.0)
-            .map(|r| Activations::new(&r.cfg, mb, t, true));
+            .map(|r| Activations::new(&r.cfg, mb_rows, t, true));
         while st.iteration < cfg.iterations {
             let it_start = Instant::now();
             // Sampling rounds: each draws the next prompts (cycling through a shuffled list) and
@@ -423,27 +448,45 @@ impl<'a> Grpo<'a> {
                     .iter()
                     .map(|&p| self.prompts[p].clone())
                     .collect();
-                let sampled = generate_with(
+                // One batched decode over this rank's share of the round (all of it on one
+                // process), each response drawing from its own stream, so what is sampled does not
+                // depend on how responses are dealt out; then every rank gets every response.
+                let (lo, hi) = dist::block(world, rn);
+                let base: u64 = rng.gen();
+                let mut row_rngs: Vec<ChaCha8Rng> = (lo..hi)
+                    .map(|i| {
+                        let mut r = ChaCha8Rng::seed_from_u64(base);
+                        r.set_stream(i as u64);
+                        r
+                    })
+                    .collect();
+                let mine = generate_rows_with(
                     &self.actor,
                     packed.as_ref(),
-                    &batch_prompts,
+                    &batch_prompts[lo..hi],
                     &opts,
-                    &mut rng,
+                    &mut row_rngs,
                     |_, _| {},
                 )?;
+                let sampled: Vec<Vec<u32>> = dist::all_gather_json(world, &mine)?.concat();
                 let round_rows = Rows::build(&batch_prompts, &sampled, t, &self.stop_tokens);
                 sampled_tokens += round_rows.spans.iter().map(|s| s.len).sum::<usize>();
                 // Rewards: the weighted sum of every source.
                 let mut round_reward = vec![0.0f32; rn];
                 for (k, w) in self.rewards.iter_mut().enumerate() {
                     let name = w.source.name();
-                    let s = w.source.score(&round_prompts, &round_rows.responses)?;
-                    if s.len() != rn {
+                    // Each rank scores its own responses.
+                    let own = w
+                        .source
+                        .score(&round_prompts[lo..hi], &round_rows.responses[lo..hi])?;
+                    if own.len() != hi - lo {
                         bail!(
-                            "reward source {name} returned {} scores for {rn} responses",
-                            s.len()
+                            "reward source {name} returned {} scores for {} responses",
+                            own.len(),
+                            hi - lo
                         );
                     }
+                    let s = dist::all_gather_f32(world, &own)?.concat();
                     if source_sums.len() <= k {
                         source_sums.push((name.clone(), 0.0, 0.0));
                     }
@@ -460,22 +503,30 @@ impl<'a> Grpo<'a> {
                 all_reward_sum += round_reward.iter().map(|&x| x as f64).sum::<f64>();
                 drawn += rn;
                 rounds += 1;
-                // When no round found a group with signal, the last round's groups are kept (their
-                // zero advantages move nothing but the KL term) so every iteration has a batch.
-                let rescue = rounds >= cfg.max_sample_rounds.max(1) && prompt_of.is_empty();
+                let last_round = rounds >= cfg.max_sample_rounds.max(1);
+                let mut keep_group = |gi: usize, prompt_of: &mut Vec<usize>| {
+                    let r = gi * g..(gi + 1) * g;
+                    prompt_of.extend_from_slice(&round_prompts[r.clone()]);
+                    kept_sampled.extend(r.clone().map(|i| sampled[i].clone()));
+                    reward.extend_from_slice(&round_reward[r]);
+                };
                 for (gi, grp) in round_reward.chunks(g).enumerate() {
                     let flat = grp.iter().all(|&x| x == grp[0]);
                     flat_groups += usize::from(flat);
                     let room = prompt_of.len() < cfg.prompts_per_iter * g;
-                    if (!flat || !cfg.dynamic_sampling || rescue) && room {
-                        let r = gi * g..(gi + 1) * g;
-                        prompt_of.extend_from_slice(&round_prompts[r.clone()]);
-                        kept_sampled.extend(r.clone().map(|i| sampled[i].clone()));
-                        reward.extend_from_slice(&round_reward[r]);
+                    if (!flat || !cfg.dynamic_sampling) && room {
+                        keep_group(gi, &mut prompt_of);
+                    }
+                }
+                // When no round found a group with signal, the last round's groups are kept (their
+                // zero advantages move nothing but the KL term) so every iteration has a batch.
+                if last_round && prompt_of.is_empty() {
+                    for gi in 0..rn / g {
+                        keep_group(gi, &mut prompt_of);
                     }
                 }
                 let full = prompt_of.len() >= cfg.prompts_per_iter * g;
-                if !cfg.dynamic_sampling || full || rounds >= cfg.max_sample_rounds.max(1) {
+                if !cfg.dynamic_sampling || full || last_round {
                     break;
                 }
             }
@@ -522,29 +573,54 @@ impl<'a> Grpo<'a> {
                 })
                 .collect();
             let t_train = Instant::now();
+            // Each rank computes its part of every minibatch (on one process, all of it).
+            let (size, rank) = (world.size(), world.rank());
+            let part = |chunk: &[usize], q: usize| {
+                let (a, b) = dist::part_of(chunk.len(), q, size);
+                (a, b)
+            };
+            let (mut own_old, mut own_ref) = (Vec::new(), Vec::new());
+            for chunk in orders[0].chunks(mb) {
+                let (a, b) = part(chunk, rank);
+                let idx = &chunk[a..b];
+                let (lp, _) = rows.logprobs(&self.actor, &mut acts, idx, cfg.temperature);
+                own_old.extend_from_slice(&lp[..idx.len() * t]);
+                if let (Some(r), Some(ra)) = (&self.reference, ref_acts.as_mut()) {
+                    let (rlp, _) = rows.logprobs(r, ra, idx, cfg.temperature);
+                    own_ref.extend_from_slice(&rlp[..idx.len() * t]);
+                }
+            }
             let mut old_logp = vec![0.0f32; n * t];
             let mut ref_logp = vec![0.0f32; n * t];
-            for chunk in orders[0].chunks(mb) {
-                let (lp, _) = rows.logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
-                let rlp = match (&self.reference, ref_acts.as_mut()) {
-                    (Some(r), Some(ra)) => Some(rows.logprobs(r, ra, chunk, cfg.temperature).0),
-                    _ => None,
-                };
-                for (k, &r) in chunk.iter().enumerate() {
-                    old_logp[r * t..(r + 1) * t].copy_from_slice(&lp[k * t..(k + 1) * t]);
-                    if let Some(rlp) = &rlp {
-                        ref_logp[r * t..(r + 1) * t].copy_from_slice(&rlp[k * t..(k + 1) * t]);
+            let all_old = dist::all_gather_f32(world, &own_old)?;
+            let all_ref = dist::all_gather_f32(world, &own_ref)?;
+            for q in 0..size {
+                let mut k = 0;
+                for chunk in orders[0].chunks(mb) {
+                    let (a, b) = part(chunk, q);
+                    for &r in &chunk[a..b] {
+                        old_logp[r * t..(r + 1) * t]
+                            .copy_from_slice(&all_old[q][k * t..(k + 1) * t]);
+                        if !all_ref[q].is_empty() {
+                            ref_logp[r * t..(r + 1) * t]
+                                .copy_from_slice(&all_ref[q][k * t..(k + 1) * t]);
+                        }
+                        k += 1;
                     }
                 }
             }
+            let mut comm_secs = 0.0;
             let (mut clipped, mut ntok, mut ent_sum, mut kl_sum, mut loss_sum) =
                 (0usize, 0usize, 0.0f64, 0.0f64, 0.0f64);
             let mut first_ratio_err = 0.0f64;
             for (e, order) in orders.iter().enumerate() {
-                for (bi, idx) in order.chunks(mb).enumerate() {
-                    let lens: Vec<usize> = idx.iter().map(|&r| rows.spans[r].len).collect();
-                    let kp: Vec<bool> = idx.iter().map(|&r| keep[r]).collect();
-                    let w = token_weights(&lens, &kp, cfg.loss_agg, cfg.max_new_tokens);
+                for (bi, chunk) in order.chunks(mb).enumerate() {
+                    // The loss weights of the whole minibatch; this rank's part of it.
+                    let lens: Vec<usize> = chunk.iter().map(|&r| rows.spans[r].len).collect();
+                    let kp: Vec<bool> = chunk.iter().map(|&r| keep[r]).collect();
+                    let w_all = token_weights(&lens, &kp, cfg.loss_agg, cfg.max_new_tokens);
+                    let (a, b) = part(chunk, rank);
+                    let (idx, w) = (&chunk[a..b], &w_all[a..b]);
                     self.actor.zero_grads();
                     let (lp, ent) = rows.logprobs(&self.actor, &mut acts, idx, cfg.temperature);
                     let targets = rows.gather(idx).1;
@@ -581,9 +657,19 @@ impl<'a> Grpo<'a> {
                             }
                         }
                     }
-                    loss_sum += mb_loss;
                     self.actor.lm_head_backward(&mut acts, &dlogp, None);
                     self.actor.backward(&mut acts);
+                    // Data parallel: the minibatch's gradient and loss, summed over the ranks.
+                    let comm = dist::reduce_step(
+                        world,
+                        &mut self.actor.grads,
+                        &mut mb_loss,
+                        &mut 0,
+                        &mut Metrics::new(),
+                        false,
+                    )?;
+                    comm_secs += comm.seconds;
+                    loss_sum += mb_loss;
                     if let Some(h) = self.grad_hook.as_mut() {
                         h("actor", st.iteration + 1, &mut self.actor);
                     }
@@ -599,6 +685,21 @@ impl<'a> Grpo<'a> {
                     )?;
                 }
             }
+            // The iteration's token statistics over every rank (and whether any was interrupted).
+            let mut own = Metrics::new();
+            own.insert("clipped".into(), clipped as f64);
+            own.insert("ntok".into(), ntok as f64);
+            own.insert("ent".into(), ent_sum);
+            own.insert("kl".into(), kl_sum);
+            own.insert("stop".into(), STOP.load(Ordering::SeqCst) as u8 as f64);
+            let all = dist::sum_metrics(world, &own)?;
+            (clipped, ntok) = (all["clipped"] as usize, all["ntok"] as usize);
+            (ent_sum, kl_sum) = (all["ent"], all["kl"]);
+            let stop = all["stop"] > 0.0;
+            first_ratio_err = dist::all_gather_f32(world, &[first_ratio_err as f32])?
+                .concat()
+                .into_iter()
+                .fold(0.0f64, |m, x| m.max(x as f64));
             let train_secs = t_train.elapsed().as_secs_f64();
             let it_secs = it_start.elapsed().as_secs_f64();
             st.iteration += 1;
@@ -645,6 +746,9 @@ impl<'a> Grpo<'a> {
             );
             m.insert("sample_share".into(), sample_secs / it_secs.max(1e-9));
             m.insert("skipped_non_finite".into(), st.skipped_non_finite as f64);
+            if world.size() > 1 {
+                m.insert("allreduce_share".into(), comm_secs / it_secs.max(1e-9));
+            }
             let last = st.iteration == cfg.iterations;
             if (cfg.eval_every > 0 && st.iteration.is_multiple_of(cfg.eval_every)) || last {
                 if let Some(f) = self.eval.as_mut() {
@@ -695,12 +799,13 @@ impl<'a> Grpo<'a> {
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v)))
                 .collect();
-            let stop = STOP.load(Ordering::SeqCst);
             if (cfg.ckpt_every > 0 && st.iteration.is_multiple_of(cfg.ckpt_every)) || last || stop {
                 st.rng = rng.get_seed();
                 st.rng_word = rng.get_word_pos();
                 st.updates = opt.step;
-                self.save(&opt, &st)?;
+                if dist::is_root() {
+                    self.save(&opt, &st)?;
+                }
             }
             if stop {
                 summary.interrupted = true;

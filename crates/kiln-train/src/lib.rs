@@ -2,6 +2,7 @@
 //! objective: pretraining (causal and masked LM), SFT, reward model, DPO, PPO and GRPO/RLOO (with
 //! reward sources: a judge, a reward model, an external program, a format check).
 
+pub mod dist;
 pub mod dpo;
 pub mod grpo;
 pub mod optim;

@@ -423,6 +423,11 @@ impl<'a> Ppo<'a> {
 
     /// Runs PPO (or, with `resume`, continues it) for `cfg.iterations` iterations.
     pub fn train(&mut self, resume: bool) -> Result<PpoSummary> {
+        if crate::dist::world().size() > 1 {
+            bail!(
+                "PPO does not train data-parallel yet: run it as one process (GRPO and the supervised stages run under mpirun)"
+            );
+        }
         self.validate()?;
         kiln_kernels::flush_denormals_everywhere();
         let cfg = self.cfg.clone();

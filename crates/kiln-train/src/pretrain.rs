@@ -189,6 +189,13 @@ impl LmObjective {
         }
     }
 
+    /// The next training batch, advancing the data position (and the masking RNG).
+    fn next_train_batch(&mut self) -> (Vec<u32>, Vec<u32>) {
+        let batch = self.batch(false, self.pos, None);
+        self.pos = (self.pos + self.b * self.t) % self.train.len();
+        batch
+    }
+
     fn forward_loss(
         &mut self,
         model: &Model,
@@ -233,8 +240,7 @@ impl LmObjective {
 impl Objective for LmObjective {
     fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
         let n = self.b * self.t;
-        let (tokens, targets) = self.batch(false, self.pos, None);
-        self.pos = (self.pos + n) % self.train.len();
+        let (tokens, targets) = self.next_train_batch();
         let (loss, count, correct) = self.forward_loss(model, &tokens, &targets);
         let w = -grad_scale / count.max(1) as f32;
         let dlogp: Vec<f32> = targets
@@ -252,6 +258,12 @@ impl Objective for LmObjective {
             tokens: n,
             extra,
         })
+    }
+
+    fn skip_micro_batch(&mut self) -> Result<()> {
+        // MLM masks draw a data-dependent number of random values: make the batch to skip it.
+        self.next_train_batch();
+        Ok(())
     }
 
     fn evaluate(&mut self, model: &Model) -> Result<Metrics> {

@@ -413,6 +413,24 @@ impl RmObjective {
     }
 }
 
+impl RmObjective {
+    /// The next micro-batch's groups (indices into the training set), cycling through shuffled
+    /// epochs.
+    fn next_groups(&mut self) -> Vec<usize> {
+        let mut picked = Vec::with_capacity(self.groups_per_batch);
+        while picked.len() < self.groups_per_batch {
+            if self.idx >= self.order.len() {
+                self.epoch += 1;
+                self.idx = 0;
+                self.shuffle();
+            }
+            picked.push(self.order[self.idx]);
+            self.idx += 1;
+        }
+        picked
+    }
+}
+
 impl Objective for RmObjective {
     /// The mean and spread of the scores of the training responses (`reward_mean`,
     /// `reward_std`), which PPO and GRPO normalise rewards with.
@@ -425,16 +443,7 @@ impl Objective for RmObjective {
     }
 
     fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
-        let mut picked = Vec::with_capacity(self.groups_per_batch);
-        while picked.len() < self.groups_per_batch {
-            if self.idx >= self.order.len() {
-                self.epoch += 1;
-                self.idx = 0;
-                self.shuffle();
-            }
-            picked.push(self.order[self.idx]);
-            self.idx += 1;
-        }
+        let picked = self.next_groups();
         let groups: Vec<RmGroup> = picked.iter().map(|&i| self.train[i].clone()).collect();
         let refs: Vec<&RmGroup> = groups.iter().collect();
         let scores = self.scores(model, &refs);
@@ -487,6 +496,11 @@ impl Objective for RmObjective {
         let m = self.evaluate_groups(model, &val);
         self.val = val;
         Ok(m)
+    }
+
+    fn skip_micro_batch(&mut self) -> Result<()> {
+        self.next_groups();
+        Ok(())
     }
 
     fn state(&self) -> serde_json::Value {

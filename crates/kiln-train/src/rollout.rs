@@ -94,6 +94,8 @@ impl Rows {
     /// Runs `model`'s training forward over rows `idx` (leaving the hidden states in `acts`).
     pub fn forward(&self, model: &Model, acts: &mut Activations, idx: &[usize]) -> Vec<u32> {
         let (tokens, targets, valid, positions) = self.gather(idx);
+        // The last minibatch of an iteration may be short (GRPO's dynamic sampling).
+        acts.set_shape(&model.cfg, idx.len(), self.t);
         let input = Input {
             tokens: &tokens,
             positions: &positions,

@@ -12,15 +12,27 @@ pub struct RunDir {
     pub root: PathBuf,
     /// `run.lock`, held locked (an advisory `flock`) while this value lives: a second process on the
     /// same folder is refused. The kernel drops the lock when the process dies, so a run killed with
-    /// SIGKILL never blocks its own resume.
-    _lock: fs::File,
+    /// SIGKILL never blocks its own resume. None on a follower.
+    _lock: Option<fs::File>,
+    /// False on ranks other than 0 of a data-parallel run: rank 0 alone writes the run directory
+    /// (and holds its lock); the others' writes are no-ops and they read nothing that rank 0
+    /// repairs.
+    writer: bool,
 }
 
 pub const LOCK_FILE: &str = "run.lock";
 
 impl RunDir {
-    /// Creates (or opens) a run directory and locks it for this process.
+    /// Creates (or opens) a run directory and locks it for this process. On ranks other than 0 of a
+    /// data-parallel run (see [`crate::dist`]) it only names the directory.
     pub fn create(root: &Path) -> Result<Self> {
+        if !crate::dist::is_root() {
+            return Ok(RunDir {
+                root: root.to_path_buf(),
+                _lock: None,
+                writer: false,
+            });
+        }
         fs::create_dir_all(root)
             .with_context(|| format!("creating run directory {}", root.display()))?;
         let path = root.join(LOCK_FILE);
@@ -51,8 +63,14 @@ impl RunDir {
         lock.sync_all()?;
         Ok(RunDir {
             root: root.to_path_buf(),
-            _lock: lock,
+            _lock: Some(lock),
+            writer: true,
         })
+    }
+
+    /// Whether this process writes the run directory (false on ranks other than 0).
+    pub fn writes(&self) -> bool {
+        self.writer
     }
 
     pub fn checkpoint_name(step: u64) -> String {
@@ -61,6 +79,9 @@ impl RunDir {
 
     /// Appends one JSON line to `metrics.jsonl`.
     pub fn log(&self, value: &serde_json::Value) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
         let path = self.root.join("metrics.jsonl");
         let mut f = fs::OpenOptions::new()
             .create(true)
@@ -74,6 +95,9 @@ impl RunDir {
     /// Drops metric lines logged after `step` (by a run that was killed before its next checkpoint), so a
     /// resumed run's metrics read as one uninterrupted run.
     pub fn truncate_metrics_after(&self, step: u64) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
         let path = self.root.join("metrics.jsonl");
         let Ok(text) = fs::read_to_string(&path) else {
             return Ok(());
@@ -100,6 +124,9 @@ impl RunDir {
     ) -> Result<PathBuf> {
         let name = Self::checkpoint_name(step);
         let dir = self.root.join(&name);
+        if !self.writer {
+            return Ok(dir);
+        }
         write_checkpoint_dir(&dir, files)?;
         atomic_write(&self.root.join("latest"), |w| w.write_all(name.as_bytes()))?;
         if keep_last > 0 {
@@ -140,6 +167,10 @@ impl RunDir {
     /// First repairs what a kill inside a checkpoint write left behind. When there is no
     /// checkpoint, the run starts over, so the metrics a killed run logged are discarded.
     pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
+        if !self.writer {
+            // A follower reads what rank 0 left and repairs nothing.
+            return Ok(self.checkpoints()?.pop().map(|(_, p)| p));
+        }
         for name in recover_interrupted(&self.root)? {
             eprintln!(
                 "note: restored {} after an interrupted checkpoint write",

@@ -179,27 +179,34 @@ impl<'a> SftObjective<'a> {
     }
 }
 
-impl Objective for SftObjective<'_> {
-    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
+impl SftObjective<'_> {
+    /// The next micro-batch's span `[start, end)` of this epoch (rows when packed, else examples
+    /// in `order`), starting a new epoch when this one is used up.
+    fn next_span(&mut self) -> (usize, usize) {
         if self.idx >= self.epoch_len() {
             self.epoch += 1;
             self.idx = 0;
             self.shuffle();
         }
+        let start = self.idx;
+        self.idx = (self.idx + self.b).min(self.epoch_len());
+        (start, self.idx)
+    }
+}
+
+impl Objective for SftObjective<'_> {
+    fn micro_step(&mut self, model: &mut Model, grad_scale: f32) -> Result<StepStats> {
+        let (start, end) = self.next_span();
         let (loss, count, targets, tokens) = if let Some(p) = &self.packed {
-            let end = (self.idx + self.b).min(p.b);
-            let rows = p.slice_rows(self.idx, end);
-            self.idx = end;
+            let rows = p.slice_rows(start, end);
             let tokens = rows.valid.iter().filter(|&&v| v).count();
             let (l, c, t) = self.forward_batch(model, rows);
             (l, c, t, tokens)
         } else {
-            let end = (self.idx + self.b).min(self.order.len());
-            let examples: Vec<Rendered> = self.order[self.idx..end]
+            let examples: Vec<Rendered> = self.order[start..end]
                 .iter()
                 .map(|&i| self.train[i].clone())
                 .collect();
-            self.idx = end;
             let tokens = examples.iter().map(|e| e.tokens.len()).sum();
             let (l, c, t) = self.forward(model, &examples);
             (l, c, t, tokens)
@@ -221,6 +228,11 @@ impl Objective for SftObjective<'_> {
             tokens,
             extra,
         })
+    }
+
+    fn skip_micro_batch(&mut self) -> Result<()> {
+        self.next_span();
+        Ok(())
     }
 
     fn evaluate(&mut self, model: &Model) -> Result<Metrics> {

@@ -2,6 +2,7 @@
 //! gradient accumulation, clipping, AdamW with warmup + cosine decay, evaluation, samples, metrics,
 //! checkpoints, exact resume, non-finite guards and Ctrl-C. What a stage computes is its `Objective`.
 
+use crate::dist::{self, Shard};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, UpdateGuard};
 use crate::run::RunDir;
 use anyhow::{bail, Context, Result};
@@ -164,6 +165,12 @@ pub trait Objective {
     fn final_stats(&mut self, _model: &Model) -> Result<Metrics> {
         Ok(Metrics::new())
     }
+    /// Advances past the next micro-batch exactly as `micro_step` would (data position, epoch,
+    /// RNG), without computing it: another rank computes it (see [`crate::dist`]). Preparing the
+    /// batch and dropping it is enough; only the forward and backward are saved.
+    fn skip_micro_batch(&mut self) -> Result<()> {
+        bail!("this objective cannot be trained on more than one process (no skip_micro_batch)")
+    }
     /// Data position and RNG state, for exact resume.
     fn state(&self) -> serde_json::Value;
     fn restore(&mut self, state: &serde_json::Value) -> Result<()>;
@@ -244,7 +251,10 @@ impl<'a> Trainer<'a> {
         let mut skipped = 0u64;
         let mut tokens_seen = 0u64;
         let mut eval_start = Metrics::new();
-        if resume {
+        let world = dist::world();
+        let shard = Shard::new(world, cfg.grad_accum, "grad_accum")?;
+        let mut resumed_state = None;
+        if resume && dist::is_root() {
             if let Some(dir) = self.run.latest_checkpoint()? {
                 let resumed = kiln_model::checkpoint::load_model(&dir)?;
                 if resumed.cfg != model.cfg {
@@ -264,18 +274,28 @@ impl<'a> Trainer<'a> {
                     st.step,
                     &format!("{}/optimizer.safetensors", dir.display()),
                 )?;
-                obj.restore(&st.objective)?;
-                step = st.step;
-                skipped = st.skipped_non_finite;
-                tokens_seen = st.tokens_seen;
-                eval_start = st.eval_start;
-                self.run.truncate_metrics_after(step)?;
+                self.run.truncate_metrics_after(st.step)?;
                 eprintln!(
-                    "[{}] resumed from {} (step {step})",
+                    "[{}] resumed from {} (step {})",
                     self.label,
-                    dir.display()
+                    dir.display(),
+                    st.step
                 );
+                resumed_state = Some(st);
             }
+        }
+        if world.size() > 1 {
+            // Every rank starts from rank 0's weights, moments and data position.
+            dist::broadcast_start(world, model, &mut opt.m, &mut opt.v)?;
+            resumed_state = dist::broadcast_json(world, &resumed_state)?;
+            opt.step = resumed_state.as_ref().map_or(0, |st| st.step);
+        }
+        if let Some(st) = resumed_state {
+            obj.restore(&st.objective)?;
+            step = st.step;
+            skipped = st.skipped_non_finite;
+            tokens_seen = st.tokens_seen;
+            eval_start = st.eval_start;
         }
         let mut summary = TrainSummary::default();
         if step == 0 {
@@ -286,9 +306,16 @@ impl<'a> Trainer<'a> {
                 line[format!("val_{k}")] = serde_json::json!(v);
             }
             self.run.log(&line)?;
-            eprintln!("[{}] step 0 | val {}", self.label, fmt_metrics(&eval_start));
+            if dist::is_root() {
+                eprintln!("[{}] step 0 | val {}", self.label, fmt_metrics(&eval_start));
+            }
         }
-        let pb = progress_bar(self.progress, &self.label, cfg.max_steps, step);
+        let pb = progress_bar(
+            self.progress && dist::is_root(),
+            &self.label,
+            cfg.max_steps,
+            step,
+        );
         let start = Instant::now();
         let start_step = step;
         let mut run_tokens = 0u64;
@@ -333,15 +360,31 @@ impl<'a> Trainer<'a> {
             let mut loss = 0.0;
             let mut extra: Metrics = BTreeMap::new();
             let scale = 1.0 / cfg.grad_accum as f32;
-            for _ in 0..cfg.grad_accum {
+            let mut step_tokens = 0u64;
+            for i in 0..cfg.grad_accum {
+                if !shard.owns(i) {
+                    obj.skip_micro_batch()?;
+                    continue;
+                }
                 let s = obj.micro_step(model, scale)?;
                 loss += s.loss / cfg.grad_accum as f64;
-                run_tokens += s.tokens as u64;
-                tokens_seen += s.tokens as u64;
+                step_tokens += s.tokens as u64;
                 for (k, v) in s.extra {
                     *extra.entry(k).or_default() += v / cfg.grad_accum as f64;
                 }
             }
+            // Data parallel: the ranks' gradients, losses and statistics summed (and the stop
+            // flag shared, so every rank stops, and rank 0 saves, at the same step).
+            let comm = dist::reduce_step(
+                world,
+                &mut model.grads,
+                &mut loss,
+                &mut step_tokens,
+                &mut extra,
+                STOP.load(Ordering::SeqCst),
+            )?;
+            run_tokens += step_tokens;
+            tokens_seen += step_tokens;
             let lr = sched.at(step);
             let upd = guard.step(model, &mut opt, lr, cfg.grad_clip, loss, step + 1, |m| {
                 say(&pb, m)
@@ -359,6 +402,9 @@ impl<'a> Trainer<'a> {
             });
             for (k, v) in &extra {
                 line[k.as_str()] = serde_json::json!(v);
+            }
+            if world.size() > 1 {
+                line["allreduce_s"] = serde_json::json!(comm.seconds);
             }
             pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
             pb.set_position(step);
@@ -387,8 +433,9 @@ impl<'a> Trainer<'a> {
                 }
             }
             self.run.log(&line)?;
-            let stop = STOP.load(Ordering::SeqCst);
-            if (cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every)) || last || stop {
+            let stop = comm.stop;
+            let due = (cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every)) || last || stop;
+            if due && dist::is_root() {
                 let stats = if last && !stop {
                     let m = obj.final_stats(model)?;
                     summary.final_stats = m.clone();
@@ -440,7 +487,11 @@ pub fn fmt_metrics(m: &Metrics) -> String {
 }
 
 /// Prints a line above the progress bar, or to stderr when there is none (--quiet, CI logs).
+/// Only rank 0 speaks when several processes train together.
 pub(crate) fn say(pb: &indicatif::ProgressBar, line: String) {
+    if !dist::is_root() {
+        return;
+    }
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {

@@ -138,13 +138,26 @@ fn dynamic_sampling_trains_only_on_groups_with_signal() {
         }),
         weight: 1.0,
     };
+    let go_rounds =
+        |dir: &std::path::Path, dynamic: bool, iterations: u64, resume: bool, rounds: usize| {
+            with_grpo(dir, iterations, vec![half_flat()], |g| {
+                g.cfg.dynamic_sampling = dynamic;
+                g.cfg.max_sample_rounds = rounds;
+                g.train(resume).unwrap()
+            })
+        };
     let go = |dir: &std::path::Path, dynamic: bool, iterations: u64, resume: bool| {
-        with_grpo(dir, iterations, vec![half_flat()], |g| {
-            g.cfg.dynamic_sampling = dynamic;
-            g.cfg.max_sample_rounds = 8;
-            g.train(resume).unwrap()
-        })
+        go_rounds(dir, dynamic, iterations, resume, 8)
     };
+    // One round only: batches come out short (fewer groups than prompts_per_iter, the last
+    // minibatch shorter than the others) and still train.
+    let short_dir = tempfile::tempdir().unwrap();
+    let short = go_rounds(short_dir.path(), true, 4, false, 1);
+    assert!(
+        short.history.iter().any(|m| m["groups_trained"] < 4.0),
+        "{:?}",
+        short.history
+    );
     let dir = tempfile::tempdir().unwrap();
     let s = go(dir.path(), true, 8, false);
     for m in &s.history {
