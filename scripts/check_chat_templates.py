@@ -9,9 +9,13 @@ a) Templates: tokenizers in the GPT-2 layout (byte-level BPE, specials at the en
    `save_pretrained`. For several conversations, `kiln template render --ids` must give the ids of
    `apply_chat_template(tokenize=True)` and `kiln template render` its text.
 b) Fine-tuning: transformers makes a tiny random LlamaForCausalLM with the ChatML tokenizer;
-   `kiln sft --init` trains it a few steps on alpaca_tiny.json; transformers loads the result
-   (AutoModelForCausalLM and AutoTokenizer), whose template gives Kiln's ids and whose logits equal
-   `kiln logits` (<= 1e-4).
+   `kiln sft --init` trains it a few steps on alpaca_tiny.json and chat_tiny.json; transformers loads
+   the result (AutoModelForCausalLM and AutoTokenizer), whose template gives Kiln's ids and whose
+   logits equal `kiln logits` (<= 1e-4).
+c) DPO: `kiln dpo --init` continues from (b) with the model's Jinja template: the loss falls from
+   log 2; its response log-probabilities at step 0 equal transformers' sums over the response tokens
+   of apply_chat_template's ids (so the prompt/response boundary is where transformers puts it); and
+   transformers loads the result with Kiln's logits.
 
 One line per check with OK or MISMATCH; the exit status is 1 if any check failed. Nothing is
 downloaded. Usage:
@@ -19,6 +23,7 @@ downloaded. Usage:
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -206,7 +211,10 @@ def check_sft(kiln, work):
         data.write_text(json.dumps([{"instruction": f"Add {i} and 2.", "output": f"The sum is {i + 2}."}
                                     for i in range(64)]))
     out = Path(work) / "sft"
-    cmd = [kiln, "--quiet", "sft", "--init", str(d), "--data", str(data), "--out", str(out), "--max-steps", "30",
+    # Alpaca and ShareGPT chat rows together (chat_tiny.json, where it exists).
+    extra = ["--data", str(SHARED / "chat_tiny.json")] if (SHARED / "chat_tiny.json").is_file() else []
+    cmd = [kiln, "--quiet", "sft", "--init", str(d), "--data", str(data), *extra, "--out", str(out),
+           "--max-steps", "30",
            "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "1000", "--ckpt-every", "30",
            "--set", "seq_len=128"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -234,6 +242,59 @@ def check_sft(kiln, work):
     moved = (back.lm_head.weight - model.lm_head.weight).abs().max().item()
     report("transformers logits of the fine-tuned model vs kiln logits", diff <= 1e-4,
            f"max |diff| {diff:.2e} over {tuple(ref.shape)} (weights moved by up to {moved:.3f})")
+    check_dpo(kiln, work, out, want)
+
+
+def check_dpo(kiln, work, sft, ids):
+    """DPO from the SFT model with its Jinja template: the loss falls from log 2, and transformers
+    loads the result with Kiln's logits; the response log-probabilities Kiln logs at step 0 equal
+    transformers' sums over the response tokens of apply_chat_template's rendering."""
+    prefs = Path(work) / "prefs.jsonl"
+    pairs = [("What is 2 plus 3?", "2 plus 3 is 5.", "I do not know."),
+             ("Name a colour.", "Blue.", "A colour."),
+             ("Say hello.", "Hello!", "No.")]
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs))
+    out = Path(work) / "dpo"
+    r = subprocess.run([kiln, "--quiet", "dpo", "--init", str(sft), "--data", str(prefs), "--val-data", str(prefs),
+                        "--out", str(out), "--max-steps", "20", "--batch-size", "3", "--lr", "1e-3",
+                        "--eval-every", "20", "--ckpt-every", "20", "--set", "seq_len=128"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        report("kiln dpo on the transformers-derived model", False, r.stderr.strip())
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "val_loss" in r]
+    first, last = evals[0], evals[-1]
+    report("kiln dpo --init <transformers-derived dir>: val loss falls from log 2",
+           abs(first["val_loss"] - math.log(2)) < 1e-4 and last["val_loss"] < first["val_loss"],
+           f"{first['val_loss']:.4f} -> {last['val_loss']:.4f}")
+    # Step 0: the policy is the reference, so logps/chosen is the mean summed log-probability of
+    # the chosen responses under the SFT model; recompute it with transformers.
+    sft_ckpt = latest(sft)
+    tok = AutoTokenizer.from_pretrained(sft_ckpt)
+    ref = AutoModelForCausalLM.from_pretrained(sft_ckpt, torch_dtype=torch.float32).eval()
+    total = 0.0
+    for p, c, _ in pairs:
+        prompt = hf_ids(tok, [{"role": "user", "content": p}], True)
+        full = hf_ids(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}], False)
+        assert full[:len(prompt)] == prompt
+        # The response and its <|im_end|>; ChatML's newline after it is not part of the response.
+        end = len(full) - full[::-1].index(tok.convert_tokens_to_ids("<|im_end|>"))
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([full[:end]])).logits[0], -1)
+        total += sum(logp[i - 1, full[i]].item() for i in range(len(prompt), end))
+    want = total / len(pairs)
+    got = first["val_logps/chosen"]
+    report("DPO's response log-probabilities (step 0) vs transformers on apply_chat_template's ids",
+           abs(got - want) < 1e-3, f"kiln {got:.5f}, transformers {want:.5f}")
+    ckpt = latest(out)
+    back = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf = back(torch.tensor([ids])).logits[0]
+    r = subprocess.run([kiln, "--quiet", "logits", "--model", str(ckpt), "--tokens", " ".join(map(str, ids))],
+                       capture_output=True, text=True, check=True)
+    diff = (torch.tensor(json.loads(r.stdout)["logits"]) - hf).abs().max().item()
+    report("transformers logits of the DPO model vs kiln logits", diff <= 1e-4, f"max |diff| {diff:.2e}")
 
 
 def main():

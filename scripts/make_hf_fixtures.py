@@ -174,6 +174,13 @@ FIXTURES = {
                                                                              rope_scaling=LLAMA32_ROPE)),
                                      {"v4config": True, "n_tokens": 40}),
     # Qwen2.5-style: rope_theta 1e6, a sliding_window value that use_sliding_window=false switches off.
+    # A chat model as the hub ships a Llama 3 instruct one: its own byte-level BPE tokenizer.json
+    # (Llama 3's split regex, specials at the end of the vocabulary, embedding padded past them),
+    # tokenizer_config.json with bos/eos by name and no pad token, the Llama 3 chat template, and
+    # several end-of-sequence ids in config.json and generation_config.json.
+    "llama3_chat": (113, lambda: LlamaForCausalLM(llama_cfg(vocab_size=CHAT_MODEL_VOCAB, rope_theta=500000.0,
+                                                             bos_token_id=None, eos_token_id=None)),
+                    {"chat": True, "n_tokens": 8}),
     "qwen2_v4config": (112, lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=2,
                                                                  tie_word_embeddings=True, use_sliding_window=False,
                                                                  rope_theta=1000000.0, rms_norm_eps=1e-6)),
@@ -197,9 +204,74 @@ DESCRIPTIONS = {
                       "(top-level rope_theta, rope_scaling null, no head_dim)",
     "llama3_rope_scaling_v4config": "Llama, Llama-3.2 rope_scaling values (factor 32, original 8192; all three "
                                     "llama3 branches), 4.x layout (rope_scaling key), untied, 40 tokens",
+    "llama3_chat": "Llama 3 instruct layout: tokenizer.json (byte-level BPE, 320 tokens + 5 specials at the end: "
+                   "<|begin_of_text|> <|end_of_text|> <|start_header_id|> <|end_header_id|> <|eot_id|>), "
+                   "embedding padded to 336, tokenizer_config.json (bos <|begin_of_text|>, eos <|eot_id|>, no pad) "
+                   "and chat_template.jinja (Llama 3) as transformers saves them, eos_token_id "
+                   "[<|end_of_text|>, <|eot_id|>] in config.json and generation_config.json",
     "qwen2_v4config": "Qwen2, rope_theta 1e6, sliding_window 32768 switched off by use_sliding_window false "
                       "(as Qwen2.5 configs have), 4.x layout",
 }
+
+
+CHAT_MODEL_VOCAB = 336
+CHAT_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_TEMPLATE = ("{{- bos_token }}\n{%- for message in messages %}\n{{- '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n"
+                   "{%- if add_generation_prompt %}\n{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+                   "{%- endif %}\n")
+
+
+def chat_training_text():
+    """Fixed text (no downloads, the same everywhere) for the fixture's BPE merges."""
+    words = ["the", "sum", "of", "and", "is", "what", "plus", "minus", "lives", "in", "colour", "answer", "hello",
+             "please", "give", "three", "tips", "for", "staying", "healthy", "water", "sleep", "walk", "I", "do",
+             "not", "know", "Paris", "capital", "France", "user", "assistant", "system", "be", "brief"]
+    lines = []
+    for i in range(400):
+        w = [words[(i * 7 + j * 3) % len(words)] for j in range(6 + i % 5)]
+        lines.append(" ".join(w).capitalize() + f" {i % 50} + {(i * 3) % 20} = {i % 50 + (i * 3) % 20}.")
+    return lines
+
+
+def write_chat_tokenizer(d, model):
+    """tokenizer.json, tokenizer_config.json, chat_template.jinja as transformers saves them, and the
+    eos ids of Llama 3 instruct (end of text and end of turn) in config.json and generation_config.json."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=0, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(chat_training_text(), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in CHAT_SPECIALS])
+    n = tok.get_vocab_size(with_added_tokens=True)
+    assert n <= CHAT_MODEL_VOCAB, n
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.chat_template = LLAMA3_TEMPLATE
+    fast.save_pretrained(d)
+    ids = {t: tok.token_to_id(t) for t in CHAT_SPECIALS}
+    eos = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
+    cfg = json.loads(Path(d, "config.json").read_text())
+    cfg["bos_token_id"] = ids["<|begin_of_text|>"]
+    cfg["eos_token_id"] = eos
+    Path(d, "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    GenerationConfig(bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos).save_pretrained(d)
+    # The template renders as transformers renders it (ids checked by the Rust tests against these).
+    msgs = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "The sum is 5."}]
+    rendered = {"messages": msgs,
+                "text": fast.apply_chat_template(msgs, tokenize=False),
+                "ids": list(fast.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]),
+                "prompt_ids": list(fast.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True,
+                                                            return_dict=True)["input_ids"]),
+                "specials": ids, "tokenizer_size": n}
+    Path(d, "chat_expected.json").write_text(json.dumps(rendered, ensure_ascii=False, indent=1) + "\n")
+    return f"tokenizer {n} tokens, eos ids {eos}"
 
 
 def write_readme(out):
@@ -254,6 +326,8 @@ def make(name, out):
         note = f"max_shard_size={s}: {len(shards)} shards"
     else:
         save(model, d)
+    if opt.get("chat"):
+        note = write_chat_tokenizer(d, model)
     if opt.get("v4config"):
         c = to_v4_config(d)
         if "qwen_sliding_window" in opt:

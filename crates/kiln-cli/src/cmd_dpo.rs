@@ -13,7 +13,7 @@ pub struct DpoArgs {
     #[arg(long)]
     init: Option<PathBuf>,
     /// Preference data: rankings (every ordered pair trains), pairs, HH-RLHF or Stack Exchange
-    /// (JSON array or JSONL, .gz too; repeatable).
+    /// (JSON array, JSONL, .gz, or Parquet; repeatable).
     #[arg(long)]
     data: Vec<PathBuf>,
     /// Held-out preferences (default: 5 % of --data).
@@ -40,6 +40,10 @@ pub struct DpoArgs {
     /// Skip bad records (counted and reported) instead of failing.
     #[arg(long)]
     skip_bad_records: bool,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
     /// Demo world (world.json) for judged task accuracy, with --judge-prompts.
     #[arg(long)]
     judge_world: Option<PathBuf>,
@@ -65,6 +69,7 @@ pub fn run(a: DpoArgs, progress: bool) -> Result<()> {
     if a.skip_bad_records {
         o.set("skip_bad_records", true);
     }
+    crate::field_overrides(&mut o, &a.fields)?;
     crate::judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
     a.lora.apply(&mut o)?;
     let cfg: stages::DpoConfig = config::build(a.train.config.as_deref(), o)?;

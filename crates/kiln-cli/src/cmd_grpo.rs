@@ -14,6 +14,10 @@ pub struct GrpoArgs {
     /// Prompt file: {"prompt", ...}, Alpaca or chat records (extra fields reach reward programs).
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
     #[arg(long)]
     out: Option<PathBuf>,
     /// A reward source (repeatable; summed): judge | format | rm:DIR | cmd:PROGRAM. A program reads
@@ -117,6 +121,7 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
     }
     o.opt("grpo.max_sample_rounds", a.max_sample_rounds);
     o.opt("grpo.seed", a.seed);
+    crate::field_overrides(&mut o, &a.fields)?;
     crate::judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
     a.lora.apply(&mut o)?;
     let cfg: stages::GrpoStageConfig = config::build(a.config.as_deref(), o)?;
@@ -154,6 +159,8 @@ pub struct RewardEvalArgs {
     pub reward_weights: Vec<f32>,
     pub by: Option<String>,
     pub max_new_tokens: usize,
+    /// The prompt file's column names for Kiln's fields.
+    pub fields: kiln_data::datasets::FieldMap,
 }
 
 /// Greedy answers to every prompt, scored by the reward sources: the mean of each source and of
@@ -163,16 +170,19 @@ pub fn run_reward_eval(a: RewardEvalArgs) -> Result<()> {
     use kiln_data::datasets::Role;
     use std::collections::BTreeMap;
     let b = crate::cmd_lora::load_bundle_adapted(&a.model, a.adapter.as_deref())?;
-    let template = b.meta.template.clone();
-    let mut loaded =
-        kiln_data::datasets::load_prompts_with_fields(&a.prompts, &Default::default())?.records;
+    let chat = b.chat()?;
+    let opts = kiln_data::datasets::LoadOptions {
+        fields: a.fields.clone(),
+        ..kiln_data::datasets::LoadOptions::STRICT
+    };
+    let mut loaded = kiln_data::datasets::load_prompts_with_fields(&a.prompts, &opts)?.records;
     if a.limit > 0 {
         loaded.truncate(a.limit);
     }
     let n_ctx = b.model.cfg.n_ctx;
     let rendered: Vec<Vec<u32>> = loaded
         .iter()
-        .map(|(r, _)| template.render_prompt(&b.tokenizer, &r.prompt))
+        .map(|(r, _)| chat.render_prompt(&r.prompt))
         .collect::<Result<_, _>>()?;
     let keep: Vec<usize> = (0..rendered.len())
         .filter(|&i| rendered[i].len() < n_ctx)
@@ -203,7 +213,7 @@ pub fn run_reward_eval(a: RewardEvalArgs) -> Result<()> {
         )?),
         None => None,
     };
-    let stop_tokens = template.stop_tokens()?;
+    let stop_tokens = chat.stop_tokens()?;
     let mut sources = stages::reward_sources(
         &a.rewards,
         &a.reward_weights,

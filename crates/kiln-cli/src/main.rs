@@ -117,6 +117,11 @@ struct EvalArgs {
     /// With --reward: break the results down by this field of the prompt records.
     #[arg(long)]
     by: Option<String>,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
+
     /// Tokens generated per answer (greedy).
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
@@ -135,6 +140,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             reward_weights: a.reward_weights,
             by: a.by,
             max_new_tokens: a.max_new_tokens,
+            fields: kiln_data::datasets::FieldMap::parse(&a.fields).map_err(anyhow::Error::msg)?,
         });
     }
     let Some(world) = a.world else {
@@ -147,7 +153,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         limit: a.limit,
         max_new_tokens: a.max_new_tokens,
     })?;
-    let (m, samples) = judge.evaluate(&b.model, &b.tokenizer, &b.meta.template)?;
+    let (m, samples) = judge.evaluate(&b.model, &b.tokenizer, b.chat()?)?;
     for s in samples.iter().take(a.show) {
         let verdict = if s.correct && s.well_formed {
             "ok  "
@@ -326,6 +332,10 @@ struct SftArgs {
     /// Skip malformed records (counted and reported) instead of failing.
     #[arg(long)]
     skip_bad_records: bool,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
     /// Pack several short examples into each row (attention never crosses examples).
     #[arg(long)]
     packing: bool,
@@ -334,22 +344,45 @@ struct SftArgs {
     judge_world: Option<PathBuf>,
     #[arg(long)]
     judge_prompts: Option<PathBuf>,
-    /// A Hugging Face tokenizer's end-of-sequence token, overriding its files (e.g. "<|im_end|>").
-    #[arg(long)]
-    eos_token: Option<String>,
-    /// Its beginning-of-sequence token.
+    #[command(flatten)]
+    roles: RoleFlags,
+    #[command(flatten)]
+    train: TrainFlags,
+    #[command(flatten)]
+    lora: cmd_lora::LoraFlags,
+}
+
+/// Special-token roles of a Hugging Face tokenizer, overriding its files (tokenizer_config.json,
+/// generation_config.json, config.json); carried on into the checkpoints Kiln writes.
+#[derive(Args)]
+struct RoleFlags {
+    /// End-of-sequence token (repeatable: generation stops at any, e.g. `--eos-token
+    /// "<|end_of_text|>" --eos-token "<|eot_id|>"`).
+    #[arg(long = "eos-token", value_name = "TOKEN")]
+    eos_token: Vec<String>,
+    /// Beginning-of-sequence token.
     #[arg(long)]
     bos_token: Option<String>,
-    /// Its padding token (padding is always masked, whatever its id).
+    /// Padding token (padding is always masked, whatever its id).
     #[arg(long)]
     pad_token: Option<String>,
     /// The token that ends a chat turn (default: found from the template, else the EOS token).
     #[arg(long)]
     end_of_turn_token: Option<String>,
-    #[command(flatten)]
-    train: TrainFlags,
-    #[command(flatten)]
-    lora: cmd_lora::LoraFlags,
+}
+
+impl RoleFlags {
+    fn overrides(&self, o: &mut Overrides) {
+        if !self.eos_token.is_empty() {
+            o.set(
+                "eos_token",
+                toml::Value::Array(self.eos_token.iter().map(|t| t.clone().into()).collect()),
+            );
+        }
+        o.opt("bos_token", self.bos_token.clone());
+        o.opt("pad_token", self.pad_token.clone());
+        o.opt("end_of_turn_token", self.end_of_turn_token.clone());
+    }
 }
 
 #[derive(Args)]
@@ -389,6 +422,12 @@ struct RmArgs {
     margin: Option<f64>,
     #[arg(long)]
     skip_bad_records: bool,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
+    #[command(flatten)]
+    roles: RoleFlags,
     #[command(flatten)]
     train: TrainFlags,
     #[command(flatten)]
@@ -408,6 +447,10 @@ struct PpoArgs {
     /// Prompt file: {"prompt"}, Alpaca or chat records.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// A dataset column read as one of Kiln's fields, KILN=COLUMN (repeatable): e.g.
+    /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
+    #[arg(long = "field", value_name = "KILN=COLUMN")]
+    fields: Vec<String>,
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long)]
@@ -439,6 +482,16 @@ struct PpoArgs {
     seed: Option<i64>,
     #[command(flatten)]
     lora: cmd_lora::LoraFlags,
+}
+
+/// `--field KILN=COLUMN` flags as `fields.KILN = "COLUMN"` (checked here, so a bad one fails
+/// before anything loads).
+pub(crate) fn field_overrides(o: &mut Overrides, specs: &[String]) -> Result<()> {
+    let map = kiln_data::datasets::FieldMap::parse(specs).map_err(anyhow::Error::msg)?;
+    for (kiln, column) in map.0 {
+        o.set(&format!("fields.{kiln}"), column);
+    }
+    Ok(())
 }
 
 pub(crate) fn judge_overrides(
@@ -520,10 +573,8 @@ fn run(cli: Cli) -> Result<()> {
             if a.packing {
                 o.set("packing", true);
             }
-            o.opt("eos_token", a.eos_token.clone());
-            o.opt("bos_token", a.bos_token.clone());
-            o.opt("pad_token", a.pad_token.clone());
-            o.opt("end_of_turn_token", a.end_of_turn_token.clone());
+            field_overrides(&mut o, &a.fields)?;
+            a.roles.overrides(&mut o);
             judge_overrides(&mut o, &a.judge_world, &a.judge_prompts)?;
             a.lora.apply(&mut o)?;
             let cfg: stages::SftConfig = config::build(a.train.config.as_deref(), o)?;
@@ -558,6 +609,8 @@ fn run(cli: Cli) -> Result<()> {
                 o.set("skip_bad_records", true);
             }
             a.lora.apply(&mut o)?;
+            field_overrides(&mut o, &a.fields)?;
+            a.roles.overrides(&mut o);
             let cfg: stages::RmConfig = config::build(a.train.config.as_deref(), o)?;
             kiln_train::install_ctrlc();
             let s = stages::reward_model(&cfg, a.train.resume, progress)?;
@@ -580,6 +633,7 @@ fn run(cli: Cli) -> Result<()> {
             o.path("reward_model", &a.reward_model);
             o.path("critic", &a.critic);
             o.path("prompts", &a.prompts);
+            field_overrides(&mut o, &a.fields)?;
             o.path("out", &a.out);
             o.opt("ppo.iterations", a.iterations);
             o.opt("ppo.kl_coef", a.kl_coef);

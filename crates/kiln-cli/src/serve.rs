@@ -30,8 +30,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 use futures_util::StreamExt;
+use kiln_data::chat_format::ChatFormat;
 use kiln_data::datasets::Message;
-use kiln_data::template::ChatTemplate;
 use kiln_data::{special, Tokenizer};
 use kiln_model::{Arch, PackedWeights, Sampling, WeightFormat};
 use serde_json::{json, Value};
@@ -98,7 +98,8 @@ struct AppState {
     model_name: String,
     stage: String,
     tokenizer: Arc<Tokenizer>,
-    template: ChatTemplate,
+    /// The model's chat format: Kiln's template, or a Hugging Face model's Jinja template.
+    chat: Arc<dyn ChatFormat + Send + Sync>,
     chat_stops: Vec<u32>,
     n_ctx: usize,
     can_generate: bool,
@@ -161,7 +162,8 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         .api_key
         .clone()
         .or_else(|| std::env::var("KILN_API_KEY").ok().filter(|k| !k.is_empty()));
-    let chat_stops = b.meta.template.stop_tokens()?;
+    let chat = b.chat_format()?;
+    let chat_stops = chat.stop_tokens()?;
     let slots = if can_generate { a.max_batch } else { 0 };
     let cache_bytes = engine::cache_bytes(&b.model, slots);
     let packed = if can_generate {
@@ -197,7 +199,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         model_name,
         stage: b.meta.stage.clone(),
         tokenizer: tokenizer.clone(),
-        template: b.meta.template.clone(),
+        chat,
         chat_stops,
         n_ctx: cfg.n_ctx,
         can_generate,
@@ -872,8 +874,8 @@ async fn chat_completions(
     st.check_model(&c.model)?;
     st.check_generation()?;
     let prompt = st
-        .template
-        .render_prompt(&*st.tokenizer, &messages)
+        .chat
+        .render_prompt(&messages)
         .map_err(|e| ApiError::internal(format!("rendering the chat template: {e}")))?;
     st.check_context(prompt.len(), "messages")?;
     let params = st.gen_params(&c, st.chat_stops.clone())?;
@@ -1035,8 +1037,8 @@ async fn score(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Res
     let mut seqs = Vec::with_capacity(responses.len());
     for (i, r) in responses.iter().enumerate() {
         let rendered = st
-            .template
-            .render_prompt_response(&*st.tokenizer, &[Message::user(prompt.clone())], r)
+            .chat
+            .render_prompt_response(&[Message::user(prompt.clone())], r)
             .map_err(|e| ApiError::internal(format!("rendering the chat template: {e}")))?;
         let fit = kiln_data::template::fit_example(&rendered, st.n_ctx - 1).ok_or_else(|| {
             ApiError::invalid(

@@ -888,3 +888,23 @@ fn serve_refuses_what_it_cannot_do_with_clear_errors() {
         &["no-such-model"],
     );
 }
+
+/// A model directory that transformers wrote (its own tokenizer and Llama 3 Jinja template, two
+/// end-of-sequence ids): chat completions render with that template and answer what `kiln chat`
+/// answers.
+#[test]
+fn a_hugging_face_model_serves_what_kiln_chat_answers() {
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kiln-model/tests/fixtures/llama3_chat");
+    let srv = Server::start(&model, &["--model-name", "sft"]);
+    for seed in [1, 2] {
+        let (st, r) = srv.post(
+            "/v1/chat/completions",
+            &chat_body("What is 2 plus 3?", seed, 1.0, 8, json!({})),
+        );
+        assert_eq!(st, 200, "{r}");
+        let got = r["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(got, kiln_chat(&model, "What is 2 plus 3?", seed, 1.0, 8));
+        assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 10, "{r}");
+    }
+}

@@ -2,16 +2,23 @@
 //!
 //! All loaders accept a JSON array of records or JSONL (one record per line), told apart by the
 //! first non-space character (`[` or `{`); files ending in `.gz` (or starting with the gzip magic
-//! bytes) are decompressed first. The record format is detected per record from its fields.
+//! bytes) are decompressed first. Parquet files (the format of Hugging Face datasets: `.parquet`,
+//! or starting with the `PAR1` magic bytes) are read row by row, each row becoming the record its
+//! columns spell (strings, numbers, lists such as a `messages` column of `{role, content}`
+//! structs), so both go through the same parsers. The record format is detected per record from
+//! its fields; [`FieldMap`] (`--field output=answer`) renames a dataset's own columns to the
+//! fields Kiln looks for.
 //!
 //! * [`load_sft`]: supervised fine-tuning conversations (Alpaca, chat `messages`, ShareGPT).
 //! * [`load_preferences`]: ranked / pairwise / HH-RLHF / Stack-Exchange / scored preferences.
 //! * [`load_prompts`]: prompts for generation (PPO rollouts, evaluation).
 //!
 //! Errors name the file, the record (`file:LINE` for JSONL, 1-based line number; `file: record I`
-//! for a JSON array, 0-based index) and the field, e.g. `data.jsonl:17: field "output": missing`.
+//! for a JSON array, 0-based index; `file: row R (row group G)` for Parquet, 0-based) and the field
+//! (a Parquet file's column), e.g. `data.jsonl:17: field "output": missing`.
 //! With [`LoadOptions::skip_bad`] a bad record is skipped and counted instead of failing the load.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -125,11 +132,130 @@ pub struct PromptRecord {
     pub raw: String,
 }
 
-/// How loaders treat bad records.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How loaders read records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Skip (and count) bad records instead of failing on the first one.
     pub skip_bad: bool,
+    /// The dataset's own names for the fields Kiln reads.
+    pub fields: FieldMap,
+}
+
+impl LoadOptions {
+    /// Fail on the first bad record; fields under Kiln's names.
+    pub const STRICT: LoadOptions = LoadOptions {
+        skip_bad: false,
+        fields: FieldMap::NONE,
+    };
+    /// Skip bad records; fields under Kiln's names.
+    pub const SKIP_BAD: LoadOptions = LoadOptions {
+        skip_bad: true,
+        fields: FieldMap::NONE,
+    };
+}
+
+/// The fields every record format is read from (what a [`FieldMap`] can map a column to).
+pub const KNOWN_FIELDS: [&str; 15] = [
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "messages",
+    "conversations",
+    "prompt",
+    "chosen",
+    "rejected",
+    "choices",
+    "question",
+    "response_j",
+    "response_k",
+    "score",
+    "text",
+];
+
+/// A dataset's column (or JSON key) names for the fields Kiln reads: Kiln's field name → the
+/// dataset's (`--field output=answer` reads `answer` as `output`). Applied to every record before
+/// its format is detected, so it works the same for JSON, JSONL and Parquet and for every loader;
+/// errors name the dataset's column (`field "answer": missing (--field output=answer)`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FieldMap(pub BTreeMap<String, String>);
+
+impl FieldMap {
+    /// No renaming.
+    pub const NONE: FieldMap = FieldMap(BTreeMap::new());
+
+    /// Parses `KILN=COLUMN` specs (`--field output=answer`).
+    pub fn parse<S: AsRef<str>>(specs: &[S]) -> Result<FieldMap, String> {
+        let mut map = BTreeMap::new();
+        for spec in specs {
+            let spec = spec.as_ref();
+            let Some((kiln, column)) = spec.split_once('=') else {
+                return Err(format!(
+                    "--field {spec}: expected KILN_FIELD=COLUMN (for example output=answer)"
+                ));
+            };
+            map.insert(kiln.trim().to_string(), column.trim().to_string());
+        }
+        let m = FieldMap(map);
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks that every mapped field is one Kiln reads and no column is read twice.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = BTreeMap::new();
+        for (kiln, column) in &self.0 {
+            if !KNOWN_FIELDS.contains(&kiln.as_str()) {
+                return Err(format!(
+                    "--field {kiln}={column}: {kiln:?} is not a field Kiln reads (the left side                      is Kiln's name, one of {}; the right side the dataset's column)",
+                    KNOWN_FIELDS.join(", ")
+                ));
+            }
+            if column.is_empty() {
+                return Err(format!("--field {kiln}=: no column name"));
+            }
+            if let Some(other) = seen.insert(column.as_str(), kiln.as_str()) {
+                return Err(format!(
+                    "--field: column {column:?} is mapped to both {other:?} and {kiln:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Renames the record's columns to Kiln's fields. A mapped field is only ever read from its
+    /// column: a record without the column lacks the field (and says so under the column's name).
+    fn apply(&self, obj: &mut Obj) {
+        let moved: Vec<(&String, Option<Value>)> = self
+            .0
+            .iter()
+            .map(|(kiln, column)| (kiln, obj.remove(column)))
+            .collect();
+        for (kiln, value) in moved {
+            obj.remove(kiln);
+            if let Some(v) = value {
+                obj.insert(kiln.clone(), v);
+            }
+        }
+    }
+
+    /// An error's field path in the dataset's names (`output[0]` → `answer[0]`), and the
+    /// mapping that renamed it, to add to the message.
+    fn dataset_path(&self, path: &str) -> (String, Option<String>) {
+        let end = path.find(['.', '[']).unwrap_or(path.len());
+        match self.0.get(&path[..end]) {
+            Some(column) => (
+                format!("{column}{}", &path[end..]),
+                Some(format!("--field {}={column}", &path[..end])),
+            ),
+            None => (path.to_string(), None),
+        }
+    }
 }
 
 /// The result of a load.
@@ -151,12 +277,15 @@ pub enum RecordLoc {
     Line(usize),
     /// JSON array: 0-based index.
     Index(usize),
+    /// Parquet: 0-based row of the file, and the row group that holds it.
+    Row { group: usize, row: usize },
 }
 
 /// A dataset error naming the file, the record and the field.
 ///
 /// Displays as `FILE:LINE: field "F": MESSAGE` (JSONL), `FILE: record I: field "F": MESSAGE`
-/// (JSON array) or `FILE: MESSAGE` (whole-file errors).
+/// (JSON array), `FILE: row R (row group G): column "F": MESSAGE` (Parquet) or `FILE: MESSAGE`
+/// (whole-file errors).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct DataError {
     pub file: PathBuf,
@@ -172,11 +301,17 @@ impl fmt::Display for DataError {
         match self.record {
             Some(RecordLoc::Line(n)) => write!(f, ":{n}")?,
             Some(RecordLoc::Index(i)) => write!(f, ": record {i}")?,
+            Some(RecordLoc::Row { group, row }) => write!(f, ": row {row} (row group {group})")?,
             None => {}
         }
         f.write_str(": ")?;
         if let Some(field) = &self.field {
-            write!(f, "field \"{field}\": ")?;
+            let what = if matches!(self.record, Some(RecordLoc::Row { .. })) {
+                "column"
+            } else {
+                "field"
+            };
+            write!(f, "{what} \"{field}\": ")?;
         }
         f.write_str(&self.message)
     }
@@ -224,18 +359,25 @@ pub type Obj = Map<String, Value>;
 
 /// A dataset file as text (gzip decompressed, BOM removed).
 pub fn read_text(path: &Path) -> Result<String, DataError> {
+    utf8_text(path, read_bytes(path)?)
+}
+
+/// The file's bytes, gunzipped when it is gzip.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
     let bytes =
         std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
     let gz = path.extension().is_some_and(|e| e == "gz") || bytes.starts_with(&[0x1f, 0x8b]);
-    let bytes = if gz {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&bytes[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::file(path, format!("cannot decompress gzip: {e}")))?;
-        out
-    } else {
-        bytes
-    };
+    if !gz {
+        return Ok(bytes);
+    }
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(&bytes[..])
+        .read_to_end(&mut out)
+        .map_err(|e| DataError::file(path, format!("cannot decompress gzip: {e}")))?;
+    Ok(out)
+}
+
+fn utf8_text(path: &Path, bytes: Vec<u8>) -> Result<String, DataError> {
     let mut text = String::from_utf8(bytes)
         .map_err(|e| DataError::file(path, format!("not valid UTF-8: {e}")))?;
     if text.starts_with('\u{feff}') {
@@ -244,15 +386,33 @@ pub fn read_text(path: &Path) -> Result<String, DataError> {
     Ok(text)
 }
 
-/// Reads the file and applies `parse` to every record, collecting or skipping errors.
-fn load_records<T>(
-    path: &Path,
-    opts: &LoadOptions,
-    parse: impl Fn(&Obj) -> Result<T, RecErr>,
-) -> Result<Loaded<T>, DataError> {
-    let text = read_text(path)?;
+/// The raw records of a file, and its columns when it is Parquet.
+struct RawRecords {
+    records: Vec<(RecordLoc, Result<Value, String>)>,
+    columns: Option<Vec<crate::parquet_rows::Column>>,
+}
+
+fn read_raw(path: &Path) -> Result<RawRecords, DataError> {
+    let mut head = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+    if crate::parquet_rows::is_parquet(path, &head[..n]) {
+        let p = crate::parquet_rows::read_rows(path)?;
+        if p.rows.is_empty() {
+            return Err(DataError::file(
+                path,
+                "empty dataset (a Parquet file of 0 rows)",
+            ));
+        }
+        return Ok(RawRecords {
+            records: p.rows.into_iter().map(|(l, v)| (l, Ok(v))).collect(),
+            columns: Some(p.columns),
+        });
+    }
+    let text = utf8_text(path, read_bytes(path)?)?;
     let trimmed = text.trim_start();
-    let raw: Vec<(RecordLoc, Result<Value, String>)> = match trimmed.chars().next() {
+    let records = match trimmed.chars().next() {
         None => return Err(DataError::file(path, "empty dataset")),
         Some('[') => {
             let values: Vec<Value> = serde_json::from_str(&text)
@@ -276,11 +436,58 @@ fn load_records<T>(
             return Err(DataError::file(
                 path,
                 format!(
-                "not JSON or JSONL: expected '[' (JSON array) or '{{' (JSONL) first, found {c:?}"
-            ),
+                    "not JSON, JSONL or Parquet: expected '[' (JSON array), '{{' (JSONL) or \
+                     PAR1 (Parquet) first, found {c:?}"
+                ),
             ))
         }
     };
+    Ok(RawRecords {
+        records,
+        columns: None,
+    })
+}
+
+/// Says more about a record error in a Parquet file: a missing field that is no column of the
+/// file lists the columns there are; a value of the wrong type names the column's type.
+fn explain_columns(
+    columns: &[crate::parquet_rows::Column],
+    field: Option<&str>,
+    message: String,
+) -> String {
+    let list = || {
+        columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(field) = field else {
+        return format!("{message} (the file's columns: {})", list());
+    };
+    let top = &field[..field.find(['.', '[']).unwrap_or(field.len())];
+    match columns.iter().find(|c| c.name == top) {
+        None if message.starts_with("missing") => format!(
+            "{message}: the file has no column {top:?} (its columns: {}; map one with --field)",
+            list()
+        ),
+        Some(c) if message.starts_with("expected") && top == field => {
+            format!("{message} (the Parquet column is {})", c.type_name)
+        }
+        _ => message,
+    }
+}
+
+/// Reads the file and applies `parse` to every record, collecting or skipping errors.
+fn load_records<T>(
+    path: &Path,
+    opts: &LoadOptions,
+    parse: impl Fn(&Obj) -> Result<T, RecErr>,
+) -> Result<Loaded<T>, DataError> {
+    let RawRecords {
+        records: raw,
+        columns,
+    } = read_raw(path)?;
     if raw.is_empty() {
         return Err(DataError::file(path, "empty dataset"));
     }
@@ -292,7 +499,10 @@ fn load_records<T>(
     for (loc, value) in raw {
         let result = match value {
             Err(msg) => Err(RecErr::record(msg)),
-            Ok(Value::Object(obj)) => parse(&obj),
+            Ok(Value::Object(mut obj)) => {
+                opts.fields.apply(&mut obj);
+                parse(&obj)
+            }
             Ok(other) => Err(RecErr::record(format!(
                 "not a JSON object (found {})",
                 kind(&other)
@@ -304,11 +514,22 @@ fn load_records<T>(
                 locations.push(loc);
             }
             Err(e) => {
+                let mut message = e.message;
+                let field = e.field.map(|f| {
+                    let (path, mapping) = opts.fields.dataset_path(&f);
+                    if let Some(m) = mapping {
+                        message = format!("{message} ({m})");
+                    }
+                    path
+                });
+                if let Some(cols) = &columns {
+                    message = explain_columns(cols, field.as_deref(), message);
+                }
                 let err = DataError {
                     file: path.to_path_buf(),
                     record: Some(loc),
-                    field: e.field,
-                    message: e.message,
+                    field,
+                    message,
                 };
                 if !opts.skip_bad {
                     return Err(err);

@@ -7,7 +7,8 @@
 //! - [`shards`]: the binary token-shard format (`KILNTOK\0`, version 1) the trainer memory-maps.
 //! - [`prepare`]: corpus -> `train_NNN.bin` / `val_NNN.bin` shards + `meta.json`.
 //! - [`bench`]: tokenizer training/encoding throughput benchmark.
-//! - [`datasets`], [`template`]: instruction/chat/preference datasets and the chat template.
+//! - [`datasets`], [`template`]: instruction/chat/preference datasets (JSON, JSONL, Parquet via
+//!   [`parquet_rows`]) and the chat template.
 //!
 //! Every error names the file (and, for parse errors, the 1-based line) it is about; every output
 //! file is written to a temporary file that is fsynced and renamed into place, so a failure never
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod chat_format;
 pub mod corpus;
 pub mod datasets;
+pub mod parquet_rows;
 pub mod prepare;
 pub mod shards;
 pub mod template;

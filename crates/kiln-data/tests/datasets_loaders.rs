@@ -8,8 +8,8 @@ use kiln_data::datasets::{
     LoadOptions, Message, PrefRecord, RankedPrompt, RecordLoc, Role,
 };
 
-const STRICT: LoadOptions = LoadOptions { skip_bad: false };
-const SKIP: LoadOptions = LoadOptions { skip_bad: true };
+const STRICT: LoadOptions = LoadOptions::STRICT;
+const SKIP: LoadOptions = LoadOptions::SKIP_BAD;
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     let p = dir.path().join(name);
@@ -149,7 +149,7 @@ fn bad_sft_inputs() {
             "[1]",
             "notobj.json: record 0: not a JSON object",
         ),
-        ("text.txt", "hello", "text.txt: not JSON or JSONL"),
+        ("text.txt", "hello", "text.txt: not JSON, JSONL or Parquet"),
         (
             "type.jsonl",
             r#"{"instruction": "a", "output": 3}"#,

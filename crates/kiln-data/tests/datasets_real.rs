@@ -7,8 +7,8 @@ use kiln_data::datasets::{
 };
 use kiln_data::template::{fit_example, ChatTemplate, TextEncoder};
 
-const STRICT: LoadOptions = LoadOptions { skip_bad: false };
-const SKIP: LoadOptions = LoadOptions { skip_bad: true };
+const STRICT: LoadOptions = LoadOptions::STRICT;
+const SKIP: LoadOptions = LoadOptions::SKIP_BAD;
 
 fn data_file(name: &str) -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");

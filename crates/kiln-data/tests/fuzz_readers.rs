@@ -60,7 +60,10 @@ fn check_dataset(name: &str, bytes: &[u8], kind: &'static str) {
     let (_d, path) = file(name, bytes);
     for skip_bad in [false, true] {
         let p = path.clone();
-        let opts = LoadOptions { skip_bad };
+        let opts = LoadOptions {
+            skip_bad,
+            ..Default::default()
+        };
         let r = guarded(name, mem_limit(bytes), move || match kind {
             "sft" => load_sft(&p, &opts).map(|l| (l.records.len(), l.skipped, l.first_error)),
             "preferences" => {

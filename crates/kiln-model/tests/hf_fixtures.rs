@@ -81,6 +81,12 @@ fn llama_gqa_untied() {
     check("llama_gqa2", Family::Llama);
 }
 
+/// A Llama 3 instruct layout: embedding padded past the tokenizer, eos_token_id a list.
+#[test]
+fn llama3_chat_model() {
+    check("llama3_chat", Family::Llama);
+}
+
 #[test]
 fn llama_mqa_rope_theta_5e5() {
     check("llama_mqa_theta5e5", Family::Llama);

@@ -70,16 +70,11 @@ impl Bundle {
         }
     }
 
-    /// Refuses a model with another tokenizer or a Jinja chat template for a stage that renders
-    /// with Kiln's own template so far (DPO, GRPO), instead of training on the wrong format.
-    pub fn require_kiln_template(&self, stage: &str) -> Result<()> {
-        if !self.tokenizer.is_kiln() || self.meta.chat_template.is_some() {
-            bail!(
-                "{}: {stage} renders prompts with Kiln's own chat template, and this model has a                  Hugging Face tokenizer or Jinja template (supported by sft, rm, ppo, chat and                  generate; {stage} not yet)",
-                self.dir.display()
-            );
-        }
-        Ok(())
+    /// The chat template as a shared handle (for closures that outlive the bundle), or the
+    /// error of [`chat`](Self::chat).
+    pub fn chat_format(&self) -> Result<Arc<dyn ChatFormat + Send + Sync>> {
+        self.chat()?;
+        Ok(self.chat.clone().expect("checked by chat()"))
     }
 
     /// The files a stage's checkpoints carry beside the weights: the tokenizer, `kiln.json`, and

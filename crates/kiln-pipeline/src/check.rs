@@ -8,7 +8,7 @@
 use crate::pipeline::{Method, PipelineConfig};
 use anyhow::Result;
 use kiln_data::chat_format::ChatFormat;
-use kiln_data::datasets::{load_preferences, load_prompts, load_sft, LoadOptions};
+use kiln_data::datasets::{load_preferences, load_prompts, load_sft, FieldMap, LoadOptions};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -130,6 +130,7 @@ fn check_data<T>(
     key: &str,
     path: &Path,
     skip_bad: bool,
+    fields: &FieldMap,
     load: impl Fn(
         &Path,
         &LoadOptions,
@@ -140,7 +141,11 @@ fn check_data<T>(
         return None;
     }
     let what = describe(path);
-    match load(path, &LoadOptions { skip_bad }) {
+    let opts = |skip_bad| LoadOptions {
+        skip_bad,
+        fields: fields.clone(),
+    };
+    match load(path, &opts(skip_bad)) {
         Ok(l) => {
             let bad = if l.skipped > 0 {
                 format!(
@@ -159,7 +164,7 @@ fn check_data<T>(
             Some(l.records)
         }
         Err(e) if e.record.is_some() && !skip_bad => {
-            let lenient = load(path, &LoadOptions { skip_bad: true }).ok();
+            let lenient = load(path, &opts(true)).ok();
             let count = lenient
                 .map(|l| {
                     format!(
@@ -382,12 +387,14 @@ pub fn check(cfg: &PipelineConfig) -> Result<CheckReport> {
     let sft_skip = cfg.sft.skip_bad_records;
     let mut convs = Vec::new();
     for (i, p) in cfg.sft.data.iter().enumerate() {
-        if let Some(r) = check_data(&mut rep, &format!("sft.data[{i}]"), p, sft_skip, load_sft) {
+        let key = format!("sft.data[{i}]");
+        if let Some(r) = check_data(&mut rep, &key, p, sft_skip, &cfg.sft.fields, load_sft) {
             convs.extend(r);
         }
     }
     if let Some(v) = &cfg.sft.val_data {
-        check_data(&mut rep, "sft.val_data", v, sft_skip, load_sft);
+        let f = &cfg.sft.fields;
+        check_data(&mut rep, "sft.val_data", v, sft_skip, f, load_sft);
     }
     let rm_skip = cfg.rm.skip_bad_records;
     let mut prefs = Vec::new();
@@ -397,6 +404,7 @@ pub fn check(cfg: &PipelineConfig) -> Result<CheckReport> {
             &format!("rm.data[{i}]"),
             p,
             rm_skip,
+            &cfg.rm.fields,
             load_preferences,
         ) {
             prefs.push((format!("rm.data[{i}]"), r));
@@ -407,40 +415,42 @@ pub fn check(cfg: &PipelineConfig) -> Result<CheckReport> {
         ("rm.test_data", &cfg.rm.test_data),
     ] {
         if let Some(v) = v {
-            check_data(&mut rep, k, v, rm_skip, load_preferences);
+            check_data(&mut rep, k, v, rm_skip, &cfg.rm.fields, load_preferences);
         }
     }
-    let mut prompt_files: Vec<(String, PathBuf)> = Vec::new();
+    // Prompt files with the column mapping they are read with.
+    let mut prompt_files: Vec<(String, PathBuf, FieldMap)> = Vec::new();
     if let Some(p) = &cfg.prompts {
-        prompt_files.push(("prompts".into(), p.clone()));
+        prompt_files.push(("prompts".into(), p.clone(), FieldMap::NONE));
     }
     if let Some(p) = &cfg.eval.prompts {
-        prompt_files.push(("eval.prompts".into(), p.clone()));
+        prompt_files.push(("eval.prompts".into(), p.clone(), FieldMap::NONE));
     }
     for b in &cfg.branch {
         match &b.method {
             Method::Dpo(d) => {
                 for (i, p) in d.data.iter().enumerate() {
                     let key = format!("branch {}: data[{i}]", b.name);
-                    if let Some(r) =
-                        check_data(&mut rep, &key, p, d.skip_bad_records, load_preferences)
-                    {
+                    let (skip, f) = (d.skip_bad_records, &d.fields);
+                    if let Some(r) = check_data(&mut rep, &key, p, skip, f, load_preferences) {
                         prefs.push((key, r));
                     }
                 }
             }
             Method::Ppo(c) if c.prompts != crate::stages::PpoStageConfig::default().prompts => {
-                prompt_files.push((format!("branch {}: prompts", b.name), c.prompts.clone()));
+                let key = format!("branch {}: prompts", b.name);
+                prompt_files.push((key, c.prompts.clone(), c.fields.clone()));
             }
             Method::Grpo(g) if g.prompts != crate::stages::GrpoStageConfig::default().prompts => {
-                prompt_files.push((format!("branch {}: prompts", b.name), g.prompts.clone()));
+                let key = format!("branch {}: prompts", b.name);
+                prompt_files.push((key, g.prompts.clone(), g.fields.clone()));
             }
             _ => {}
         }
     }
     let mut prompts = Vec::new();
-    for (k, p) in &prompt_files {
-        if let Some(r) = check_data(&mut rep, k, p, false, load_prompts) {
+    for (k, p, f) in &prompt_files {
+        if let Some(r) = check_data(&mut rep, k, p, false, f, load_prompts) {
             prompts.push((k.clone(), r));
         }
     }

@@ -1,8 +1,8 @@
 //! Task accuracy of a chat model on held-out prompts, judged by the demo world's rule-based judge.
 
 use anyhow::{Context, Result};
+use kiln_data::chat_format::ChatFormat;
 use kiln_data::datasets::Message;
-use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_demo::World;
 use kiln_model::{generate, GenerateOptions, Model, Sampling};
@@ -60,15 +60,16 @@ impl Judge {
         })
     }
 
-    /// Greedy answers to every prompt, judged: accuracy, well-formedness, mean score, the share that
-    /// stopped at the end token, and mean length in tokens.
+    /// Greedy answers to every prompt, rendered with the model's chat format (Kiln's template or
+    /// a Hugging Face one), judged: accuracy, well-formedness, mean score, the share that stopped
+    /// at the end token, and mean length in tokens.
     pub fn evaluate(
         &self,
         model: &Model,
         tok: &Tokenizer,
-        template: &ChatTemplate,
+        chat: &dyn ChatFormat,
     ) -> Result<(Metrics, Vec<Sample>)> {
-        let stops = template.stop_tokens()?;
+        let stops = chat.stop_tokens()?;
         let mut samples = Vec::with_capacity(self.prompts.len());
         let opts = GenerateOptions {
             max_new_tokens: self.max_new_tokens,
@@ -85,7 +86,7 @@ impl Judge {
         for chunk in self.prompts.chunks(64) {
             let rendered: Vec<Vec<u32>> = chunk
                 .iter()
-                .map(|p| template.render_prompt(tok, &[Message::user(p.clone())]))
+                .map(|p| chat.render_prompt(&[Message::user(p.clone())]))
                 .collect::<Result<_, _>>()?;
             let outs = generate(model, &rendered, &opts, &mut rng, |_, _| {})?;
             for (p, out) in chunk.iter().zip(outs) {

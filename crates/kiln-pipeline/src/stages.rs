@@ -4,7 +4,7 @@
 use crate::bundle::{load_bundle, KilnMeta, META_FILE};
 use crate::evaluate::{Judge, JudgeConfig};
 use anyhow::{bail, Context, Result};
-use kiln_data::datasets::{load_preferences, load_sft, LoadOptions, PrefRecord, Role};
+use kiln_data::datasets::{load_preferences, load_sft, FieldMap, LoadOptions, PrefRecord, Role};
 use kiln_data::template::ChatTemplate;
 use kiln_data::Tokenizer;
 use kiln_model::lora::LoraConfig;
@@ -300,6 +300,10 @@ pub struct SftConfig {
     /// A chat template: Kiln's JSON, or a Hugging Face Jinja file (`.jinja`). Default: the model's.
     pub template: Option<PathBuf>,
     pub skip_bad_records: bool,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
+    pub fields: FieldMap,
     /// Pack several short examples into each row (attention never crosses examples).
     pub packing: bool,
     /// Task accuracy by the demo judge during evaluation.
@@ -307,7 +311,12 @@ pub struct SftConfig {
     /// Special-token roles of a Hugging Face tokenizer, by token string, overriding its files
     /// (carried on into the checkpoints' tokenizer_config.json / generation_config.json).
     pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
+    /// One end-of-sequence token or several (`["<|end_of_text|>", "<|eot_id|>"]`, as Llama 3).
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub eos_token: Vec<String>,
     pub pad_token: Option<String>,
     pub end_of_turn_token: Option<String>,
     pub train: TrainConfig,
@@ -315,6 +324,35 @@ pub struct SftConfig {
     pub lora: Option<LoraConfig>,
     /// Continue training this PEFT adapter directory (on `init`'s model).
     pub adapter: Option<PathBuf>,
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// The roles a stage's flags give a Hugging Face tokenizer (`--eos-token` ...).
+fn token_roles(
+    bos: &Option<String>,
+    eos: &[String],
+    pad: &Option<String>,
+    end_of_turn: &Option<String>,
+) -> kiln_data::SpecialOverrides {
+    kiln_data::SpecialOverrides {
+        bos: bos.clone(),
+        eos: eos.to_vec(),
+        pad: pad.clone(),
+        end_of_turn: end_of_turn.clone(),
+    }
 }
 
 impl Default for SftConfig {
@@ -330,10 +368,11 @@ impl Default for SftConfig {
             seq_len: 0,
             template: None,
             skip_bad_records: false,
+            fields: FieldMap::NONE,
             packing: false,
             judge: None,
             bos_token: None,
-            eos_token: None,
+            eos_token: Vec::new(),
             pad_token: None,
             end_of_turn_token: None,
             train: TrainConfig {
@@ -386,12 +425,12 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     if cfg.data.is_empty() {
         bail!("sft: no --data given");
     }
-    let roles = kiln_data::SpecialOverrides {
-        bos: cfg.bos_token.clone(),
-        eos: cfg.eos_token.iter().cloned().collect(),
-        pad: cfg.pad_token.clone(),
-        end_of_turn: cfg.end_of_turn_token.clone(),
-    };
+    let roles = token_roles(
+        &cfg.bos_token,
+        &cfg.eos_token,
+        &cfg.pad_token,
+        &cfg.end_of_turn_token,
+    );
     let b = crate::bundle::load_bundle_with(&cfg.init, &roles)?;
     if b.model.cfg.arch != Arch::Decoder {
         bail!(
@@ -405,6 +444,7 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
     let extra_files = b.stage_files(&meta)?;
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
+        fields: checked_fields(&cfg.fields)?,
     };
     let mut convs = Vec::new();
     for p in &cfg.data {
@@ -429,13 +469,11 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
         vskipped
     );
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
-    if judge.is_some() && meta.chat_template.is_some() {
-        bail!("sft: the demo judge needs Kiln's chat template");
-    }
     let tok = b.tokenizer.clone();
-    let tpl = template.clone();
-    let extra: Option<ExtraEval> =
-        judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
+    let judge_chat = chat.clone();
+    let extra: Option<ExtraEval> = judge.map(|j| {
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0)) as ExtraEval
+    });
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
     let memory = training_bytes_with(
         &b.model.cfg,
@@ -489,6 +527,20 @@ pub struct RmConfig {
     /// λ of the centring penalty λ·r².
     pub center: f32,
     pub skip_bad_records: bool,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
+    pub fields: FieldMap,
+    /// Special-token roles of a Hugging Face tokenizer (a reward model started from a hub
+    /// model), as in [`SftConfig`].
+    pub bos_token: Option<String>,
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub eos_token: Vec<String>,
+    pub pad_token: Option<String>,
+    pub end_of_turn_token: Option<String>,
     pub train: TrainConfig,
     /// LoRA: train adapters on a frozen base (`[lora]`; `--lora-rank` ...) instead of every weight.
     pub lora: Option<LoraConfig>,
@@ -512,6 +564,11 @@ impl Default for RmConfig {
             margin: 0.0,
             center: 0.01,
             skip_bad_records: false,
+            fields: FieldMap::NONE,
+            bos_token: None,
+            eos_token: Vec::new(),
+            pad_token: None,
+            end_of_turn_token: None,
             train: TrainConfig {
                 lr: 3e-4,
                 min_lr: 3e-5,
@@ -530,7 +587,13 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     if cfg.data.is_empty() {
         bail!("rm: no --data given");
     }
-    let b = load_bundle(&cfg.init)?;
+    let roles = token_roles(
+        &cfg.bos_token,
+        &cfg.eos_token,
+        &cfg.pad_token,
+        &cfg.end_of_turn_token,
+    );
+    let b = crate::bundle::load_bundle_with(&cfg.init, &roles)?;
     let template = b.meta.template.clone();
     let chat = b.chat()?;
     let mut meta = KilnMeta::new("rm", template.clone(), &b.tokenizer, cfg.train.seed);
@@ -538,6 +601,7 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     let extra_files = b.stage_files(&meta)?;
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
+        fields: checked_fields(&cfg.fields)?,
     };
     let mut records = Vec::new();
     for p in &cfg.data {
@@ -676,6 +740,10 @@ pub struct PpoStageConfig {
     pub critic: Option<PathBuf>,
     /// Prompts: `{"prompt"}`, Alpaca or chat records.
     pub prompts: PathBuf,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
+    pub fields: FieldMap,
     pub out: PathBuf,
     pub judge: Option<JudgeConfig>,
     /// Pretraining shards for PPO-ptx (used when `ppo.ptx_coef` > 0).
@@ -696,6 +764,7 @@ impl Default for PpoStageConfig {
             reward_model: PathBuf::from("runs/rm"),
             critic: None,
             prompts: PathBuf::from("prompts.jsonl"),
+            fields: FieldMap::NONE,
             out: PathBuf::from("runs/ppo"),
             judge: None,
             ptx_data: None,
@@ -735,8 +804,8 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         rm.meta.reward_std.unwrap_or(1.0),
     );
     let template = actor.meta.template.clone();
-    let chat = actor.chat()?;
-    let mut loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &Default::default())?;
+    let chat = actor.chat_format()?;
+    let mut loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
     let mut prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
@@ -773,9 +842,10 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
         }) as kiln_train::ppo::Grader
     });
     let tok = actor.tokenizer.clone();
-    let tpl = template.clone();
+    let judge_chat = chat.clone();
     let eval = judge.map(|j| {
-        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0))
+            as kiln_train::ppo::PolicyEval
     });
     // Trainable actor and critic, frozen reference and reward model, and rollout scoring.
     let row_len = kiln_train::ppo::row_len(&prompts, cfg.ppo.max_new_tokens, actor.model.cfg.n_ctx);
@@ -852,6 +922,20 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     ppo.train(resume)
 }
 
+/// A stage's column mapping, checked (a typo'd Kiln field fails before any model loads data).
+fn checked_fields(fields: &FieldMap) -> Result<FieldMap> {
+    fields.validate().map_err(anyhow::Error::msg)?;
+    Ok(fields.clone())
+}
+
+/// How prompt files are read: every record must be good, under the stage's column mapping.
+fn prompt_opts(fields: &FieldMap) -> Result<LoadOptions> {
+    Ok(LoadOptions {
+        fields: checked_fields(fields)?,
+        ..LoadOptions::STRICT
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Direct preference optimisation
 
@@ -884,6 +968,10 @@ pub struct DpoConfig {
     /// Validation prompts the KL is measured on (0: all).
     pub kl_max_prompts: usize,
     pub skip_bad_records: bool,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
+    pub fields: FieldMap,
     /// Task accuracy by the demo judge during evaluation.
     pub judge: Option<JudgeConfig>,
     /// `train.batch_size` counts prompts, each with all its responses.
@@ -914,6 +1002,7 @@ impl Default for DpoConfig {
             kl_top_k: 64,
             kl_max_prompts: 256,
             skip_bad_records: false,
+            fields: FieldMap::NONE,
             judge: None,
             train: TrainConfig {
                 lr: 5e-5,
@@ -975,7 +1064,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     };
     settings.validate()?;
     let b = load_bundle(&cfg.init)?;
-    b.require_kiln_template("dpo")?;
+    let chat = b.chat_format()?;
     if b.model.cfg.arch != Arch::Decoder || b.model.cfg.score_head {
         bail!(
             "{}: DPO starts from a decoder language model (an SFT model), not an encoder or a reward model",
@@ -985,6 +1074,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     let template = b.meta.template.clone();
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad_records,
+        fields: checked_fields(&cfg.fields)?,
     };
     let (records, origins, mut skipped) = load_pref_records(&cfg.data, &opts)?;
     let paired: Vec<(PrefRecord, Origin)> = records.into_iter().zip(origins).collect();
@@ -1003,14 +1093,7 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     };
     let render = |rs: Vec<(PrefRecord, Origin)>| {
         let (r, o): (Vec<_>, Vec<_>) = rs.into_iter().unzip();
-        render_dpo_groups(
-            &b.tokenizer,
-            &template,
-            &r,
-            &o,
-            seq_len,
-            cfg.skip_bad_records,
-        )
+        render_dpo_groups(chat.as_ref(), &r, &o, seq_len, cfg.skip_bad_records)
     };
     let (train, tr) = render(train_r)?;
     let (val, vr) = render(val_r)?;
@@ -1052,9 +1135,10 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
     )?;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let tok = b.tokenizer.clone();
-    let tpl = template.clone();
-    let extra: Option<ExtraEval> =
-        judge.map(|j| Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as ExtraEval);
+    let judge_chat = chat.clone();
+    let extra: Option<ExtraEval> = judge.map(|j| {
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0)) as ExtraEval
+    });
     let mut obj = DpoObjective::new(
         &model,
         train,
@@ -1147,6 +1231,10 @@ pub struct GrpoStageConfig {
     pub actor: PathBuf,
     /// Prompts: `{"prompt", ...}`, Alpaca or chat records; extra fields go to reward programs.
     pub prompts: PathBuf,
+    /// The dataset's column names for Kiln's fields (`--field output=answer`: TOML
+    /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
+    #[serde(skip_serializing_if = "FieldMap::is_empty")]
+    pub fields: FieldMap,
     pub out: PathBuf,
     /// The demo world's judge: evaluation, and the `judge` reward.
     pub judge: Option<JudgeConfig>,
@@ -1172,6 +1260,7 @@ impl Default for GrpoStageConfig {
             adapter: None,
             actor: PathBuf::from("runs/sft"),
             prompts: PathBuf::from("prompts.jsonl"),
+            fields: FieldMap::NONE,
             out: PathBuf::from("runs/grpo"),
             judge: None,
             rewards: vec!["judge".into()],
@@ -1191,11 +1280,13 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
         );
     }
     let template = actor.meta.template.clone();
-    let loaded = kiln_data::datasets::load_prompts_with_fields(&cfg.prompts, &Default::default())?;
+    let chat = actor.chat_format()?;
+    let loaded =
+        kiln_data::datasets::load_prompts_with_fields(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
     let prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
-        .map(|(r, _)| template.render_prompt(&actor.tokenizer, &r.prompt))
+        .map(|(r, _)| chat.render_prompt(&r.prompt))
         .collect::<Result<_, _>>()?;
     // The question of each prompt (its last user turn), for the judge.
     let questions: Vec<String> = loaded
@@ -1213,7 +1304,7 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
             cfg.rewards.len()
         );
     }
-    let stop_tokens = template.stop_tokens()?;
+    let stop_tokens = chat.stop_tokens()?;
     let judge = cfg.judge.as_ref().map(Judge::load).transpose()?;
     let rewards = reward_sources(
         &cfg.rewards,
@@ -1241,9 +1332,10 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
             .join(" + ")
     );
     let tok = actor.tokenizer.clone();
-    let tpl = template.clone();
+    let judge_chat = chat.clone();
     let eval = judge.map(|j| {
-        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, &tpl)?.0)) as kiln_train::ppo::PolicyEval
+        Box::new(move |m: &Model| Ok(j.evaluate(m, &tok, judge_chat.as_ref())?.0))
+            as kiln_train::ppo::PolicyEval
     });
     let row_len =
         kiln_train::ppo::row_len(&prompts, cfg.grpo.max_new_tokens, actor.model.cfg.n_ctx);

@@ -45,8 +45,9 @@ use crate::run::RunDir;
 use crate::sft::ExtraEval;
 use crate::trainer::{Metrics, Objective, StepStats};
 use anyhow::{bail, Context, Result};
+use kiln_data::chat_format::ChatFormat;
 use kiln_data::datasets::{expand_pairs, DataError, PrefRecord, RecordLoc};
-use kiln_data::template::{ids, ChatTemplate, TextEncoder};
+use kiln_data::template::ids;
 use kiln_kernels::IGNORE;
 use kiln_model::{Activations, Arch, Input, Model, ModelConfig};
 use rand::seq::SliceRandom;
@@ -245,9 +246,12 @@ impl RenderReport {
 /// that leaves no room for a response, a response longer than the context) fails with its file,
 /// record and reason, or with `skip_bad` is skipped and counted by reason. A prompt that fits but
 /// not with its longest response is cut at its start, the same for all its responses.
+///
+/// Any chat format renders them (Kiln's template, a Hugging Face Jinja template): each response
+/// is rendered after its prompt as one conversation, and the tokens the format trains on (the
+/// response and its end-of-turn token) are the response, what comes before it the prompt.
 pub fn render_dpo_groups(
-    enc: &dyn TextEncoder,
-    template: &ChatTemplate,
+    chat: &dyn ChatFormat,
     records: &[PrefRecord],
     origins: &[Origin],
     max_len: usize,
@@ -257,7 +261,7 @@ pub fn render_dpo_groups(
     let mut out = Vec::with_capacity(records.len());
     let mut report = RenderReport::default();
     for (rec, origin) in records.iter().zip(origins) {
-        match render_one(enc, template, rec, max_len).with_context(|| origin_label(origin))? {
+        match render_one(chat, rec, max_len).with_context(|| origin_label(origin))? {
             Rendered::Group(g, cut) => {
                 report.truncated_prompts += usize::from(cut);
                 out.push(g);
@@ -304,12 +308,25 @@ fn bad(reason: &'static str, field: Option<&str>, message: String) -> Result<Ren
     })
 }
 
-fn render_one(
-    enc: &dyn TextEncoder,
-    template: &ChatTemplate,
-    rec: &PrefRecord,
-    max_len: usize,
-) -> Result<Rendered> {
+/// A response rendered after its prompt: the tokens up to the end of the response (its
+/// end-of-turn token included; what a template adds after it is left out), and where the response
+/// starts.
+fn render_reply(
+    chat: &dyn ChatFormat,
+    prompt: &[kiln_data::datasets::Message],
+    response: &str,
+) -> Result<(Vec<u32>, usize)> {
+    let r = chat.render_prompt_response(prompt, response)?;
+    let Some(start) = r.loss_mask.iter().position(|&m| m) else {
+        anyhow::bail!("the chat template renders no tokens for the response");
+    };
+    let end = r.loss_mask.iter().rposition(|&m| m).expect("one is true") + 1;
+    let mut tokens = r.tokens;
+    tokens.truncate(end);
+    Ok((tokens, start))
+}
+
+fn render_one(chat: &dyn ChatFormat, rec: &PrefRecord, max_len: usize) -> Result<Rendered> {
     let r =
         match rec {
             PrefRecord::Ranked(r) => r,
@@ -330,14 +347,21 @@ fn render_one(
             "all choices share one rank: no preference to learn".into(),
         );
     }
-    let prompt = template.render_prompt(enc, &r.prompt)?;
-    let responses: Vec<Vec<u32>> = r
+    let replies: Vec<(Vec<u32>, usize)> = r
         .choices
         .iter()
-        .map(|c| template.render_response(enc, &c.0))
-        .collect::<Result<_, _>>()?;
+        .map(|c| render_reply(chat, &r.prompt, &c.0))
+        .collect::<Result<_>>()?;
+    // The shared prompt: what comes before every response (a template that merges the start of
+    // a response into the prompt's last token leaves that token to the responses).
+    let first = &replies[0].0;
+    let prompt_len = replies
+        .iter()
+        .map(|(seq, start)| (*start).min(first.iter().zip(seq).take_while(|(a, b)| a == b).count()))
+        .min()
+        .expect("a ranking has at least two responses");
     for &(w, l) in &pairs {
-        if responses[w] == responses[l] {
+        if replies[w].0 == replies[l].0 {
             return bad(
                 "chosen equals rejected",
                 None,
@@ -352,21 +376,20 @@ fn render_one(
             );
         }
     }
-    if prompt.len() >= max_len {
+    if prompt_len >= max_len {
         return bad(
             "prompt longer than the context",
             None,
             format!(
-                "the prompt is {} tokens, longer than the context allows ({max_len} tokens with \
-                 at least one for the response)",
-                prompt.len()
+                "the prompt is {prompt_len} tokens, longer than the context allows ({max_len} tokens with \
+                 at least one for the response)"
             ),
         );
     }
-    let (longest_i, longest) = responses
+    let (longest_i, longest) = replies
         .iter()
         .enumerate()
-        .map(|(i, r)| (i, r.len()))
+        .map(|(i, (seq, _))| (i, seq.len() - prompt_len))
         .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))
         .expect("a ranking has at least two responses");
     if longest + 1 > max_len {
@@ -380,12 +403,11 @@ fn render_one(
             ),
         );
     }
-    let keep = prompt.len().min(max_len - longest);
-    let cut = keep < prompt.len();
-    let prompt = &prompt[prompt.len() - keep..];
-    let seqs = responses
+    let keep = prompt_len.min(max_len - longest);
+    let cut = keep < prompt_len;
+    let seqs = replies
         .iter()
-        .map(|resp| prompt.iter().chain(resp).copied().collect())
+        .map(|(seq, _)| seq[prompt_len - keep..].to_vec())
         .collect();
     Ok(Rendered::Group(
         DpoGroup {

@@ -558,6 +558,14 @@ fn the_cache_is_checked_against_its_data_reference_and_settings() {
 }
 
 /// Text → ids 8..24 (one per character; a fake tokenizer for the tiny model).
+/// Kiln's template over a test encoder, as the chat format DPO renders with.
+fn kiln_chat<E: TextEncoder>(enc: E, tpl: &ChatTemplate) -> kiln_data::chat_format::KilnChat<E> {
+    kiln_data::chat_format::KilnChat {
+        template: tpl.clone(),
+        enc,
+    }
+}
+
 struct Chars;
 impl TextEncoder for Chars {
     fn encode(&self, text: &str) -> Vec<u32> {
@@ -609,7 +617,8 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
     ];
     for (bad, needle) in &cases {
         let records = vec![good.clone(), bad.clone(), good.clone()];
-        let err = render_dpo_groups(&Chars, &tpl, &records, &origins(3), 24, false).unwrap_err();
+        let err = render_dpo_groups(&kiln_chat(Chars, &tpl), &records, &origins(3), 24, false)
+            .unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("prefs.jsonl:2: ") && msg.contains(needle),
@@ -617,15 +626,14 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
         );
         assert!(msg.contains("--skip-bad-records"), "{msg}");
         let (groups, report) =
-            render_dpo_groups(&Chars, &tpl, &records, &origins(3), 24, true).unwrap();
+            render_dpo_groups(&kiln_chat(Chars, &tpl), &records, &origins(3), 24, true).unwrap();
         assert_eq!(groups.len(), 2);
         assert_eq!(report.total_skipped(), 1, "{report:?}");
         assert!(report.first_error.as_deref().unwrap().contains(needle));
     }
     // Ties within a ranking are fine (never paired); a good ranking gives every ordered pair.
     let (groups, _) = render_dpo_groups(
-        &Chars,
-        &tpl,
+        &kiln_chat(Chars, &tpl),
         &[ranked("ab", &[("c", 1), ("d", 2), ("e", 2), ("f", 3)])],
         &origins(1),
         24,
@@ -646,8 +654,7 @@ fn bad_records_fail_with_their_place_or_are_skipped_and_counted() {
     // A prompt that fits but not with its longest response is cut at its start, for every
     // response alike.
     let (groups, report) = render_dpo_groups(
-        &Chars,
-        &tpl,
+        &kiln_chat(Chars, &tpl),
         &[ranked(&"p".repeat(16), &[("rrrrrr", 1), ("d", 2)])],
         &origins(1),
         24,
@@ -683,7 +690,7 @@ fn loader_level_bad_records_are_counted_too() {
         err.contains("p.jsonl:2: field \"chosen\": empty response"),
         "{err}"
     );
-    let l = load_preferences(&p, &LoadOptions { skip_bad: true }).unwrap();
+    let l = load_preferences(&p, &LoadOptions::SKIP_BAD).unwrap();
     assert_eq!((l.records.len(), l.skipped), (1, 3));
     assert_eq!(l.locations, vec![kiln_data::datasets::RecordLoc::Line(1)]);
 }
@@ -716,7 +723,7 @@ fn real_preference_samples_render_as_pairs() {
             eprintln!("skipping {name}: the shared data folder is absent");
             continue;
         };
-        let l = load_preferences(&path, &LoadOptions { skip_bad: true }).unwrap();
+        let l = load_preferences(&path, &LoadOptions::SKIP_BAD).unwrap();
         assert!(
             l.records.len() >= min_records,
             "{name}: {}",
@@ -730,7 +737,8 @@ fn real_preference_samples_render_as_pairs() {
                 loc: Some(loc),
             })
             .collect();
-        let (groups, report) = render_dpo_groups(&Bytes, &tpl, &l.records, &o, 4096, true).unwrap();
+        let (groups, report) =
+            render_dpo_groups(&kiln_chat(Bytes, &tpl), &l.records, &o, 4096, true).unwrap();
         assert!(
             groups.len() + report.total_skipped() == l.records.len() && !groups.is_empty(),
             "{name}: {} groups, {report:?}",
@@ -746,7 +754,8 @@ fn real_preference_samples_render_as_pairs() {
             assert_ne!(g.seqs[0], g.seqs[1]);
         }
         // A short context skips the long dialogues (counted) and keeps the rest.
-        let (short, r) = render_dpo_groups(&Bytes, &tpl, &l.records, &o, 256, true).unwrap();
+        let (short, r) =
+            render_dpo_groups(&kiln_chat(Bytes, &tpl), &l.records, &o, 256, true).unwrap();
         assert_eq!(short.len() + r.total_skipped(), l.records.len(), "{name}");
     }
 }
@@ -831,4 +840,67 @@ fn response_kl_is_exact_and_zero_against_itself() {
         .sum();
     let one = response_kl(&p, &q, &[(vec![9, 10, 11], vec![12])]).unwrap();
     assert!(close(one[0], want, 1e-5), "{} vs {want}", one[0]);
+}
+
+/// A Hugging Face model's own tokenizer and Jinja template (the `llama3_chat` fixture, made by
+/// transformers): each sequence is exactly what `apply_chat_template` gives for the conversation
+/// (prompt, response) up to the response's end-of-turn token, and the prompt part is the
+/// generation prompt's ids.
+#[test]
+fn dpo_groups_render_with_a_hugging_face_template() {
+    use kiln_data::chat_format::JinjaChat;
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiln-model/tests/fixtures/llama3_chat");
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("chat_expected.json")).unwrap())
+            .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let tok = kiln_data::Tokenizer::load_dir(&dir).unwrap();
+    let src = std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap();
+    let chat = JinjaChat::new(&src, tok.clone()).unwrap();
+    let question = e["messages"][0]["content"].as_str().unwrap();
+    let answer = e["messages"][1]["content"].as_str().unwrap();
+    let records = vec![PrefRecord::Ranked(RankedPrompt {
+        prompt: vec![Message::user(question)],
+        choices: vec![(answer.to_string(), 1), ("I do not know.".to_string(), 2)],
+    })];
+    let origins = vec![Origin {
+        file: PathBuf::from("prefs.jsonl"),
+        loc: None,
+    }];
+    let (groups, report) = render_dpo_groups(&chat, &records, &origins, 64, false).unwrap();
+    assert_eq!(report.total_skipped(), 0);
+    let g = &groups[0];
+    let prompt = ids(&e["prompt_ids"]);
+    assert_eq!(g.prompt_len, prompt.len());
+    assert_eq!(
+        g.seqs[0],
+        ids(&e["ids"]),
+        "the chosen conversation, as transformers renders it"
+    );
+    assert_eq!(&g.seqs[1][..g.prompt_len], &prompt[..]);
+    assert_eq!(
+        tok.decode(&g.seqs[1][g.prompt_len..]),
+        "I do not know.<|eot_id|>"
+    );
+    assert_eq!(g.pairs, vec![(0, 1)]);
+    // A template that renders no assistant turn is a clear error naming the record.
+    let users = JinjaChat::new(
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}<|eot_id|>{% endif %}{% endfor %}",
+        tok,
+    )
+    .unwrap();
+    let err = render_dpo_groups(&users, &records, &origins, 64, false).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("prefs.jsonl"), "{msg}");
+    assert!(
+        msg.contains("renders nothing for assistant message"),
+        "{msg}"
+    );
 }
