@@ -181,7 +181,13 @@ fn write_plots(run: &PipelineRun) -> Result<Vec<String>> {
             }
         }
         if *method != "dpo" {
-            let mut s = vec![("held-out", series(d, "eval_accuracy"))];
+            // The evaluation before the first iteration (the SFT model) is iteration 0.
+            let mut held: Vec<(f64, f64)> = get(&run.results, name, "accuracy", false)
+                .map(|y| (0.0, y))
+                .into_iter()
+                .collect();
+            held.extend(series(d, "eval_accuracy"));
+            let mut s = vec![("held-out", held)];
             let r = series(d, "rollout_acc");
             if !r.is_empty() {
                 s.push(("own rollouts", r));
