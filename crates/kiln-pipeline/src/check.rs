@@ -5,7 +5,7 @@
 //! problem is listed at once, with its file and field, so a user fixes them in one go instead of
 //! meeting them one stage at a time.
 
-use crate::pipeline::{Method, PipelineConfig};
+use crate::spec::{Method, PipelineConfig};
 use anyhow::Result;
 use kiln_data::chat_format::ChatFormat;
 use kiln_data::datasets::{load_preferences, load_prompts, load_sft, FieldMap, LoadOptions};

@@ -2,7 +2,7 @@
 //! printed file is the user's template and manual at once. The comments live in one table here; a
 //! test fails when a key has none, so they cannot fall behind the configs.
 
-use crate::pipeline::PipelineConfig;
+use crate::spec::PipelineConfig;
 use anyhow::Result;
 
 /// The comment of `key` in the TOML table `table` (`""` at the top, `branch` for `[[branch]]`).
@@ -176,7 +176,7 @@ mod tests {
     #[test]
     fn every_key_is_commented_and_reads_back() {
         for arch in [Family::Llama, Family::Gpt2] {
-            let cfg = crate::pipeline::example_config(Size::Small, arch);
+            let cfg = crate::spec::example_config(Size::Small, arch);
             let text = commented_toml(&cfg).unwrap();
             let mut table = String::new();
             let mut missing = Vec::new();

@@ -11,4 +11,6 @@ pub mod heldout;
 pub mod pipeline;
 pub mod plot;
 pub mod report;
+pub mod results;
+pub mod spec;
 pub mod stages;

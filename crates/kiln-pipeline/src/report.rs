@@ -2,9 +2,8 @@
 //! what each stage achieved, one table comparing every post-training branch on the same held-out
 //! prompts, answers side by side, and the curves. The report runs no model: it reads results.
 
-use crate::pipeline::PipelineRun;
 use crate::plot::{self, LabelledPoint};
-use crate::stages::StageResult;
+use crate::results::{PipelineRun, StageResult};
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -317,7 +316,7 @@ fn summary(run: &PipelineRun) -> Value {
                 let d = |k: &str| get(r, name, k, true);
                 let cfg = run.cfg.branch.iter().find(|b| &b.name == name);
                 let (loss, beta) = match cfg.map(|b| &b.method) {
-                    Some(crate::pipeline::Method::Dpo(c)) => (Some(c.loss.name()), Some(c.beta)),
+                    Some(crate::spec::Method::Dpo(c)) => (Some(c.loss.name()), Some(c.beta)),
                     _ => (None, None),
                 };
                 json!({

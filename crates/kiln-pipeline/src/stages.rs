@@ -174,28 +174,6 @@ impl StageRun {
     }
 }
 
-/// A stage's result, written as `done.json` in its run directory when it completes.
-#[derive(Clone, Debug, Serialize, Deserialize, Default)]
-pub struct StageResult {
-    pub stage: String,
-    pub seconds: f64,
-    pub metrics_start: kiln_train::Metrics,
-    pub metrics_end: kiln_train::Metrics,
-    pub extra: serde_json::Value,
-}
-
-impl StageResult {
-    pub fn save(&self, out: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(self)?;
-        Ok(kiln_data::atomic_write(&out.join("done.json"), |w| {
-            w.write_all(&bytes)
-        })?)
-    }
-    pub fn load(out: &Path) -> Option<StageResult> {
-        serde_json::from_slice(&std::fs::read(out.join("done.json")).ok()?).ok()
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Pretraining
 
