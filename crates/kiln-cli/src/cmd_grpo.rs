@@ -18,6 +18,9 @@ pub struct GrpoArgs {
     /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
     #[arg(long = "field", value_name = "KILN=COLUMN")]
     fields: Vec<String>,
+    /// Skip malformed prompt records (counted and reported) instead of failing.
+    #[arg(long)]
+    skip_bad_records: bool,
     #[arg(long)]
     out: Option<PathBuf>,
     /// A reward source (repeatable; summed): judge | format | rm:DIR | cmd:PROGRAM. A program reads
@@ -90,6 +93,9 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
     o.path("actor", &a.actor);
     o.path("prompts", &a.prompts);
     o.path("out", &a.out);
+    if a.skip_bad_records {
+        o.set("skip_bad_records", true);
+    }
     if !a.rewards.is_empty() {
         o.set(
             "rewards",

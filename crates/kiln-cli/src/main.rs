@@ -451,6 +451,9 @@ struct PpoArgs {
     /// `--field instruction=question --field output=answer` (JSON, JSONL or Parquet).
     #[arg(long = "field", value_name = "KILN=COLUMN")]
     fields: Vec<String>,
+    /// Skip malformed prompt records (counted and reported) instead of failing.
+    #[arg(long)]
+    skip_bad_records: bool,
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long)]
@@ -634,6 +637,9 @@ fn run(cli: Cli) -> Result<()> {
             o.path("critic", &a.critic);
             o.path("prompts", &a.prompts);
             field_overrides(&mut o, &a.fields)?;
+            if a.skip_bad_records {
+                o.set("skip_bad_records", true);
+            }
             o.path("out", &a.out);
             o.opt("ppo.iterations", a.iterations);
             o.opt("ppo.kl_coef", a.kl_coef);

@@ -52,6 +52,52 @@ fn tiny_pipeline_end_to_end_llama() {
         };
         assert_eq!(cfg["architectures"][0], want, "{stage}");
     }
+    // A malformed prompt record stops GRPO (naming its line) unless --skip-bad-records, which
+    // counts it and trains on the rest; the same for PPO.
+    let prompts = out.join("bad_prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"What is 2 plus 3?\"}\n{\"nope\": 1}\n{\"prompt\": \"What is 4 plus 1?\"}\n",
+    )
+    .unwrap();
+    let sft = out.join("sft");
+    let grpo = |extra: &[&str], dir: &str| {
+        let mut args = vec![
+            "grpo",
+            "--actor",
+            s(&sft),
+            "--prompts",
+            s(&prompts),
+            "--reward",
+            "format",
+            "--iterations",
+            "1",
+            "--prompts-per-iter",
+            "2",
+            "--group-size",
+            "2",
+            "--set",
+            "grpo.minibatch=4",
+        ];
+        let d = out.join(dir);
+        args.extend(["--out", s(&d)]);
+        args.extend(extra);
+        kiln(&args)
+    };
+    let o = grpo(&[], "grpo_bad");
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("bad_prompts.jsonl:2"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = grpo(&["--skip-bad-records"], "grpo_skip");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("skipped 1 bad records"),
+        "{}",
+        text(&o.stderr)
+    );
     // Finished stages are reused only for the configuration that made them.
     let o = kiln(&["demo", "--size", "tiny", "--out", s(&out), "--arch", "gpt2"]);
     assert!(!o.status.success());

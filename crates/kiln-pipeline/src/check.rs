@@ -419,12 +419,13 @@ pub fn check(cfg: &PipelineConfig) -> Result<CheckReport> {
         }
     }
     // Prompt files with the column mapping they are read with.
-    let mut prompt_files: Vec<(String, PathBuf, FieldMap)> = Vec::new();
+    let mut prompt_files: Vec<(String, PathBuf, FieldMap, bool)> = Vec::new();
+    let rl_skip = crate::spec::rl_skip_bad_records(cfg);
     if let Some(p) = &cfg.prompts {
-        prompt_files.push(("prompts".into(), p.clone(), FieldMap::NONE));
+        prompt_files.push(("prompts".into(), p.clone(), FieldMap::NONE, rl_skip));
     }
     if let Some(p) = &cfg.eval.prompts {
-        prompt_files.push(("eval.prompts".into(), p.clone(), FieldMap::NONE));
+        prompt_files.push(("eval.prompts".into(), p.clone(), FieldMap::NONE, false));
     }
     for b in &cfg.branch {
         match &b.method {
@@ -439,18 +440,18 @@ pub fn check(cfg: &PipelineConfig) -> Result<CheckReport> {
             }
             Method::Ppo(c) if c.prompts != crate::stages::PpoStageConfig::default().prompts => {
                 let key = format!("branch {}: prompts", b.name);
-                prompt_files.push((key, c.prompts.clone(), c.fields.clone()));
+                prompt_files.push((key, c.prompts.clone(), c.fields.clone(), c.skip_bad_records));
             }
             Method::Grpo(g) if g.prompts != crate::stages::GrpoStageConfig::default().prompts => {
                 let key = format!("branch {}: prompts", b.name);
-                prompt_files.push((key, g.prompts.clone(), g.fields.clone()));
+                prompt_files.push((key, g.prompts.clone(), g.fields.clone(), g.skip_bad_records));
             }
             _ => {}
         }
     }
     let mut prompts = Vec::new();
-    for (k, p, f) in &prompt_files {
-        if let Some(r) = check_data(&mut rep, k, p, false, f, load_prompts) {
+    for (k, p, f, skip) in &prompt_files {
+        if let Some(r) = check_data(&mut rep, k, p, *skip, f, load_prompts) {
             prompts.push((k.clone(), r));
         }
     }

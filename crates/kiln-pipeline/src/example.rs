@@ -67,7 +67,7 @@ fn comment(table: &str, key: &str) -> Option<&'static str> {
         ("branch", "packing") => "pack several sequences per row",
         ("branch", "kl_top_k") => "reference tokens kept per position for the validation KL (0: all)",
         ("branch", "kl_max_prompts") => "validation prompts the KL is measured on (0: all)",
-        ("branch", "skip_bad_records") => "skip malformed records (counted) instead of stopping",
+        ("branch", "skip_bad_records") => "skip malformed records (DPO data, RL prompts; counted) instead of stopping",
         ("branch", "rewards") => "GRPO reward sources: judge, rm (the pipeline's reward model), rm:DIR, exact[:FIELD], format, cmd:PROGRAM",
         ("branch", "reward_weights") => "one weight per reward source (default 1 each)",
         ("branch", "reward_timeout_s") => "seconds a reward program may take per answer",

@@ -137,7 +137,7 @@ fn rl_result(
 
 /// Splits `src` into a training and a held-out prompt file in `dir` (deterministic for a seed),
 /// unless both exist already.
-fn split_prompts(src: &Path, fraction: f64, seed: u64, dir: &Path) -> Result<()> {
+fn split_prompts(src: &Path, fraction: f64, seed: u64, skip_bad: bool, dir: &Path) -> Result<()> {
     let (train, held) = (
         dir.join("prompts_train.jsonl"),
         dir.join("prompts_heldout.jsonl"),
@@ -145,7 +145,11 @@ fn split_prompts(src: &Path, fraction: f64, seed: u64, dir: &Path) -> Result<()>
     if train.exists() && held.exists() {
         return Ok(());
     }
-    let loaded = kiln_data::datasets::load_prompts_with_fields(src, &Default::default())?;
+    let opts = kiln_data::datasets::LoadOptions {
+        skip_bad,
+        ..kiln_data::datasets::LoadOptions::STRICT
+    };
+    let loaded = kiln_data::datasets::load_prompts_with_fields(src, &opts)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for (i, (r, o)) in loaded.records.into_iter().enumerate() {
@@ -258,7 +262,13 @@ pub fn run_pipeline_config(cfg: &PipelineConfig, progress: bool) -> Result<Pipel
         })?;
     }
     if let Some((src, fraction)) = &plan.heldout_split {
-        split_prompts(src, *fraction, cfg.seed, &out.join("eval"))?;
+        split_prompts(
+            src,
+            *fraction,
+            cfg.seed,
+            rl_skip_bad_records(cfg),
+            &out.join("eval"),
+        )?;
     }
     let mut branches = Vec::new();
     let mut keys: BTreeMap<String, String> = BTreeMap::new();

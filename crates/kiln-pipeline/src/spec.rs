@@ -244,6 +244,16 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Whether the pipeline's own `prompts` are read skipping bad records: when any RL branch that
+/// reads them says so.
+pub fn rl_skip_bad_records(cfg: &PipelineConfig) -> bool {
+    cfg.branch.iter().any(|b| match &b.method {
+        Method::Ppo(c) => c.skip_bad_records,
+        Method::Grpo(g) => g.skip_bad_records,
+        Method::Dpo(_) => false,
+    })
+}
+
 /// Keys of the top-level stages the pipeline derives.
 pub const DERIVED_KEYS: [(&str, &[&str]); 3] = [
     ("pretrain", &["data", "tokenizer", "out"]),

@@ -722,6 +722,8 @@ pub struct PpoStageConfig {
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
     #[serde(skip_serializing_if = "FieldMap::is_empty")]
     pub fields: FieldMap,
+    /// Skip malformed prompt records (counted, the first error shown) instead of stopping.
+    pub skip_bad_records: bool,
     pub out: PathBuf,
     pub judge: Option<JudgeConfig>,
     /// Pretraining shards for PPO-ptx (used when `ppo.ptx_coef` > 0).
@@ -743,6 +745,7 @@ impl Default for PpoStageConfig {
             critic: None,
             prompts: PathBuf::from("prompts.jsonl"),
             fields: FieldMap::NONE,
+            skip_bad_records: false,
             out: PathBuf::from("runs/ppo"),
             judge: None,
             ptx_data: None,
@@ -783,7 +786,14 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     );
     let template = actor.meta.template.clone();
     let chat = actor.chat_format()?;
-    let mut loaded = kiln_data::datasets::load_prompts(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
+    let mut loaded = report_skipped_loaded(
+        "ppo",
+        &cfg.prompts,
+        kiln_data::datasets::load_prompts(
+            &cfg.prompts,
+            &prompt_opts(&cfg.fields, cfg.skip_bad_records)?,
+        )?,
+    );
     let mut prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
@@ -907,11 +917,28 @@ fn checked_fields(fields: &FieldMap) -> Result<FieldMap> {
 }
 
 /// How prompt files are read: every record must be good, under the stage's column mapping.
-fn prompt_opts(fields: &FieldMap) -> Result<LoadOptions> {
+fn prompt_opts(fields: &FieldMap, skip_bad: bool) -> Result<LoadOptions> {
     Ok(LoadOptions {
         fields: checked_fields(fields)?,
-        ..LoadOptions::STRICT
+        skip_bad,
     })
+}
+
+/// A load with its skipped records reported (as [`report_skipped`], keeping the `Loaded`).
+fn report_skipped_loaded<T>(
+    stage: &str,
+    path: &Path,
+    l: kiln_data::datasets::Loaded<T>,
+) -> kiln_data::datasets::Loaded<T> {
+    if l.skipped > 0 {
+        eprintln!(
+            "[{stage}] {}: skipped {} bad records (first: {})",
+            path.display(),
+            l.skipped,
+            l.first_error.clone().unwrap_or_default()
+        );
+    }
+    l
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1213,6 +1240,8 @@ pub struct GrpoStageConfig {
     /// `fields = { output = "answer" }`), for JSON, JSONL and Parquet files alike.
     #[serde(skip_serializing_if = "FieldMap::is_empty")]
     pub fields: FieldMap,
+    /// Skip malformed prompt records (counted, the first error shown) instead of stopping.
+    pub skip_bad_records: bool,
     pub out: PathBuf,
     /// The demo world's judge: evaluation, and the `judge` reward.
     pub judge: Option<JudgeConfig>,
@@ -1239,6 +1268,7 @@ impl Default for GrpoStageConfig {
             actor: PathBuf::from("runs/sft"),
             prompts: PathBuf::from("prompts.jsonl"),
             fields: FieldMap::NONE,
+            skip_bad_records: false,
             out: PathBuf::from("runs/grpo"),
             judge: None,
             rewards: vec!["judge".into()],
@@ -1259,8 +1289,14 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     }
     let template = actor.meta.template.clone();
     let chat = actor.chat_format()?;
-    let loaded =
-        kiln_data::datasets::load_prompts_with_fields(&cfg.prompts, &prompt_opts(&cfg.fields)?)?;
+    let loaded = report_skipped_loaded(
+        "grpo",
+        &cfg.prompts,
+        kiln_data::datasets::load_prompts_with_fields(
+            &cfg.prompts,
+            &prompt_opts(&cfg.fields, cfg.skip_bad_records)?,
+        )?,
+    );
     let prompts: Vec<Vec<u32>> = loaded
         .records
         .iter()
