@@ -1,6 +1,6 @@
 //! Data parallel on MPI (`--features mpi`; needs `mpirun`): `mpirun -np 2` with one thread per rank
 //! against one process with two threads, same global batch and seed — the losses and final weights
-//! agree to 1e-5 for pretraining, SFT and GRPO; a rank killed mid-run stops the other within seconds,
+//! agree to 1e-5 for pretraining, SFT, GRPO and PPO; a rank killed mid-run stops the other within seconds,
 //! a stopped rank trips the watchdog, a rank's error ends the job, and `--resume` from the killed
 //! run's checkpoint with 1 or 2 ranks gives the uninterrupted run's figures.
 #![cfg(feature = "mpi")]
@@ -247,6 +247,58 @@ fn two_ranks_match_one_process_with_two_threads() {
     assert_close("grpo", &one_grpo, &two_grpo, "loss", 8, 1e-5, 1e-5);
     // The rewards moved: the comparison is of a run that learns something.
     let r = losses(&one_grpo, "reward");
+    assert!(r.iter().any(|x| x.1 != r[0].1), "constant rewards {r:?}");
+
+    // PPO: a reward model from the SFT model (one process), then actor and critic trained on 2
+    // ranks against one process: 8 responses per iteration, minibatches of 4, 2 epochs.
+    let rm = f.root.join("rm");
+    let mut a = strings(&["rm", "--init", s(&one_sft), "--out", s(&rm)]);
+    a.extend(strings(&[
+        "--data",
+        s(&f.data.join("rm_train.jsonl")),
+        "--val-data",
+        s(&f.data.join("rm_val.jsonl")),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "20",
+        "--eval-every",
+        "20",
+    ]));
+    ok(2, &a);
+    let ppo = |out: &Path| {
+        let mut a = strings(&["ppo", "--actor", s(&one_sft), "--reward-model", s(&rm)]);
+        a.extend(strings(&[
+            "--prompts",
+            s(&f.data.join("ppo_prompts.jsonl")),
+            "--out",
+            s(out),
+            "--iterations",
+            "6",
+            "--set",
+            "ppo.rollout_batch=8",
+            "--set",
+            "ppo.minibatch=4",
+            "--set",
+            "ppo.ppo_epochs=2",
+            "--set",
+            "ppo.max_new_tokens=8",
+            "--set",
+            "ppo.actor_lr=1e-4",
+            "--set",
+            "ppo.ckpt_every=3",
+            "--set",
+            "ppo.eval_every=3",
+        ]));
+        a
+    };
+    let (one_ppo, two_ppo) = (f.root.join("ppo1"), f.root.join("ppo2"));
+    ok(2, &ppo(&one_ppo));
+    mpi_ok(2, &ppo(&two_ppo));
+    for key in ["reward", "kl", "value_loss", "entropy"] {
+        assert_close("ppo", &one_ppo, &two_ppo, key, 6, 1e-5, 1e-5);
+    }
+    let r = losses(&one_ppo, "reward");
     assert!(r.iter().any(|x| x.1 != r[0].1), "constant rewards {r:?}");
 }
 

@@ -6,6 +6,7 @@
 //! RM score at the last response token → GAE → several epochs of clipped policy and value updates.
 //! Every per-token quantity is indexed by the position that PREDICTS the token (its target row).
 
+use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
 use crate::rm::score_rows;
 use crate::rollout::{Rows, Span};
@@ -15,9 +16,9 @@ use crate::trainer::{fmt_metrics, progress_bar, say, Metrics, STOP};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{bytes_to_tensors, model_files, params_from_tensors, read_checked};
-use kiln_model::{generate, Activations, GenerateOptions, Model, ModelConfig, Sampling};
+use kiln_model::{generate_rows_with, Activations, GenerateOptions, Model, ModelConfig, Sampling};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -313,6 +314,16 @@ impl<'a> Ppo<'a> {
                 self.cfg.minibatch
             );
         }
+        let ranks = dist::world().size();
+        if !self.cfg.rollout_batch.is_multiple_of(ranks)
+            || !self.cfg.minibatch.is_multiple_of(ranks)
+        {
+            bail!(
+                "rollout_batch ({}) and minibatch ({}) must be multiples of the number of processes ({ranks}): each rank samples an equal part of the batch and computes an equal part of every minibatch",
+                self.cfg.rollout_batch,
+                self.cfg.minibatch
+            );
+        }
         Ok(())
     }
 
@@ -345,8 +356,30 @@ impl<'a> Ppo<'a> {
             },
             stop_tokens: self.stop_tokens.clone(),
         };
-        let responses = generate(&self.actor, &prompts, &opts, rng, |_, _| {})?;
+        let world = dist::world();
+        let (size, rank) = (world.size(), world.rank());
         let n = prompts.len();
+        // Each rank samples its block of the batch (all of it on one process), each response from
+        // its own stream, so what is sampled does not depend on the number of ranks; then every
+        // rank gets every response.
+        let (lo, hi) = dist::block(world, n);
+        let base: u64 = rng.gen();
+        let mut row_rngs: Vec<ChaCha8Rng> = (lo..hi)
+            .map(|i| {
+                let mut r = ChaCha8Rng::seed_from_u64(base);
+                r.set_stream(i as u64);
+                r
+            })
+            .collect();
+        let mine = generate_rows_with(
+            &self.actor,
+            None,
+            &prompts[lo..hi],
+            &opts,
+            &mut row_rngs,
+            |_, _| {},
+        )?;
+        let responses: Vec<Vec<u32>> = dist::all_gather_json(world, &mine)?.concat();
         let mut ro = Rollout {
             rows: Rows::build(&prompts, &responses, t, &self.stop_tokens),
             old_logp: vec![0.0; n * t],
@@ -356,56 +389,82 @@ impl<'a> Ppo<'a> {
             scores: vec![0.0; n],
             kl: vec![0.0; n],
         };
-        // Old log-probs and values, computed minibatch by minibatch in the order of the first PPO epoch,
-        // so the first minibatch's ratio is exactly 1.
-        let mb = cfg.minibatch;
-        let mut acts = Activations::new(&self.actor.cfg, mb, t, true);
+        // Old log-probs, reference log-probs and values, computed minibatch by minibatch in the
+        // order of the first PPO epoch, each rank its part of every minibatch as in training (so
+        // the first minibatch's ratio is exactly 1); then every rank gets all of them.
+        let mb_rows = cfg.minibatch / size;
+        let mut acts = Activations::new(&self.actor.cfg, mb_rows, t, true);
         let mut ref_acts = self
             .reference
             .as_ref()
-            .map(|r| Activations::new(&r.cfg, mb, t, true));
-        let mut vacts = Activations::new(&self.critic.cfg, mb, t, false);
-        let mut ref_logp = vec![0.0f32; n * t];
-        for chunk in order0.chunks(mb) {
+            .map(|r| Activations::new(&r.cfg, mb_rows, t, true));
+        let mut vacts = Activations::new(&self.critic.cfg, mb_rows, t, false);
+        let (mut own_old, mut own_ref, mut own_val) = (Vec::new(), Vec::new(), Vec::new());
+        for chunk in order0.chunks(cfg.minibatch) {
+            let (a, b) = dist::part_of(chunk.len(), rank, size);
+            let idx = &chunk[a..b];
             let (lp, _) = ro
                 .rows
-                .logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
+                .logprobs(&self.actor, &mut acts, idx, cfg.temperature);
             let (rlp, _) = match (&self.reference, ref_acts.as_mut()) {
-                (Some(r), Some(ra)) => ro.rows.logprobs(r, ra, chunk, cfg.temperature),
+                (Some(r), Some(ra)) => ro.rows.logprobs(r, ra, idx, cfg.temperature),
                 _ => {
                     self.actor.set_adapters_enabled(false);
                     let out = ro
                         .rows
-                        .logprobs(&self.actor, &mut acts, chunk, cfg.temperature);
+                        .logprobs(&self.actor, &mut acts, idx, cfg.temperature);
                     self.actor.set_adapters_enabled(true);
                     out
                 }
             };
-            let v = Self::values(&self.critic, &mut vacts, &ro.rows, chunk);
-            for (k, &r) in chunk.iter().enumerate() {
-                ro.old_logp[r * t..(r + 1) * t].copy_from_slice(&lp[k * t..(k + 1) * t]);
-                ref_logp[r * t..(r + 1) * t].copy_from_slice(&rlp[k * t..(k + 1) * t]);
-                ro.values[r * t..(r + 1) * t].copy_from_slice(&v[k * t..(k + 1) * t]);
+            let v = Self::values(&self.critic, &mut vacts, &ro.rows, idx);
+            let rows_t = idx.len() * t;
+            own_old.extend_from_slice(&lp[..rows_t]);
+            own_ref.extend_from_slice(&rlp[..rows_t]);
+            own_val.extend_from_slice(&v[..rows_t]);
+        }
+        let mut ref_logp = vec![0.0f32; n * t];
+        let all_old = dist::all_gather_f32(world, &own_old)?;
+        let all_ref = dist::all_gather_f32(world, &own_ref)?;
+        let all_val = dist::all_gather_f32(world, &own_val)?;
+        for q in 0..size {
+            let mut k = 0;
+            for chunk in order0.chunks(cfg.minibatch) {
+                let (a, b) = dist::part_of(chunk.len(), q, size);
+                for &r in &chunk[a..b] {
+                    let (row, from) = (r * t..(r + 1) * t, k * t..(k + 1) * t);
+                    ro.old_logp[row.clone()].copy_from_slice(&all_old[q][from.clone()]);
+                    ref_logp[row.clone()].copy_from_slice(&all_ref[q][from.clone()]);
+                    ro.values[row].copy_from_slice(&all_val[q][from]);
+                    k += 1;
+                }
             }
         }
-        // Reward-model scores at each response's last token, normalised with the RM's training statistics.
-        let seqs: Vec<Vec<u32>> = (0..n)
+        // Reward-model scores at each response's last token, normalised with the RM's training
+        // statistics; each rank scores its block of the batch.
+        let seqs: Vec<Vec<u32>> = (lo..hi)
             .map(|r| {
                 let sp = ro.rows.spans[r];
                 ro.rows.tokens[r * t..r * t + sp.start + 1 + sp.len].to_vec()
             })
             .collect();
-        let mut racts = Activations::new(&self.reward.model.cfg, mb, t, false);
-        for (c, chunk) in seqs.chunks(mb).enumerate() {
-            let s = score_rows(&self.reward.model, &mut racts, chunk);
-            for (k, x) in s.into_iter().enumerate() {
+        let mut racts = Activations::new(&self.reward.model.cfg, mb_rows, t, false);
+        let mut own_scores = Vec::with_capacity(hi - lo);
+        for chunk in seqs.chunks(mb_rows) {
+            for x in score_rows(&self.reward.model, &mut racts, chunk) {
                 let mut z = (x - self.reward.mean) / self.reward.std;
                 if cfg.reward_clip > 0.0 {
                     z = z.clamp(-cfg.reward_clip, cfg.reward_clip);
                 }
-                ro.scores[c * mb + k] = z;
+                own_scores.push(z);
             }
         }
+        ro.scores = dist::all_gather_f32(world, &own_scores)?.concat();
+        if ro.scores.len() != n {
+            bail!("{} reward scores for {n} responses", ro.scores.len());
+        }
+        // Every rank has the whole batch from here on: the rewards, GAE and the whitening
+        // statistics below are the same on every rank.
         // Per-token rewards and GAE over each response.
         for r in 0..n {
             let Span { start, len, ended } = ro.rows.spans[r];
@@ -442,11 +501,6 @@ impl<'a> Ppo<'a> {
 
     /// Runs PPO (or, with `resume`, continues it) for `cfg.iterations` iterations.
     pub fn train(&mut self, resume: bool) -> Result<PpoSummary> {
-        if crate::dist::world().size() > 1 {
-            bail!(
-                "PPO does not train data-parallel yet: run it as one process (GRPO and the supervised stages run under mpirun)"
-            );
-        }
         self.validate()?;
         kiln_kernels::flush_denormals_everywhere();
         let cfg = self.cfg.clone();
@@ -479,7 +533,9 @@ impl<'a> Ppo<'a> {
             history: Vec::new(),
         };
         let mut summary = PpoSummary::default();
-        if resume {
+        let world = dist::world();
+        let (size, rank) = (world.size(), world.rank());
+        if resume && dist::is_root() {
             if let Some(dir) = self.run.latest_checkpoint()? {
                 self.load_state(&dir, &mut actor_opt, &mut critic_opt, &mut st)?;
                 self.run.truncate_metrics_after(st.iteration)?;
@@ -490,13 +546,33 @@ impl<'a> Ppo<'a> {
                 );
             }
         }
+        if size > 1 {
+            // Every rank starts from rank 0's actor, critic, moments and loop state.
+            dist::broadcast_start(world, &mut self.actor, &mut actor_opt.m, &mut actor_opt.v)?;
+            dist::broadcast_start(
+                world,
+                &mut self.critic,
+                &mut critic_opt.m,
+                &mut critic_opt.v,
+            )?;
+            st = dist::broadcast_json(world, &st)?;
+            actor_opt.step = st.actor_updates;
+            critic_opt.step = st.critic_updates;
+        }
         let mut rng = ChaCha8Rng::from_seed(st.rng);
         rng.set_word_pos(st.rng_word);
         if let Some(f) = self.eval.as_mut() {
             summary.eval_start = f(&self.actor)?;
-            eprintln!("[ppo] start {}", fmt_metrics(&summary.eval_start));
+            if dist::is_root() {
+                eprintln!("[ppo] start {}", fmt_metrics(&summary.eval_start));
+            }
         }
-        let pb = progress_bar(self.progress, "ppo", cfg.iterations, st.iteration);
+        let pb = progress_bar(
+            self.progress && dist::is_root(),
+            "ppo",
+            cfg.iterations,
+            st.iteration,
+        );
         let start = Instant::now();
         let mb = cfg.minibatch;
         // A guard per model; the state counts their skipped updates together.
@@ -508,8 +584,9 @@ impl<'a> Ppo<'a> {
         );
         let mut critic_guard =
             UpdateGuard::new("ppo critic", cfg.non_finite, cfg.max_non_finite, 0);
-        let mut acts = Activations::new(&self.actor.cfg, mb, t, true);
-        let mut vacts = Activations::new(&self.critic.cfg, mb, t, false);
+        // Each rank computes its part of every minibatch (on one process, all of it).
+        let mut acts = Activations::new(&self.actor.cfg, mb / size, t, true);
+        let mut vacts = Activations::new(&self.critic.cfg, mb / size, t, false);
         while st.iteration < cfg.iterations {
             // The next prompts, cycling through a shuffled prompt list.
             let mut ids_ = Vec::with_capacity(cfg.rollout_batch);
@@ -539,9 +616,17 @@ impl<'a> Ppo<'a> {
                 (0usize, 0usize, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
             let mut first_ratio_err = 0.0f64;
             for (e, order) in epoch_orders.iter().enumerate() {
-                for (bi, rows) in order.chunks(mb).enumerate() {
+                for (bi, chunk) in order.chunks(mb).enumerate() {
+                    // The losses are means over the whole minibatch's response tokens (on every
+                    // rank); this rank computes its part of the minibatch.
+                    let count = chunk
+                        .iter()
+                        .map(|&r| ro.rows.spans[r].len)
+                        .sum::<usize>()
+                        .max(1) as f32;
+                    let (a, b) = dist::part_of(chunk.len(), rank, size);
+                    let rows = &chunk[a..b];
                     let targets: Vec<u32> = ro.rows.gather(rows).1;
-                    let count = targets.iter().filter(|&&x| x != IGNORE).count().max(1) as f32;
                     // Actor: clipped surrogate (+ entropy bonus).
                     self.actor.zero_grads();
                     let (lp, ent) = ro
@@ -580,7 +665,9 @@ impl<'a> Ppo<'a> {
                             use_ent.then_some(&dent[..]),
                         );
                         self.actor.backward(&mut acts);
-                        if cfg.ptx_coef > 0.0 {
+                        // PPO-ptx's term is added once per update: by rank 0, whose gradient
+                        // carries it into the sum (rank 0 alone walks and saves the ptx data).
+                        if cfg.ptx_coef > 0.0 && rank == 0 {
                             let ptx = self
                                 .ptx
                                 .as_mut()
@@ -588,6 +675,15 @@ impl<'a> Ppo<'a> {
                             ptx_loss += ptx.micro_step(&mut self.actor, cfg.ptx_coef)?.loss;
                             ptx_steps += 1;
                         }
+                        // Data parallel: the minibatch's gradient and loss, summed over the ranks.
+                        dist::reduce_step(
+                            world,
+                            self.actor.trainable_grads_mut(),
+                            &mut mb_loss,
+                            &mut 0,
+                            &mut Metrics::new(),
+                            false,
+                        )?;
                         if let Some(h) = self.grad_hook.as_mut() {
                             h("actor", st.iteration + 1, &mut self.actor);
                         }
@@ -622,6 +718,14 @@ impl<'a> Ppo<'a> {
                     }
                     self.critic.score_head_backward(&mut vacts, &dv);
                     self.critic.backward(&mut vacts);
+                    dist::reduce_step(
+                        world,
+                        self.critic.trainable_grads_mut(),
+                        &mut mb_vloss,
+                        &mut 0,
+                        &mut Metrics::new(),
+                        false,
+                    )?;
                     if let Some(h) = self.grad_hook.as_mut() {
                         h("critic", st.iteration + 1, &mut self.critic);
                     }
@@ -636,6 +740,29 @@ impl<'a> Ppo<'a> {
                         |m| say(&pb, m),
                     )?;
                 }
+            }
+            // The iteration's token statistics over every rank (and whether any was interrupted).
+            let mut own = Metrics::new();
+            own.insert("clipped".into(), clipped as f64);
+            own.insert("ntok".into(), ntok as f64);
+            own.insert("approx_kl".into(), approx_kl);
+            own.insert("ent".into(), ent_sum);
+            own.insert("vloss".into(), vloss_sum);
+            own.insert("pg".into(), pg_sum);
+            own.insert("ptx_loss".into(), ptx_loss);
+            own.insert("ptx_steps".into(), ptx_steps as f64);
+            own.insert("stop".into(), STOP.load(Ordering::SeqCst) as u8 as f64);
+            let all = dist::sum_metrics(world, &own)?;
+            (clipped, ntok) = (all["clipped"] as usize, all["ntok"] as usize);
+            (approx_kl, ent_sum, vloss_sum, pg_sum) =
+                (all["approx_kl"], all["ent"], all["vloss"], all["pg"]);
+            (ptx_loss, ptx_steps) = (all["ptx_loss"], all["ptx_steps"] as usize);
+            let stop = all["stop"] > 0.0;
+            if size > 1 {
+                first_ratio_err = dist::all_gather_f32(world, &[first_ratio_err as f32])?
+                    .concat()
+                    .into_iter()
+                    .fold(0.0f64, |m, x| m.max(x as f64));
             }
             // Iteration metrics.
             let nt = ntok.max(1) as f64;
@@ -746,14 +873,15 @@ impl<'a> Ppo<'a> {
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v)))
                 .collect();
-            let stop = STOP.load(Ordering::SeqCst);
             if (cfg.ckpt_every > 0 && st.iteration.is_multiple_of(cfg.ckpt_every)) || last || stop {
                 st.rng = rng.get_seed();
                 st.rng_word = rng.get_word_pos();
                 st.actor_updates = actor_opt.step;
                 st.critic_updates = critic_opt.step;
                 st.ptx = self.ptx.as_ref().map(|p| p.state()).unwrap_or_default();
-                self.save(&actor_opt, &critic_opt, &st)?;
+                if dist::is_root() {
+                    self.save(&actor_opt, &critic_opt, &st)?;
+                }
             }
             if stop {
                 summary.interrupted = true;
