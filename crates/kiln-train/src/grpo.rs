@@ -11,17 +11,15 @@ use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
 use crate::ppo::{prompt_order, row_len, PolicyEval};
 use crate::reward::Weighted;
-use crate::rollout::Rows;
+use crate::rollout::{sample_responses, Rows};
 use crate::run::RunDir;
 use crate::trainer::{fmt_metrics, progress_bar, say, Metrics, NonFinite, STOP};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{model_files, read_checked};
-use kiln_model::{
-    generate_rows_with, Activations, GenerateOptions, Model, PackedWeights, Sampling, WeightFormat,
-};
+use kiln_model::{Activations, GenerateOptions, Model, PackedWeights, Sampling, WeightFormat};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -450,27 +448,16 @@ impl<'a> Grpo<'a> {
                     .iter()
                     .map(|&p| self.prompts[p].clone())
                     .collect();
-                // One batched decode over this rank's share of the round (all of it on one
-                // process), each response drawing from its own stream, so what is sampled does not
-                // depend on how responses are dealt out; then every rank gets every response.
-                let (lo, hi) = dist::block(world, rn);
-                let base: u64 = rng.gen();
-                let mut row_rngs: Vec<ChaCha8Rng> = (lo..hi)
-                    .map(|i| {
-                        let mut r = ChaCha8Rng::seed_from_u64(base);
-                        r.set_stream(i as u64);
-                        r
-                    })
-                    .collect();
-                let mine = generate_rows_with(
+                let sampled = sample_responses(
+                    world,
                     &self.actor,
                     packed.as_ref(),
-                    &batch_prompts[lo..hi],
+                    &batch_prompts,
                     &opts,
-                    &mut row_rngs,
-                    |_, _| {},
+                    &mut rng,
                 )?;
-                let sampled: Vec<Vec<u32>> = dist::all_gather_json(world, &mine)?.concat();
+                // Each rank scores its own block of the round.
+                let (lo, hi) = dist::block(world, rn);
                 let round_rows = Rows::build(&batch_prompts, &sampled, t, &self.stop_tokens);
                 sampled_tokens += round_rows.spans.iter().map(|s| s.len).sum::<usize>();
                 // Rewards: the weighted sum of every source.

@@ -9,16 +9,16 @@
 use crate::dist;
 use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
 use crate::rm::score_rows;
-use crate::rollout::{Rows, Span};
+use crate::rollout::{sample_responses, Rows, Span};
 use crate::run::RunDir;
 use crate::trainer::NonFinite;
 use crate::trainer::{fmt_metrics, progress_bar, say, Metrics, STOP};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{bytes_to_tensors, model_files, params_from_tensors, read_checked};
-use kiln_model::{generate_rows_with, Activations, GenerateOptions, Model, ModelConfig, Sampling};
+use kiln_model::{Activations, GenerateOptions, Model, ModelConfig, Sampling};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -359,27 +359,9 @@ impl<'a> Ppo<'a> {
         let world = dist::world();
         let (size, rank) = (world.size(), world.rank());
         let n = prompts.len();
-        // Each rank samples its block of the batch (all of it on one process), each response from
-        // its own stream, so what is sampled does not depend on the number of ranks; then every
-        // rank gets every response.
+        let responses = sample_responses(world, &self.actor, None, &prompts, &opts, rng)?;
+        // Each rank scores its own block of the batch.
         let (lo, hi) = dist::block(world, n);
-        let base: u64 = rng.gen();
-        let mut row_rngs: Vec<ChaCha8Rng> = (lo..hi)
-            .map(|i| {
-                let mut r = ChaCha8Rng::seed_from_u64(base);
-                r.set_stream(i as u64);
-                r
-            })
-            .collect();
-        let mine = generate_rows_with(
-            &self.actor,
-            None,
-            &prompts[lo..hi],
-            &opts,
-            &mut row_rngs,
-            |_, _| {},
-        )?;
-        let responses: Vec<Vec<u32>> = dist::all_gather_json(world, &mine)?.concat();
         let mut ro = Rollout {
             rows: Rows::build(&prompts, &responses, t, &self.stop_tokens),
             old_logp: vec![0.0; n * t],

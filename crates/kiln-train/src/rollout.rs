@@ -4,9 +4,12 @@
 //!
 //! Per-token quantities are indexed by the position that PREDICTS the token (its target row).
 
+use crate::dist::{self, Collective};
 use kiln_data::template::ids;
 use kiln_kernels::IGNORE;
-use kiln_model::{Activations, Input, Model};
+use kiln_model::{generate_rows_with, Activations, GenerateOptions, Input, Model, PackedWeights};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// One response's place in its row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +124,38 @@ impl Rows {
         model.lm_head(acts, &targets, temperature);
         (acts.logp.clone(), acts.entropy.clone())
     }
+}
+
+/// Responses to `prompts` sampled for RL, the same on every rank: each rank decodes its block of
+/// the batch (all of it on one process) in one batched KV-cache decode, each response drawing from
+/// its own random stream (seeded from `rng`), so what is sampled does not depend on how the batch
+/// is dealt out; then every rank gets every response.
+pub fn sample_responses(
+    world: &dyn Collective,
+    model: &Model,
+    packed: Option<&PackedWeights>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let (lo, hi) = dist::block(world, prompts.len());
+    let base: u64 = rng.gen();
+    let mut row_rngs: Vec<ChaCha8Rng> = (lo..hi)
+        .map(|i| {
+            let mut r = ChaCha8Rng::seed_from_u64(base);
+            r.set_stream(i as u64);
+            r
+        })
+        .collect();
+    let mine = generate_rows_with(
+        model,
+        packed,
+        &prompts[lo..hi],
+        opts,
+        &mut row_rngs,
+        |_, _| {},
+    )?;
+    Ok(dist::all_gather_json(world, &mine)?.concat())
 }
 
 #[cfg(test)]
