@@ -6,6 +6,7 @@
 //! This module only draws what it is given: which charts exist, and their data, is the report's.
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::io::Write;
 use std::path::Path;
@@ -94,6 +95,47 @@ fn e<E: std::fmt::Display>(err: E) -> anyhow::Error {
     anyhow!("{err}")
 }
 
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Every chart's frame: the title, the axes over `x` × `y` with their labels, a light grid.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
+    (xlabel, ylabel): (&str, &str),
+) -> Result<Chart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x, y)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc(xlabel)
+        .y_desc(ylabel)
+        .label_style((FONT, 13))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(e)?;
+    Ok(chart)
+}
+
+/// The series' legend, boxed, at `pos`.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, pos: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+        .map_err(e)?;
+    Ok(())
+}
+
 /// Named series of (x, y) points on shared axes. Returns false (and writes nothing) when there are
 /// fewer than two finite points in all.
 pub fn line_chart(
@@ -119,21 +161,7 @@ pub fn line_chart(
     let (x0, x1) = if x1 > x0 { (x0, x1) } else { padded(x0, x1) };
     let (y0, y1) = padded(y0, y1);
     render(path, |root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(e)?;
-        chart
-            .configure_mesh()
-            .x_desc(xlabel)
-            .y_desc(ylabel)
-            .label_style((FONT, 13))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(e)?;
+        let mut chart = frame(&root, title, (x0..x1, y0..y1), (xlabel, ylabel))?;
         for (i, (name, pts)) in series.iter().enumerate() {
             let c = colour(i);
             let pts: Vec<(f64, f64)> = pts
@@ -160,14 +188,7 @@ pub fn line_chart(
                     .map_err(e)?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .draw()
-            .map_err(e)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     })?;
     Ok(true)
@@ -203,21 +224,7 @@ pub fn scatter_chart(
     let (x0, x1) = (x0, x1 + (x1 - x0) * 0.15); // room for the labels
     let (y0, y1) = padded(y0, y1);
     render(path, |root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(e)?;
-        chart
-            .configure_mesh()
-            .x_desc(xlabel)
-            .y_desc(ylabel)
-            .label_style((FONT, 13))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(e)?;
+        let mut chart = frame(&root, title, (x0..x1, y0..y1), (xlabel, ylabel))?;
         for (i, p) in pts.iter().enumerate() {
             let c = colour(i);
             chart
@@ -284,21 +291,12 @@ pub fn histogram_chart(
         .collect();
     let top = counts.iter().flatten().fold(0.0f64, |a, &b| a.max(b)) * 1.1;
     render(path, |root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(lo..hi, 0.0..top.max(1e-9))
-            .map_err(e)?;
-        chart
-            .configure_mesh()
-            .x_desc(xlabel)
-            .y_desc("share of answers")
-            .label_style((FONT, 13))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(e)?;
+        let mut chart = frame(
+            &root,
+            title,
+            (lo..hi, 0.0..top.max(1e-9)),
+            (xlabel, "share of answers"),
+        )?;
         for (i, ((name, _), c)) in samples.iter().zip(&counts).enumerate() {
             let col = colour(i);
             // A step outline: up and across each bin.
@@ -317,14 +315,7 @@ pub fn histogram_chart(
                     PathElement::new(vec![(x, y), (x + 18, y)], col.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .draw()
-            .map_err(e)?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })?;
     Ok(true)
