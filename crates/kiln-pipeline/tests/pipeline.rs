@@ -89,8 +89,10 @@ fn tiny_demo_runs_every_branch_from_the_library() {
     }
     // A new branch runs alone: every finished stage is reused.
     let mut more = cfg.clone();
-    let mut ipo = DpoConfig::default();
-    ipo.loss = kiln_train::dpo::DpoLoss::Ipo;
+    let mut ipo = DpoConfig {
+        loss: kiln_train::dpo::DpoLoss::Ipo,
+        ..DpoConfig::default()
+    };
     ipo.train.max_steps = 4;
     ipo.train.batch_size = 2;
     more.branch.push(Branch {
