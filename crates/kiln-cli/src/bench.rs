@@ -195,9 +195,10 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     // Peak memory from here on: the training loop's, not the f32 model a packed base came from.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     println!(
-        "kiln arch={} threads={} vocab={} layers={} heads={} kv_heads={} ffn={} dim={} ctx={} batch={} precision={}{}",
+        "kiln arch={} threads={} simd={} vocab={} layers={} heads={} kv_heads={} ffn={} dim={} ctx={} batch={} precision={}{}",
         s.arch.name(),
         rayon::current_num_threads(),
+        kiln_kernels::simd_level_name(),
         s.vocab,
         s.layers,
         s.heads,
@@ -214,13 +215,13 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         }
     );
     let mut times = Vec::new();
-    let mut mm_times = Vec::new();
-    let mut mm_flops = 0u64;
+    // Per measured step: the time of each kind of kernel.
+    let mut profiles: Vec<kiln_kernels::profile::Profile> = Vec::new();
     let mut losses = Vec::new();
     let dlogp = vec![-1.0 / (b * t) as f32; b * t];
-    kiln_kernels::matmul::profile::enable(true);
+    kiln_kernels::profile::enable(true);
     for step in 0..s.warmup + s.steps {
-        let _ = kiln_kernels::matmul::profile::take();
+        let _ = kiln_kernels::profile::take();
         let t0 = Instant::now();
         model.zero_grads();
         model.forward(
@@ -241,17 +242,19 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         clip_grad_norm(&mut model, 1.0);
         opt.update(&mut model, 1e-3);
         let dt = t0.elapsed().as_secs_f64();
-        let (mm, fl) = kiln_kernels::matmul::profile::take();
+        let prof = kiln_kernels::profile::take();
         losses.push(loss);
         if step >= s.warmup {
             times.push(dt);
-            mm_times.push(mm.as_secs_f64());
-            mm_flops = fl;
+            profiles.push(prof);
         }
     }
-    kiln_kernels::matmul::profile::enable(false);
-    let med = median(times);
-    let mm_med = median(mm_times);
+    kiln_kernels::profile::enable(false);
+    let med = median(times.clone());
+    use kiln_kernels::profile::Kind;
+    let kind_med = |k: Kind| median(profiles.iter().map(|p| p.time(k).as_secs_f64()).collect());
+    let mm_med = kind_med(Kind::Matmul);
+    let mm_flops = profiles.last().map_or(0, |p| p.matmul_flops);
     let nparams = model.cfg.num_params();
     let tok = b * t;
     let flops = (6 * nparams + 12 * s.layers * s.ctx * s.dim) as f64 * tok as f64;
@@ -278,6 +281,24 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         mm_flops as f64 / mm_med.max(1e-12) / 1e9,
         (med - mm_med) * 1e3,
         med / mm_med.max(1e-12)
+    );
+    // Where the rest goes: each kind's median time, and the glue between kernels (the step less
+    // every kernel, median over steps).
+    let glue = median(
+        times
+            .iter()
+            .zip(&profiles)
+            .map(|(t, p)| t - p.total().as_secs_f64())
+            .collect(),
+    );
+    let kinds: Vec<String> = Kind::ALL
+        .iter()
+        .map(|&k| format!("{}_ms={:.1}", k.name(), kind_med(k) * 1e3))
+        .collect();
+    println!(
+        "RESULT kiln-train-profile {} glue_ms={:.1}",
+        kinds.join(" "),
+        glue * 1e3
     );
     Ok(())
 }
@@ -309,9 +330,10 @@ fn bench_generate(s: &Shape) -> Result<()> {
         stop_tokens: vec![],
     };
     println!(
-        "kiln arch={} threads={} vocab={} layers={} heads={} dim={} ctx={} batch={b} weights={}",
+        "kiln arch={} threads={} simd={} vocab={} layers={} heads={} dim={} ctx={} batch={b} weights={}",
         s.arch.name(),
         rayon::current_num_threads(),
+        kiln_kernels::simd_level_name(),
         s.vocab,
         s.layers,
         s.heads,

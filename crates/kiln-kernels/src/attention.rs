@@ -105,6 +105,7 @@ pub fn attention_forward_gqa(
     shape: AttnShape,
     mask: &AttnMask,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Attention);
     shape.check();
     let AttnShape { nh, nkv, hs } = shape;
     let (c, rw, group) = (nh * hs, shape.qkv_row(), shape.group());
@@ -217,6 +218,7 @@ pub fn attention_cached_row(
     scale: f32,
     scores: &mut [f32],
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Attention);
     let hs = q.len();
     assert_eq!(
         out.len(),
@@ -341,6 +343,7 @@ pub fn attention_backward_gqa(
     t: usize,
     shape: AttnShape,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Attention);
     shape.check();
     let AttnShape { nh, nkv, hs } = shape;
     let (c, rw, group) = (nh * hs, shape.qkv_row(), shape.group());

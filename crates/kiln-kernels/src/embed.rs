@@ -15,6 +15,7 @@ pub fn embedding_forward(
     wpe: &[f32],
     c: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Embedding);
     let n = tokens.len();
     assert_eq!(
         positions.len(),
@@ -40,6 +41,7 @@ pub fn embedding_forward(
 
 /// `out[i,:] = wte[tokens[i],:]`: token embeddings alone (models with rotary positions).
 pub fn token_embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], c: usize) {
+    let _span = crate::profile::span(crate::profile::Kind::Embedding);
     let n = tokens.len();
     assert!(out.len() >= n * c, "token_embedding_forward: out too small");
     if n == 0 || c == 0 {
@@ -56,6 +58,7 @@ pub fn token_embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], c: 
 
 /// Backward of [`token_embedding_forward`]: `dwte[tokens[i]] += dout[i]` (deterministic).
 pub fn token_embedding_backward(dwte: &mut [f32], dout: &[f32], tokens: &[u32], c: usize) {
+    let _span = crate::profile::span(crate::profile::Kind::Embedding);
     let n = tokens.len();
     assert!(
         dout.len() >= n * c,
@@ -89,6 +92,7 @@ pub fn embedding_backward(
     positions: &[u32],
     c: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Embedding);
     let n = tokens.len();
     assert_eq!(
         positions.len(),

@@ -16,6 +16,7 @@ const GELU_C: f32 = 0.044_715;
 
 /// `out = gelu(inp)`, elementwise (`out` and `inp` have the same length).
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+    let _span = crate::profile::span(crate::profile::Kind::Activation);
     assert_eq!(out.len(), inp.len(), "gelu_forward: length mismatch");
     out.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK))
@@ -35,6 +36,7 @@ simd::multiversion! {
 
 /// `dinp += gelu'(inp) * dout`, elementwise.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    let _span = crate::profile::span(crate::profile::Kind::Activation);
     assert_eq!(dinp.len(), inp.len(), "gelu_backward: length mismatch");
     assert_eq!(dinp.len(), dout.len(), "gelu_backward: length mismatch");
     dinp.par_chunks_mut(CHUNK)
@@ -66,6 +68,7 @@ fn gelu_grad(x: f32) -> f32 {
 /// In place: `d = gelu'(inp) * d` (the backward of [`gelu_forward`] when nothing else has added into
 /// the input gradient yet, so no zeroed buffer is needed).
 pub fn gelu_backward_inplace(d: &mut [f32], inp: &[f32]) {
+    let _span = crate::profile::span(crate::profile::Kind::Activation);
     assert_eq!(d.len(), inp.len(), "gelu_backward_inplace: length mismatch");
     d.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK))

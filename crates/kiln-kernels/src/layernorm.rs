@@ -25,6 +25,7 @@ pub fn layernorm_forward(
     n: usize,
     c: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Norm);
     if n == 0 || c == 0 {
         return;
     }
@@ -79,6 +80,7 @@ pub fn layernorm_backward(
     n: usize,
     c: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Norm);
     if n == 0 || c == 0 {
         return;
     }

@@ -18,6 +18,7 @@ pub mod layernorm;
 pub mod loss;
 pub mod matmul;
 pub mod optim;
+pub mod profile;
 pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
@@ -39,10 +40,20 @@ pub use matmul::{
     linear_backward, linear_backward_with, linear_forward, linear_forward_with, matmul, matmul_with,
 };
 pub use optim::{adamw_update, global_grad_norm, scale};
-pub use quant::{PackedFormat, PackedLinear};
+pub use quant::{PackedFormat, PackedLinear, Path as PackedPath};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward, Rope, RopeScaling};
 pub use swiglu::{swiglu_backward, swiglu_forward};
+
+/// The vector instruction set Kiln's own kernels run with on this CPU (`avx512`, `avx2` or `base`;
+/// `KILN_SIMD=avx2|base` caps it). The large matrix products (`gemm`) dispatch on their own.
+pub fn simd_level_name() -> &'static str {
+    match simd::level() {
+        simd::Level::V4 => "avx512",
+        simd::Level::V3 => "avx2",
+        simd::Level::Base => "base",
+    }
+}
 
 /// Flushes subnormal floats to zero on the calling thread (x86 MXCSR FTZ and DAZ; a no-op elsewhere).
 /// Values below f32's normal range (~1.2e-38) carry nothing a model can use, but each one costs an
@@ -79,9 +90,25 @@ pub fn thread_pool_builder(threads: Option<usize>) -> rayon::ThreadPoolBuilder {
 /// Element-wise `out[i] += x[i]`.
 pub fn add_inplace(out: &mut [f32], x: &[f32]) {
     assert_eq!(out.len(), x.len());
+    let _span = profile::span(profile::Kind::Elementwise);
     for (o, v) in out.iter_mut().zip(x) {
         *o += *v;
     }
+}
+
+/// Element-wise `out[i] = x[i] + y[i]` (a residual connection).
+pub fn residual_add(out: &mut [f32], x: &[f32], y: &[f32]) {
+    assert!(x.len() == out.len() && y.len() == out.len());
+    let _span = profile::span(profile::Kind::Elementwise);
+    for ((o, a), b) in out.iter_mut().zip(x).zip(y) {
+        *o = a + b;
+    }
+}
+
+/// Sets every element to zero (a gradient buffer before a step).
+pub fn zero(buf: &mut [f32]) {
+    let _span = profile::span(profile::Kind::Elementwise);
+    buf.fill(0.0);
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub fn token_logprob_forward(
     entropy: Option<&mut [f32]>,
     v: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Loss);
     let n = targets.len();
     assert!(
         logits_to_probs.len() >= n * v,
@@ -124,6 +125,7 @@ pub fn token_logprob_backward(
     dentropy: Option<&[f32]>,
     v: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Loss);
     let n = targets.len();
     assert!(
         probs_to_dlogits.len() >= n * v,

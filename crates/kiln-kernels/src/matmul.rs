@@ -79,33 +79,35 @@ fn parallelism_for(m: usize, k: usize, n: usize) -> Parallelism {
 /// streamed once per group of rows straight from their row-major storage; the columns (or, for a
 /// transposed `b`, the rows of `b`) are split into one contiguous part per thread. Each output
 /// element is one dot product summed in `k` order whatever the split, so the result is independent
-/// of the thread count.
-mod skinny {
+/// of the thread count. One generic body, compiled for AVX-512 (16 lanes) and AVX2 (8 lanes, fewer
+/// accumulators for its 16 registers).
+pub(crate) mod skinny {
     use rayon::prelude::*;
 
     /// At most this many rows take the skinny path.
-    pub(super) const MAX_ROWS: usize = 16;
+    pub(crate) const MAX_ROWS: usize = 16;
     /// Below this many multiply-adds one thread does it all.
     const PAR_MACS: usize = 1 << 16;
 
-    fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::atomic::{AtomicU8, Ordering};
-            static OK: AtomicU8 = AtomicU8::new(u8::MAX);
-            match OK.load(Ordering::Relaxed) {
-                0 => false,
-                1 => true,
-                _ => {
-                    let ok = std::is_x86_feature_detected!("avx512f");
-                    OK.store(ok as u8, Ordering::Relaxed);
-                    ok
-                }
+    /// The vector paths of the skinny product.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Path {
+        Avx2,
+        Avx512,
+    }
+
+    impl Path {
+        pub(crate) const ALL: [Path; 2] = [Path::Avx2, Path::Avx512];
+
+        pub(crate) fn available(self) -> bool {
+            match self {
+                Path::Avx2 => crate::simd::level() != crate::simd::Level::Base,
+                Path::Avx512 => crate::simd::level() == crate::simd::Level::V4,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
+
+        fn best() -> Option<Path> {
+            Path::ALL.into_iter().rev().find(|p| p.available())
         }
     }
 
@@ -121,9 +123,32 @@ mod skinny {
         trans_b: bool,
         accumulate: bool,
     ) -> bool {
-        if m == 0 || m > MAX_ROWS || k == 0 || n == 0 || !available() {
+        if m == 0 || m > MAX_ROWS || k == 0 || n == 0 {
             return false;
         }
+        match Path::best() {
+            Some(path) => {
+                matmul_on(path, out, a, b, m, k, n, trans_b, accumulate);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`matmul`] on a given path (which must be available), for tests that compare the paths.
+    pub(crate) fn matmul_on(
+        path: Path,
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        trans_b: bool,
+        accumulate: bool,
+    ) {
+        assert!(path.available(), "{path:?} is not available on this CPU");
+        assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
         #[cfg(target_arch = "x86_64")]
         {
             let threads = if m * k * n >= PAR_MACS {
@@ -137,12 +162,19 @@ mod skinny {
             let out_p = crate::simd::SyncPtr(out.as_mut_ptr());
             let run = |part: usize| {
                 let (j0, j1) = (part * per, ((part + 1) * per).min(n));
-                // SAFETY: the caller checked the buffer sizes; parts write disjoint column ranges.
+                let o = out_p.get();
+                // SAFETY: the asserts above cover the buffers; parts write disjoint column ranges;
+                // `path` is available (asserted).
                 unsafe {
-                    if trans_b {
-                        x86::nt_cols(out_p.get(), a, b, m, k, n, j0, j1, accumulate);
-                    } else {
-                        x86::nn_cols(out_p.get(), a, b, m, k, n, j0, j1, accumulate);
+                    match (path, trans_b) {
+                        (Path::Avx512, false) => {
+                            x86::nn_avx512(o, a, b, m, k, n, j0, j1, accumulate)
+                        }
+                        (Path::Avx512, true) => {
+                            x86::nt_avx512(o, a, b, m, k, n, j0, j1, accumulate)
+                        }
+                        (Path::Avx2, false) => x86::nn_avx2(o, a, b, m, k, n, j0, j1, accumulate),
+                        (Path::Avx2, true) => x86::nt_avx2(o, a, b, m, k, n, j0, j1, accumulate),
                     }
                 }
             };
@@ -151,12 +183,11 @@ mod skinny {
             } else {
                 (0..parts).into_par_iter().for_each(run);
             }
-            true
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = (out, a, b, trans_b, accumulate);
-            false
+            unreachable!("no vector path off x86-64");
         }
     }
 
@@ -164,22 +195,123 @@ mod skinny {
     mod x86 {
         use std::arch::x86_64::*;
 
+        /// One vector register of f32 lanes; `cnt` arguments are the lanes in use (the rest are
+        /// neither read nor written, so tails never touch memory past a row).
+        pub(super) trait Lanes: Copy {
+            const W: usize;
+            unsafe fn zero() -> Self;
+            unsafe fn load(p: *const f32, cnt: usize) -> Self;
+            unsafe fn store(self, p: *mut f32, cnt: usize);
+            unsafe fn splat(x: f32) -> Self;
+            /// `a * b + self`, fused.
+            unsafe fn fma(self, a: Self, b: Self) -> Self;
+            unsafe fn sum(self) -> f32;
+        }
+
+        #[derive(Clone, Copy)]
+        pub(super) struct L16(__m512);
+
         #[inline(always)]
-        fn tail_mask(cols: usize, v: usize) -> __mmask16 {
-            let lo = v * 16;
-            if cols >= lo + 16 {
+        fn mask16(cnt: usize) -> __mmask16 {
+            if cnt >= 16 {
                 0xffff
-            } else if cols > lo {
-                ((1u32 << (cols - lo)) - 1) as __mmask16
             } else {
-                0
+                ((1u32 << cnt) - 1) as __mmask16
             }
         }
 
-        /// Columns `j0..j1` of `out = a @ b` for `b` stored `[k, n]`: blocks of `16*V` columns times
-        /// groups of `R` rows, the block's rows of `b` loaded once per row group.
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn nn_cols(
+        impl Lanes for L16 {
+            const W: usize = 16;
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                L16(_mm512_setzero_ps())
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32, cnt: usize) -> Self {
+                L16(_mm512_maskz_loadu_ps(mask16(cnt), p))
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32, cnt: usize) {
+                _mm512_mask_storeu_ps(p, mask16(cnt), self.0)
+            }
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> Self {
+                L16(_mm512_set1_ps(x))
+            }
+            #[inline(always)]
+            unsafe fn fma(self, a: Self, b: Self) -> Self {
+                L16(_mm512_fmadd_ps(a.0, b.0, self.0))
+            }
+            #[inline(always)]
+            unsafe fn sum(self) -> f32 {
+                _mm512_reduce_add_ps(self.0)
+            }
+        }
+
+        #[derive(Clone, Copy)]
+        pub(super) struct L8(__m256);
+
+        /// Lane masks for AVX2's masked loads and stores: 8 lanes on, then 8 off.
+        static MASK8: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+        #[inline(always)]
+        unsafe fn mask8(cnt: usize) -> __m256i {
+            _mm256_loadu_si256(MASK8.as_ptr().add(8 - cnt.min(8)) as *const __m256i)
+        }
+
+        impl Lanes for L8 {
+            const W: usize = 8;
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                L8(_mm256_setzero_ps())
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32, cnt: usize) -> Self {
+                if cnt >= 8 {
+                    L8(_mm256_loadu_ps(p))
+                } else {
+                    L8(_mm256_maskload_ps(p, mask8(cnt)))
+                }
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32, cnt: usize) {
+                if cnt >= 8 {
+                    _mm256_storeu_ps(p, self.0)
+                } else {
+                    _mm256_maskstore_ps(p, mask8(cnt), self.0)
+                }
+            }
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> Self {
+                L8(_mm256_set1_ps(x))
+            }
+            #[inline(always)]
+            unsafe fn fma(self, a: Self, b: Self) -> Self {
+                L8(_mm256_fmadd_ps(a.0, b.0, self.0))
+            }
+            #[inline(always)]
+            unsafe fn sum(self) -> f32 {
+                let s = _mm_add_ps(
+                    _mm256_castps256_ps128(self.0),
+                    _mm256_extractf128_ps::<1>(self.0),
+                );
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+        }
+
+        /// Lanes of vector `v` of a block of `cols` columns.
+        #[inline(always)]
+        fn lanes_of<S: Lanes>(cols: usize, v: usize) -> usize {
+            cols.saturating_sub(v * S::W).min(S::W)
+        }
+
+        /// Columns `j0..j1` of `out = a @ b` for `b` stored `[k, n]`: blocks of `V` vectors of
+        /// columns times groups of up to `R` rows (at most 4), the block's rows of `b` loaded once
+        /// per row group.
+        #[inline(always)]
+        unsafe fn nn_cols<S: Lanes, const R: usize, const V: usize>(
             out: *mut f32,
             a: &[f32],
             b: &[f32],
@@ -192,42 +324,28 @@ mod skinny {
         ) {
             let mut j = j0;
             while j < j1 {
-                if m <= 4 {
-                    let cols = (j1 - j).min(64);
-                    let mut r = 0;
-                    while r < m {
-                        match m - r {
-                            1 => nn_block::<1, 4>(out, a, b, r, k, n, j, cols, acc),
-                            2 => nn_block::<2, 4>(out, a, b, r, k, n, j, cols, acc),
-                            3 => nn_block::<3, 4>(out, a, b, r, k, n, j, cols, acc),
-                            _ => nn_block::<4, 4>(out, a, b, r, k, n, j, cols, acc),
-                        }
-                        r += 4;
+                let cols = (j1 - j).min(V * S::W);
+                let mut r = 0;
+                while r < m {
+                    // Whole blocks take a copy without lane masks.
+                    match ((m - r).min(R), cols == V * S::W) {
+                        (1, true) => nn_block::<S, 1, V, true>(out, a, b, r, k, n, j, cols, acc),
+                        (2, true) => nn_block::<S, 2, V, true>(out, a, b, r, k, n, j, cols, acc),
+                        (3, true) => nn_block::<S, 3, V, true>(out, a, b, r, k, n, j, cols, acc),
+                        (_, true) => nn_block::<S, 4, V, true>(out, a, b, r, k, n, j, cols, acc),
+                        (1, false) => nn_block::<S, 1, V, false>(out, a, b, r, k, n, j, cols, acc),
+                        (2, false) => nn_block::<S, 2, V, false>(out, a, b, r, k, n, j, cols, acc),
+                        (3, false) => nn_block::<S, 3, V, false>(out, a, b, r, k, n, j, cols, acc),
+                        (_, false) => nn_block::<S, 4, V, false>(out, a, b, r, k, n, j, cols, acc),
                     }
-                    j += cols;
-                } else {
-                    let cols = (j1 - j).min(32);
-                    let mut r = 0;
-                    while r < m {
-                        match m - r {
-                            1 => nn_block::<1, 2>(out, a, b, r, k, n, j, cols, acc),
-                            2 => nn_block::<2, 2>(out, a, b, r, k, n, j, cols, acc),
-                            3 => nn_block::<3, 2>(out, a, b, r, k, n, j, cols, acc),
-                            4 => nn_block::<4, 2>(out, a, b, r, k, n, j, cols, acc),
-                            5 => nn_block::<5, 2>(out, a, b, r, k, n, j, cols, acc),
-                            6 => nn_block::<6, 2>(out, a, b, r, k, n, j, cols, acc),
-                            7 => nn_block::<7, 2>(out, a, b, r, k, n, j, cols, acc),
-                            _ => nn_block::<8, 2>(out, a, b, r, k, n, j, cols, acc),
-                        }
-                        r += 8;
-                    }
-                    j += cols;
+                    r += R.min(4);
                 }
+                j += cols;
             }
         }
 
         #[inline(always)]
-        unsafe fn nn_block<const R: usize, const V: usize>(
+        unsafe fn nn_block<S: Lanes, const R: usize, const V: usize, const FULL: bool>(
             out: *mut f32,
             a: &[f32],
             b: &[f32],
@@ -238,16 +356,13 @@ mod skinny {
             cols: usize,
             acc: bool,
         ) {
-            let mut masks = [0 as __mmask16; V];
-            for (v, mk) in masks.iter_mut().enumerate() {
-                *mk = tail_mask(cols, v);
-            }
-            let mut s = [[_mm512_setzero_ps(); V]; R];
+            let lanes = |v: usize| if FULL { S::W } else { lanes_of::<S>(cols, v) };
+            let mut s = [[S::zero(); V]; R];
             if acc {
                 for (r, sr) in s.iter_mut().enumerate() {
                     let o = out.wrapping_add((r0 + r) * n + j);
-                    for v in 0..V {
-                        sr[v] = _mm512_maskz_loadu_ps(masks[v], o.wrapping_add(v * 16));
+                    for (v, sv) in sr.iter_mut().enumerate() {
+                        *sv = S::load(o.wrapping_add(v * S::W), lanes(v));
                     }
                 }
             }
@@ -255,29 +370,29 @@ mod skinny {
             let bp = b.as_ptr().wrapping_add(j);
             for p in 0..k {
                 let br = bp.wrapping_add(p * n);
-                let mut w = [_mm512_setzero_ps(); V];
-                for v in 0..V {
-                    w[v] = _mm512_maskz_loadu_ps(masks[v], br.wrapping_add(v * 16));
+                let mut w = [S::zero(); V];
+                for (v, wv) in w.iter_mut().enumerate() {
+                    *wv = S::load(br.wrapping_add(v * S::W), lanes(v));
                 }
                 for (r, sr) in s.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*ap.add(r * k + p));
+                    let x = S::splat(*ap.add(r * k + p));
                     for v in 0..V {
-                        sr[v] = _mm512_fmadd_ps(x, w[v], sr[v]);
+                        sr[v] = sr[v].fma(x, w[v]);
                     }
                 }
             }
             for (r, sr) in s.iter().enumerate() {
                 let o = out.wrapping_add((r0 + r) * n + j);
-                for v in 0..V {
-                    _mm512_mask_storeu_ps(o.wrapping_add(v * 16), masks[v], sr[v]);
+                for (v, sv) in sr.iter().enumerate() {
+                    sv.store(o.wrapping_add(v * S::W), lanes(v));
                 }
             }
         }
 
-        /// Columns `j0..j1` of `out = a @ b^T` for `b` stored `[n, k]`: dot products of rows, four rows
-        /// of `b` times up to four rows of `a` at a time.
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn nt_cols(
+        /// Columns `j0..j1` of `out = a @ b^T` for `b` stored `[n, k]`: dot products of rows, up to
+        /// `J` rows of `b` times up to `R` rows of `a` at a time (both at most 4).
+        #[inline(always)]
+        unsafe fn nt_cols<S: Lanes, const R: usize, const J: usize>(
             out: *mut f32,
             a: &[f32],
             b: &[f32],
@@ -290,35 +405,36 @@ mod skinny {
         ) {
             let mut j = j0;
             while j < j1 {
-                let cnt = (j1 - j).min(4);
+                let cnt = (j1 - j).min(J);
                 let mut r = 0;
                 while r < m {
-                    match (m - r).min(4) * 4 + cnt {
-                        5 => nt_block::<1, 1>(out, a, b, r, k, n, j, acc),
-                        6 => nt_block::<1, 2>(out, a, b, r, k, n, j, acc),
-                        7 => nt_block::<1, 3>(out, a, b, r, k, n, j, acc),
-                        8 => nt_block::<1, 4>(out, a, b, r, k, n, j, acc),
-                        9 => nt_block::<2, 1>(out, a, b, r, k, n, j, acc),
-                        10 => nt_block::<2, 2>(out, a, b, r, k, n, j, acc),
-                        11 => nt_block::<2, 3>(out, a, b, r, k, n, j, acc),
-                        12 => nt_block::<2, 4>(out, a, b, r, k, n, j, acc),
-                        13 => nt_block::<3, 1>(out, a, b, r, k, n, j, acc),
-                        14 => nt_block::<3, 2>(out, a, b, r, k, n, j, acc),
-                        15 => nt_block::<3, 3>(out, a, b, r, k, n, j, acc),
-                        16 => nt_block::<3, 4>(out, a, b, r, k, n, j, acc),
-                        17 => nt_block::<4, 1>(out, a, b, r, k, n, j, acc),
-                        18 => nt_block::<4, 2>(out, a, b, r, k, n, j, acc),
-                        19 => nt_block::<4, 3>(out, a, b, r, k, n, j, acc),
-                        _ => nt_block::<4, 4>(out, a, b, r, k, n, j, acc),
+                    // (rows of a, rows of b) of this block.
+                    match ((m - r).min(R), cnt) {
+                        (1, 1) => nt_block::<S, 1, 1>(out, a, b, r, k, n, j, acc),
+                        (1, 2) => nt_block::<S, 1, 2>(out, a, b, r, k, n, j, acc),
+                        (1, 3) => nt_block::<S, 1, 3>(out, a, b, r, k, n, j, acc),
+                        (1, _) => nt_block::<S, 1, 4>(out, a, b, r, k, n, j, acc),
+                        (2, 1) => nt_block::<S, 2, 1>(out, a, b, r, k, n, j, acc),
+                        (2, 2) => nt_block::<S, 2, 2>(out, a, b, r, k, n, j, acc),
+                        (2, 3) => nt_block::<S, 2, 3>(out, a, b, r, k, n, j, acc),
+                        (2, _) => nt_block::<S, 2, 4>(out, a, b, r, k, n, j, acc),
+                        (3, 1) => nt_block::<S, 3, 1>(out, a, b, r, k, n, j, acc),
+                        (3, 2) => nt_block::<S, 3, 2>(out, a, b, r, k, n, j, acc),
+                        (3, 3) => nt_block::<S, 3, 3>(out, a, b, r, k, n, j, acc),
+                        (3, _) => nt_block::<S, 3, 4>(out, a, b, r, k, n, j, acc),
+                        (_, 1) => nt_block::<S, 4, 1>(out, a, b, r, k, n, j, acc),
+                        (_, 2) => nt_block::<S, 4, 2>(out, a, b, r, k, n, j, acc),
+                        (_, 3) => nt_block::<S, 4, 3>(out, a, b, r, k, n, j, acc),
+                        (_, _) => nt_block::<S, 4, 4>(out, a, b, r, k, n, j, acc),
                     }
-                    r += 4;
+                    r += R.min(4);
                 }
                 j += cnt;
             }
         }
 
         #[inline(always)]
-        unsafe fn nt_block<const R: usize, const J: usize>(
+        unsafe fn nt_block<S: Lanes, const R: usize, const J: usize>(
             out: *mut f32,
             a: &[f32],
             b: &[f32],
@@ -328,90 +444,116 @@ mod skinny {
             j: usize,
             acc: bool,
         ) {
-            let mut s = [[_mm512_setzero_ps(); J]; R];
+            let mut s = [[S::zero(); J]; R];
             let ap = a.as_ptr().add(r0 * k);
             let bp = b.as_ptr().add(j * k);
+            // Whole vectors of k, then one masked tail.
             let mut p = 0;
             while p < k {
-                let mk = tail_mask(k - p, 0);
-                let mut w = [_mm512_setzero_ps(); J];
-                for (q, wq) in w.iter_mut().enumerate() {
-                    *wq = _mm512_maskz_loadu_ps(mk, bp.wrapping_add(q * k + p));
-                }
-                for (r, sr) in s.iter_mut().enumerate() {
-                    let x = _mm512_maskz_loadu_ps(mk, ap.wrapping_add(r * k + p));
-                    for q in 0..J {
-                        sr[q] = _mm512_fmadd_ps(x, w[q], sr[q]);
+                let cnt = (k - p).min(S::W);
+                let mut w = [S::zero(); J];
+                if cnt == S::W {
+                    for (q, wq) in w.iter_mut().enumerate() {
+                        *wq = S::load(bp.add(q * k + p), S::W);
+                    }
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let x = S::load(ap.add(r * k + p), S::W);
+                        for q in 0..J {
+                            sr[q] = sr[q].fma(x, w[q]);
+                        }
+                    }
+                } else {
+                    for (q, wq) in w.iter_mut().enumerate() {
+                        *wq = S::load(bp.wrapping_add(q * k + p), cnt);
+                    }
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let x = S::load(ap.wrapping_add(r * k + p), cnt);
+                        for q in 0..J {
+                            sr[q] = sr[q].fma(x, w[q]);
+                        }
                     }
                 }
-                p += 16;
+                p += S::W;
             }
             for (r, sr) in s.iter().enumerate() {
                 for (q, &sq) in sr.iter().enumerate() {
                     let o = out.add((r0 + r) * n + j + q);
-                    let d = _mm512_reduce_add_ps(sq);
+                    let d = sq.sum();
                     *o = if acc { *o + d } else { d };
                 }
             }
         }
-    }
-}
 
-/// Where a step's time goes, for `kiln bench train`: the wall time during which at least one
-/// matrix product runs (so products running side by side on several threads count once) and
-/// their floating-point operations. Off by default: then a product pays one relaxed load.
-pub mod profile {
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-    use std::sync::OnceLock;
-    use std::time::{Duration, Instant};
+        // The entry points: the generic bodies compiled with each instruction set. AVX-512 has 32
+        // registers (4 rows x 4 vectors of accumulators); AVX2 16 (1 x 8 or 4 x 2).
 
-    static ON: AtomicBool = AtomicBool::new(false);
-    static ACTIVE: AtomicUsize = AtomicUsize::new(0);
-    static SINCE: AtomicU64 = AtomicU64::new(0);
-    static NANOS: AtomicU64 = AtomicU64::new(0);
-    static FLOPS: AtomicU64 = AtomicU64::new(0);
-
-    fn now() -> u64 {
-        static BASE: OnceLock<Instant> = OnceLock::new();
-        BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-
-    /// Starts (or stops) counting, from zero.
-    pub fn enable(on: bool) {
-        NANOS.store(0, Ordering::SeqCst);
-        FLOPS.store(0, Ordering::SeqCst);
-        ON.store(on, Ordering::SeqCst);
-    }
-
-    /// The time covered by matrix products and their flops since the last call (or `enable`).
-    pub fn take() -> (Duration, u64) {
-        (
-            Duration::from_nanos(NANOS.swap(0, Ordering::SeqCst)),
-            FLOPS.swap(0, Ordering::SeqCst),
-        )
-    }
-
-    /// Counts one product while alive.
-    pub(crate) struct Span(bool);
-
-    impl Span {
-        pub(crate) fn start(m: usize, k: usize, n: usize) -> Span {
-            if !ON.load(Ordering::Relaxed) {
-                return Span(false);
-            }
-            FLOPS.fetch_add((2 * m * k * n) as u64, Ordering::Relaxed);
-            if ACTIVE.fetch_add(1, Ordering::SeqCst) == 0 {
-                SINCE.store(now(), Ordering::SeqCst);
-            }
-            Span(true)
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn nn_avx512(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            m: usize,
+            k: usize,
+            n: usize,
+            j0: usize,
+            j1: usize,
+            acc: bool,
+        ) {
+            nn_cols::<L16, 4, 4>(out, a, b, m, k, n, j0, j1, acc)
         }
-    }
 
-    impl Drop for Span {
-        fn drop(&mut self) {
-            if self.0 && ACTIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
-                let start = SINCE.load(Ordering::SeqCst);
-                NANOS.fetch_add(now().saturating_sub(start), Ordering::SeqCst);
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn nt_avx512(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            m: usize,
+            k: usize,
+            n: usize,
+            j0: usize,
+            j1: usize,
+            acc: bool,
+        ) {
+            nt_cols::<L16, 4, 4>(out, a, b, m, k, n, j0, j1, acc)
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn nn_avx2(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            m: usize,
+            k: usize,
+            n: usize,
+            j0: usize,
+            j1: usize,
+            acc: bool,
+        ) {
+            // One row: a whole 64-column block (8 accumulators) per pass over `b`'s rows, as
+            // AVX-512 streams it; more rows: four at a time over 16 columns (one cache line).
+            if m == 1 {
+                nn_cols::<L8, 1, 8>(out, a, b, m, k, n, j0, j1, acc)
+            } else {
+                nn_cols::<L8, 4, 2>(out, a, b, m, k, n, j0, j1, acc)
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn nt_avx2(
+            out: *mut f32,
+            a: &[f32],
+            b: &[f32],
+            m: usize,
+            k: usize,
+            n: usize,
+            j0: usize,
+            j1: usize,
+            acc: bool,
+        ) {
+            if m == 1 {
+                nt_cols::<L8, 1, 4>(out, a, b, m, k, n, j0, j1, acc)
+            } else {
+                nt_cols::<L8, 4, 2>(out, a, b, m, k, n, j0, j1, acc)
             }
         }
     }
@@ -436,7 +578,7 @@ pub fn matmul(
     assert!(out.len() >= m * n, "matmul: out too small");
     assert!(a.len() >= m * k, "matmul: a too small");
     assert!(b.len() >= k * n, "matmul: b too small");
-    let _span = profile::Span::start(m, k, n);
+    let _span = crate::profile::matmul_span(m, k, n);
     // A transpose is the same memory read with row and column strides swapped.
     if !trans_a && skinny::matmul(out, a, b, m, k, n, trans_b, accumulate) {
         return;
@@ -481,7 +623,7 @@ pub fn matmul_with(
     match prec {
         Precision::F32 => matmul(out, a, b, m, k, n, trans_a, trans_b, accumulate),
         Precision::Bf16 => {
-            let _span = profile::Span::start(m, k, n);
+            let _span = crate::profile::matmul_span(m, k, n);
             matmul_bf16(out, a, b, m, k, n, trans_a, trans_b, accumulate)
         }
     }
@@ -520,8 +662,11 @@ pub fn linear_forward_with(
         Some(bias) => {
             // Broadcast the bias first and let gemm accumulate onto it: no second pass over `out`.
             let bias = &bias[..o];
-            out.par_chunks_mut(o.max(1))
-                .for_each(|row| row.copy_from_slice(bias));
+            {
+                let _span = crate::profile::span(crate::profile::Kind::Elementwise);
+                out.par_chunks_mut(o.max(1))
+                    .for_each(|row| row.copy_from_slice(bias));
+            }
             matmul_with(prec, out, inp, w, n, i, o, false, false, true);
         }
         None => matmul_with(prec, out, inp, w, n, i, o, false, false, false),
@@ -577,6 +722,7 @@ pub(crate) fn col_sum_accumulate(dst: &mut [f32], src: &[f32], c: usize) {
     if c == 0 || src.is_empty() {
         return;
     }
+    let _span = crate::profile::span(crate::profile::Kind::Elementwise);
     let rows = src.len() / c;
     let rb = simd::rows_per_block(rows, ROW_BLOCK);
     let src = &src[..rows * c];
@@ -655,8 +801,11 @@ mod tests {
     }
 
     #[test]
-    fn skinny_shapes_match_naive_and_thread_counts() {
+    fn skinny_shapes_match_naive_and_thread_counts_on_every_path() {
+        use super::skinny::{matmul_on, Path};
         let mut rng = rng(6);
+        let paths: Vec<Path> = Path::ALL.into_iter().filter(|p| p.available()).collect();
+        eprintln!("skinny matmul paths on this CPU: {paths:?}");
         for &(m, k, n) in &[
             (1, 384, 1152),
             (1, 37, 70),
@@ -664,24 +813,41 @@ mod tests {
             (5, 19, 130),
             (16, 96, 1000),
             (9, 200, 17),
+            (3, 7, 5),
         ] {
             for tb in [false, true] {
                 let a = randn(&mut rng, m * k, 1.0);
                 let b = randn(&mut rng, k * n, 1.0);
                 let init = randn(&mut rng, m * n, 1.0);
+                let want: Vec<f64> = naive(&a, &b, m, k, n, false, tb)
+                    .iter()
+                    .zip(&init)
+                    .map(|(w, i)| w + *i as f64)
+                    .collect();
+                // What `matmul` picks, then every vector path forced.
                 let run = || {
                     let mut out = init.clone();
                     matmul(&mut out, &a, &b, m, k, n, false, tb, true);
                     out
                 };
                 let got = run();
-                let want: Vec<f64> = naive(&a, &b, m, k, n, false, tb)
-                    .iter()
-                    .zip(&init)
-                    .map(|(w, i)| w + *i as f64)
-                    .collect();
                 assert_close(&got, &want, 1e-5, "skinny matmul");
                 assert_thread_independent(&got, run);
+                for &path in &paths {
+                    let run = || {
+                        let mut out = init.clone();
+                        matmul_on(path, &mut out, &a, &b, m, k, n, tb, true);
+                        out
+                    };
+                    let got = run();
+                    assert_close(
+                        &got,
+                        &want,
+                        1e-5,
+                        &format!("skinny {path:?} {m}x{k}x{n} tb={tb}"),
+                    );
+                    assert_thread_independent(&got, run);
+                }
             }
         }
     }

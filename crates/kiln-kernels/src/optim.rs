@@ -25,6 +25,7 @@ pub fn adamw_update(
     weight_decay: f32,
     step: u64,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Optimizer);
     let n = p.len();
     assert!(
         g.len() == n && m.len() == n && v.len() == n,
@@ -79,6 +80,7 @@ simd::multiversion! {
 ///
 /// Each slice is cut into fixed chunks summed in parallel, and the chunk sums are added in order.
 pub fn global_grad_norm(grads: &[&[f32]]) -> f32 {
+    let _span = crate::profile::span(crate::profile::Kind::Optimizer);
     let mut total = 0.0f64;
     for g in grads {
         let partials: Vec<f64> = g.par_chunks(CHUNK).map(sumsq_f64).collect();
@@ -107,6 +109,7 @@ simd::multiversion! {
 
 /// `x *= s`, in place.
 pub fn scale(x: &mut [f32], s: f32) {
+    let _span = crate::profile::span(crate::profile::Kind::Optimizer);
     x.par_chunks_mut(CHUNK).for_each(|ch| scale_chunk(ch, s));
 }
 

@@ -241,17 +241,25 @@ impl PackedLinear {
     }
 
     /// `out[m, n] = x[m, k] · W + bias`, overwriting `out`. Output panels are split into one
-    /// contiguous part per thread; AVX-512 when the CPU has it, else the portable path.
+    /// contiguous part per thread; the fastest [`Path`] this CPU has.
     pub fn forward(&self, out: &mut [f32], x: &[f32], m: usize) {
-        self.forward_impl(out, x, m, simd_available());
+        let _span = crate::profile::matmul_span(m, self.k, self.n);
+        self.forward_on(Path::best(), out, x, m);
     }
 
     /// [`Self::forward`] on the portable path whatever the CPU (for tests and comparisons).
     pub fn forward_portable(&self, out: &mut [f32], x: &[f32], m: usize) {
-        self.forward_impl(out, x, m, false);
+        self.forward_on(Path::Portable, out, x, m);
     }
 
-    fn forward_impl(&self, out: &mut [f32], x: &[f32], m: usize, use_simd: bool) {
+    /// [`Self::forward`] on a given path (for tests that compare every path the CPU offers).
+    /// Panics when the CPU lacks it (see [`Path::available`]).
+    pub fn forward_on(&self, path: Path, out: &mut [f32], x: &[f32], m: usize) {
+        assert!(path.available(), "{path:?} is not available on this CPU");
+        self.forward_impl(out, x, m, path);
+    }
+
+    fn forward_impl(&self, out: &mut [f32], x: &[f32], m: usize, path: Path) {
         let (k, n) = (self.k, self.n);
         assert!(x.len() >= m * k, "PackedLinear::forward: x too small");
         assert!(out.len() >= m * n, "PackedLinear::forward: out too small");
@@ -271,7 +279,7 @@ impl PackedLinear {
             let (q0, q1) = (part * per, ((part + 1) * per).min(panels));
             // SAFETY: the asserts above cover every row of `x` and `out` the kernels touch; parts
             // write disjoint column ranges (whole panels) of `out`.
-            unsafe { self.run_panels(out_p.get(), x, m, q0, q1, use_simd) };
+            unsafe { self.run_panels(out_p.get(), x, m, q0, q1, path) };
         };
         if parts == 1 {
             run(0);
@@ -289,7 +297,7 @@ impl PackedLinear {
         m: usize,
         q0: usize,
         q1: usize,
-        use_simd: bool,
+        path: Path,
     ) {
         let (k, n) = (self.k, self.n);
         for q in q0..q1 {
@@ -299,14 +307,25 @@ impl PackedLinear {
             let o = out.add(q * PANEL);
             let panel = q * k * PANEL..(q + 1) * k * PANEL;
             #[cfg(target_arch = "x86_64")]
-            if use_simd {
-                match &self.data {
-                    Data::I8(w) => x86::panel(o, n, x, &w[panel], sc, bi, m, k, cols),
-                    Data::Bf16(w) => x86::panel(o, n, x, &w[panel], sc, bi, m, k, cols),
+            match (path, &self.data) {
+                (Path::Avx512, Data::I8(w)) => {
+                    x86::panel(o, n, x, &w[panel], sc, bi, m, k, cols);
+                    continue;
                 }
-                continue;
+                (Path::Avx512, Data::Bf16(w)) => {
+                    x86::panel(o, n, x, &w[panel], sc, bi, m, k, cols);
+                    continue;
+                }
+                (Path::Avx2, Data::I8(w)) => {
+                    x86::panel_avx2(o, n, x, &w[panel], sc, bi, m, k, cols);
+                    continue;
+                }
+                (Path::Avx2, Data::Bf16(w)) => {
+                    x86::panel_avx2(o, n, x, &w[panel], sc, bi, m, k, cols);
+                    continue;
+                }
+                (Path::Portable, _) => {}
             }
-            let _ = use_simd;
             // Portable path: each row computed into a local panel-wide buffer, then copied out.
             let mut acc = [0.0f32; PANEL];
             for r in 0..m {
@@ -322,14 +341,39 @@ impl PackedLinear {
     }
 }
 
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        simd::level() == simd::Level::V4
+/// The code paths of the packed product. Both vector paths run the same fused multiply-adds in the
+/// same order, so they give the same bits; the portable path rounds products and sums separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Portable,
+    /// AVX2 + FMA, 8 lanes (e.g. AMD Zen 3, Intel Haswell and later).
+    Avx2,
+    /// AVX-512F, 16 lanes.
+    Avx512,
+}
+
+impl Path {
+    pub const ALL: [Path; 3] = [Path::Portable, Path::Avx2, Path::Avx512];
+
+    pub fn available(self) -> bool {
+        match self {
+            Path::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => simd::level() != simd::Level::Base,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => simd::level() == simd::Level::V4,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The fastest path this CPU has.
+    pub fn best() -> Path {
+        *Path::ALL
+            .iter()
+            .rev()
+            .find(|p| p.available())
+            .unwrap_or(&Path::Portable)
     }
 }
 
@@ -496,6 +540,126 @@ mod x86 {
             }
         }
     }
+
+    /// A packed weight element on AVX2: loads 8 consecutive ones as f32.
+    pub(super) trait Elem8: Copy {
+        /// # Safety
+        /// `p` must be valid for 8 elements; AVX2 must be available.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Elem8 for i8 {
+        #[inline(always)]
+        unsafe fn load8(p: *const i8) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+        }
+    }
+
+    impl Elem8 for u16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        }
+    }
+
+    /// [`panel`] with 8-lane AVX2 vectors: the same multiply-adds in the same order, so the same
+    /// bits. AVX2 has 16 vector registers, so one row takes the whole panel (8 accumulators) and
+    /// several rows go two at a time over each half panel (2 × 4 accumulators, 4 weight vectors).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `out` valid for `m` rows of stride `n` with `cols` columns; `x` holds `m * k`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel_avx2<E: Elem8>(
+        out: *mut f32,
+        n: usize,
+        x: &[f32],
+        w: &[E],
+        scale: &[f32],
+        bias: &[f32],
+        m: usize,
+        k: usize,
+        cols: usize,
+    ) {
+        debug_assert!(w.len() >= k * PANEL && x.len() >= m * k);
+        if m == 1 {
+            block8::<E, 1, 8>(out, n, x, w, scale, bias, 0, k, 0, cols);
+            return;
+        }
+        for half in 0..2 {
+            let c0 = half * PANEL / 2;
+            if cols <= c0 {
+                break;
+            }
+            let mut r = 0;
+            while r < m {
+                if m - r == 1 {
+                    block8::<E, 1, 4>(out, n, x, w, scale, bias, r, k, c0, cols);
+                } else {
+                    block8::<E, 2, 4>(out, n, x, w, scale, bias, r, k, c0, cols);
+                }
+                r += 2;
+            }
+        }
+    }
+
+    /// Rows `r0..r0+R` times columns `c0..c0+8V` of one panel (stores stop at `cols`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block8<E: Elem8, const R: usize, const V: usize>(
+        out: *mut f32,
+        n: usize,
+        x: &[f32],
+        w: &[E],
+        scale: &[f32],
+        bias: &[f32],
+        r0: usize,
+        k: usize,
+        c0: usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        let xp = x.as_ptr().add(r0 * k);
+        let wp = w.as_ptr().add(c0);
+        for p in 0..k {
+            let wr = wp.add(p * PANEL);
+            let ahead = (wr as *const i8).wrapping_add(PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            if std::mem::size_of::<E>() == 2 && V == 8 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
+            let mut wv = [_mm256_setzero_ps(); V];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = E::load8(wr.add(8 * v));
+            }
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let xb = _mm256_set1_ps(*xp.add(r * k + p));
+                for v in 0..V {
+                    ar[v] = _mm256_fmadd_ps(xb, wv[v], ar[v]);
+                }
+            }
+        }
+        for v in 0..V {
+            let c = c0 + 8 * v;
+            if c >= cols {
+                break;
+            }
+            let s = _mm256_loadu_ps(scale.as_ptr().add(c));
+            let b = _mm256_loadu_ps(bias.as_ptr().add(c));
+            for (r, ar) in acc.iter().enumerate() {
+                let y = _mm256_fmadd_ps(ar[v], s, b);
+                let dst = out.add((r0 + r) * n + c);
+                if cols - c >= 8 {
+                    _mm256_storeu_ps(dst, y);
+                } else {
+                    let mut tmp = [0.0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), y);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, cols - c);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -613,8 +777,10 @@ mod tests {
     }
 
     #[test]
-    fn forward_matches_f64_reference_both_paths_and_formats() {
+    fn forward_matches_f64_reference_on_every_path_and_format() {
         let mut g = rng(3);
+        let paths: Vec<Path> = Path::ALL.into_iter().filter(|p| p.available()).collect();
+        eprintln!("packed product paths on this CPU: {paths:?}");
         for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
             for &(m, k, n) in &SHAPES {
                 let w = randn(&mut g, k * n, 0.5);
@@ -623,16 +789,31 @@ mod tests {
                 let l = PackedLinear::from_in_out(&w, Some(&b), k, n, fmt);
                 let (want, bound) = reference(&l, &x, m);
                 let what = format!("{fmt:?} m={m} k={k} n={n}");
-                let mut simd_out = vec![f32::NAN; m * n];
-                l.forward(&mut simd_out, &x, m);
-                assert_within(&simd_out, &want, &bound, &format!("{what} forward"));
-                let mut port = vec![f32::NAN; m * n];
-                l.forward_portable(&mut port, &x, m);
-                assert_within(&port, &want, &bound, &format!("{what} portable"));
-                // The two paths agree with each other within the sum of their bounds.
-                let simd64: Vec<f64> = simd_out.iter().map(|&v| v as f64).collect();
-                let both: Vec<f64> = bound.iter().map(|b| 2.0 * b).collect();
-                assert_within(&port, &simd64, &both, &format!("{what} portable vs simd"));
+                let mut vector_bits: Option<(Path, Vec<u32>)> = None;
+                for &path in &paths {
+                    let mut y = vec![f32::NAN; m * n];
+                    l.forward_on(path, &mut y, &x, m);
+                    assert_within(&y, &want, &bound, &format!("{what} {path:?}"));
+                    if path == Path::Portable {
+                        continue;
+                    }
+                    // The vector paths run the same fused multiply-adds in the same order.
+                    match &vector_bits {
+                        None => vector_bits = Some((path, y.bits())),
+                        Some((first, bits)) => {
+                            assert_eq!(&y.bits(), bits, "{what}: {path:?} differs from {first:?}")
+                        }
+                    }
+                }
+                let mut best = vec![f32::NAN; m * n];
+                l.forward(&mut best, &x, m);
+                let mut on_best = vec![f32::NAN; m * n];
+                l.forward_on(Path::best(), &mut on_best, &x, m);
+                assert_eq!(
+                    best.bits(),
+                    on_best.bits(),
+                    "{what}: forward is not the best path"
+                );
             }
         }
     }
@@ -670,21 +851,23 @@ mod tests {
         let x = randn(&mut g, m * k, 1.0);
         for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
             let l = PackedLinear::from_in_out(&w, Some(&b), k, n, fmt);
-            let run = |rows: &[f32], mm: usize| {
-                let mut y = vec![0.0; mm * n];
-                l.forward(&mut y, rows, mm);
-                y
-            };
-            let reference = run(&x, m);
-            assert_thread_independent(&reference, || run(&x, m));
-            // Each row alone gives the same bits as inside the batch.
-            for r in 0..m {
-                let alone = run(&x[r * k..(r + 1) * k], 1);
-                assert_eq!(
-                    alone.bits(),
-                    reference[r * n..(r + 1) * n].to_vec().bits(),
-                    "{fmt:?}: row {r} depends on its batch"
-                );
+            for path in Path::ALL.into_iter().filter(|p| p.available()) {
+                let run = |rows: &[f32], mm: usize| {
+                    let mut y = vec![0.0; mm * n];
+                    l.forward_on(path, &mut y, rows, mm);
+                    y
+                };
+                let reference = run(&x, m);
+                assert_thread_independent(&reference, || run(&x, m));
+                // Each row alone gives the same bits as inside the batch.
+                for r in 0..m {
+                    let alone = run(&x[r * k..(r + 1) * k], 1);
+                    assert_eq!(
+                        alone.bits(),
+                        reference[r * n..(r + 1) * n].to_vec().bits(),
+                        "{fmt:?} {path:?}: row {r} depends on its batch"
+                    );
+                }
             }
         }
     }

@@ -21,6 +21,7 @@ pub fn rmsnorm_forward(
     c: usize,
     eps: f32,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Norm);
     if n == 0 || c == 0 {
         return;
     }
@@ -60,6 +61,7 @@ pub fn rmsnorm_backward(
     n: usize,
     c: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Norm);
     if n == 0 || c == 0 {
         return;
     }

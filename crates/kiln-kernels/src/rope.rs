@@ -143,6 +143,7 @@ pub fn rope_forward(
     row: usize,
     heads: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Rope);
     rotate(x, positions, rope, n, row, heads, 1.0);
 }
 
@@ -156,6 +157,7 @@ pub fn rope_backward(
     row: usize,
     heads: usize,
 ) {
+    let _span = crate::profile::span(crate::profile::Kind::Rope);
     rotate(dx, positions, rope, n, row, heads, -1.0);
 }
 

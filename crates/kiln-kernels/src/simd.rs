@@ -37,12 +37,24 @@ pub(crate) fn level() -> Level {
                     && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("avx512dq")
                     && std::is_x86_feature_detected!("avx512vl");
-                let level = if v4 {
+                let detected = if v4 {
                     Level::V4
                 } else if v3 {
                     Level::V3
                 } else {
                     Level::Base
+                };
+                // KILN_SIMD caps the level, so one machine can run (and test) the paths of an
+                // older CPU: `avx2` as on an AMD Zen 3, `base` for the portable code.
+                let cap = match std::env::var("KILN_SIMD").ok().as_deref() {
+                    Some("base") => Level::Base,
+                    Some("avx2") => Level::V3,
+                    _ => Level::V4,
+                };
+                let level = if (cap as u8) < (detected as u8) {
+                    cap
+                } else {
+                    detected
                 };
                 LEVEL.store(level as u8, Ordering::Relaxed);
                 level

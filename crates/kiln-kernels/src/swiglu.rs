@@ -20,6 +20,7 @@ fn rows_per_task(f: usize) -> usize {
 /// gu: [n, 2f], gate in columns 0..f and up in f..2f of each row (one fused matmul makes both);
 /// out[n, f] = silu(gate) * up, silu(x) = x / (1 + exp(-x)).
 pub fn swiglu_forward(out: &mut [f32], gu: &[f32], n: usize, f: usize) {
+    let _span = crate::profile::span(crate::profile::Kind::Activation);
     assert!(gu.len() >= n * 2 * f, "swiglu_forward: gu too small");
     assert!(out.len() >= n * f, "swiglu_forward: out too small");
     if n == 0 || f == 0 {
@@ -51,6 +52,7 @@ simd::multiversion! {
 /// With `s = sigmoid(gate)`: `dgate = dout * up * s * (1 + gate * (1 - s))`,
 /// `dup = dout * silu(gate)`.
 pub fn swiglu_backward(dgu: &mut [f32], gu: &[f32], dout: &[f32], n: usize, f: usize) {
+    let _span = crate::profile::span(crate::profile::Kind::Activation);
     assert!(gu.len() >= n * 2 * f, "swiglu_backward: gu too small");
     assert!(dgu.len() >= n * 2 * f, "swiglu_backward: dgu too small");
     assert!(dout.len() >= n * f, "swiglu_backward: dout too small");

@@ -698,9 +698,9 @@ impl Model {
     }
 
     pub fn zero_grads(&mut self) {
-        self.grads.fill(0.0);
+        k::zero(&mut self.grads);
         if let Some(l) = &mut self.lora {
-            l.grads.fill(0.0);
+            k::zero(&mut l.grads);
         }
     }
 
@@ -936,9 +936,7 @@ impl Model {
             }
             k::attention_forward_gqa(&mut a.atty, &mut a.att, &a.qkv, b, t, shape, &mask);
             self.block_linear(l, Site::O, round, &mut acts.scratch, &a.atty, n);
-            for ((r, x), y) in a.res2.iter_mut().zip(x_in).zip(&acts.scratch) {
-                *r = x + y;
-            }
+            k::residual_add(&mut a.res2[..n * c], &x_in[..n * c], &acts.scratch[..n * c]);
             norm_forward(
                 cfg,
                 p,
@@ -952,9 +950,11 @@ impl Model {
             self.block_linear(l, Site::Up, round, &mut a.fch, &a.ln2, n);
             mlp_act_forward(cfg, &mut a.fch_act, &a.fch, n);
             self.block_linear(l, Site::Down, round, &mut acts.scratch, &a.fch_act, n);
-            for ((r, x), y) in a.res3.iter_mut().zip(&a.res2).zip(&acts.scratch) {
-                *r = x + y;
-            }
+            k::residual_add(
+                &mut a.res3[..n * c],
+                &a.res2[..n * c],
+                &acts.scratch[..n * c],
+            );
         }
         let last = &acts.layers[cfg.n_layer - 1].res3;
         norm_forward(
@@ -968,7 +968,7 @@ impl Model {
             n,
         );
         debug_assert_eq!(acts.hidden.len(), n * c);
-        acts.dhidden.fill(0.0);
+        k::zero(&mut acts.dhidden);
     }
 
     /// Logits of every position of one sequence, `[t, vocab]` (for checks against other
@@ -1156,7 +1156,7 @@ impl Model {
                 (!frozen).then_some(&mut g[..])
             };
         }
-        acts.dres.fill(0.0);
+        k::zero(&mut acts.dres);
         {
             let last = &acts.layers[cfg.n_layer - 1].res3;
             norm_backward(
@@ -1239,7 +1239,7 @@ impl Model {
                 &a.atty,
                 n,
             );
-            acts.dqkv.fill(0.0);
+            k::zero(&mut acts.dqkv);
             k::attention_backward_gqa(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, shape);
             if let Some(rope) = &self.rope {
                 k::rope_backward(
