@@ -264,6 +264,120 @@ impl SyncPtr {
     }
 }
 
+/// One vector register of f32 lanes, for kernels written once for AVX-512 (16 lanes) and AVX2
+/// (8 lanes): the generic body is `#[inline(always)]` and each width's entry point enables its
+/// target features.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod lanes {
+    use std::arch::x86_64::*;
+
+    /// One vector register of f32 lanes; `cnt` arguments are the lanes in use (the rest are
+    /// neither read nor written, so tails never touch memory past a row).
+    pub(crate) trait Lanes: Copy {
+        const W: usize;
+        unsafe fn zero() -> Self;
+        unsafe fn load(p: *const f32, cnt: usize) -> Self;
+        unsafe fn store(self, p: *mut f32, cnt: usize);
+        unsafe fn splat(x: f32) -> Self;
+        /// `a * b + self`, fused.
+        unsafe fn fma(self, a: Self, b: Self) -> Self;
+        unsafe fn sum(self) -> f32;
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct L16(__m512);
+
+    #[inline(always)]
+    fn mask16(cnt: usize) -> __mmask16 {
+        if cnt >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cnt) - 1) as __mmask16
+        }
+    }
+
+    impl Lanes for L16 {
+        const W: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            L16(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32, cnt: usize) -> Self {
+            L16(_mm512_maskz_loadu_ps(mask16(cnt), p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32, cnt: usize) {
+            _mm512_mask_storeu_ps(p, mask16(cnt), self.0)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            L16(_mm512_set1_ps(x))
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            L16(_mm512_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            _mm512_reduce_add_ps(self.0)
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct L8(__m256);
+
+    /// Lane masks for AVX2's masked loads and stores: 8 lanes on, then 8 off.
+    static MASK8: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    #[inline(always)]
+    unsafe fn mask8(cnt: usize) -> __m256i {
+        _mm256_loadu_si256(MASK8.as_ptr().add(8 - cnt.min(8)) as *const __m256i)
+    }
+
+    impl Lanes for L8 {
+        const W: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            L8(_mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32, cnt: usize) -> Self {
+            if cnt >= 8 {
+                L8(_mm256_loadu_ps(p))
+            } else {
+                L8(_mm256_maskload_ps(p, mask8(cnt)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32, cnt: usize) {
+            if cnt >= 8 {
+                _mm256_storeu_ps(p, self.0)
+            } else {
+                _mm256_maskstore_ps(p, mask8(cnt), self.0)
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            L8(_mm256_set1_ps(x))
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            L8(_mm256_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            let s = _mm_add_ps(
+                _mm256_castps256_ps128(self.0),
+                _mm256_extractf128_ps::<1>(self.0),
+            );
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
