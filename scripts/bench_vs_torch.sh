@@ -9,8 +9,11 @@
 # Environment: ROUNDS (3), THREADS (2), KILN (./target/release/kiln, built if missing),
 # TORCH_PY (/tmp/torch-venv/bin/python), TORCH_SCRIPT (shared/bench/torch_gpt_bench.py),
 # SCALING (1; 0 skips the scaling table), WEIGHTS (f32; kiln's generation weights: f32, bf16 or int8),
-# BENCHES ("train gen1 gen16"; a subset runs only those), PRECISION (f32; kiln's training matmuls:
-# f32 or bf16).
+# BENCHES ("train gen1 gen16 rollout llama"; a subset runs only those: rollout is the RL sampling
+# shape, 64 sequences x 64 new tokens; llama is training at SmolLM2-135M's shape through
+# transformers' LlamaForCausalLM), PRECISION (f32; kiln's training matmuls: f32 or bf16).
+# Kiln's own kernels run on the best SIMD path of the CPU; KILN_SIMD=avx2 (or base) forces an older
+# CPU's path for comparison (the large matmuls, in the gemm crate, dispatch on their own).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -21,7 +24,9 @@ TORCH_PY=${TORCH_PY:-/tmp/torch-venv/bin/python}
 SCALING=${SCALING:-1}
 WEIGHTS=${WEIGHTS:-f32}
 PRECISION=${PRECISION:-f32}
-BENCHES=${BENCHES:-train gen1 gen16}
+BENCHES=${BENCHES:-train gen1 gen16 rollout llama}
+# SmolLM2-135M: 30 layers, width 576, 9 heads / 3 kv heads, SwiGLU 1,536, vocabulary 49,152.
+LLAMA_SHAPE="--arch llama --vocab 49152 --layers 30 --dim 576 --heads 9 --kv-heads 3 --ffn 1536 --ctx 512 --batch 4"
 if [ -z "${TORCH_SCRIPT:-}" ]; then
     for c in shared/bench/torch_gpt_bench.py /work/shared/bench/torch_gpt_bench.py; do
         [ -f "$c" ] && TORCH_SCRIPT=$c && break
@@ -55,12 +60,18 @@ run_kiln() {
     local key=$1
     shift
     local line
-    line=$("$KILN" bench "$@" --threads "$THREADS" 2>/dev/null | grep '^RESULT' | tail -n1)
+    local out
+    out=$("$KILN" bench "$@" --threads "$THREADS" 2>/dev/null)
+    line=$(echo "$out" | grep '^RESULT kiln-\(train\|generate\) ' | tail -n1)
     if [ -z "$line" ]; then
         echo "kiln bench $* failed" >&2
         return
     fi
     echo "$(echo "$line" | field tok_per_s) $(echo "$line" | field peak_mib)" >>"$TMP/kiln.$key"
+    # Where the step's time goes (training) and the bandwidth bound (generation), for the tables below.
+    echo "$out" | grep '^RESULT kiln-train-\(matmuls\|profile\)' | tr '\n' ' ' >>"$TMP/kiln.$key.profile"
+    echo "$out" | grep '^RESULT kiln-generate-bound' >>"$TMP/kiln.$key.bound"
+    [ -s "$TMP/kiln.$key.profile" ] && echo >>"$TMP/kiln.$key.profile"
 }
 
 # run_torch KEY ARGS...: appends "tok peak" to $TMP/torch.KEY; peak RSS from getrusage in a wrapper
@@ -102,6 +113,16 @@ for r in $(seq 1 "$ROUNDS"); do
         run_kiln gen16 generate --batch 16 --weights "$WEIGHTS"
         [ $HAVE_TORCH = 1 ] && run_torch gen16 generate --batch 16
     fi
+    if want rollout; then
+        run_kiln rollout generate --batch 64 --new-tokens 64 --weights "$WEIGHTS"
+        [ $HAVE_TORCH = 1 ] && run_torch rollout generate --batch 64 --new-tokens 64
+    fi
+    if want llama; then
+        # shellcheck disable=SC2086
+        run_kiln llama train $LLAMA_SHAPE --warmup 1 --steps 3 --precision "$PRECISION"
+        # shellcheck disable=SC2086
+        [ $HAVE_TORCH = 1 ] && run_torch llama train $LLAMA_SHAPE --warmup 1 --steps 3
+    fi
 done
 
 col() { [ -f "$2" ] && awk -v c="$1" '{print $c}' "$2" | median; }
@@ -114,6 +135,8 @@ for key in $BENCHES; do
         train) name="train (b8 x 256)" ;;
         gen1) name="generate batch 1" ;;
         gen16) name="generate batch 16" ;;
+        rollout) name="rollout 64 x 64 new" ;;
+        llama) name="llama 135M train b4x512" ;;
     esac
     kt=$(col 1 "$TMP/kiln.$key")
     km=$(col 2 "$TMP/kiln.$key")
@@ -126,21 +149,61 @@ for key in $BENCHES; do
     printf "%-22s %10s %10s %8s %10s %10s\n" "$name" "${kt:--}" "${tt:--}" "$ratio" "${km:--}" "${tm:--}"
 done
 
+# prof_row NAME FILE: medians of the profile fields over the rounds, one row.
+prof_fields="step_ms matmul_ms attention_ms norm_ms activation_ms rope_ms embedding_ms loss_ms optimizer_ms elementwise_ms glue_ms step_over_matmuls"
+prof_row() {
+    local name=$1 file=$2 f vals=""
+    for f in $prof_fields; do
+        vals="$vals $(sed -n "s/.* $f=\([^ ]*\).*/\1/p" "$file" | median)"
+    done
+    # shellcheck disable=SC2086
+    printf "%-28s %8s %8s %6s %5s %6s %5s %5s %5s %6s %6s %5s %7s\n" "$name" $vals
+}
+prof_header() {
+    printf "%-28s %8s %8s %6s %5s %6s %5s %5s %5s %6s %6s %5s %7s\n" shape step_ms matmul attn norm activ rope embed loss optim elemwise glue step/mm
+}
+if ls "$TMP"/kiln.*.profile >/dev/null 2>&1; then
+    echo
+    echo "Kiln training step, where the time goes (ms, medians; step/mm = step over its matmuls' own time)"
+    prof_header
+    for key in train llama; do
+        [ -s "$TMP/kiln.$key.profile" ] && prof_row "$key" "$TMP/kiln.$key.profile"
+    done
+fi
+for key in gen1 gen16 rollout; do
+    if [ -s "$TMP/kiln.$key.bound" ]; then
+        echo "$key: $(tail -n1 "$TMP/kiln.$key.bound" | sed 's/^RESULT kiln-generate-bound //')"
+    fi
+done
+
 if [ "$SCALING" != 0 ]; then
     echo
-    echo "Kiln train scaling ($PRECISION matmuls, batch 8, 6 layers, vocab 8192, head size 64; tok/s, peak MiB; one run each)"
+    echo "Kiln train scaling ($PRECISION matmuls, batch 8, 6 layers, vocab 8192, head size 64; one run each): tok/s, peak MiB, and where the step's time goes (ms)"
     printf "%-28s %10s %10s\n" shape tok_per_s peak_MiB
     scale_row() {
         local name=$1
         shift
-        local line
-        line=$("$KILN" bench train "$@" --precision "$PRECISION" --warmup 1 --steps 3 --threads "$THREADS" 2>/dev/null | grep '^RESULT' | tail -n1)
+        local out line
+        out=$("$KILN" bench train "$@" --precision "$PRECISION" --warmup 1 --steps 3 --threads "$THREADS" 2>/dev/null)
+        line=$(echo "$out" | grep '^RESULT kiln-train ' | tail -n1)
         printf "%-28s %10s %10s\n" "$name" "$(echo "$line" | field tok_per_s)" "$(echo "$line" | field peak_mib)"
+        scale_n=$((scale_n + 1))
+        scale_names[$scale_n]=$name
+        echo "$out" | grep '^RESULT kiln-train-\(matmuls\|profile\)' | tr '\n' ' ' >"$TMP/scale.$scale_n"
+        echo >>"$TMP/scale.$scale_n"
     }
+    scale_n=0
+    declare -a scale_names
     for ctx in 256 512 1024; do
         scale_row "ctx $ctx, width 384" --ctx "$ctx" --dim 384 --heads 6
     done
     scale_row "ctx 256, width 256 (4 heads)" --ctx 256 --dim 256 --heads 4
-    scale_row "ctx 256, width 384 (6 heads)" --ctx 256 --dim 384 --heads 6
     scale_row "ctx 256, width 768 (12 heads)" --ctx 256 --dim 768 --heads 12
+    # shellcheck disable=SC2086
+    scale_row "llama 135M shape, b4 x 512" $LLAMA_SHAPE
+    echo
+    prof_header
+    for i in $(seq 1 "$scale_n"); do
+        prof_row "${scale_names[$i]}" "$TMP/scale.$i"
+    done
 fi

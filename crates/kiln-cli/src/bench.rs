@@ -296,7 +296,8 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         .map(|&k| format!("{}_ms={:.1}", k.name(), kind_med(k) * 1e3))
         .collect();
     println!(
-        "RESULT kiln-train-profile {} glue_ms={:.1}",
+        "RESULT kiln-train-profile step_ms={:.1} {} glue_ms={:.1}",
+        med * 1e3,
         kinds.join(" "),
         glue * 1e3
     );
