@@ -250,3 +250,173 @@ impl<'a> RunSession<'a> {
         self.seconds()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(total: u64) -> SessionConfig {
+        SessionConfig {
+            label: "test".into(),
+            unit: "step",
+            total,
+            ckpt_every: 2,
+            keep_last: 2,
+            non_finite: NonFinite::Skip,
+            max_non_finite: 5,
+            grad_clip: 1.0,
+            progress: false,
+        }
+    }
+
+    fn session(run: &RunDir, total: u64) -> RunSession<'_> {
+        let extra = vec![
+            ("extra.txt".to_string(), b"extra".to_vec()),
+            ("shared.json".to_string(), b"extra".to_vec()),
+        ];
+        RunSession::new(run, config(total), extra)
+    }
+
+    /// The loop's own files at `step`: its state, and a file that an extra file also names.
+    fn files(step: u64) -> Result<Files> {
+        Ok(vec![
+            ("state.json".into(), step.to_string().into_bytes()),
+            ("shared.json".into(), b"loop".to_vec()),
+        ])
+    }
+
+    fn logged_steps(run: &RunDir) -> Vec<u64> {
+        std::fs::read_to_string(run.root.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// Runs steps `from..=to` of a session: a metrics line each, checkpoints when due. Returns
+    /// the checkpoints written: (step, whether it was the final one).
+    fn steps(s: &RunSession, from: u64, to: u64) -> Vec<(u64, bool)> {
+        let mut saved = Vec::new();
+        for step in from..=to {
+            let m = Metrics::from([("v".to_string(), step as f64)]);
+            s.log(&s.metrics_line(step, &m)).unwrap();
+            let stop = s
+                .end_step(step, false, |finished| {
+                    saved.push((step, finished));
+                    files(step)
+                })
+                .unwrap();
+            assert!(!stop);
+        }
+        saved
+    }
+
+    /// Checkpoints every `ckpt_every` steps and at the last (marked final), the newest `keep_last`
+    /// kept, the run's extra files in each (but the loop's file wins over an extra of its name);
+    /// a resume restores the newest checkpoint's state and drops the metrics logged after it.
+    #[test]
+    fn checkpoints_resume_and_metrics_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        let s = session(&run, 8);
+        // Killed after step 7, whose metrics were logged but whose checkpoint was not due.
+        assert_eq!(steps(&s, 1, 7), vec![(2, false), (4, false), (6, false)]);
+        let kept: Vec<u64> = run.checkpoints().unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(kept, vec![4, 6]);
+        let ckpt = run.root.join(RunDir::checkpoint_name(6));
+        let read = |f: &str| String::from_utf8(std::fs::read(ckpt.join(f)).unwrap()).unwrap();
+        assert_eq!(read("state.json"), "6");
+        assert_eq!(read("extra.txt"), "extra");
+        assert_eq!(read("shared.json"), "loop");
+        let text = std::fs::read_to_string(run.root.join("metrics.jsonl")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"step": 1, "stage": "test", "v": 1.0})
+        );
+        drop(s);
+
+        // Without --resume nothing is read.
+        let s = session(&run, 8);
+        let mut state = 0u64;
+        s.resume(false, &mut state, |_, _| panic!("no resume asked"))
+            .unwrap();
+        assert_eq!((state, logged_steps(&run).len()), (0, 7));
+        // With it: the state of checkpoint 6, and step 7's metrics line gone.
+        s.resume(true, &mut state, |dir, st| {
+            *st = std::fs::read_to_string(dir.join("state.json"))?.parse()?;
+            Ok(*st)
+        })
+        .unwrap();
+        assert_eq!(state, 6);
+        assert_eq!(logged_steps(&run), vec![1, 2, 3, 4, 5, 6]);
+        // The resumed run's last step writes the final checkpoint.
+        assert_eq!(steps(&s, 7, 8), vec![(8, true)]);
+        assert_eq!(logged_steps(&run), (1..=8).collect::<Vec<_>>());
+        assert_eq!(
+            run.latest_checkpoint().unwrap(),
+            Some(run.root.join(RunDir::checkpoint_name(8)))
+        );
+    }
+
+    /// An interrupt checkpoints at once, off the cadence and not as the final checkpoint, and ends
+    /// the loop.
+    #[test]
+    fn an_interrupt_checkpoints_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        let s = session(&run, 8);
+        let mut saved = None;
+        let stop = s
+            .end_step(3, true, |finished| {
+                saved = Some(finished);
+                files(3)
+            })
+            .unwrap();
+        assert!(stop);
+        assert_eq!(saved, Some(false));
+        assert_eq!(run.checkpoints().unwrap()[0].0, 3);
+    }
+
+    /// A resume with no checkpoint starts over: the killed run's metrics are discarded.
+    #[test]
+    fn a_resume_without_a_checkpoint_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        let s = session(&run, 8);
+        s.log(&s.metrics_line(1, &Metrics::new())).unwrap();
+        let mut state = 0u64;
+        s.resume(true, &mut state, |_, _| panic!("no checkpoint to load"))
+            .unwrap();
+        assert!(logged_steps(&run).is_empty());
+    }
+
+    /// The session's optimizers carry its non-finite policy and gradient clip, and the skipped
+    /// count they resume with.
+    #[test]
+    fn optimizers_follow_the_session_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        let s = session(&run, 8);
+        let model = kiln_model::Model::new(
+            kiln_model::ModelConfig {
+                vocab_size: 8,
+                n_ctx: 4,
+                n_layer: 1,
+                n_head: 1,
+                n_embd: 4,
+                ..Default::default()
+            },
+            1,
+        );
+        let opt = s.optimizer("test model", AdamW::new(&model, Default::default()), 3);
+        assert_eq!(opt.guard.policy, NonFinite::Skip);
+        assert_eq!(opt.guard.max_consecutive, 5);
+        assert_eq!((opt.guard.skipped, opt.grad_clip), (3, 1.0));
+        assert_eq!(opt.next_update(), 4);
+    }
+}
