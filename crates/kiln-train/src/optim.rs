@@ -132,10 +132,11 @@ pub struct Update {
     pub comm_seconds: f64,
 }
 
-/// The one place a training loop takes an optimizer step, so none can forget the non-finite guard:
-/// the gradient is clipped, and AdamW runs only when the loss and the gradient norm are finite. A
-/// non-finite step is counted and skipped (the weights and moments stay as they were) or, with
-/// [`NonFinite::Stop`] or after `max_consecutive` in a row, stops the run with an error.
+/// The non-finite guard of every optimizer step (taken through [`Optimizer::update`], so no loop
+/// can forget it): the gradient is clipped, and AdamW runs only when the loss and the gradient norm
+/// are finite. A non-finite step is counted and skipped (the weights and moments stay as they
+/// were) or, with [`NonFinite::Stop`] or after `max_consecutive` in a row, stops the run with an
+/// error.
 #[derive(Clone, Debug)]
 pub struct UpdateGuard {
     pub policy: NonFinite,

@@ -14,6 +14,7 @@ use kiln_model::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+// Where the CLI, the pipeline and the tests have always found them.
 pub use crate::session::{install_ctrlc, progress_bar, NonFinite, STOP};
 
 /// Optimisation settings shared by every stage (TOML `[train]`, overridable by flags).
