@@ -200,12 +200,15 @@ pub fn broadcast_start(
     world.broadcast_f32(0, v)
 }
 
-/// What [`reduce_step`] did.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StepComm {
-    /// Seconds this rank spent in the step's collectives (waiting for the slowest rank included).
-    pub seconds: f64,
-    /// True when any rank was asked to stop (Ctrl-C).
+/// What a data-parallel update adds up over the ranks along with the gradient: its loss, and what
+/// the loop reports per step (tokens, statistics, the stop flag).
+#[derive(Clone, Debug, Default)]
+pub struct StepSums {
+    /// This rank's share of the loss (already divided by the global number of micro-batches).
+    pub loss: f64,
+    pub tokens: u64,
+    pub extra: Metrics,
+    /// In: this rank was asked to stop (Ctrl-C); out: any rank was.
     pub stop: bool,
 }
 
@@ -214,35 +217,26 @@ const LOSS_KEY: &str = "\0loss";
 const TOKENS_KEY: &str = "\0tokens";
 const STOP_KEY: &str = "\0stop";
 
-/// The data-parallel step: sums every rank's gradient (in rank order), its share of the loss, its
-/// tokens and its statistics (each already divided by the global number of micro-batches), and
-/// ORs the stop flags. A world of one returns at once.
-pub fn reduce_step(
-    world: &dyn Collective,
-    grads: &mut [f32],
-    loss: &mut f64,
-    tokens: &mut u64,
-    extra: &mut Metrics,
-    stop: bool,
-) -> Result<StepComm> {
+/// The data-parallel step: sums every rank's gradient (in rank order) and its `sums` (each already
+/// divided by the global number of micro-batches), ORing the stop flags. Returns the seconds this
+/// rank spent in the collectives (waiting for the slowest rank included). A world of one returns
+/// at once.
+pub fn reduce_step(world: &dyn Collective, grads: &mut [f32], sums: &mut StepSums) -> Result<f64> {
     if world.size() == 1 {
-        return Ok(StepComm { seconds: 0.0, stop });
+        return Ok(0.0);
     }
     let t = Instant::now();
     world.allreduce_sum(grads)?;
-    let mut mine = extra.clone();
-    mine.insert(LOSS_KEY.into(), *loss);
-    mine.insert(TOKENS_KEY.into(), *tokens as f64);
-    mine.insert(STOP_KEY.into(), if stop { 1.0 } else { 0.0 });
+    let mut mine = sums.extra.clone();
+    mine.insert(LOSS_KEY.into(), sums.loss);
+    mine.insert(TOKENS_KEY.into(), sums.tokens as f64);
+    mine.insert(STOP_KEY.into(), if sums.stop { 1.0 } else { 0.0 });
     let mut all = sum_metrics(world, &mine)?;
-    *loss = all.remove(LOSS_KEY).unwrap_or(0.0);
-    *tokens = all.remove(TOKENS_KEY).unwrap_or(0.0) as u64;
-    let stop = all.remove(STOP_KEY).unwrap_or(0.0) > 0.0;
-    *extra = all;
-    Ok(StepComm {
-        seconds: t.elapsed().as_secs_f64(),
-        stop,
-    })
+    sums.loss = all.remove(LOSS_KEY).unwrap_or(0.0);
+    sums.tokens = all.remove(TOKENS_KEY).unwrap_or(0.0) as u64;
+    sums.stop = all.remove(STOP_KEY).unwrap_or(0.0) > 0.0;
+    sums.extra = all;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 #[cfg(test)]

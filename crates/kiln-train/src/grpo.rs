@@ -7,13 +7,14 @@
 //! come from the training forward in the first pass's minibatch order, so the first minibatch's
 //! ratio is exactly 1. Per-token quantities are indexed by the position that PREDICTS the token.
 
-use crate::dist;
-use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
-use crate::ppo::{prompt_order, row_len, PolicyEval};
+use crate::dist::{self, StepSums};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::ppo::{call_hook, prompt_order, row_len, PolicyEval};
 use crate::reward::Weighted;
 use crate::rollout::{sample_responses, Rows};
 use crate::run::RunDir;
-use crate::trainer::{fmt_metrics, progress_bar, say, Metrics, NonFinite, STOP};
+use crate::session::{self, Files, NonFinite, RunSession, SessionConfig};
+use crate::trainer::{fmt_metrics, Metrics};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{model_files, read_checked};
@@ -22,7 +23,6 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// How a response's advantage is made from its group's rewards.
@@ -340,7 +340,22 @@ impl<'a> Grpo<'a> {
             usable.iter().map(|&i| self.prompts[i].clone()).collect();
         let t = row_len(&usable_prompts, cfg.max_new_tokens, n_ctx);
         let sample_weights: WeightFormat = cfg.sample_weights.parse()?;
-        let mut opt = AdamW::new(
+        let mut session = RunSession::new(
+            self.run,
+            SessionConfig {
+                label: "grpo".into(),
+                unit: "iteration",
+                total: cfg.iterations,
+                ckpt_every: cfg.ckpt_every,
+                keep_last: cfg.keep_last,
+                non_finite: cfg.non_finite,
+                max_non_finite: cfg.max_non_finite,
+                grad_clip: cfg.grad_clip,
+                progress: self.progress,
+            },
+            self.extra_files.clone(),
+        );
+        let mut adamw = AdamW::new(
             &self.actor,
             AdamWConfig {
                 weight_decay: 0.0,
@@ -352,45 +367,24 @@ impl<'a> Grpo<'a> {
             ..Default::default()
         };
         let world = dist::world();
-        if resume && dist::is_root() {
-            if let Some(dir) = self.run.latest_checkpoint()? {
-                self.load_state(&dir, &mut opt, &mut st)?;
-                self.run.truncate_metrics_after(st.iteration)?;
-                eprintln!(
-                    "[grpo] resumed from {} (iteration {})",
-                    dir.display(),
-                    st.iteration
-                );
-            }
-        }
+        session.resume(resume, &mut st, |dir, st| {
+            self.load_state(dir, &mut adamw, st)?;
+            Ok(st.iteration)
+        })?;
         if world.size() > 1 {
-            // Every rank starts from rank 0's weights, moments and loop state.
-            dist::broadcast_start(world, &mut self.actor, &mut opt.m, &mut opt.v)?;
-            st = dist::broadcast_json(world, &st)?;
-            opt.step = st.updates;
+            // Every rank starts from rank 0's weights and moments.
+            dist::broadcast_start(world, &mut self.actor, &mut adamw.m, &mut adamw.v)?;
+            adamw.step = st.updates;
         }
         let mut rng = ChaCha8Rng::from_seed(st.rng);
         rng.set_word_pos(st.rng_word);
         let mut summary = GrpoSummary::default();
         if let Some(f) = self.eval.as_mut() {
             summary.eval_start = f(&self.actor)?;
-            if dist::is_root() {
-                eprintln!("[grpo] start {}", fmt_metrics(&summary.eval_start));
-            }
+            session.say(format!("[grpo] start {}", fmt_metrics(&summary.eval_start)));
         }
-        let pb = progress_bar(
-            self.progress && dist::is_root(),
-            "grpo",
-            cfg.iterations,
-            st.iteration,
-        );
-        let mut guard = UpdateGuard::new(
-            "grpo",
-            cfg.non_finite,
-            cfg.max_non_finite,
-            st.skipped_non_finite,
-        );
-        let start = Instant::now();
+        session.start(st.iteration);
+        let mut opt = session.optimizer("grpo", adamw, st.skipped_non_finite);
         let mb = cfg.minibatch;
         let g = cfg.group_size;
         // Each rank runs its part of every minibatch.
@@ -655,29 +649,21 @@ impl<'a> Grpo<'a> {
                     self.actor.lm_head_backward(&mut acts, &dlogp, None);
                     self.actor.backward(&mut acts);
                     // Data parallel: the minibatch's gradient and loss, summed over the ranks.
-                    let comm = dist::reduce_step(
-                        world,
-                        self.actor.trainable_grads_mut(),
-                        &mut mb_loss,
-                        &mut 0,
-                        &mut Metrics::new(),
-                        false,
-                    )?;
-                    comm_secs += comm.seconds;
-                    loss_sum += mb_loss;
-                    if let Some(h) = self.grad_hook.as_mut() {
-                        h("actor", st.iteration + 1, &mut self.actor);
-                    }
-                    let step = guard.skipped + opt.step + 1;
-                    guard.step(
+                    let mut sums = StepSums {
+                        loss: mb_loss,
+                        ..StepSums::default()
+                    };
+                    let step = opt.next_update();
+                    let upd = opt.update(
                         &mut self.actor,
-                        &mut opt,
                         cfg.lr,
-                        cfg.grad_clip,
-                        mb_loss,
+                        &mut sums,
                         step,
-                        |s| say(&pb, s),
+                        |m| call_hook(&mut self.grad_hook, "actor", st.iteration + 1, m),
+                        |s| session.say(s),
                     )?;
+                    comm_secs += upd.comm_seconds;
+                    loss_sum += sums.loss;
                 }
             }
             // The iteration's token statistics over every rank (and whether any was interrupted).
@@ -686,7 +672,7 @@ impl<'a> Grpo<'a> {
             own.insert("ntok".into(), ntok as f64);
             own.insert("ent".into(), ent_sum);
             own.insert("kl".into(), kl_sum);
-            own.insert("stop".into(), STOP.load(Ordering::SeqCst) as u8 as f64);
+            own.insert("stop".into(), session::stop_requested() as u8 as f64);
             let all = dist::sum_metrics(world, &own)?;
             (clipped, ntok) = (all["clipped"] as usize, all["ntok"] as usize);
             (ent_sum, kl_sum) = (all["ent"], all["kl"]);
@@ -698,7 +684,7 @@ impl<'a> Grpo<'a> {
             let train_secs = t_train.elapsed().as_secs_f64();
             let it_secs = it_start.elapsed().as_secs_f64();
             st.iteration += 1;
-            st.skipped_non_finite = guard.skipped;
+            st.skipped_non_finite = opt.guard.skipped;
             let nt = ntok.max(1) as f64;
             let n_f = n as f64;
             m.insert("iteration".into(), st.iteration as f64);
@@ -752,10 +738,7 @@ impl<'a> Grpo<'a> {
                     }
                 }
             }
-            let mut line = serde_json::json!({"step": st.iteration, "stage": "grpo"});
-            for (k, v) in &m {
-                line[k.as_str()] = serde_json::json!(v);
-            }
+            let mut line = session.metrics_line(st.iteration, &m);
             let samples: Vec<String> = rows
                 .responses
                 .iter()
@@ -764,15 +747,13 @@ impl<'a> Grpo<'a> {
                 .map(|r| (self.decode)(r))
                 .collect();
             line["samples"] = serde_json::json!(samples);
-            self.run.log(&line)?;
-            pb.set_message(format!(
-                "reward {:.3} len {:.1}",
-                m["reward"], m["response_len"]
-            ));
-            pb.set_position(st.iteration);
+            session.log(&line)?;
+            session.progress(
+                st.iteration,
+                format!("reward {:.3} len {:.1}", m["reward"], m["response_len"]),
+            );
             if st.iteration == 1 || st.iteration.is_multiple_of(cfg.eval_every.max(1)) || last {
-                say(
-                    &pb,
+                session.say(
                     format!(
                         "[grpo] it {} reward {:.3} flat groups {:.2} ent {:.3} clip {:.3} len {:.1} sampling {:.0}% ({:.0} tok/s){}{} | {}",
                         st.iteration,
@@ -794,23 +775,20 @@ impl<'a> Grpo<'a> {
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v)))
                 .collect();
-            if (cfg.ckpt_every > 0 && st.iteration.is_multiple_of(cfg.ckpt_every)) || last || stop {
+            let stopped = session.end_step(st.iteration, stop, |_| {
                 st.rng = rng.get_seed();
                 st.rng_word = rng.get_word_pos();
-                st.updates = opt.step;
-                if dist::is_root() {
-                    self.save(&opt, &st)?;
-                }
-            }
-            if stop {
+                st.updates = opt.adamw.step;
+                self.checkpoint_files(&opt.adamw, &st)
+            })?;
+            if stopped {
                 summary.interrupted = true;
                 break;
             }
         }
-        pb.finish_and_clear();
+        summary.seconds = session.finish();
         summary.iterations = st.iteration;
         summary.history = st.history;
-        summary.seconds = start.elapsed().as_secs_f64();
         if summary.eval_end.is_empty() {
             if let Some(f) = self.eval.as_mut() {
                 summary.eval_end = f(&self.actor)?;
@@ -819,19 +797,16 @@ impl<'a> Grpo<'a> {
         Ok(summary)
     }
 
-    /// The actor's files at the checkpoint's top level (the checkpoint is a chat model), with the
-    /// optimizer and the loop's state beside them.
-    fn save(&self, opt: &AdamW, st: &GrpoState) -> Result<()> {
+    /// A checkpoint's own files (the session adds the run's extra files): the actor's at the top
+    /// level (the checkpoint is a chat model), with the optimizer and the loop's state beside them.
+    fn checkpoint_files(&self, opt: &AdamW, st: &GrpoState) -> Result<Files> {
         let mut files = model_files(&self.actor)?;
         files.push(("optimizer.safetensors".into(), opt.to_bytes(&self.actor)?));
         files.push((
             "grpo_state.json".into(),
             serde_json::to_vec_pretty(&serde_json::json!({"state": st, "config": self.cfg}))?,
         ));
-        files.extend(self.extra_files.iter().cloned());
-        self.run
-            .save_checkpoint(st.iteration, &files, self.cfg.keep_last)?;
-        Ok(())
+        Ok(files)
     }
 
     fn load_state(

@@ -1,6 +1,8 @@
-//! AdamW over the model's flat parameters, with per-tensor weight decay and state that checkpoints.
+//! AdamW over the model's flat parameters, with per-tensor weight decay and state that checkpoints,
+//! behind the non-finite guard every loop's updates go through ([`Optimizer::update`]).
 
-use crate::trainer::NonFinite;
+use crate::dist::{self, StepSums};
+use crate::session::NonFinite;
 use anyhow::{bail, Context, Result};
 use kiln_kernels as k;
 use kiln_model::checkpoint::{bytes_to_tensors, tensors_to_bytes};
@@ -126,12 +128,15 @@ pub struct Update {
     pub norm: f32,
     /// False when the step was skipped for a non-finite loss or gradient.
     pub applied: bool,
+    /// Seconds spent summing the gradient over the ranks (0 on one process).
+    pub comm_seconds: f64,
 }
 
-/// The one place a training loop takes an optimizer step, so none can forget the non-finite guard:
-/// the gradient is clipped, and AdamW runs only when the loss and the gradient norm are finite. A
-/// non-finite step is counted and skipped (the weights and moments stay as they were) or, with
-/// [`NonFinite::Stop`] or after `max_consecutive` in a row, stops the run with an error.
+/// The non-finite guard of every optimizer step (taken through [`Optimizer::update`], so no loop
+/// can forget it): the gradient is clipped, and AdamW runs only when the loss and the gradient norm
+/// are finite. A non-finite step is counted and skipped (the weights and moments stay as they
+/// were) or, with [`NonFinite::Stop`] or after `max_consecutive` in a row, stops the run with an
+/// error.
 #[derive(Clone, Debug)]
 pub struct UpdateGuard {
     pub policy: NonFinite,
@@ -174,6 +179,7 @@ impl UpdateGuard {
             return Ok(Update {
                 norm,
                 applied: true,
+                comm_seconds: 0.0,
             });
         }
         self.skipped += 1;
@@ -197,7 +203,55 @@ impl UpdateGuard {
         Ok(Update {
             norm,
             applied: false,
+            comm_seconds: 0.0,
         })
+    }
+}
+
+/// One trained model's optimizer: AdamW behind its non-finite guard (the trainer's model, PPO's
+/// actor and critic, GRPO's actor each have one; see [`crate::session::RunSession::optimizer`]).
+pub struct Optimizer {
+    pub adamw: AdamW,
+    pub guard: UpdateGuard,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f32,
+}
+
+impl Optimizer {
+    /// The one way every loop updates a model: its gradient and `sums` added up over the ranks
+    /// (data parallel; `sums` then holds the totals), `hook` shown the summed gradient (tests
+    /// inject faults there), then the guarded step at `lr`. `step` (1-based) names the update in
+    /// messages; `warn` receives the warning of a skipped one.
+    pub fn update(
+        &mut self,
+        model: &mut Model,
+        lr: f32,
+        sums: &mut StepSums,
+        step: u64,
+        hook: impl FnOnce(&mut Model),
+        warn: impl FnOnce(String),
+    ) -> Result<Update> {
+        let comm_seconds = dist::reduce_step(dist::world(), model.trainable_grads_mut(), sums)?;
+        hook(model);
+        let upd = self.guard.step(
+            model,
+            &mut self.adamw,
+            lr,
+            self.grad_clip,
+            sums.loss,
+            step,
+            warn,
+        )?;
+        Ok(Update {
+            comm_seconds,
+            ..upd
+        })
+    }
+
+    /// The 1-based number of the next update tried, applied or skipped (the RL loops' messages
+    /// name updates by it).
+    pub fn next_update(&self) -> u64 {
+        self.guard.skipped + self.adamw.step + 1
     }
 }
 

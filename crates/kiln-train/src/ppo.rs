@@ -6,13 +6,13 @@
 //! RM score at the last response token → GAE → several epochs of clipped policy and value updates.
 //! Every per-token quantity is indexed by the position that PREDICTS the token (its target row).
 
-use crate::dist;
-use crate::optim::{AdamW, AdamWConfig, UpdateGuard};
+use crate::dist::{self, StepSums};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::rm::score_rows;
 use crate::rollout::{sample_responses, Rows, Span};
 use crate::run::RunDir;
-use crate::trainer::NonFinite;
-use crate::trainer::{fmt_metrics, progress_bar, say, Metrics, STOP};
+use crate::session::{self, Files, NonFinite, RunSession, SessionConfig};
+use crate::trainer::{fmt_metrics, Metrics};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
 use kiln_model::checkpoint::{bytes_to_tensors, model_files, params_from_tensors, read_checked};
@@ -21,8 +21,6 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 /// PPO settings (TOML `[ppo]`, overridable by flags). Defaults follow the mature implementations
 /// (see the RLHF checklist in the README).
@@ -487,20 +485,31 @@ impl<'a> Ppo<'a> {
         kiln_kernels::flush_denormals_everywhere();
         let cfg = self.cfg.clone();
         let t = self.row_len();
-        let mut actor_opt = AdamW::new(
-            &self.actor,
-            AdamWConfig {
-                weight_decay: 0.0,
-                ..AdamWConfig::default()
+        let mut session = RunSession::new(
+            self.run,
+            SessionConfig {
+                label: "ppo".into(),
+                unit: "iteration",
+                total: cfg.iterations,
+                ckpt_every: cfg.ckpt_every,
+                keep_last: cfg.keep_last,
+                non_finite: cfg.non_finite,
+                max_non_finite: cfg.max_non_finite,
+                grad_clip: cfg.grad_clip,
+                progress: self.progress,
             },
+            self.extra_files.clone(),
         );
-        let mut critic_opt = AdamW::new(
-            &self.critic,
-            AdamWConfig {
-                weight_decay: 0.0,
-                ..AdamWConfig::default()
-            },
-        );
+        let adamw = |model: &Model| {
+            AdamW::new(
+                model,
+                AdamWConfig {
+                    weight_decay: 0.0,
+                    ..AdamWConfig::default()
+                },
+            )
+        };
+        let (mut actor_adamw, mut critic_adamw) = (adamw(&self.actor), adamw(&self.critic));
         let mut st = PpoState {
             iteration: 0,
             beta: cfg.kl_coef,
@@ -517,55 +526,38 @@ impl<'a> Ppo<'a> {
         let mut summary = PpoSummary::default();
         let world = dist::world();
         let (size, rank) = (world.size(), world.rank());
-        if resume && dist::is_root() {
-            if let Some(dir) = self.run.latest_checkpoint()? {
-                self.load_state(&dir, &mut actor_opt, &mut critic_opt, &mut st)?;
-                self.run.truncate_metrics_after(st.iteration)?;
-                eprintln!(
-                    "[ppo] resumed from {} (iteration {})",
-                    dir.display(),
-                    st.iteration
-                );
-            }
-        }
+        session.resume(resume, &mut st, |dir, st| {
+            self.load_state(dir, &mut actor_adamw, &mut critic_adamw, st)?;
+            Ok(st.iteration)
+        })?;
         if size > 1 {
-            // Every rank starts from rank 0's actor, critic, moments and loop state.
-            dist::broadcast_start(world, &mut self.actor, &mut actor_opt.m, &mut actor_opt.v)?;
+            // Every rank starts from rank 0's actor, critic and moments.
+            dist::broadcast_start(
+                world,
+                &mut self.actor,
+                &mut actor_adamw.m,
+                &mut actor_adamw.v,
+            )?;
             dist::broadcast_start(
                 world,
                 &mut self.critic,
-                &mut critic_opt.m,
-                &mut critic_opt.v,
+                &mut critic_adamw.m,
+                &mut critic_adamw.v,
             )?;
-            st = dist::broadcast_json(world, &st)?;
-            actor_opt.step = st.actor_updates;
-            critic_opt.step = st.critic_updates;
+            actor_adamw.step = st.actor_updates;
+            critic_adamw.step = st.critic_updates;
         }
         let mut rng = ChaCha8Rng::from_seed(st.rng);
         rng.set_word_pos(st.rng_word);
         if let Some(f) = self.eval.as_mut() {
             summary.eval_start = f(&self.actor)?;
-            if dist::is_root() {
-                eprintln!("[ppo] start {}", fmt_metrics(&summary.eval_start));
-            }
+            session.say(format!("[ppo] start {}", fmt_metrics(&summary.eval_start)));
         }
-        let pb = progress_bar(
-            self.progress && dist::is_root(),
-            "ppo",
-            cfg.iterations,
-            st.iteration,
-        );
-        let start = Instant::now();
+        session.start(st.iteration);
         let mb = cfg.minibatch;
-        // A guard per model; the state counts their skipped updates together.
-        let mut actor_guard = UpdateGuard::new(
-            "ppo actor",
-            cfg.non_finite,
-            cfg.max_non_finite,
-            st.skipped_non_finite,
-        );
-        let mut critic_guard =
-            UpdateGuard::new("ppo critic", cfg.non_finite, cfg.max_non_finite, 0);
+        // An optimizer (and guard) per model; the state counts their skipped updates together.
+        let mut actor_opt = session.optimizer("ppo actor", actor_adamw, st.skipped_non_finite);
+        let mut critic_opt = session.optimizer("ppo critic", critic_adamw, 0);
         // Each rank computes its part of every minibatch (on one process, all of it).
         let mut acts = Activations::new(&self.actor.cfg, mb / size, t, true);
         let mut vacts = Activations::new(&self.critic.cfg, mb / size, t, false);
@@ -658,26 +650,17 @@ impl<'a> Ppo<'a> {
                             ptx_steps += 1;
                         }
                         // Data parallel: the minibatch's gradient and loss, summed over the ranks.
-                        dist::reduce_step(
-                            world,
-                            self.actor.trainable_grads_mut(),
-                            &mut mb_loss,
-                            &mut 0,
-                            &mut Metrics::new(),
-                            false,
-                        )?;
-                        if let Some(h) = self.grad_hook.as_mut() {
-                            h("actor", st.iteration + 1, &mut self.actor);
-                        }
-                        let step = actor_guard.skipped + actor_opt.step + 1;
-                        actor_guard.step(
+                        let step = actor_opt.next_update();
+                        actor_opt.update(
                             &mut self.actor,
-                            &mut actor_opt,
                             cfg.actor_lr,
-                            cfg.grad_clip,
-                            mb_loss,
+                            &mut StepSums {
+                                loss: mb_loss,
+                                ..StepSums::default()
+                            },
                             step,
-                            |m| say(&pb, m),
+                            |m| call_hook(&mut self.grad_hook, "actor", st.iteration + 1, m),
+                            |m| session.say(m),
                         )?;
                     }
                     // Critic: clipped value loss.
@@ -700,26 +683,17 @@ impl<'a> Ppo<'a> {
                     }
                     self.critic.score_head_backward(&mut vacts, &dv);
                     self.critic.backward(&mut vacts);
-                    dist::reduce_step(
-                        world,
-                        self.critic.trainable_grads_mut(),
-                        &mut mb_vloss,
-                        &mut 0,
-                        &mut Metrics::new(),
-                        false,
-                    )?;
-                    if let Some(h) = self.grad_hook.as_mut() {
-                        h("critic", st.iteration + 1, &mut self.critic);
-                    }
-                    let step = critic_guard.skipped + critic_opt.step + 1;
-                    critic_guard.step(
+                    let step = critic_opt.next_update();
+                    critic_opt.update(
                         &mut self.critic,
-                        &mut critic_opt,
                         cfg.critic_lr,
-                        cfg.grad_clip,
-                        mb_vloss,
+                        &mut StepSums {
+                            loss: mb_vloss,
+                            ..StepSums::default()
+                        },
                         step,
-                        |m| say(&pb, m),
+                        |m| call_hook(&mut self.grad_hook, "critic", st.iteration + 1, m),
+                        |m| session.say(m),
                     )?;
                 }
             }
@@ -733,7 +707,7 @@ impl<'a> Ppo<'a> {
             own.insert("pg".into(), pg_sum);
             own.insert("ptx_loss".into(), ptx_loss);
             own.insert("ptx_steps".into(), ptx_steps as f64);
-            own.insert("stop".into(), STOP.load(Ordering::SeqCst) as u8 as f64);
+            own.insert("stop".into(), session::stop_requested() as u8 as f64);
             let all = dist::sum_metrics(world, &own)?;
             (clipped, ntok) = (all["clipped"] as usize, all["ntok"] as usize);
             (approx_kl, ent_sum, vloss_sum, pg_sum) =
@@ -791,7 +765,7 @@ impl<'a> Ppo<'a> {
                 ro.rows.spans.iter().filter(|s| s.ended).count() as f64 / n_f,
             );
             m.insert("first_ratio_err".into(), first_ratio_err);
-            st.skipped_non_finite = actor_guard.skipped + critic_guard.skipped;
+            st.skipped_non_finite = actor_opt.guard.skipped + critic_opt.guard.skipped;
             m.insert("skipped_non_finite".into(), st.skipped_non_finite as f64);
             if let Some(grade) = &self.grader {
                 let (mut right, mut wrong) = (Vec::new(), Vec::new());
@@ -823,10 +797,7 @@ impl<'a> Ppo<'a> {
                     }
                 }
             }
-            let mut line = serde_json::json!({"step": st.iteration, "stage": "ppo"});
-            for (k, v) in &m {
-                line[k.as_str()] = serde_json::json!(v);
-            }
+            let mut line = session.metrics_line(st.iteration, &m);
             let samples: Vec<String> = ro
                 .rows
                 .responses
@@ -835,14 +806,16 @@ impl<'a> Ppo<'a> {
                 .map(|r| (self.decode)(r))
                 .collect();
             line["samples"] = serde_json::json!(samples);
-            self.run.log(&line)?;
-            pb.set_message(format!(
-                "reward {:.3} kl {:.3} len {:.1}",
-                m["reward"], m["kl"], m["response_len"]
-            ));
-            pb.set_position(st.iteration);
+            session.log(&line)?;
+            session.progress(
+                st.iteration,
+                format!(
+                    "reward {:.3} kl {:.3} len {:.1}",
+                    m["reward"], m["kl"], m["response_len"]
+                ),
+            );
             if st.iteration == 1 || st.iteration.is_multiple_of(cfg.eval_every.max(1)) || last {
-                say(&pb, format!(
+                session.say(format!(
                     "[ppo] it {} reward {:.3} kl {:.3} beta {:.4} ent {:.3} clip {:.3} vloss {:.4} len {:.1}{} | {}",
                     st.iteration, m["reward"], m["kl"], m["beta"], m["entropy"], m["clip_frac"], m["value_loss"], m["response_len"],
                     m.get("rollout_acc").map(|a| format!(" rollout acc {a:.3} rm gap {:.2}", m.get("rm_gap").unwrap_or(&f64::NAN))).unwrap_or_default()
@@ -855,25 +828,22 @@ impl<'a> Ppo<'a> {
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("eval_").map(|k| (k.to_string(), *v)))
                 .collect();
-            if (cfg.ckpt_every > 0 && st.iteration.is_multiple_of(cfg.ckpt_every)) || last || stop {
+            let stopped = session.end_step(st.iteration, stop, |_| {
                 st.rng = rng.get_seed();
                 st.rng_word = rng.get_word_pos();
-                st.actor_updates = actor_opt.step;
-                st.critic_updates = critic_opt.step;
+                st.actor_updates = actor_opt.adamw.step;
+                st.critic_updates = critic_opt.adamw.step;
                 st.ptx = self.ptx.as_ref().map(|p| p.state()).unwrap_or_default();
-                if dist::is_root() {
-                    self.save(&actor_opt, &critic_opt, &st)?;
-                }
-            }
-            if stop {
+                self.checkpoint_files(&actor_opt.adamw, &critic_opt.adamw, &st)
+            })?;
+            if stopped {
                 summary.interrupted = true;
                 break;
             }
         }
-        pb.finish_and_clear();
+        summary.seconds = session.finish();
         summary.iterations = st.iteration;
         summary.history = st.history;
-        summary.seconds = start.elapsed().as_secs_f64();
         if summary.eval_end.is_empty() {
             if let Some(f) = self.eval.as_mut() {
                 summary.eval_end = f(&self.actor)?;
@@ -882,9 +852,15 @@ impl<'a> Ppo<'a> {
         Ok(summary)
     }
 
-    /// The actor's files are at the checkpoint's top level, so the checkpoint is itself a chat model;
-    /// the critic and both optimizers sit beside them.
-    fn save(&self, actor_opt: &AdamW, critic_opt: &AdamW, st: &PpoState) -> Result<()> {
+    /// A checkpoint's own files (the session adds the run's extra files). The actor's are at the
+    /// top level, so the checkpoint is itself a chat model; the critic and both optimizers sit
+    /// beside them.
+    fn checkpoint_files(
+        &self,
+        actor_opt: &AdamW,
+        critic_opt: &AdamW,
+        st: &PpoState,
+    ) -> Result<Files> {
         let mut files = model_files(&self.actor)?;
         files.push((
             "optimizer.safetensors".into(),
@@ -901,10 +877,7 @@ impl<'a> Ppo<'a> {
             "ppo_state.json".into(),
             serde_json::to_vec_pretty(&serde_json::json!({"state": st, "config": self.cfg}))?,
         ));
-        files.extend(self.extra_files.iter().cloned());
-        self.run
-            .save_checkpoint(st.iteration, &files, self.cfg.keep_last)?;
-        Ok(())
+        Ok(files)
     }
 
     fn load_state(
@@ -948,6 +921,13 @@ impl<'a> Ppo<'a> {
             "critic_optimizer.safetensors",
         )?;
         Ok(())
+    }
+}
+
+/// Calls the gradient hook, if there is one, with `who` (the model's role) and the iteration.
+pub(crate) fn call_hook(hook: &mut Option<GradHook>, who: &str, iteration: u64, model: &mut Model) {
+    if let Some(h) = hook.as_mut() {
+        h(who, iteration, model);
     }
 }
 

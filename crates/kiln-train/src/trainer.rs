@@ -1,66 +1,21 @@
-//! The one training loop every supervised stage shares (pretraining, MLM, SFT, reward model):
-//! gradient accumulation, clipping, AdamW with warmup + cosine decay, evaluation, samples, metrics,
-//! checkpoints, exact resume, non-finite guards and Ctrl-C. What a stage computes is its `Objective`.
+//! The training loop every supervised stage shares (pretraining, MLM, SFT, reward model, DPO):
+//! gradient accumulation, AdamW with warmup + cosine decay, evaluation and samples. What a stage
+//! computes is its `Objective`; what every loop shares with PPO and GRPO (resume, metrics,
+//! checkpoints, Ctrl-C, the non-finite guard) is its [`RunSession`].
 
-use crate::dist::{self, Shard};
-use crate::optim::{AdamW, AdamWConfig, LrSchedule, UpdateGuard};
+use crate::dist::{self, Shard, StepSums};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 use crate::run::RunDir;
+use crate::session::{self, RunSession, SessionConfig};
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_kernels::Precision;
 use kiln_model::checkpoint::{model_files, read_checked};
 use kiln_model::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
-/// Set by Ctrl-C: the loop saves a checkpoint and stops at the end of the current step.
-pub static STOP: AtomicBool = AtomicBool::new(false);
-
-/// Installs the Ctrl-C handler that sets [`STOP`] (a second Ctrl-C exits at once).
-pub fn install_ctrlc() {
-    let _ = ctrlc_handler();
-}
-
-fn ctrlc_handler() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
-    })?;
-    Ok(())
-}
-
-/// The progress bar every training loop shows (hidden when `show` is false): label, elapsed time,
-/// bar, position of `len`, the loop's message and the ETA, starting at `pos` (a resumed run).
-pub fn progress_bar(show: bool, label: &str, len: u64, pos: u64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} eta {eta}",
-        )
-        .expect("a valid template"),
-    );
-    pb.set_prefix(label.to_string());
-    pb.set_position(pos);
-    pb
-}
-
-/// What to do when a step's loss or gradient is NaN or infinite.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum NonFinite {
-    /// Skip the update (the weights stay as they were) and count it.
-    #[default]
-    Skip,
-    /// Stop the run with an error; the last checkpoint stays the last good state.
-    Stop,
-}
+// Where the CLI, the pipeline and the tests have always found them.
+pub use crate::session::{install_ctrlc, progress_bar, NonFinite, STOP};
 
 /// Optimisation settings shared by every stage (TOML `[train]`, overridable by flags).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -275,7 +230,22 @@ impl<'a> Trainer<'a> {
         }
         model.precision = cfg.precision;
         kiln_kernels::flush_denormals_everywhere();
-        let mut opt = AdamW::new(
+        let mut session = RunSession::new(
+            self.run,
+            SessionConfig {
+                label: self.label.clone(),
+                unit: "step",
+                total: cfg.max_steps,
+                ckpt_every: cfg.ckpt_every,
+                keep_last: cfg.keep_last,
+                non_finite: cfg.non_finite,
+                max_non_finite: cfg.max_non_finite,
+                grad_clip: cfg.grad_clip,
+                progress: self.progress,
+            },
+            self.extra_files.clone(),
+        );
+        let mut adamw = AdamW::new(
             model,
             AdamWConfig {
                 beta1: cfg.beta1,
@@ -290,43 +260,34 @@ impl<'a> Trainer<'a> {
             warmup: cfg.warmup_steps,
             total: cfg.max_steps,
         };
+        let world = dist::world();
+        let shard = Shard::new(world, cfg.grad_accum, "grad_accum")?;
+        let mut resumed: Option<TrainerState> = None;
+        session.resume(resume, &mut resumed, |dir, resumed| {
+            restore_trained(model, dir)?;
+            let st: TrainerState =
+                serde_json::from_slice(&read_checked(dir, "trainer_state.json")?)
+                    .with_context(|| format!("{}/trainer_state.json", dir.display()))?;
+            adamw.load_bytes(
+                model,
+                &read_checked(dir, "optimizer.safetensors")?,
+                st.step,
+                &format!("{}/optimizer.safetensors", dir.display()),
+            )?;
+            let step = st.step;
+            *resumed = Some(st);
+            Ok(step)
+        })?;
+        if world.size() > 1 {
+            // Every rank starts from rank 0's weights and moments.
+            dist::broadcast_start(world, model, &mut adamw.m, &mut adamw.v)?;
+            adamw.step = resumed.as_ref().map_or(0, |st| st.step);
+        }
         let mut step = 0u64;
         let mut skipped = 0u64;
         let mut tokens_seen = 0u64;
         let mut eval_start = Metrics::new();
-        let world = dist::world();
-        let shard = Shard::new(world, cfg.grad_accum, "grad_accum")?;
-        let mut resumed_state = None;
-        if resume && dist::is_root() {
-            if let Some(dir) = self.run.latest_checkpoint()? {
-                restore_trained(model, &dir)?;
-                let st: TrainerState =
-                    serde_json::from_slice(&read_checked(&dir, "trainer_state.json")?)
-                        .with_context(|| format!("{}/trainer_state.json", dir.display()))?;
-                let opt_bytes = read_checked(&dir, "optimizer.safetensors")?;
-                opt.load_bytes(
-                    model,
-                    &opt_bytes,
-                    st.step,
-                    &format!("{}/optimizer.safetensors", dir.display()),
-                )?;
-                self.run.truncate_metrics_after(st.step)?;
-                eprintln!(
-                    "[{}] resumed from {} (step {})",
-                    self.label,
-                    dir.display(),
-                    st.step
-                );
-                resumed_state = Some(st);
-            }
-        }
-        if world.size() > 1 {
-            // Every rank starts from rank 0's weights, moments and data position.
-            dist::broadcast_start(world, model, &mut opt.m, &mut opt.v)?;
-            resumed_state = dist::broadcast_json(world, &resumed_state)?;
-            opt.step = resumed_state.as_ref().map_or(0, |st| st.step);
-        }
-        if let Some(st) = resumed_state {
+        if let Some(st) = resumed {
             obj.restore(&st.objective)?;
             if let Some(set) = &model.lora {
                 set.set_round(st.lora_round);
@@ -344,57 +305,18 @@ impl<'a> Trainer<'a> {
             for (k, v) in &eval_start {
                 line[format!("val_{k}")] = serde_json::json!(v);
             }
-            self.run.log(&line)?;
-            if dist::is_root() {
-                eprintln!("[{}] step 0 | val {}", self.label, fmt_metrics(&eval_start));
-            }
+            session.log(&line)?;
+            session.say(format!(
+                "[{}] step 0 | val {}",
+                self.label,
+                fmt_metrics(&eval_start)
+            ));
         }
-        let pb = progress_bar(
-            self.progress && dist::is_root(),
-            &self.label,
-            cfg.max_steps,
-            step,
-        );
-        let start = Instant::now();
+        session.start(step);
         let start_step = step;
         let mut run_tokens = 0u64;
-        let mut guard = UpdateGuard::new(&self.label, cfg.non_finite, cfg.max_non_finite, skipped);
+        let mut opt = session.optimizer(&self.label, adamw, skipped);
         let mut last_loss = f64::NAN;
-        let save = |model: &Model,
-                    opt: &AdamW,
-                    obj: &dyn Objective,
-                    step: u64,
-                    skipped: u64,
-                    tokens_seen: u64,
-                    eval_start: &Metrics,
-                    last: Option<&Metrics>|
-         -> Result<()> {
-            let mut files = model_files(model)?;
-            files.push(("optimizer.safetensors".into(), opt.to_bytes(model)?));
-            let st = TrainerState {
-                step,
-                objective: obj.state(),
-                skipped_non_finite: skipped,
-                tokens_seen,
-                eval_start: eval_start.clone(),
-                config: cfg.clone(),
-                lora_round: model.lora.as_ref().map_or(0, |l| l.round()),
-            };
-            files.push(("trainer_state.json".into(), serde_json::to_vec_pretty(&st)?));
-            let finals = match (last, &self.final_files) {
-                (Some(stats), Some(f)) => f(stats)?,
-                _ => Vec::new(),
-            };
-            files.extend(
-                self.extra_files
-                    .iter()
-                    .filter(|(n, _)| !finals.iter().any(|(m, _)| m == n))
-                    .cloned(),
-            );
-            files.extend(finals);
-            self.run.save_checkpoint(step, &files, cfg.keep_last)?;
-            Ok(())
-        };
         while step < cfg.max_steps {
             model.zero_grads();
             let mut loss = 0.0;
@@ -425,26 +347,28 @@ impl<'a> Trainer<'a> {
             model.set_training(false);
             // Data parallel: the ranks' gradients, losses and statistics summed (and the stop
             // flag shared, so every rank stops, and rank 0 saves, at the same step).
-            let comm = dist::reduce_step(
-                world,
-                model.trainable_grads_mut(),
-                &mut loss,
-                &mut step_tokens,
-                &mut extra,
-                STOP.load(Ordering::SeqCst),
-            )?;
+            let mut sums = StepSums {
+                loss,
+                tokens: step_tokens,
+                extra,
+                stop: session::stop_requested(),
+            };
+            let lr = sched.at(step);
+            let upd = opt.update(model, lr, &mut sums, step + 1, |_| {}, |m| session.say(m))?;
+            let StepSums {
+                loss,
+                tokens: step_tokens,
+                extra,
+                stop,
+            } = sums;
             run_tokens += step_tokens;
             tokens_seen += step_tokens;
-            let lr = sched.at(step);
-            let upd = guard.step(model, &mut opt, lr, cfg.grad_clip, loss, step + 1, |m| {
-                say(&pb, m)
-            })?;
             let norm = upd.norm;
             if upd.applied {
                 last_loss = loss;
             }
             step += 1;
-            let secs = start.elapsed().as_secs_f64().max(1e-9);
+            let secs = session.seconds().max(1e-9);
             let tps = run_tokens as f64 / secs;
             let mut line = serde_json::json!({
                 "step": step, "stage": self.label, "loss": loss, "lr": lr, "grad_norm": norm,
@@ -454,21 +378,17 @@ impl<'a> Trainer<'a> {
                 line[k.as_str()] = serde_json::json!(v);
             }
             if world.size() > 1 {
-                line["allreduce_s"] = serde_json::json!(comm.seconds);
+                line["allreduce_s"] = serde_json::json!(upd.comm_seconds);
             }
-            pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
-            pb.set_position(step);
+            session.progress(step, format!("loss {loss:.4} {tps:.0} tok/s"));
             let last = step == cfg.max_steps;
             if (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || last {
                 let m = obj.evaluate(model)?;
-                say(
-                    &pb,
-                    format!(
-                        "[{}] step {step} train loss {loss:.4} | val {}",
-                        self.label,
-                        fmt_metrics(&m)
-                    ),
-                );
+                session.say(format!(
+                    "[{}] step {step} train loss {loss:.4} | val {}",
+                    self.label,
+                    fmt_metrics(&m)
+                ));
                 for (k, v) in &m {
                     line[format!("val_{k}")] = serde_json::json!(v);
                 }
@@ -476,49 +396,47 @@ impl<'a> Trainer<'a> {
             }
             if cfg.sample_every > 0 && step.is_multiple_of(cfg.sample_every) {
                 if let Some(s) = obj.sample(model)? {
-                    say(
-                        &pb,
-                        format!("[{}] sample: {}", self.label, s.replace('\n', " ")),
-                    );
+                    session.say(format!("[{}] sample: {}", self.label, s.replace('\n', " ")));
                 }
             }
-            self.run.log(&line)?;
-            let stop = comm.stop;
-            let due = (cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every)) || last || stop;
-            if due && dist::is_root() {
-                let stats = if last && !stop {
+            session.log(&line)?;
+            let stopped = session.end_step(step, stop, |finished| {
+                // The finished stage's statistics, before the objective's state is saved.
+                let stats = if finished {
                     let m = obj.final_stats(model)?;
                     summary.final_stats = m.clone();
                     Some(m)
                 } else {
                     None
                 };
-                save(
-                    model,
-                    &opt,
-                    obj,
+                let mut files = model_files(model)?;
+                files.push(("optimizer.safetensors".into(), opt.adamw.to_bytes(model)?));
+                let st = TrainerState {
                     step,
-                    guard.skipped,
+                    objective: obj.state(),
+                    skipped_non_finite: opt.guard.skipped,
                     tokens_seen,
-                    &eval_start,
-                    stats.as_ref(),
-                )?;
-            }
-            if stop {
-                pb.abandon_with_message(format!(
-                    "interrupted at step {step}; resume with --resume"
-                ));
+                    eval_start: eval_start.clone(),
+                    config: cfg.clone(),
+                    lora_round: model.lora.as_ref().map_or(0, |l| l.round()),
+                };
+                files.push(("trainer_state.json".into(), serde_json::to_vec_pretty(&st)?));
+                if let (Some(stats), Some(f)) = (stats, &self.final_files) {
+                    files.extend(f(&stats)?);
+                }
+                Ok(files)
+            })?;
+            if stopped {
                 summary.interrupted = true;
                 break;
             }
         }
-        pb.finish_and_clear();
-        let secs = start.elapsed().as_secs_f64();
+        let secs = session.finish();
         summary.steps = step;
         summary.final_loss = last_loss;
         summary.seconds = secs;
         summary.tokens_per_sec = run_tokens as f64 / secs.max(1e-9);
-        summary.skipped_non_finite = guard.skipped;
+        summary.skipped_non_finite = opt.guard.skipped;
         summary.eval_start = eval_start;
         if step == start_step && summary.eval.is_empty() {
             summary.eval = obj.evaluate(model)?;
@@ -534,17 +452,4 @@ pub fn fmt_metrics(m: &Metrics) -> String {
         .map(|(k, v)| format!("{k} {v:.4}"))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Prints a line above the progress bar, or to stderr when there is none (--quiet, CI logs).
-/// Only rank 0 speaks when several processes train together.
-pub(crate) fn say(pb: &indicatif::ProgressBar, line: String) {
-    if !dist::is_root() {
-        return;
-    }
-    if pb.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        pb.println(line);
-    }
 }
