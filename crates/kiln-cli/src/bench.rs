@@ -7,7 +7,7 @@ use kiln_model::{
     generate_with, Activations, Arch, Family, GenerateOptions, Input, Model, ModelConfig,
     PackedWeights, Sampling, WeightFormat,
 };
-use kiln_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use kiln_train::optim::{clip_scale, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -239,8 +239,8 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         let loss = -acts.logp.iter().map(|&x| x as f64).sum::<f64>() / (b * t) as f64;
         model.lm_head_backward(&mut acts, &dlogp, None);
         model.backward(&mut acts);
-        clip_grad_norm(&mut model, 1.0);
-        opt.update(&mut model, 1e-3);
+        let (_, clip) = clip_scale(model.trainable_grads_mut(), 1.0);
+        opt.update_scaled(&mut model, 1e-3, clip);
         let dt = t0.elapsed().as_secs_f64();
         let prof = kiln_kernels::profile::take();
         losses.push(loss);

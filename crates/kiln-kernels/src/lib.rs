@@ -39,7 +39,7 @@ pub use loss::{token_logprob_backward, token_logprob_forward, IGNORE};
 pub use matmul::{
     linear_backward, linear_backward_with, linear_forward, linear_forward_with, matmul, matmul_with,
 };
-pub use optim::{adamw_update, global_grad_norm, scale};
+pub use optim::{adamw_update, adamw_update_scaled, global_grad_norm, scale};
 pub use quant::{PackedFormat, PackedLinear, Path as PackedPath};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward, Rope, RopeScaling};
@@ -96,19 +96,29 @@ pub fn add_inplace(out: &mut [f32], x: &[f32]) {
     }
 }
 
+/// Elements per task of the element-wise passes below.
+const ELEMWISE_CHUNK: usize = 1 << 14;
+
 /// Element-wise `out[i] = x[i] + y[i]` (a residual connection).
 pub fn residual_add(out: &mut [f32], x: &[f32], y: &[f32]) {
+    use rayon::prelude::*;
     assert!(x.len() == out.len() && y.len() == out.len());
     let _span = profile::span(profile::Kind::Elementwise);
-    for ((o, a), b) in out.iter_mut().zip(x).zip(y) {
-        *o = a + b;
-    }
+    out.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(x.par_chunks(ELEMWISE_CHUNK).zip(y.par_chunks(ELEMWISE_CHUNK)))
+        .for_each(|(o, (x, y))| {
+            for ((o, a), b) in o.iter_mut().zip(x).zip(y) {
+                *o = a + b;
+            }
+        });
 }
 
 /// Sets every element to zero (a gradient buffer before a step).
 pub fn zero(buf: &mut [f32]) {
+    use rayon::prelude::*;
     let _span = profile::span(profile::Kind::Elementwise);
-    buf.fill(0.0);
+    buf.par_chunks_mut(4 * ELEMWISE_CHUNK)
+        .for_each(|ch| ch.fill(0.0));
 }
 
 #[cfg(test)]

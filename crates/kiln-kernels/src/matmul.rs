@@ -14,6 +14,9 @@ use crate::simd;
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PAR_THRESHOLD: usize = 64 * 64 * 64;
 
+/// Elements per task of the element-wise passes here (bias broadcast).
+const ELEMWISE_CHUNK: usize = 1 << 14;
+
 /// Minimum rows per task when reducing over rows (bias gradients); see [`simd::rows_per_block`].
 const ROW_BLOCK: usize = 64;
 
@@ -558,8 +561,13 @@ pub fn linear_forward_with(
             let bias = &bias[..o];
             {
                 let _span = crate::profile::span(crate::profile::Kind::Elementwise);
-                out.par_chunks_mut(o.max(1))
-                    .for_each(|row| row.copy_from_slice(bias));
+                // Whole rows per task, ~16K elements each (a task per row cost more than the copy).
+                let rows = (ELEMWISE_CHUNK / o.max(1)).max(1);
+                out.par_chunks_mut(o.max(1) * rows).for_each(|block| {
+                    for row in block.chunks_exact_mut(o.max(1)) {
+                        row.copy_from_slice(bias);
+                    }
+                });
             }
             matmul_with(prec, out, inp, w, n, i, o, false, false, true);
         }

@@ -50,12 +50,18 @@ impl AdamW {
 
     /// One update with learning rate `lr`; weight decay only on the tensors marked for it (matrices).
     pub fn update(&mut self, model: &mut Model, lr: f32) {
+        self.update_scaled(model, lr, 1.0);
+    }
+
+    /// [`Self::update`] on the gradient times `grad_scale` (clipping), scaled inside the update's
+    /// pass; the gradient buffer is left as it was.
+    pub fn update_scaled(&mut self, model: &mut Model, lr: f32, grad_scale: f32) {
         self.step += 1;
         let tr = model.trainable();
         for t in tr.tensors {
             let r = t.range();
             let wd = if t.decay { self.cfg.weight_decay } else { 0.0 };
-            k::adamw_update(
+            k::adamw_update_scaled(
                 &mut tr.params[r.clone()],
                 &tr.grads[r.clone()],
                 &mut self.m[r.clone()],
@@ -66,6 +72,7 @@ impl AdamW {
                 self.cfg.eps,
                 wd,
                 self.step,
+                grad_scale,
             );
         }
     }
@@ -114,11 +121,22 @@ impl AdamW {
 /// before clipping.
 pub fn clip_grad_norm(model: &mut Model, max_norm: f32) -> f32 {
     let grads = model.trainable_grads_mut();
-    let norm = k::global_grad_norm(&[grads]);
-    if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
-        k::scale(grads, max_norm / (norm + 1e-6));
+    let (norm, s) = clip_scale(grads, max_norm);
+    if s != 1.0 {
+        k::scale(grads, s);
     }
     norm
+}
+
+/// The gradient's global norm, and the factor that clips it to `max_norm` (1 when it is within it,
+/// clipping is off, or the norm is not finite).
+pub fn clip_scale(grads: &[f32], max_norm: f32) -> (f32, f32) {
+    let norm = k::global_grad_norm(&[grads]);
+    if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
+        (norm, max_norm / (norm + 1e-6))
+    } else {
+        (norm, 1.0)
+    }
 }
 
 /// What became of one optimizer step (see [`UpdateGuard::step`]).
@@ -172,9 +190,10 @@ impl UpdateGuard {
         step: u64,
         warn: impl FnOnce(String),
     ) -> Result<Update> {
-        let norm = clip_grad_norm(model, grad_clip);
+        // Clipping happens inside the update's pass over the gradient.
+        let (norm, clip) = clip_scale(model.trainable_grads_mut(), grad_clip);
         if loss.is_finite() && norm.is_finite() {
-            opt.update(model, lr);
+            opt.update_scaled(model, lr, clip);
             self.consecutive = 0;
             return Ok(Update {
                 norm,
