@@ -42,7 +42,7 @@ fn main() {
         let qkv = fill(b * t * rw);
         let dout = fill(b * t * c);
         let mut out = vec![0.0f32; b * t * c];
-        let mut att = vec![0.0f32; b * nh * t * t];
+        let mut att = vec![0.0f32; kiln_kernels::attention::stats_len(b, nh, t)];
         let mut dqkv = vec![0.0f32; b * t * rw];
         let (mut tf, mut tb) = (Vec::new(), Vec::new());
         for _ in 0..reps + 1 {
@@ -54,9 +54,9 @@ fn main() {
             }
             let t1 = Instant::now();
             if nkv == nh {
-                attention_backward(&mut dqkv, &dout, &qkv, &att, b, t, c, nh);
+                attention_backward(&mut dqkv, &dout, &qkv, &att, b, t, c, nh, &mask);
             } else {
-                attention_backward_gqa(&mut dqkv, &dout, &qkv, &att, b, t, shape);
+                attention_backward_gqa(&mut dqkv, &dout, &qkv, &att, b, t, shape, &mask);
             }
             tf.push((t1 - t0).as_secs_f64() * 1e3);
             tb.push(t1.elapsed().as_secs_f64() * 1e3);

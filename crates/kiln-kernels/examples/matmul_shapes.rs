@@ -12,7 +12,7 @@ fn main() {
         .unwrap_or(200);
     println!("simd={}", kiln_kernels::simd_level_name());
     for &(k, n) in &[(384, 1152), (384, 8192), (576, 1536)] {
-        for m in [1, 4, 16] {
+        for m in [1, 2, 3, 4, 8, 16] {
             for tb in [false, true] {
                 let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();

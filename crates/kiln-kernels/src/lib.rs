@@ -105,7 +105,10 @@ pub fn residual_add(out: &mut [f32], x: &[f32], y: &[f32]) {
     assert!(x.len() == out.len() && y.len() == out.len());
     let _span = profile::span(profile::Kind::Elementwise);
     out.par_chunks_mut(ELEMWISE_CHUNK)
-        .zip(x.par_chunks(ELEMWISE_CHUNK).zip(y.par_chunks(ELEMWISE_CHUNK)))
+        .zip(
+            x.par_chunks(ELEMWISE_CHUNK)
+                .zip(y.par_chunks(ELEMWISE_CHUNK)),
+        )
         .for_each(|(o, (x, y))| {
             for ((o, a), b) in o.iter_mut().zip(x).zip(y) {
                 *o = a + b;
@@ -141,7 +144,7 @@ mod tests {
         linear_forward(&mut qkv, &ln, &w, Some(&bias), n, c, 3 * c);
         let mut g = vec![0.0; n * 3 * c];
         gelu_forward(&mut g, &qkv);
-        let (mut y, mut att) = (vec![0.0; n * c], vec![0.0; b * nh * t * t]);
+        let (mut y, mut att) = (vec![0.0; n * c], vec![0.0; attention::stats_len(b, nh, t)]);
         let mask = AttnMask {
             causal: true,
             ..Default::default()
@@ -161,7 +164,7 @@ mod tests {
         matmul(&mut dy, &logits, &wlm, n, v, c, false, true, true);
         matmul(&mut dwl, &y, &logits, c, n, v, true, false, true);
         let mut dg = vec![0.0; n * 3 * c];
-        attention_backward(&mut dg, &dy, &g, &att, b, t, c, nh);
+        attention_backward(&mut dg, &dy, &g, &att, b, t, c, nh, &mask);
         let mut dqkv = vec![0.0; n * 3 * c];
         gelu_backward(&mut dqkv, &qkv, &dg);
         let (mut dln, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c * 3 * c], vec![0.0; 3 * c]);
@@ -249,7 +252,7 @@ mod tests {
             key_valid: None,
             segments: Some(&segments),
         };
-        let (mut y, mut att) = (vec![0.0; n * c], vec![0.0; b * nh * t * t]);
+        let (mut y, mut att) = (vec![0.0; n * c], vec![0.0; attention::stats_len(b, nh, t)]);
         attention_forward_gqa(&mut y, &mut att, &qkv, b, t, shape, &mask);
         let mut gu = vec![0.0; n * 2 * f];
         linear_forward(&mut gu, &y, &wgu, None, n, c, 2 * f);
@@ -261,7 +264,7 @@ mod tests {
         let (mut dy, mut dwgu) = (vec![0.0; n * c], vec![0.0; c * 2 * f]);
         linear_backward(Some(&mut dy), &mut dwgu, None, &dgu, &y, &wgu, n, c, 2 * f);
         let mut dqkv = vec![0.0; n * rw];
-        attention_backward_gqa(&mut dqkv, &dy, &qkv, &att, b, t, shape);
+        attention_backward_gqa(&mut dqkv, &dy, &qkv, &att, b, t, shape, &mask);
         rope_backward(&mut dqkv, &positions, &rope, n, rw, nh + nkv);
         let (mut dxn, mut dwqkv) = (vec![0.0; n * c], vec![0.0; c * rw]);
         linear_backward(

@@ -154,14 +154,24 @@ mod tests {
         let n = 40_000; // several chunks
         let p0 = randn(&mut g, n, 1.0);
         let grad = randn(&mut g, n, 3.0);
-        let (m0, v0) = (randn(&mut g, n, 0.1), randn(&mut g, n, 0.1).iter().map(|x| x * x).collect::<Vec<_>>());
+        let (m0, v0) = (
+            randn(&mut g, n, 0.1),
+            randn(&mut g, n, 0.1)
+                .iter()
+                .map(|x| x * x)
+                .collect::<Vec<_>>(),
+        );
         let s = 0.37f32;
         let (mut pa, mut ma, mut va) = (p0.clone(), m0.clone(), v0.clone());
         let mut scaled = grad.clone();
         scale(&mut scaled, s);
-        adamw_update(&mut pa, &scaled, &mut ma, &mut va, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3);
+        adamw_update(
+            &mut pa, &scaled, &mut ma, &mut va, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3,
+        );
         let (mut pb, mut mb, mut vb) = (p0, m0, v0);
-        adamw_update_scaled(&mut pb, &grad, &mut mb, &mut vb, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3, s);
+        adamw_update_scaled(
+            &mut pb, &grad, &mut mb, &mut vb, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3, s,
+        );
         assert_eq!(pa.bits(), pb.bits());
         assert_eq!(ma.bits(), mb.bits());
         assert_eq!(va.bits(), vb.bits());

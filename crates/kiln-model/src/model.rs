@@ -287,7 +287,7 @@ fn layer_lens(cfg: &ModelConfig, b: usize, t: usize) -> [usize; LAYER_BUFS] {
     let att = b
         .saturating_mul(cfg.n_head)
         .saturating_mul(t)
-        .saturating_mul(t);
+        .saturating_mul(k::attention::STATS_PER_ROW);
     [
         x(w.c),
         x(w.mean),
@@ -341,7 +341,8 @@ struct LayerActs {
     ln1_rstd: Vec<f32>,
     qkv: Vec<f32>,
     atty: Vec<f32>,
-    att: Vec<f32>,
+    /// Attention's saved softmax statistics, `[b, nh, t, 2]` (it recomputes the probabilities).
+    att_stats: Vec<f32>,
     res2: Vec<f32>,
     ln2: Vec<f32>,
     ln2_mean: Vec<f32>,
@@ -360,7 +361,7 @@ impl LayerActs {
             ln1_rstd: c,
             qkv: d,
             atty: e,
-            att: f,
+            att_stats: f,
             res2: g,
             ln2: h,
             ln2_mean: i,
@@ -378,7 +379,7 @@ impl LayerActs {
             &mut self.ln1_rstd,
             &mut self.qkv,
             &mut self.atty,
-            &mut self.att,
+            &mut self.att_stats,
             &mut self.res2,
             &mut self.ln2,
             &mut self.ln2_mean,
@@ -400,6 +401,10 @@ pub struct Activations {
     with_lm_head: bool,
     tokens: Vec<u32>,
     positions: Vec<u32>,
+    /// The forward's attention mask (valid keys, packed segments; empty when the input had none),
+    /// which the backward's attention recomputes its probabilities under.
+    key_valid: Vec<bool>,
+    segments: Vec<u32>,
     layers: Vec<LayerActs>,
     encoded: Vec<f32>,
     /// Output of the final norm, [b*t, c]: what the heads read.
@@ -443,6 +448,8 @@ impl Activations {
             with_lm_head,
             tokens: vec![0; n],
             positions: vec![0; n],
+            key_valid: Vec::new(),
+            segments: Vec::new(),
             layers,
             encoded,
             hidden,
@@ -548,7 +555,7 @@ impl Activations {
                     &a.ln1_rstd,
                     &a.qkv,
                     &a.atty,
-                    &a.att,
+                    &a.att_stats,
                     &a.res2,
                     &a.ln2,
                     &a.ln2_mean,
@@ -901,6 +908,11 @@ impl Model {
         acts.lora_round = round;
         acts.tokens.copy_from_slice(input.tokens);
         acts.positions.copy_from_slice(input.positions);
+        acts.key_valid.clear();
+        acts.key_valid.extend_from_slice(input.valid.unwrap_or(&[]));
+        acts.segments.clear();
+        acts.segments
+            .extend_from_slice(input.segments.unwrap_or(&[]));
         embed_forward(cfg, p, lay, &mut acts.encoded, input);
         let mask = input.mask(cfg.arch);
         for l in 0..cfg.n_layer {
@@ -934,7 +946,7 @@ impl Model {
                     shape.nh + shape.nkv,
                 );
             }
-            k::attention_forward_gqa(&mut a.atty, &mut a.att, &a.qkv, b, t, shape, &mask);
+            k::attention_forward_gqa(&mut a.atty, &mut a.att_stats, &a.qkv, b, t, shape, &mask);
             self.block_linear(l, Site::O, round, &mut acts.scratch, &a.atty, n);
             k::residual_add(&mut a.res2[..n * c], &x_in[..n * c], &acts.scratch[..n * c]);
             norm_forward(
@@ -1240,7 +1252,21 @@ impl Model {
                 n,
             );
             k::zero(&mut acts.dqkv);
-            k::attention_backward_gqa(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, shape);
+            let mask = k::AttnMask {
+                causal: cfg.arch == Arch::Decoder,
+                key_valid: (!acts.key_valid.is_empty()).then_some(&acts.key_valid[..]),
+                segments: (!acts.segments.is_empty()).then_some(&acts.segments[..]),
+            };
+            k::attention_backward_gqa(
+                &mut acts.dqkv,
+                &acts.datty,
+                &a.qkv,
+                &a.att_stats,
+                b,
+                t,
+                shape,
+                &mask,
+            );
             if let Some(rope) = &self.rope {
                 k::rope_backward(
                     &mut acts.dqkv,
