@@ -459,7 +459,7 @@ mod x86 {
     }
 
     /// All `m` rows of `x` times one panel `w` (`k * PANEL` elements), written to the first `cols`
-    /// columns at `out` (row stride `n`). Rows go in groups of up to 4, each group streaming the panel
+    /// columns at `out` (row stride `n`). Rows go in groups of up to 6, each group streaming the panel
     /// once: 4 weight vectors converted per input, then one FMA per row and vector.
     ///
     /// # Safety
@@ -478,15 +478,21 @@ mod x86 {
         cols: usize,
     ) {
         debug_assert!(w.len() >= k * PANEL && x.len() >= m * k);
+        // Up to 6 rows per pass (24 accumulators, 4 weight vectors, a broadcast: 29 of the 32
+        // registers): each converted weight vector feeds more rows, which is what bounds a large
+        // batch (RL rollouts), where the panel already sits in cache.
         let mut r = 0;
         while r < m {
-            match m - r {
+            let rows = (m - r).min(6);
+            match rows {
                 1 => block::<E, 1>(out, n, x, w, scale, bias, r, k, cols),
                 2 => block::<E, 2>(out, n, x, w, scale, bias, r, k, cols),
                 3 => block::<E, 3>(out, n, x, w, scale, bias, r, k, cols),
-                _ => block::<E, 4>(out, n, x, w, scale, bias, r, k, cols),
+                4 => block::<E, 4>(out, n, x, w, scale, bias, r, k, cols),
+                5 => block::<E, 5>(out, n, x, w, scale, bias, r, k, cols),
+                _ => block::<E, 6>(out, n, x, w, scale, bias, r, k, cols),
             }
-            r += 4;
+            r += rows;
         }
     }
 
