@@ -133,10 +133,13 @@ pub(crate) mod skinny {
             return false;
         };
         // Where this path beats gemm (measured on an AVX-512 Xeon, with KILN_SIMD=avx2 for the
-        // 8-lane path; `examples/matmul_shapes.rs`): a transposed `b` (gemm's slow case) up to 16
-        // rows; a plain one only while the product is bound by streaming `b` (few rows).
+        // 8-lane path; `examples/matmul_shapes.rs`, and the demo model's decoding): a transposed
+        // `b` (gemm's slow case) up to 16 rows; a plain one while the product is bound by
+        // streaming `b` (few rows), or `b` is too small for gemm's packing to pay (under 1 MiB).
+        let small_b = k * n < 1 << 18;
         let max_rows = match (path, trans_b) {
             (_, true) => MAX_ROWS,
+            _ if small_b => MAX_ROWS,
             (Path::Avx512, false) => 4,
             (Path::Avx2, false) => 1,
         };
