@@ -1,7 +1,7 @@
 //! Best-of-N time of the non-matmul kernels of a training step at the bench shape (batch 8 × 256,
 //! width 384, 6 heads, MLP 1,536): attention forward/backward, GELU, LayerNorm, the loss, AdamW.
 //!
-//!     cargo run --release -p kiln-kernels --example kernel_shapes [-- REPS]
+//!     [T=CONTEXT] cargo run --release -p kiln-kernels --example kernel_shapes [-- REPS]
 use kiln_kernels::*;
 use std::time::Instant;
 
@@ -20,7 +20,8 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let (b, t, nh, hs, v) = (8usize, 256usize, 6usize, 64usize, 8192usize);
+    let t: usize = std::env::var("T").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
+    let (b, nh, hs, v) = (8usize, 6usize, 64usize, 8192usize);
     let c = nh * hs;
     let n = b * t;
     let fill = |len: usize, s: f32| -> Vec<f32> {
