@@ -285,12 +285,10 @@ impl<'a> Grpo<'a> {
         if c.group_size < 2 {
             bail!("group_size must be at least 2 (advantages are relative to the group)");
         }
-        let n = c.prompts_per_iter * c.group_size;
-        if c.minibatch == 0 || !n.is_multiple_of(c.minibatch) {
-            bail!(
-                "prompts_per_iter × group_size ({n}) must be a multiple of minibatch ({})",
-                c.minibatch
-            );
+        // The responses of an iteration need not fill whole minibatches: the last one may be
+        // shorter (dynamic sampling makes the count vary anyway).
+        if c.minibatch == 0 {
+            bail!("minibatch must be at least 1");
         }
         if c.beta > 0.0 {
             match &self.reference {

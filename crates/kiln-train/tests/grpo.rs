@@ -120,6 +120,27 @@ fn first_ratio_is_one_and_the_reward_rises() {
     }
 }
 
+/// The responses of an iteration need not fill whole minibatches: 4 prompts × 5 answers in
+/// minibatches of 8 train as 8 + 8 + 4, on-policy (first ratio exactly 1), and still learn.
+#[test]
+fn a_short_last_minibatch_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(dir.path(), 24, false, |g| {
+        g.cfg.group_size = 5;
+        g.cfg.minibatch = 8;
+    });
+    assert_eq!(s.history.len(), 24);
+    for m in &s.history {
+        assert_eq!(m["first_ratio_err"], 0.0, "{m:?}");
+        assert!(m["loss"].is_finite());
+    }
+    let (early, late) = (
+        mean(&s.history, "reward", 0..4),
+        mean(&s.history, "reward", 20..24),
+    );
+    assert!(late > early + 0.1, "reward {early} → {late}");
+}
+
 /// DAPO's dynamic sampling: with a reward that is flat for half the prompts (0 whatever the
 /// answer), the groups trained on all carry signal, more rounds are drawn to fill the batch, and a
 /// resumed run continues exactly. Without it, flat groups are trained on.
