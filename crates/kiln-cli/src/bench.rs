@@ -50,7 +50,8 @@ pub struct Shape {
     /// Sequences per step (train: 8; generate: 1 unless given).
     #[arg(long)]
     batch: Option<usize>,
-    #[arg(long = "threads", id = "bench_threads")]
+    /// `--threads` given after the subcommand (the global flag's own help line describes it).
+    #[arg(long = "threads", id = "bench_threads", hide = true)]
     bench_threads: Option<usize>,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
