@@ -508,16 +508,16 @@ impl Activations {
         ]
     }
 
-    /// Reuses these buffers for a smaller batch shape (`b·t` and `b·t²` within what they were built
-    /// for), without allocating: a batch of short rows then costs what its tokens cost, not the
-    /// shape's maximum.
+    /// Reuses these buffers for a smaller batch shape (`b·t` within what they were built for; every
+    /// buffer is linear in it, attention's included), without allocating: a batch of short rows
+    /// then costs what its tokens cost, not the shape's maximum.
     pub fn set_shape(&mut self, cfg: &ModelConfig, b: usize, t: usize) {
         if (b, t) == (self.b, self.t) {
             return;
         }
         let (cb, ct) = self.cap;
         assert!(
-            b * t <= cb * ct && b * t * t <= cb * ct * ct,
+            b * t <= cb * ct,
             "activations built for {cb}x{ct} cannot hold {b}x{t}"
         );
         let lens = layer_lens(cfg, b, t);
