@@ -20,7 +20,10 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let t: usize = std::env::var("T").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
+    let t: usize = std::env::var("T")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
     let (b, nh, hs, v) = (8usize, 6usize, 64usize, 8192usize);
     let c = nh * hs;
     let n = b * t;
