@@ -306,16 +306,39 @@ simd::multiversion! {
             *s = simd::exp(*s - mx);
         }
         let inv = 1.0 / simd::sum(scores);
-        out.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let w = p * inv;
-            let v = &values[j * stride..j * stride + hs];
-            for (o, &x) in out.iter_mut().zip(v) {
-                *o += w * x;
+        // The weighted sum of the values, 64 columns at a time in a local accumulator the compiler
+        // keeps in registers (accumulating into `out` made every key wait for the last key's
+        // stores); the same operations in the same order as a plain loop over `out`.
+        let mut c0 = 0;
+        while c0 + ROW_COLS <= hs {
+            let mut acc = [0.0f32; ROW_COLS];
+            for (j, &p) in scores.iter().enumerate() {
+                let w = p * inv;
+                let v: &[f32; ROW_COLS] =
+                    values[j * stride + c0..j * stride + c0 + ROW_COLS].try_into().unwrap();
+                for d in 0..ROW_COLS {
+                    acc[d] += w * v[d];
+                }
+            }
+            out[c0..c0 + ROW_COLS].copy_from_slice(&acc);
+            c0 += ROW_COLS;
+        }
+        if c0 < hs {
+            let out = &mut out[c0..];
+            out.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let w = p * inv;
+                let v = &values[j * stride + c0..j * stride + hs];
+                for (o, &x) in out.iter_mut().zip(v) {
+                    *o += w * x;
+                }
             }
         }
     }
 }
+
+/// Columns of the cached-row value sum kept in registers at a time (four AVX-512 vectors).
+const ROW_COLS: usize = 64;
 
 simd::multiversion! {
     /// In place: raw scores -> masked softmax probabilities for one query row (restricted to the
