@@ -415,6 +415,7 @@ simd::multiversion! {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::PANEL;
+    use crate::simd::lanes::{Lanes, L16, L8};
     use std::arch::x86_64::*;
 
     /// Software prefetch distance into the packed panel stream (16 inputs of an int8 panel, 8 of
@@ -422,162 +423,59 @@ mod x86 {
     /// short of L3 bandwidth.
     const PREFETCH_BYTES: usize = 1024;
 
-    /// A packed weight element: loads 16 consecutive ones as f32.
-    pub(super) trait Elem: Copy {
+    /// A packed weight element that widens to f32 lanes of `S`.
+    pub(super) trait Widen<S: Lanes>: Copy {
+        /// `S::W` consecutive elements at `p` as f32.
+        ///
         /// # Safety
-        /// `p` must be valid for 16 elements; AVX-512F must be available.
-        unsafe fn load16(p: *const Self) -> __m512;
+        /// `p` must be valid for `S::W` elements; the CPU must have `S`'s instruction set.
+        unsafe fn widen(p: *const Self) -> S;
     }
 
-    impl Elem for i8 {
+    impl Widen<L16> for i8 {
         #[inline(always)]
-        unsafe fn load16(p: *const i8) -> __m512 {
+        unsafe fn widen(p: *const i8) -> L16 {
             // vpmovsxbd (sign-extend 16 bytes to 16 i32) + vcvtdq2ps: exact for |q| <= 127.
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+            L16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                p as *const __m128i,
+            ))))
         }
     }
 
-    impl Elem for u16 {
+    impl Widen<L16> for u16 {
         #[inline(always)]
-        unsafe fn load16(p: *const u16) -> __m512 {
+        unsafe fn widen(p: *const u16) -> L16 {
             // bf16 is the high half of an f32: zero-extend to 32 bits and shift left by 16.
             let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+            L16(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(h)))
         }
     }
 
-    #[inline(always)]
-    fn tail_mask(cols: usize, v: usize) -> __mmask16 {
-        let lo = v * 16;
-        if cols >= lo + 16 {
-            0xffff
-        } else if cols > lo {
-            ((1u32 << (cols - lo)) - 1) as __mmask16
-        } else {
-            0
+    impl Widen<L8> for i8 {
+        #[inline(always)]
+        unsafe fn widen(p: *const i8) -> L8 {
+            L8(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                p as *const __m128i,
+            ))))
+        }
+    }
+
+    impl Widen<L8> for u16 {
+        #[inline(always)]
+        unsafe fn widen(p: *const u16) -> L8 {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            L8(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(h)))
         }
     }
 
     /// All `m` rows of `x` times one panel `w` (`k * PANEL` elements), written to the first `cols`
-    /// columns at `out` (row stride `n`). Rows go in groups of up to 6, each group streaming the panel
-    /// once: 4 weight vectors converted per input, then one FMA per row and vector.
-    ///
-    /// # Safety
-    /// AVX-512F; `out` valid for `m` rows of stride `n` with `cols` columns; `x` holds `m * k`.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn panel<E: Elem>(
-        out: *mut f32,
-        n: usize,
-        x: &[f32],
-        w: &[E],
-        scale: &[f32],
-        bias: &[f32],
-        m: usize,
-        k: usize,
-        cols: usize,
-    ) {
-        debug_assert!(w.len() >= k * PANEL && x.len() >= m * k);
-        // Up to 6 rows per pass (24 accumulators, 4 weight vectors, a broadcast: 29 of the 32
-        // registers): each converted weight vector feeds more rows, which is what bounds a large
-        // batch (RL rollouts), where the panel already sits in cache.
-        let mut r = 0;
-        while r < m {
-            let rows = (m - r).min(6);
-            match rows {
-                1 => block::<E, 1>(out, n, x, w, scale, bias, r, k, cols),
-                2 => block::<E, 2>(out, n, x, w, scale, bias, r, k, cols),
-                3 => block::<E, 3>(out, n, x, w, scale, bias, r, k, cols),
-                4 => block::<E, 4>(out, n, x, w, scale, bias, r, k, cols),
-                5 => block::<E, 5>(out, n, x, w, scale, bias, r, k, cols),
-                _ => block::<E, 6>(out, n, x, w, scale, bias, r, k, cols),
-            }
-            r += rows;
-        }
-    }
-
+    /// columns at `out` (row stride `n`): column blocks of `V` vectors, rows in groups of up to
+    /// `R`, each group streaming its columns of the panel once (the weight vectors widened once per
+    /// input, then one FMA per row and vector). Every path runs the same FMAs in the same order,
+    /// so the vector widths give the same bits.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<E: Elem, const R: usize>(
-        out: *mut f32,
-        n: usize,
-        x: &[f32],
-        w: &[E],
-        scale: &[f32],
-        bias: &[f32],
-        r0: usize,
-        k: usize,
-        cols: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        let xp = x.as_ptr().add(r0 * k);
-        let wp = w.as_ptr();
-        for p in 0..k {
-            let wr = wp.add(p * PANEL);
-            // Ask for the panel's lines a little ahead of use (wrapping: past the end is harmless).
-            let ahead = (wr as *const i8).wrapping_add(PREFETCH_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            if std::mem::size_of::<E>() == 2 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            }
-            let wv = [
-                E::load16(wr),
-                E::load16(wr.add(16)),
-                E::load16(wr.add(32)),
-                E::load16(wr.add(48)),
-            ];
-            for (r, ar) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*xp.add(r * k + p));
-                for v in 0..4 {
-                    ar[v] = _mm512_fmadd_ps(xb, wv[v], ar[v]);
-                }
-            }
-        }
-        for v in 0..4 {
-            let mk = tail_mask(cols, v);
-            if mk == 0 {
-                break;
-            }
-            let s = _mm512_loadu_ps(scale.as_ptr().add(v * 16));
-            let b = _mm512_loadu_ps(bias.as_ptr().add(v * 16));
-            for (r, ar) in acc.iter().enumerate() {
-                let y = _mm512_fmadd_ps(ar[v], s, b);
-                _mm512_mask_storeu_ps(out.add((r0 + r) * n + v * 16), mk, y);
-            }
-        }
-    }
-
-    /// A packed weight element on AVX2: loads 8 consecutive ones as f32.
-    pub(super) trait Elem8: Copy {
-        /// # Safety
-        /// `p` must be valid for 8 elements; AVX2 must be available.
-        unsafe fn load8(p: *const Self) -> __m256;
-    }
-
-    impl Elem8 for i8 {
-        #[inline(always)]
-        unsafe fn load8(p: *const i8) -> __m256 {
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-        }
-    }
-
-    impl Elem8 for u16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const u16) -> __m256 {
-            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
-        }
-    }
-
-    /// [`panel`] with 8-lane AVX2 vectors: the same multiply-adds in the same order, so the same
-    /// bits. AVX2 has 16 vector registers, so one row takes the whole panel (8 accumulators) and
-    /// several rows go two at a time over each half panel (2 × 4 accumulators, 4 weight vectors).
-    ///
-    /// # Safety
-    /// AVX2 and FMA; `out` valid for `m` rows of stride `n` with `cols` columns; `x` holds `m * k`.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn panel_avx2<E: Elem8>(
+    unsafe fn panel_cols<S: Lanes, E: Widen<S>, const R: usize, const V: usize>(
         out: *mut f32,
         n: usize,
         x: &[f32],
@@ -589,31 +487,30 @@ mod x86 {
         cols: usize,
     ) {
         debug_assert!(w.len() >= k * PANEL && x.len() >= m * k);
-        if m == 1 {
-            block8::<E, 1, 8>(out, n, x, w, scale, bias, 0, k, 0, cols);
-            return;
-        }
-        for half in 0..2 {
-            let c0 = half * PANEL / 2;
-            if cols <= c0 {
-                break;
-            }
+        let mut c0 = 0;
+        while c0 < cols {
             let mut r = 0;
             while r < m {
-                if m - r == 1 {
-                    block8::<E, 1, 4>(out, n, x, w, scale, bias, r, k, c0, cols);
-                } else {
-                    block8::<E, 2, 4>(out, n, x, w, scale, bias, r, k, c0, cols);
+                let rows = (m - r).min(R);
+                macro_rules! block {
+                    ($($r:literal)*) => {
+                        match rows {
+                            $($r => block::<S, E, $r, V>(out, n, x, w, scale, bias, r, k, c0, cols),)*
+                            _ => unreachable!(),
+                        }
+                    };
                 }
-                r += 2;
+                block!(1 2 3 4 5 6);
+                r += rows;
             }
+            c0 += V * S::W;
         }
     }
 
-    /// Rows `r0..r0+R` times columns `c0..c0+8V` of one panel (stores stop at `cols`).
+    /// Rows `r0..r0+R` times columns `c0..c0+V·W` of one panel (stores stop at `cols`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block8<E: Elem8, const R: usize, const V: usize>(
+    unsafe fn block<S: Lanes, E: Widen<S>, const R: usize, const V: usize>(
         out: *mut f32,
         n: usize,
         x: &[f32],
@@ -625,45 +522,86 @@ mod x86 {
         c0: usize,
         cols: usize,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        let mut acc = [[S::zero(); V]; R];
         let xp = x.as_ptr().add(r0 * k);
         let wp = w.as_ptr().add(c0);
         for p in 0..k {
             let wr = wp.add(p * PANEL);
+            // Ask for the block's lines a little ahead of use (wrapping: past the end is harmless).
             let ahead = (wr as *const i8).wrapping_add(PREFETCH_BYTES);
             _mm_prefetch::<_MM_HINT_T0>(ahead);
-            if std::mem::size_of::<E>() == 2 && V == 8 {
+            if std::mem::size_of::<E>() * V * S::W > 64 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             }
-            let mut wv = [_mm256_setzero_ps(); V];
+            let mut wv = [S::zero(); V];
             for (v, wv) in wv.iter_mut().enumerate() {
-                *wv = E::load8(wr.add(8 * v));
+                *wv = E::widen(wr.add(v * S::W));
             }
             for (r, ar) in acc.iter_mut().enumerate() {
-                let xb = _mm256_set1_ps(*xp.add(r * k + p));
+                let xb = S::splat(*xp.add(r * k + p));
                 for v in 0..V {
-                    ar[v] = _mm256_fmadd_ps(xb, wv[v], ar[v]);
+                    ar[v] = ar[v].fma(xb, wv[v]);
                 }
             }
         }
         for v in 0..V {
-            let c = c0 + 8 * v;
+            let c = c0 + v * S::W;
             if c >= cols {
                 break;
             }
-            let s = _mm256_loadu_ps(scale.as_ptr().add(c));
-            let b = _mm256_loadu_ps(bias.as_ptr().add(c));
+            let lanes = (cols - c).min(S::W);
+            let sc = S::load(scale.as_ptr().add(c), S::W);
+            let bi = S::load(bias.as_ptr().add(c), S::W);
             for (r, ar) in acc.iter().enumerate() {
-                let y = _mm256_fmadd_ps(ar[v], s, b);
-                let dst = out.add((r0 + r) * n + c);
-                if cols - c >= 8 {
-                    _mm256_storeu_ps(dst, y);
-                } else {
-                    let mut tmp = [0.0f32; 8];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), y);
-                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, cols - c);
-                }
+                // acc · scale + bias, fused.
+                bi.fma(ar[v], sc).store(out.add((r0 + r) * n + c), lanes);
             }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `out` valid for `m` rows of stride `n` with `cols` columns; `x` holds `m * k`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel<E: Widen<L16>>(
+        out: *mut f32,
+        n: usize,
+        x: &[f32],
+        w: &[E],
+        scale: &[f32],
+        bias: &[f32],
+        m: usize,
+        k: usize,
+        cols: usize,
+    ) {
+        // The whole panel (4 vectors) for up to 6 rows: 24 accumulators, 4 weight vectors and a
+        // broadcast are 29 of the 32 registers; each widened weight vector feeds 6 rows, which is
+        // what bounds a large batch (RL rollouts), where the panel already sits in cache.
+        panel_cols::<L16, E, 6, 4>(out, n, x, w, scale, bias, m, k, cols)
+    }
+
+    /// [`panel`] with 8-lane AVX2 vectors. AVX2 has 16 registers, so one row takes the whole panel
+    /// (8 accumulators) and several rows go two at a time over each half panel.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `out` valid for `m` rows of stride `n` with `cols` columns; `x` holds `m * k`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel_avx2<E: Widen<L8>>(
+        out: *mut f32,
+        n: usize,
+        x: &[f32],
+        w: &[E],
+        scale: &[f32],
+        bias: &[f32],
+        m: usize,
+        k: usize,
+        cols: usize,
+    ) {
+        if m == 1 {
+            panel_cols::<L8, E, 1, 8>(out, n, x, w, scale, bias, m, k, cols)
+        } else {
+            panel_cols::<L8, E, 2, 4>(out, n, x, w, scale, bias, m, k, cols)
         }
     }
 }

@@ -285,7 +285,7 @@ pub(crate) mod lanes {
     }
 
     #[derive(Clone, Copy)]
-    pub(crate) struct L16(__m512);
+    pub(crate) struct L16(pub(crate) __m512);
 
     #[inline(always)]
     fn mask16(cnt: usize) -> __mmask16 {
@@ -325,7 +325,7 @@ pub(crate) mod lanes {
     }
 
     #[derive(Clone, Copy)]
-    pub(crate) struct L8(__m256);
+    pub(crate) struct L8(pub(crate) __m256);
 
     /// Lane masks for AVX2's masked loads and stores: 8 lanes on, then 8 off.
     static MASK8: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
