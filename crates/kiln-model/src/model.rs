@@ -983,9 +983,8 @@ impl Model {
         k::zero(&mut acts.dhidden);
     }
 
-    /// Logits of every position of one sequence, `[t, vocab]` (for checks against other
-    /// implementations, as `kiln logits`).
-    pub fn logits(&self, tokens: &[u32]) -> Vec<f32> {
+    /// The blocks run over one whole sequence (positions from 0, no mask beyond the family's).
+    fn forward_sequence(&self, tokens: &[u32]) -> Activations {
         let t = tokens.len();
         let mut acts = Activations::new(&self.cfg, 1, t, false);
         let positions: Vec<u32> = (0..t as u32).collect();
@@ -998,6 +997,14 @@ impl Model {
             t,
         };
         self.forward(&mut acts, &input);
+        acts
+    }
+
+    /// Logits of every position of one sequence, `[t, vocab]` (for checks against other
+    /// implementations, as `kiln logits`).
+    pub fn logits(&self, tokens: &[u32]) -> Vec<f32> {
+        let t = tokens.len();
+        let acts = self.forward_sequence(tokens);
         let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
         let mut logits = vec![0.0f32; t * v];
         let w = &self.params[self.layout.head()];
@@ -1007,19 +1014,7 @@ impl Model {
 
     /// The score head's value at every position of one sequence (a reward model's or critic's).
     pub fn position_scores(&self, tokens: &[u32]) -> Vec<f32> {
-        let t = tokens.len();
-        let mut acts = Activations::new(&self.cfg, 1, t, false);
-        let positions: Vec<u32> = (0..t as u32).collect();
-        let input = Input {
-            tokens,
-            positions: &positions,
-            valid: None,
-            segments: None,
-            b: 1,
-            t,
-        };
-        self.forward(&mut acts, &input);
-        self.score_head(&acts)
+        self.score_head(&self.forward_sequence(tokens))
     }
 
     /// The LM head (tied to the token embedding, or untied): logits = hidden · Wᵀ, then log p(target)
