@@ -84,6 +84,28 @@ simd::multiversion! {
     }
 }
 
+/// [`gelu_backward_inplace`] that also adds the column sums of the result into `dbias` (`c`
+/// columns): the bias gradient of the linear layer that produced `inp`, taken while each row is in
+/// cache instead of in a second pass. Bit for bit the two-pass result (same elementwise arithmetic,
+/// same row blocks and summation order as the linear layer's bias gradient).
+pub fn gelu_backward_inplace_bias(d: &mut [f32], inp: &[f32], dbias: &mut [f32], c: usize) {
+    let _span = crate::profile::span(crate::profile::Kind::Activation);
+    assert_eq!(
+        d.len(),
+        inp.len(),
+        "gelu_backward_inplace_bias: length mismatch"
+    );
+    assert!(
+        c > 0 && d.len().is_multiple_of(c) && dbias.len() >= c,
+        "gelu_backward_inplace_bias: {} elements, {c} columns, bias {}",
+        d.len(),
+        dbias.len()
+    );
+    crate::matmul::map_rows_col_sum(dbias, d, c, |r, row| {
+        gelu_backward_inplace_chunk(row, &inp[r * c..(r + 1) * c])
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +160,27 @@ mod tests {
         let mut from_zero = vec![0.0; n];
         gelu_backward(&mut from_zero, &inp, &lw);
         assert_eq!(inplace, from_zero);
+        // The bias-fused form: the same gradient and the linear layer's own bias sums, bit for bit.
+        let c = 10;
+        let mut fused = lw.clone();
+        let mut db = vec![0.5f32; c];
+        gelu_backward_inplace_bias(&mut fused, &inp, &mut db, c);
+        assert_eq!(fused, inplace);
+        let mut db_want = vec![0.5f32; c];
+        let mut dw = vec![0.0f32; c * c];
+        let w = vec![0.0f32; c * c];
+        crate::linear_backward(
+            None,
+            &mut dw,
+            Some(&mut db_want),
+            &inplace,
+            &inp,
+            &w,
+            n / c,
+            c,
+            c,
+        );
+        assert_eq!(db, db_want);
         // And against the analytic tanh-form derivative in f64, tightly.
         for i in 0..n {
             let x = inp[i] as f64;

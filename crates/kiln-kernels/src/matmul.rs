@@ -587,6 +587,45 @@ pub fn linear_forward_with(
     }
 }
 
+/// `out[n,o] = residual[n,o] + inp[n,i] @ w[i,o] + bias[o]`: a linear layer whose output joins the
+/// residual stream (attention's output projection, the MLP's down projection). The residual and
+/// bias are written first and `gemm` accumulates the product onto them, so the layer's own output
+/// never makes a round trip through memory and no separate residual add is needed.
+pub fn linear_forward_residual_with(
+    prec: Precision,
+    out: &mut [f32],
+    residual: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    i: usize,
+    o: usize,
+) {
+    assert!(out.len() >= n * o, "linear_forward_residual: out too small");
+    assert!(
+        residual.len() >= n * o,
+        "linear_forward_residual: residual too small"
+    );
+    let (out, residual) = (&mut out[..n * o], &residual[..n * o]);
+    {
+        let _span = crate::profile::span(crate::profile::Kind::Elementwise);
+        let rows = (ELEMWISE_CHUNK / o.max(1)).max(1);
+        let block = o.max(1) * rows;
+        out.par_chunks_mut(block)
+            .zip(residual.par_chunks(block))
+            .for_each(|(out, res)| match bias {
+                Some(bias) => {
+                    for (row, res) in out.chunks_exact_mut(o).zip(res.chunks_exact(o)) {
+                        add_rows(row, res, &bias[..o]);
+                    }
+                }
+                None => out.copy_from_slice(res),
+            });
+    }
+    matmul_with(prec, out, inp, w, n, i, o, false, false, true);
+}
+
 /// Backward of [`linear_forward`], accumulating:
 /// `dinp += dout @ w^T` (skipped when `None`), `dw += inp^T @ dout`, `dbias += column sums of dout`.
 pub fn linear_backward(
@@ -658,8 +697,55 @@ pub(crate) fn col_sum_accumulate(dst: &mut [f32], src: &[f32], c: usize) {
         });
 }
 
+/// Applies `f(row_index, row)` to every row of the row-major `src` (`c` columns) in place, and adds
+/// the column sums of the result into `dst`, in one pass over `src`: bit for bit `f` over all rows
+/// followed by [`col_sum_accumulate`] (the same row blocks, summed in the same order), for a bias
+/// gradient taken from a gradient that is computed right there (e.g. through GELU).
+pub(crate) fn map_rows_col_sum(
+    dst: &mut [f32],
+    src: &mut [f32],
+    c: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if c == 0 || src.is_empty() {
+        return;
+    }
+    let rows = src.len() / c;
+    let rb = simd::rows_per_block(rows, ROW_BLOCK);
+    let mut parts = vec![0.0f32; rows.div_ceil(rb) * c];
+    src[..rows * c]
+        .par_chunks_mut(rb * c)
+        .zip(parts.par_chunks_mut(c))
+        .enumerate()
+        .for_each(|(bi, (block, part))| {
+            for (r, row) in block.chunks_exact_mut(c).enumerate() {
+                f(bi * rb + r, row);
+                add_row(part, row);
+            }
+        });
+    // (No span of its own: it runs inside its caller's kernel.)
+    dst[..c]
+        .par_chunks_mut(COL_BLOCK)
+        .enumerate()
+        .for_each(|(ci, d)| {
+            let j0 = ci * COL_BLOCK;
+            for part in parts.chunks_exact(c) {
+                add_row(d, &part[j0..j0 + d.len()]);
+            }
+        });
+}
+
 /// Columns per task in [`col_sum_accumulate`].
 const COL_BLOCK: usize = 64;
+
+simd::multiversion! {
+    /// `out = x + y` for one row.
+    fn add_rows(out: &mut [f32], x: &[f32], y: &[f32]) {
+        for ((o, a), b) in out.iter_mut().zip(x).zip(y) {
+            *o = a + b;
+        }
+    }
+}
 
 simd::multiversion! {
     /// `out += x` for one row.
@@ -845,6 +931,50 @@ mod tests {
                 .map(|j| 1.0 + (0..rows).map(|r| src[r * c + j] as f64).sum::<f64>())
                 .collect();
             assert_close(&dst, &want, 1e-5, "col sums");
+        }
+    }
+
+    #[test]
+    fn map_rows_col_sum_is_map_then_col_sum_bitwise() {
+        let mut rng = rng(6);
+        for (rows, c) in [(3 * ROW_BLOCK + 5, 70), (1, 9), (100 * ROW_BLOCK + 1, 3)] {
+            let src = randn(&mut rng, rows * c, 1.0);
+            let f = |r: usize, row: &mut [f32]| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = *v * 1.5 + (r + j) as f32 * 1e-3;
+                }
+            };
+            let mut two_pass = src.clone();
+            for (r, row) in two_pass.chunks_exact_mut(c).enumerate() {
+                f(r, row);
+            }
+            let mut want = vec![0.25f32; c];
+            col_sum_accumulate(&mut want, &two_pass, c);
+            let mut fused = src.clone();
+            let mut got = vec![0.25f32; c];
+            map_rows_col_sum(&mut got, &mut fused, c, f);
+            assert_bits_eq(&fused, &two_pass);
+            assert_bits_eq(&got, &want);
+        }
+    }
+
+    #[test]
+    fn residual_linear_adds_the_residual() {
+        let mut rng = rng(7);
+        let (n, i, o) = (37, 50, 70);
+        let inp = randn(&mut rng, n * i, 1.0);
+        let w = randn(&mut rng, i * o, 1.0);
+        let bias = randn(&mut rng, o, 1.0);
+        let res = randn(&mut rng, n * o, 3.0);
+        for prec in [Precision::F32, Precision::Bf16] {
+            for b in [Some(&bias[..]), None] {
+                let mut lin = vec![0.0; n * o];
+                linear_forward_with(prec, &mut lin, &inp, &w, b, n, i, o);
+                let want: Vec<f64> = lin.iter().zip(&res).map(|(l, r)| (l + r) as f64).collect();
+                let mut out = vec![f32::NAN; n * o];
+                linear_forward_residual_with(prec, &mut out, &res, &inp, &w, b, n, i, o);
+                assert_close(&out, &want, 1e-5, "residual linear");
+            }
         }
     }
 

@@ -83,6 +83,15 @@ pub(crate) fn with_weight<R>(
     }
 }
 
+/// Who sums a block linear's bias gradient (the column sums of `dout`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BiasGrad {
+    /// The linear's backward, from `dout`.
+    Here,
+    /// Already summed where `dout` was computed (the GELU backward, in the same pass).
+    Summed,
+}
+
 /// Backward of a block linear that OVERWRITES d(input) (its buffer needs no zeroing first),
 /// accumulates the weight and bias gradients into `g` (`None`: the base is frozen, only the input
 /// gradient flows), and the adapters' gradients into `lora`.
@@ -95,16 +104,17 @@ fn linear_backward(
     lora: Option<&mut LoraSet>,
     round: Option<u64>,
     (layer, site): (usize, Site),
-    lin: &Linear,
+    (lin, bias_grad): (&Linear, BiasGrad),
     dinp: &mut [f32],
     dout: &[f32],
     inp: &[f32],
     n: usize,
 ) {
     let (i, o) = (lin.i, lin.o);
+    let bias = lin.b.as_ref().filter(|_| bias_grad == BiasGrad::Here);
     with_weight(p, base, layer, site, lin, |w| {
         k::matmul_with(prec, dinp, dout, w, n, o, i, false, true, false);
-        match (g, &lin.b) {
+        match (g, bias) {
             (None, _) => {}
             (Some(g), Some(b)) => {
                 let [dw, db] = disjoint_mut(g, [&lin.w, b]);
@@ -190,23 +200,30 @@ pub(crate) fn mlp_act_forward(cfg: &ModelConfig, act: &mut [f32], h: &[f32], n: 
     }
 }
 
-/// Backward of [`mlp_act_forward`]: d(h) from d(act). GELU works in place (returns `dact`); SwiGLU
-/// writes `dh`, twice as wide (returns `dh`).
+/// Backward of [`mlp_act_forward`]: d(h) from d(act). GELU works in place (returns `dact`) and,
+/// given the up projection's bias gradient, sums it in the same pass; SwiGLU writes `dh`, twice as
+/// wide (returns `dh`). The [`BiasGrad`] says whether the bias gradient is done.
 fn mlp_act_backward<'a>(
     cfg: &ModelConfig,
     dact: &'a mut [f32],
     dh: &'a mut [f32],
     h: &[f32],
     n: usize,
-) -> &'a [f32] {
-    match cfg.mlp_kind() {
-        MlpKind::Gelu => {
-            k::gelu_backward_inplace(dact, h);
-            dact
+    up_dbias: Option<&mut [f32]>,
+) -> (&'a [f32], BiasGrad) {
+    match (cfg.mlp_kind(), up_dbias) {
+        (MlpKind::Gelu, Some(db)) => {
+            let f = db.len();
+            k::gelu_backward_inplace_bias(&mut dact[..n * f], &h[..n * f], db, f);
+            (dact, BiasGrad::Summed)
         }
-        MlpKind::SwiGlu => {
+        (MlpKind::Gelu, None) => {
+            k::gelu_backward_inplace(dact, h);
+            (dact, BiasGrad::Here)
+        }
+        (MlpKind::SwiGlu, _) => {
             k::swiglu_backward(dh, h, dact, n, cfg.ffn());
-            dh
+            (dh, BiasGrad::Here)
         }
     }
 }
@@ -854,21 +871,35 @@ impl Model {
 
     /// A block linear of the training forward: the base (f32 or dequantized) and its adapters.
     #[allow(clippy::too_many_arguments)]
+    /// `out = inp · w + b` of one block linear, plus `residual` when the output joins the residual
+    /// stream (added as the product accumulates: no separate pass).
+    #[allow(clippy::too_many_arguments)]
     fn block_linear(
         &self,
         layer: usize,
         site: Site,
         round: Option<u64>,
         out: &mut [f32],
+        residual: Option<&[f32]>,
         inp: &[f32],
         n: usize,
     ) {
         let (p, prec) = (&self.params, self.precision);
         let lin = site.linear(&self.layout.layers[layer]);
         let bias = lin.b.as_ref().map(|b| &p[b.clone()]);
-        with_weight(p, self.base.as_deref(), layer, site, lin, |w| {
-            k::linear_forward_with(prec, out, inp, w, bias, n, lin.i, lin.o)
-        });
+        with_weight(
+            p,
+            self.base.as_deref(),
+            layer,
+            site,
+            lin,
+            |w| match residual {
+                Some(res) => {
+                    k::linear_forward_residual_with(prec, out, res, inp, w, bias, n, lin.i, lin.o)
+                }
+                None => k::linear_forward_with(prec, out, inp, w, bias, n, lin.i, lin.o),
+            },
+        );
         if let Some(set) = &self.lora {
             set.forward(layer, site, round, out, inp, n, lin.o);
         }
@@ -934,7 +965,7 @@ impl Model {
                 x_in,
                 n,
             );
-            self.block_linear(l, Site::Qkv, round, &mut a.qkv, &a.ln1, n);
+            self.block_linear(l, Site::Qkv, round, &mut a.qkv, None, &a.ln1, n);
             if let Some(rope) = &self.rope {
                 // q and k are rotated in place; attention saves them rotated.
                 k::rope_forward(
@@ -947,8 +978,8 @@ impl Model {
                 );
             }
             k::attention_forward_gqa(&mut a.atty, &mut a.att_stats, &a.qkv, b, t, shape, &mask);
-            self.block_linear(l, Site::O, round, &mut acts.scratch, &a.atty, n);
-            k::residual_add(&mut a.res2[..n * c], &x_in[..n * c], &acts.scratch[..n * c]);
+            // res2 = x + attn(x), res3 = res2 + mlp(res2): the projections accumulate onto the stream.
+            self.block_linear(l, Site::O, round, &mut a.res2, Some(x_in), &a.atty, n);
             norm_forward(
                 cfg,
                 p,
@@ -959,13 +990,16 @@ impl Model {
                 &a.res2,
                 n,
             );
-            self.block_linear(l, Site::Up, round, &mut a.fch, &a.ln2, n);
+            self.block_linear(l, Site::Up, round, &mut a.fch, None, &a.ln2, n);
             mlp_act_forward(cfg, &mut a.fch_act, &a.fch, n);
-            self.block_linear(l, Site::Down, round, &mut acts.scratch, &a.fch_act, n);
-            k::residual_add(
-                &mut a.res3[..n * c],
-                &a.res2[..n * c],
-                &acts.scratch[..n * c],
+            self.block_linear(
+                l,
+                Site::Down,
+                round,
+                &mut a.res3,
+                Some(&a.res2),
+                &a.fch_act,
+                n,
             );
         }
         let last = &acts.layers[cfg.n_layer - 1].res3;
@@ -1198,13 +1232,18 @@ impl Model {
                 lora.as_deref_mut(),
                 round,
                 (l, Site::Down),
-                &o.down,
+                (&o.down, BiasGrad::Here),
                 &mut acts.dact,
                 &acts.dres,
                 &a.fch_act,
                 n,
             );
-            let dfch = mlp_act_backward(cfg, &mut acts.dact, &mut acts.dfch, &a.fch, n);
+            let up_dbias = match (grads!(), &o.up.b) {
+                (Some(g), Some(b)) => Some(&mut g[b.clone()]),
+                _ => None,
+            };
+            let (dfch, up_bias) =
+                mlp_act_backward(cfg, &mut acts.dact, &mut acts.dfch, &a.fch, n, up_dbias);
             linear_backward(
                 prec,
                 p,
@@ -1213,7 +1252,7 @@ impl Model {
                 lora.as_deref_mut(),
                 round,
                 (l, Site::Up),
-                &o.up,
+                (&o.up, up_bias),
                 &mut acts.dln,
                 dfch,
                 &a.ln2,
@@ -1240,7 +1279,7 @@ impl Model {
                 lora.as_deref_mut(),
                 round,
                 (l, Site::O),
-                &o.o,
+                (&o.o, BiasGrad::Here),
                 &mut acts.datty,
                 &acts.dres,
                 &a.atty,
@@ -1280,7 +1319,7 @@ impl Model {
                 lora.as_deref_mut(),
                 round,
                 (l, Site::Qkv),
-                &o.qkv,
+                (&o.qkv, BiasGrad::Here),
                 &mut acts.dln,
                 &acts.dqkv,
                 &a.ln1,
