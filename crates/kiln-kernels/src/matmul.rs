@@ -1,15 +1,15 @@
 //! Matrix multiplication (through the `gemm` crate) and the linear layer built on it.
 //!
-//! Everything is expressed as one strided `gemm` call: transposes are just swapped strides, so no
-//! operand is ever copied. `gemm` splits the output (never the reduction dimension) across threads,
-//! so results do not depend on scheduling.
+//! Everything is expressed as strided `gemm` calls: transposes are just swapped strides, so no
+//! operand is ever copied. Threads split the output (never the reduction dimension), so results do
+//! not depend on scheduling or on the thread count.
 #![allow(clippy::too_many_arguments)]
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::bf16::{matmul_bf16, Precision};
-use crate::simd;
+use crate::simd::{self, SyncPtr};
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PAR_THRESHOLD: usize = 64 * 64 * 64;
@@ -68,12 +68,113 @@ pub(crate) unsafe fn gemm_raw(
     );
 }
 
-/// Thread the product over the pool only when it is big enough to pay for it.
-fn parallelism_for(m: usize, k: usize, n: usize) -> Parallelism {
-    if m.saturating_mul(k).saturating_mul(n) >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
-        Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        Parallelism::None
+/// Runs `out = op(a) @ op(b)` (strided, as [`gemm_raw`]) over the pool when it is big enough to
+/// pay for it: the output is cut along its longer side into one part per thread (whole multiples
+/// of [`PART_ALIGN`]), each a single-threaded `gemm`. Measured on the training step's shapes at 2
+/// threads, this beats `gemm`'s own threading by 5-15 % on the weight gradients (`[in, out]` from a
+/// reduction over 2048 tokens) and matches it elsewhere; each output element is the same sum in
+/// the same order either way, so the bits do not depend on the split. Where the longer side is too
+/// short for a part per thread, `gemm` threads the product itself.
+///
+/// # Safety
+/// As [`gemm_raw`].
+unsafe fn gemm_threaded(
+    out: *mut f32,
+    out_rs: usize,
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs, b_cs): (*const f32, usize, usize),
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+) {
+    let threads = rayon::current_num_threads();
+    if threads == 1 || m.saturating_mul(k).saturating_mul(n) < PAR_THRESHOLD {
+        gemm_raw(
+            out,
+            out_rs,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            b_cs,
+            m,
+            k,
+            n,
+            accumulate,
+            Parallelism::None,
+        );
+        return;
+    }
+    let along_rows = m >= n;
+    let len = if along_rows { m } else { n };
+    let part = len.div_ceil(threads).next_multiple_of(PART_ALIGN);
+    if part * (threads - 1) >= len {
+        // Fewer parts than threads: let gemm split the product in two dimensions.
+        let par = Parallelism::Rayon(threads);
+        gemm_raw(
+            out, out_rs, a, a_rs, a_cs, b, b_rs, b_cs, m, k, n, accumulate, par,
+        );
+        return;
+    }
+    let (out, a, b) = (SyncPtr(out), SyncConst(a), SyncConst(b));
+    (0..len.div_ceil(part)).into_par_iter().for_each(|p| {
+        let (o, a, b) = (out.get(), a.get(), b.get());
+        let (i0, i1) = (p * part, ((p + 1) * part).min(len));
+        // SAFETY: each part is a disjoint block of `out`'s rows (or columns), and the operands'
+        // sub-blocks stay inside what the caller vouched for.
+        unsafe {
+            if along_rows {
+                let (o, a) = (o.add(i0 * out_rs), a.add(i0 * a_rs));
+                gemm_raw(
+                    o,
+                    out_rs,
+                    a,
+                    a_rs,
+                    a_cs,
+                    b,
+                    b_rs,
+                    b_cs,
+                    i1 - i0,
+                    k,
+                    n,
+                    accumulate,
+                    Parallelism::None,
+                );
+            } else {
+                let (o, b) = (o.add(i0), b.add(i0 * b_cs));
+                gemm_raw(
+                    o,
+                    out_rs,
+                    a,
+                    a_rs,
+                    a_cs,
+                    b,
+                    b_rs,
+                    b_cs,
+                    m,
+                    k,
+                    i1 - i0,
+                    accumulate,
+                    Parallelism::None,
+                );
+            }
+        }
+    });
+}
+
+/// Parts of [`gemm_threaded`] start at multiples of this (whole register tiles of `gemm`).
+const PART_ALIGN: usize = 64;
+
+/// A read-only operand pointer that rayon tasks may share.
+#[derive(Clone, Copy)]
+struct SyncConst(*const f32);
+// SAFETY: only read, by tasks of a product whose caller guarantees the memory is valid.
+unsafe impl Send for SyncConst {}
+unsafe impl Sync for SyncConst {}
+
+impl SyncConst {
+    fn get(self) -> *const f32 {
+        self.0
     }
 }
 
@@ -497,20 +598,13 @@ pub fn matmul(
     // SAFETY: the length asserts above cover every element the strides reach; `out` is a unique
     // borrow so it cannot alias `a` or `b`.
     unsafe {
-        gemm_raw(
+        gemm_threaded(
             out.as_mut_ptr(),
             n,
-            a.as_ptr(),
-            a_rs,
-            a_cs,
-            b.as_ptr(),
-            b_rs,
-            b_cs,
-            m,
-            k,
-            n,
+            (a.as_ptr(), a_rs, a_cs),
+            (b.as_ptr(), b_rs, b_cs),
+            (m, k, n),
             accumulate,
-            parallelism_for(m, k, n),
         );
     }
 }
@@ -774,6 +868,31 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The product cut into one part per thread (along rows or columns) gives the single-threaded
+    /// bits, for every transpose, with and without accumulating, and at any thread count.
+    #[test]
+    fn threaded_parts_give_the_single_threaded_bits() {
+        let mut rng = rng(8);
+        // Longer side rows, longer side columns, and both sides too short for parts (gemm threads).
+        for &(m, k, n) in &[(300, 70, 130), (70, 90, 300), (100, 120, 100)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = randn(&mut rng, m * k, 1.0);
+                let b = randn(&mut rng, k * n, 1.0);
+                let init = randn(&mut rng, m * n, 1.0);
+                let run = |acc: bool| {
+                    let mut out = init.clone();
+                    matmul(&mut out, &a, &b, m, k, n, ta, tb, acc);
+                    out
+                };
+                for acc in [false, true] {
+                    let one = crate::thread_pool_builder(Some(1)).build().unwrap();
+                    let reference = one.install(|| run(acc));
+                    assert_thread_independent(&reference, || run(acc));
+                }
+            }
+        }
     }
 
     #[test]
