@@ -35,7 +35,7 @@ pub use bf16::Precision;
 pub use embed::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_backward_inplace, gelu_backward_inplace_bias, gelu_forward};
 pub use layernorm::{layernorm_backward, layernorm_forward, LN_EPS};
-pub use loss::{token_logprob_backward, token_logprob_forward, IGNORE};
+pub use loss::{softmax_weights, token_logprob_backward, token_logprob_forward, IGNORE};
 pub use matmul::{
     linear_backward, linear_backward_with, linear_forward, linear_forward_residual_with,
     linear_forward_with, matmul, matmul_with,

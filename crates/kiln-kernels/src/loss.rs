@@ -108,6 +108,32 @@ simd::multiversion! {
     }
 }
 
+simd::multiversion! {
+    /// Unnormalised softmax weights of one row at a temperature: `w[i] = exp((x[i] - max) / t)`
+    /// with `max` the row's largest value (so the largest weight is 1), given `inv_t = 1 / t`;
+    /// returns their sum. For sampling a token without a pass of scalar `exp`s.
+    pub fn softmax_weights(w: &mut [f32], x: &[f32], inv_t: f32) -> f32 {
+        assert_eq!(w.len(), x.len(), "softmax_weights: length mismatch");
+        let mx = simd::max(x);
+        let mut acc = [0.0f32; simd::LANES];
+        let mut wi = w.chunks_exact_mut(simd::LANES);
+        let mut xi = x.chunks_exact(simd::LANES);
+        for (wc, xc) in (&mut wi).zip(&mut xi) {
+            for ((o, &v), a) in wc.iter_mut().zip(xc).zip(&mut acc) {
+                let e = simd::exp((v - mx) * inv_t);
+                *o = e;
+                *a += e;
+            }
+        }
+        for ((o, &v), a) in wi.into_remainder().iter_mut().zip(xi.remainder()).zip(&mut acc) {
+            let e = simd::exp((v - mx) * inv_t);
+            *o = e;
+            *a += e;
+        }
+        simd::sum(&acc)
+    }
+}
+
 /// In place: the probabilities left by [`token_logprob_forward`] are REPLACED by d(loss)/d(logits)
 /// (overwritten, not accumulated: the buffer is the forward's), given `dlogp[i] = dL/dlogp_i` and
 /// optionally `dentropy[i] = dL/dH_i`:
@@ -318,6 +344,29 @@ mod tests {
             .map(|j| 0.5 * (rp[2 * V + j] - if j == 4 { 1.0 } else { 0.0 }))
             .collect();
         assert_close(&g[2 * V..], &want, 1e-6, "weighted cross-entropy");
+    }
+
+    #[test]
+    fn softmax_weights_match_exp() {
+        let mut rng = rng(12);
+        for len in [1, 15, 17, 8192] {
+            let x = randn(&mut rng, len, 4.0);
+            for t in [1.0f32, 0.7, 2.5] {
+                let mut w = vec![0.0; len];
+                let total = softmax_weights(&mut w, &x, 1.0 / t);
+                let mx = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let want: Vec<f64> = x
+                    .iter()
+                    .map(|&v| ((v as f64 - mx) / t as f64).exp())
+                    .collect();
+                assert_close(&w, &want, 1e-6, "softmax weights");
+                let sum: f64 = want.iter().sum();
+                assert!(
+                    (total as f64 - sum).abs() <= 1e-5 * sum,
+                    "sum {total} vs {sum}"
+                );
+            }
+        }
     }
 
     #[test]

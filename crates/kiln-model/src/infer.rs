@@ -411,13 +411,25 @@ pub fn sample_token<R: Rng>(logits: &[f32], s: &Sampling, rng: &mut R) -> u32 {
         }
         return best as u32;
     }
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> = logits
-        .iter()
+    let mut w = vec![0.0f32; logits.len()];
+    let total = kiln_kernels::softmax_weights(&mut w, logits, 1.0 / s.temperature);
+    if s.top_k == 0 && s.top_p >= 1.0 {
+        // Plain sampling: walk the weights in id order.
+        let mut u = rng.gen::<f32>() * total;
+        for (id, &p) in w.iter().enumerate() {
+            if u < p {
+                return id as u32;
+            }
+            u -= p;
+        }
+        return w.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32;
+    }
+    let mut probs: Vec<(u32, f32)> = w
+        .into_iter()
         .enumerate()
-        .map(|(i, &x)| (i as u32, ((x - max) / s.temperature).exp()))
+        .map(|(i, p)| (i as u32, p))
         .collect();
-    if s.top_k > 0 || s.top_p < 1.0 {
+    {
         // Stable sort keeps ties in id order, so sampling is deterministic.
         probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
         if s.top_k > 0 && s.top_k < probs.len() {

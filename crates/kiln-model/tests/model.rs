@@ -478,3 +478,57 @@ fn prompt_longer_than_context_is_an_error() {
         .to_string();
     assert!(err.contains("context"), "{err}");
 }
+
+/// Sampled frequencies follow softmax(logits / temperature), and top-k / top-p keep only the
+/// tokens they should, renormalised.
+#[test]
+fn sampling_follows_the_softmax() {
+    let logits = [1.0f32, 2.5, -1.0, 0.3, 2.0, f32::NEG_INFINITY];
+    let freq = |s: &Sampling| {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut counts = [0usize; 6];
+        let n = 40_000;
+        for _ in 0..n {
+            counts[kiln_model::sample_token(&logits, s, &mut rng) as usize] += 1;
+        }
+        counts.map(|c| c as f64 / n as f64)
+    };
+    let softmax = |keep: &[usize], t: f64| {
+        let mut p = [0.0f64; 6];
+        for &i in keep {
+            p[i] = (logits[i] as f64 / t).exp();
+        }
+        let z: f64 = p.iter().sum();
+        p.map(|v| v / z)
+    };
+    let check = |got: [f64; 6], want: [f64; 6], what: &str| {
+        for i in 0..6 {
+            assert!(
+                (got[i] - want[i]).abs() < 0.01,
+                "{what}: token {i} sampled {:.4}, want {:.4}",
+                got[i],
+                want[i]
+            );
+        }
+    };
+    let plain = Sampling {
+        temperature: 0.8,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    check(freq(&plain), softmax(&[0, 1, 2, 3, 4], 0.8), "plain");
+    let top2 = Sampling { top_k: 2, ..plain };
+    check(freq(&top2), softmax(&[1, 4], 0.8), "top-k 2");
+    // At temperature 1 the two most likely tokens hold 0.82 of the mass: top-p 0.75 keeps them.
+    let nucleus = Sampling {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 0.75,
+    };
+    check(freq(&nucleus), softmax(&[1, 4], 1.0), "top-p 0.75");
+    let greedy = Sampling {
+        temperature: 0.0,
+        ..plain
+    };
+    check(freq(&greedy), [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], "greedy");
+}
