@@ -74,7 +74,8 @@ pub(crate) unsafe fn gemm_raw(
 /// threads, this beats `gemm`'s own threading by 5-15 % on the weight gradients (`[in, out]` from a
 /// reduction over 2048 tokens) and matches it elsewhere; each output element is the same sum in
 /// the same order either way, so the bits do not depend on the split. Where the longer side is too
-/// short for a part per thread, `gemm` threads the product itself.
+/// short for a part per thread, or past [`MAX_PART_THREADS`] threads (where every part would pack
+/// the whole shared operand; not measured here), `gemm` threads the product itself.
 ///
 /// # Safety
 /// As [`gemm_raw`].
@@ -108,7 +109,7 @@ unsafe fn gemm_threaded(
     let along_rows = m >= n;
     let len = if along_rows { m } else { n };
     let part = len.div_ceil(threads).next_multiple_of(PART_ALIGN);
-    if part * (threads - 1) >= len {
+    if threads > MAX_PART_THREADS || part * (threads - 1) >= len {
         // Fewer parts than threads: let gemm split the product in two dimensions.
         let par = Parallelism::Rayon(threads);
         gemm_raw(
@@ -164,6 +165,9 @@ unsafe fn gemm_threaded(
 
 /// Parts of [`gemm_threaded`] start at multiples of this (whole register tiles of `gemm`).
 const PART_ALIGN: usize = 64;
+
+/// Most threads [`gemm_threaded`] cuts the output for.
+const MAX_PART_THREADS: usize = 4;
 
 /// A read-only operand pointer that rayon tasks may share.
 #[derive(Clone, Copy)]
