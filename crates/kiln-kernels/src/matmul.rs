@@ -124,41 +124,15 @@ unsafe fn gemm_threaded(
         // SAFETY: each part is a disjoint block of `out`'s rows (or columns), and the operands'
         // sub-blocks stay inside what the caller vouched for.
         unsafe {
-            if along_rows {
-                let (o, a) = (o.add(i0 * out_rs), a.add(i0 * a_rs));
-                gemm_raw(
-                    o,
-                    out_rs,
-                    a,
-                    a_rs,
-                    a_cs,
-                    b,
-                    b_rs,
-                    b_cs,
-                    i1 - i0,
-                    k,
-                    n,
-                    accumulate,
-                    Parallelism::None,
-                );
+            let (o, a, b, rows, cols) = if along_rows {
+                (o.add(i0 * out_rs), a.add(i0 * a_rs), b, i1 - i0, n)
             } else {
-                let (o, b) = (o.add(i0), b.add(i0 * b_cs));
-                gemm_raw(
-                    o,
-                    out_rs,
-                    a,
-                    a_rs,
-                    a_cs,
-                    b,
-                    b_rs,
-                    b_cs,
-                    m,
-                    k,
-                    i1 - i0,
-                    accumulate,
-                    Parallelism::None,
-                );
-            }
+                (o.add(i0), a, b.add(i0 * b_cs), m, i1 - i0)
+            };
+            let par = Parallelism::None;
+            gemm_raw(
+                o, out_rs, a, a_rs, a_cs, b, b_rs, b_cs, rows, k, cols, accumulate, par,
+            );
         }
     });
 }
