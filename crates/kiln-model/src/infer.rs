@@ -310,18 +310,21 @@ impl Model {
                 cache.k[off..off + kvw].copy_from_slice(&row[qw..qw + kvw]);
                 cache.v[off..off + kvw].copy_from_slice(&row[qw + kvw..]);
             }
-            // Each (token, head) attends to its slot's keys up to its own position: one task per
-            // token and head when there is enough work for the pool, in line for a single token.
+            // Each token's query heads attend to its slot's keys up to its own position, the heads
+            // that share a kv head together (the cache is read once per kv head): one task per
+            // token and kv head when there is enough work for the pool, in line for a single token.
             let cache_ref = &*cache;
-            let head = |idx: usize, out: &mut [f32], scores: &mut Vec<f32>| {
-                let (i, h) = (idx / nh, idx % nh);
+            let nkv = shape.nkv;
+            let kv_head = |idx: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+                let (i, kvh) = (idx / nkv, idx % nkv);
                 let len = positions[i] as usize + 1;
-                let base = cache_ref.offset(l, slots[i / tq], 0) + (h / group) * hs;
-                scores.resize(len, 0.0);
-                let q = &qkv[i * qkvw + h * hs..i * qkvw + (h + 1) * hs];
+                let base = cache_ref.offset(l, slots[i / tq], 0) + kvh * hs;
+                scores.resize(group * len, 0.0);
+                let q0 = i * qkvw + kvh * group * hs;
                 k::attention_cached_row(
                     out,
-                    q,
+                    &qkv[q0..q0 + group * hs],
+                    hs,
                     &cache_ref.k[base..],
                     &cache_ref.v[base..],
                     kvw,
@@ -332,13 +335,13 @@ impl Model {
             };
             if n == 1 {
                 let mut scores = Vec::new();
-                for (idx, out) in atty.chunks_mut(hs).enumerate() {
-                    head(idx, out, &mut scores);
+                for (idx, out) in atty.chunks_mut(group * hs).enumerate() {
+                    kv_head(idx, out, &mut scores);
                 }
             } else {
-                atty.par_chunks_mut(hs)
+                atty.par_chunks_mut(group * hs)
                     .enumerate()
-                    .for_each_init(Vec::new, |scores, (idx, out)| head(idx, out, scores));
+                    .for_each_init(Vec::new, |scores, (idx, out)| kv_head(idx, out, scores));
             }
             self.cached_linear(packed, (l, Site::O), &mut tmp, &atty, n);
             k::add_inplace(&mut x, &tmp);
