@@ -164,8 +164,10 @@ fn packed_kv_cache_and_batching_are_consistent() {
     let m = model(3);
     for fmt in FORMATS {
         let packed = PackedWeights::new(&m, fmt);
-        // One call with the whole prompt, or one token per call through the cache: bit-identical
-        // (the packed product of a row does not depend on the other rows of the call).
+        // One call with the whole prompt (the blocked attention of a fresh prompt), or one token
+        // per call through the cache (attention over the cached rows): the same logits up to
+        // f32 summation order (the packed product of a row does not depend on the other rows).
+        // A prompt continued in a second call takes the cached path for its tail.
         let toks = prompt(7, 19);
         let whole = logits(&m, Some(&packed), &toks);
         let mut cache = KvCache::new(&m, 1);
@@ -173,7 +175,22 @@ fn packed_kv_cache_and_batching_are_consistent() {
         for &t in &toks {
             last = m.forward_cached_with(Some(&packed), &mut cache, &[0], &[t], 1);
         }
-        assert_eq!(whole, last, "{fmt:?}: prefill and token-by-token differ");
+        let mut cache = KvCache::new(&m, 1);
+        m.forward_cached_with(Some(&packed), &mut cache, &[0], &toks[..7], 7);
+        let split = m.forward_cached_with(Some(&packed), &mut cache, &[0], &toks[7..], 12);
+        let spread = whole.iter().map(|x| x.abs()).fold(0.0, f32::max);
+        for (other, what) in [(&last, "token-by-token"), (&split, "7 + 12 tokens")] {
+            let diff = max_abs_diff(&whole, other);
+            assert!(
+                diff <= 1e-5 * spread,
+                "{fmt:?}: prefill and {what} differ by {diff} (largest logit {spread})"
+            );
+            assert_eq!(
+                argmax(&whole),
+                argmax(other),
+                "{fmt:?}: {what} changes the top token"
+            );
+        }
 
         // Greedy generation of a batch equals each prompt generated alone, and equals argmax over
         // the cached forward done by hand.
