@@ -351,32 +351,39 @@ fn bench_generate(s: &Shape) -> Result<()> {
         );
     }
     let reps = (s.steps / 3).max(1);
-    let mut times = Vec::new();
+    let (mut times, mut prefills) = (Vec::new(), Vec::new());
     for rep in 0..s.warmup + reps {
         let t0 = Instant::now();
+        // Every prompt is prefilled before the first token is chosen: time to first token.
+        let mut first: Option<Instant> = None;
         let out = generate_with(
             &model,
             packed.as_ref(),
             &prompts,
             &opts,
             &mut rng,
-            |_, _| {},
+            |_, _| {
+                first.get_or_insert_with(Instant::now);
+            },
         )?;
         let dt = t0.elapsed().as_secs_f64();
         assert!(out.iter().all(|o| o.len() == s.new_tokens));
         if rep >= s.warmup {
             times.push(dt);
+            prefills.push(first.map_or(dt, |f| (f - t0).as_secs_f64()));
         }
     }
-    let med = median(times);
+    let (med, prefill) = (median(times), median(prefills));
     println!(
-        "RESULT kiln-generate batch={b} prompt={} new={} weights={} median_ms={:.1} tok_per_s={:.0} peak_mib={:.0}",
+        "RESULT kiln-generate batch={b} prompt={} new={} weights={} median_ms={:.1} tok_per_s={:.0} peak_mib={:.0} prefill_ms={:.1} prompt_tok_per_s={:.0}",
         s.prompt_tokens,
         s.new_tokens,
         s.weights,
         med * 1e3,
         (b * s.new_tokens) as f64 / med,
-        peak_rss_mib()
+        peak_rss_mib(),
+        prefill * 1e3,
+        (b * s.prompt_tokens) as f64 / prefill.max(1e-12)
     );
     // The memory-bandwidth bound: every decoding step streams the matrices once (for the whole
     // batch) and each sequence's KV cache so far.
