@@ -100,23 +100,6 @@ pub fn add_inplace(out: &mut [f32], x: &[f32]) {
 /// Elements per task of the element-wise passes below.
 const ELEMWISE_CHUNK: usize = 1 << 14;
 
-/// Element-wise `out[i] = x[i] + y[i]` (a residual connection).
-pub fn residual_add(out: &mut [f32], x: &[f32], y: &[f32]) {
-    use rayon::prelude::*;
-    assert!(x.len() == out.len() && y.len() == out.len());
-    let _span = profile::span(profile::Kind::Elementwise);
-    out.par_chunks_mut(ELEMWISE_CHUNK)
-        .zip(
-            x.par_chunks(ELEMWISE_CHUNK)
-                .zip(y.par_chunks(ELEMWISE_CHUNK)),
-        )
-        .for_each(|(o, (x, y))| {
-            for ((o, a), b) in o.iter_mut().zip(x).zip(y) {
-                *o = a + b;
-            }
-        });
-}
-
 /// Sets every element to zero (a gradient buffer before a step).
 pub fn zero(buf: &mut [f32]) {
     use rayon::prelude::*;

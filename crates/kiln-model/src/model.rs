@@ -869,10 +869,9 @@ impl Model {
         }
     }
 
-    /// A block linear of the training forward: the base (f32 or dequantized) and its adapters.
-    #[allow(clippy::too_many_arguments)]
-    /// `out = inp · w + b` of one block linear, plus `residual` when the output joins the residual
-    /// stream (added as the product accumulates: no separate pass).
+    /// A block linear of the training forward: the base (f32 or dequantized) and its adapters,
+    /// `out = inp · w + b`, plus `residual` when the output joins the residual stream (added as the
+    /// product accumulates: no separate pass).
     #[allow(clippy::too_many_arguments)]
     fn block_linear(
         &self,
