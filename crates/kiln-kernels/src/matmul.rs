@@ -88,30 +88,17 @@ unsafe fn gemm_threaded(
     accumulate: bool,
 ) {
     let threads = rayon::current_num_threads();
-    if threads == 1 || m.saturating_mul(k).saturating_mul(n) < PAR_THRESHOLD {
-        gemm_raw(
-            out,
-            out_rs,
-            a,
-            a_rs,
-            a_cs,
-            b,
-            b_rs,
-            b_cs,
-            m,
-            k,
-            n,
-            accumulate,
-            Parallelism::None,
-        );
-        return;
-    }
+    let small = threads == 1 || m.saturating_mul(k).saturating_mul(n) < PAR_THRESHOLD;
     let along_rows = m >= n;
     let len = if along_rows { m } else { n };
     let part = len.div_ceil(threads).next_multiple_of(PART_ALIGN);
-    if threads > MAX_PART_THREADS || part * (threads - 1) >= len {
-        // Fewer parts than threads: let gemm split the product in two dimensions.
-        let par = Parallelism::Rayon(threads);
+    // Fewer parts than threads (or many threads): gemm splits the product in two dimensions.
+    if small || threads > MAX_PART_THREADS || part * (threads - 1) >= len {
+        let par = if small {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(threads)
+        };
         gemm_raw(
             out, out_rs, a, a_rs, a_cs, b, b_rs, b_cs, m, k, n, accumulate, par,
         );
