@@ -300,14 +300,10 @@ impl Model {
         // themselves, which is the training forward's blocked attention (matrix products over
         // blocks of queries), far faster than a dot product per (query, key) pair.
         let fresh = tq > 1 && start.iter().all(|&s0| s0 == 0);
-        let mut stats = vec![
-            0.0f32;
-            if fresh {
-                k::attention::stats_len(rows, nh, tq)
-            } else {
-                0
-            }
-        ];
+        let mut stats = match fresh {
+            true => vec![0.0f32; k::attention::stats_len(rows, nh, tq)],
+            false => Vec::new(),
+        };
         let causal = k::AttnMask {
             causal: true,
             ..Default::default()
@@ -450,25 +446,23 @@ pub fn sample_token<R: Rng>(logits: &[f32], s: &Sampling, rng: &mut R) -> u32 {
         .enumerate()
         .map(|(i, p)| (i as u32, p))
         .collect();
-    {
-        // Stable sort keeps ties in id order, so sampling is deterministic.
-        probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
-        if s.top_k > 0 && s.top_k < probs.len() {
-            probs.truncate(s.top_k);
-        }
-        if s.top_p < 1.0 {
-            let total: f32 = probs.iter().map(|p| p.1).sum();
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p.1 / total;
-                if acc >= s.top_p {
-                    keep = i + 1;
-                    break;
-                }
+    // Stable sort keeps ties in id order, so sampling is deterministic.
+    probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+    if s.top_k > 0 && s.top_k < probs.len() {
+        probs.truncate(s.top_k);
+    }
+    if s.top_p < 1.0 {
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            acc += p.1 / total;
+            if acc >= s.top_p {
+                keep = i + 1;
+                break;
             }
-            probs.truncate(keep);
         }
+        probs.truncate(keep);
     }
     let total: f32 = probs.iter().map(|p| p.1).sum();
     let mut u = rng.gen::<f32>() * total;
