@@ -624,36 +624,17 @@ pub fn linear_forward_with(
     i: usize,
     o: usize,
 ) {
-    assert!(out.len() >= n * o, "linear_forward: out too small");
-    let out = &mut out[..n * o];
-    match bias {
-        Some(bias) => {
-            // Broadcast the bias first and let gemm accumulate onto it: no second pass over `out`.
-            let bias = &bias[..o];
-            {
-                let _span = crate::profile::span(crate::profile::Kind::Elementwise);
-                // Whole rows per task, ~16K elements each (a task per row cost more than the copy).
-                let rows = (ELEMWISE_CHUNK / o.max(1)).max(1);
-                out.par_chunks_mut(o.max(1) * rows).for_each(|block| {
-                    for row in block.chunks_exact_mut(o.max(1)) {
-                        row.copy_from_slice(bias);
-                    }
-                });
-            }
-            matmul_with(prec, out, inp, w, n, i, o, false, false, true);
-        }
-        None => matmul_with(prec, out, inp, w, n, i, o, false, false, false),
-    }
+    linear_forward_residual_with(prec, out, None, inp, w, bias, n, i, o);
 }
 
-/// `out[n,o] = residual[n,o] + inp[n,i] @ w[i,o] + bias[o]`: a linear layer whose output joins the
-/// residual stream (attention's output projection, the MLP's down projection). The residual and
-/// bias are written first and `gemm` accumulates the product onto them, so the layer's own output
-/// never makes a round trip through memory and no separate residual add is needed.
+/// `out[n,o] = residual[n,o] + inp[n,i] @ w[i,o] + bias[o]` (either addend optional): with a
+/// residual, a linear layer whose output joins the residual stream (attention's output projection,
+/// the MLP's down projection). The residual and/or bias are written first and `gemm` accumulates
+/// the product onto them, so there is no second pass over `out` and no separate residual add.
 pub fn linear_forward_residual_with(
     prec: Precision,
     out: &mut [f32],
-    residual: &[f32],
+    residual: Option<&[f32]>,
     inp: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -661,28 +642,33 @@ pub fn linear_forward_residual_with(
     i: usize,
     o: usize,
 ) {
-    assert!(out.len() >= n * o, "linear_forward_residual: out too small");
-    assert!(
-        residual.len() >= n * o,
-        "linear_forward_residual: residual too small"
-    );
-    let (out, residual) = (&mut out[..n * o], &residual[..n * o]);
-    {
+    assert!(out.len() >= n * o, "linear_forward: out too small");
+    let out = &mut out[..n * o];
+    let residual = residual.map(|r| {
+        assert!(r.len() >= n * o, "linear_forward: residual too small");
+        &r[..n * o]
+    });
+    let bias = bias.map(|b| &b[..o]);
+    let prefill = residual.is_some() || bias.is_some();
+    if prefill && o > 0 {
         let _span = crate::profile::span(crate::profile::Kind::Elementwise);
-        let rows = (ELEMWISE_CHUNK / o.max(1)).max(1);
-        let block = o.max(1) * rows;
-        out.par_chunks_mut(block)
-            .zip(residual.par_chunks(block))
-            .for_each(|(out, res)| match bias {
-                Some(bias) => {
-                    for (row, res) in out.chunks_exact_mut(o).zip(res.chunks_exact(o)) {
-                        add_rows(row, res, &bias[..o]);
+        // Whole rows per task, ~16K elements each (a task per row cost more than the copy).
+        let rows = (ELEMWISE_CHUNK / o).max(1);
+        out.par_chunks_mut(o * rows)
+            .enumerate()
+            .for_each(|(bi, block)| {
+                for (r, row) in block.chunks_exact_mut(o).enumerate() {
+                    let at = (bi * rows + r) * o;
+                    match (residual.map(|x| &x[at..at + o]), bias) {
+                        (Some(res), Some(b)) => add_rows(row, res, b),
+                        (Some(res), None) => row.copy_from_slice(res),
+                        (None, Some(b)) => row.copy_from_slice(b),
+                        (None, None) => unreachable!(),
                     }
                 }
-                None => out.copy_from_slice(res),
             });
     }
-    matmul_with(prec, out, inp, w, n, i, o, false, false, true);
+    matmul_with(prec, out, inp, w, n, i, o, false, false, prefill);
 }
 
 /// Backward of [`linear_forward`], accumulating:
@@ -1056,7 +1042,7 @@ mod tests {
                 linear_forward_with(prec, &mut lin, &inp, &w, b, n, i, o);
                 let want: Vec<f64> = lin.iter().zip(&res).map(|(l, r)| (l + r) as f64).collect();
                 let mut out = vec![f32::NAN; n * o];
-                linear_forward_residual_with(prec, &mut out, &res, &inp, &w, b, n, i, o);
+                linear_forward_residual_with(prec, &mut out, Some(&res), &inp, &w, b, n, i, o);
                 assert_close(&out, &want, 1e-5, "residual linear");
             }
         }

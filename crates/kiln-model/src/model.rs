@@ -886,19 +886,9 @@ impl Model {
         let (p, prec) = (&self.params, self.precision);
         let lin = site.linear(&self.layout.layers[layer]);
         let bias = lin.b.as_ref().map(|b| &p[b.clone()]);
-        with_weight(
-            p,
-            self.base.as_deref(),
-            layer,
-            site,
-            lin,
-            |w| match residual {
-                Some(res) => {
-                    k::linear_forward_residual_with(prec, out, res, inp, w, bias, n, lin.i, lin.o)
-                }
-                None => k::linear_forward_with(prec, out, inp, w, bias, n, lin.i, lin.o),
-            },
-        );
+        with_weight(p, self.base.as_deref(), layer, site, lin, |w| {
+            k::linear_forward_residual_with(prec, out, residual, inp, w, bias, n, lin.i, lin.o)
+        });
         if let Some(set) = &self.lora {
             set.forward(layer, site, round, out, inp, n, lin.o);
         }
