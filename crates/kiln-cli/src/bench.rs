@@ -209,10 +209,11 @@ fn bench_train(args: &TrainBench) -> Result<()> {
         s.ctx,
         b,
         precision,
-        match precision {
-            kiln_kernels::Precision::Bf16 if kiln_kernels::bf16::amx_active() => " (AMX)",
-            kiln_kernels::Precision::Bf16 => " (no AMX: portable path)",
-            kiln_kernels::Precision::F32 => "",
+        match (precision, kiln_kernels::bf16::hardware()) {
+            (kiln_kernels::Precision::Bf16, Some(hw)) => format!(" ({hw})"),
+            (kiln_kernels::Precision::Bf16, None) =>
+                " (no bf16 hardware: portable path)".to_string(),
+            (kiln_kernels::Precision::F32, _) => String::new(),
         }
     );
     let mut times = Vec::new();

@@ -766,10 +766,10 @@ fn a_second_trainer_on_a_running_folder_is_refused() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// `--precision bf16` trains in f32 where bf16 has no hardware (here forced with KILN_AMX=0), and
-/// says so; KILN_FORCE_BF16=1 keeps bf16.
+/// `--precision bf16` trains in f32 where bf16 has no hardware (here forced with KILN_AMX=0 and
+/// KILN_SIMD=avx2, which turn off AMX and AVX512-BF16), and says so; KILN_FORCE_BF16=1 keeps bf16.
 #[test]
-fn bf16_falls_back_to_f32_without_amx_and_says_so() {
+fn bf16_falls_back_to_f32_without_bf16_hardware_and_says_so() {
     let args = [
         "bench",
         "train",
@@ -792,6 +792,7 @@ fn bf16_falls_back_to_f32_without_amx_and_says_so() {
     ];
     let o = common::kiln(THREADS)
         .env("KILN_AMX", "0")
+        .env("KILN_SIMD", "avx2")
         .args(args)
         .output()
         .unwrap();
@@ -801,12 +802,13 @@ fn bf16_falls_back_to_f32_without_amx_and_says_so() {
     assert!(err.contains("training in f32"), "{err}");
     let o = common::kiln(THREADS)
         .env("KILN_AMX", "0")
+        .env("KILN_SIMD", "avx2")
         .env("KILN_FORCE_BF16", "1")
         .args(args)
         .output()
         .unwrap();
     assert!(
-        text(&o.stdout).contains("precision=bf16 (no AMX"),
+        text(&o.stdout).contains("precision=bf16 (no bf16 hardware"),
         "{}",
         text(&o.stdout)
     );

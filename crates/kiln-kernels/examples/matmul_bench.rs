@@ -45,9 +45,9 @@ fn main() {
     // this process's CPU time divided by the thread count (spinning idle threads count as busy).
     let use_cpu = std::env::var("KILN_BENCH_CPU").is_ok_and(|v| v == "1");
     println!(
-        "threads={} amx={} reps={reps} (median) timing={}",
+        "threads={} bf16_hardware={} reps={reps} (median) timing={}",
         rayon::current_num_threads(),
-        bf16::amx_active(),
+        bf16::hardware().unwrap_or("none"),
         if use_cpu { "cpu" } else { "wall" }
     );
     println!(

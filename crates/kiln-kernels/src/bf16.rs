@@ -5,14 +5,19 @@
 //! f32. Outputs, and anything accumulated into, stay f32. Only the matmuls change: master weights,
 //! gradients, the optimizer and every other kernel remain f32.
 //!
-//! On CPUs with AMX (Intel Sapphire Rapids and later) the product runs on the tile unit:
-//! `TDPBF16PS` does a 16x16 (f32) += 16x32 (bf16) · 32x16 (bf16) block per instruction, an order
-//! of magnitude more multiply-adds per cycle than AVX-512 FMA. Elsewhere (or with `KILN_AMX=0`) the
-//! operands are rounded to bf16 values held in f32 and the f32 matmul runs on them: the same
-//! arithmetic, at f32 speed, so a run behaves the same (up to f32 summation order) without AMX.
+//! Two kinds of bf16 hardware run the product on packed bf16 operands (see [`tiled`]):
+//! - AMX (Intel Sapphire Rapids and later): `TDPBF16PS` does a 16x16 (f32) += 16x32 (bf16) ·
+//!   32x16 (bf16) block per instruction, an order of magnitude more multiply-adds per cycle than
+//!   AVX-512 FMA. `KILN_AMX=0` turns it off.
+//! - AVX512-BF16 without AMX (AMD Zen 4 and later; Intel Cooper Lake): `VDPBF16PS` does 32
+//!   multiply-adds per 512-bit instruction where an f32 FMA does 16, measured 234 against 116
+//!   GFLOP/s a core on a Zen 4 EPYC. Off under `KILN_SIMD=avx2` / `base` (like every AVX-512 path).
 //!
-//! One AMX quirk: the tile unit treats bf16 subnormals (magnitude below ~1.2e-38) as zero, which the
-//! portable path does not. Such values never matter next to the normal ones in a sum.
+//! Elsewhere the operands are rounded to bf16 values held in f32 and the f32 matmul runs on them:
+//! the same arithmetic, at f32 speed, so a run behaves the same (up to f32 summation order).
+//!
+//! One hardware quirk: both instructions treat bf16 subnormals (magnitude below ~1.2e-38) as zero,
+//! which the portable path does not. Such values never matter next to the normal ones in a sum.
 #![allow(clippy::too_many_arguments)]
 
 use std::fmt;
@@ -31,17 +36,18 @@ pub enum Precision {
 
 impl Precision {
     /// The arithmetic a user's request runs in on this CPU, and why when it differs: bf16 pays
-    /// off only on AMX tiles; elsewhere the portable bf16 path costs more than f32 (measured 0.92×
-    /// on an AVX2-only Zen 3), so f32 is used instead. `KILN_FORCE_BF16=1` keeps bf16 anyway
-    /// (results are then bf16's on any CPU).
+    /// off only on bf16 hardware ([`hardware`]); elsewhere the portable bf16 path costs more than
+    /// f32 (measured 0.92× on an AVX2-only Zen 3), so f32 is used instead. `KILN_FORCE_BF16=1`
+    /// keeps bf16 anyway (results are then bf16's on any CPU).
     pub fn for_this_cpu(self) -> (Precision, Option<&'static str>) {
         match self {
             Precision::Bf16
-                if !amx_active() && !std::env::var("KILN_FORCE_BF16").is_ok_and(|v| v == "1") =>
+                if hardware().is_none()
+                    && !std::env::var("KILN_FORCE_BF16").is_ok_and(|v| v == "1") =>
             {
                 (
                     Precision::F32,
-                    Some("bf16 requested, but this CPU has no AMX bf16 tiles (or KILN_AMX=0), where Kiln's bf16 matmuls are slower than f32: training in f32 (KILN_FORCE_BF16=1 keeps bf16)"),
+                    Some("bf16 requested, but this CPU has no bf16 matmul hardware (AMX tiles or AVX512-BF16; or they are turned off: KILN_AMX=0, KILN_SIMD), where Kiln's bf16 matmuls are slower than f32: training in f32 (KILN_FORCE_BF16=1 keeps bf16)"),
                 )
             }
             p => (p, None),
@@ -99,15 +105,16 @@ pub fn round_bf16(x: f32) -> f32 {
     bf16_to_f32(f32_to_bf16(x))
 }
 
-/// Whether bf16 matmuls run on AMX tiles in this process (else they take the portable path).
-pub fn amx_active() -> bool {
+/// The bf16 hardware this process's bf16 matmuls run on (`"AMX"`, `"AVX512-BF16"`), or `None`
+/// when they take the portable path.
+pub fn hardware() -> Option<&'static str> {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
-        amx::available()
+        tiled::engine().map(tiled::Engine::name)
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
-        false
+        None
     }
 }
 
@@ -137,8 +144,9 @@ pub fn matmul_bf16(
         return;
     }
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if amx::available() {
-        amx::matmul(
+    if let Some(engine) = tiled::engine() {
+        tiled::matmul(
+            engine,
             &mut out[..m * n],
             &a[..m * k],
             &b[..k * n],
@@ -174,13 +182,18 @@ pub(crate) fn portable(
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-mod amx {
-    //! The AMX path. Both operands are packed into 1 KiB tiles (A: 16 rows x 32 bf16; B: 16 rows of
-    //! 16 column-pairs, the "VNNI" layout `TDPBF16PS` wants, where row `r` holds k = 2r and 2r+1
-    //! interleaved), consecutive along k so the inner loop streams contiguous memory. Edges are
-    //! zero-padded (zeros add nothing), and the tile counts along m and n are rounded up to even so
-    //! one 2x2-tile microkernel (4 accumulators, 2 A and 2 B tiles: all 8 tile registers) does
-    //! every block; C tiles that cross the matrix edge go through a 16x16 scratch.
+pub(crate) mod tiled {
+    //! The hardware paths. Both operands are packed into 1 KiB tiles (A: 16 rows x 32 bf16; B: 16
+    //! rows of 16 column-pairs, the "VNNI" layout `TDPBF16PS` and `VDPBF16PS` want, where row `r`
+    //! holds k = 2r and 2r+1 interleaved), consecutive along k so the inner loop streams contiguous
+    //! memory. Edges are zero-padded (zeros add nothing), and the tile counts along m and n are
+    //! rounded up to even so one 2x2-tile microkernel does every block; C tiles that cross the
+    //! matrix edge go through a 16x16 scratch.
+    //!
+    //! The layout serves both engines: on AMX the microkernel holds its 4 C tiles, 2 A and 2 B
+    //! tiles in the 8 tile registers; with AVX512-BF16 one row of a B tile is one 512-bit register
+    //! (16 columns x a k pair) and one A row's k pair is a 32-bit broadcast, so C is computed 8
+    //! rows x 32 columns at a time in 16 vector accumulators.
     //!
     //! Each output tile sums its k blocks in order, whichever task computes it, so results do not
     //! depend on how the output is split between threads.
@@ -200,11 +213,6 @@ mod amx {
     const TK: usize = 32;
     /// bf16 elements in one packed tile (1 KiB).
     const TILE: usize = TM * TK;
-    /// k tiles per pass over a block of C. Every pass loads and stores the C tiles, and the tile
-    /// unit waits for those (tile registers are not renamed), so passes should be long; but the
-    /// B tiles of a column pair for one pass (2 x KC KiB) should stay in L1 while the task's row
-    /// pairs go by, and its A rows (MB x KC KiB) in L2.
-    const KC: usize = 16;
     /// Largest task, in tiles of C (rows x columns). B is re-read from memory once per MB rows of
     /// tiles.
     const MB: usize = 16;
@@ -215,10 +223,61 @@ mod amx {
     /// Below this many multiply-adds one thread does the whole product.
     const PAR_MACS: usize = 1 << 20;
 
+    /// The instructions a product runs on.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(crate) enum Engine {
+        /// AMX tiles (`TDPBF16PS`).
+        Amx,
+        /// AVX-512 vectors (`VDPBF16PS`).
+        Dot,
+    }
+
+    impl Engine {
+        pub(crate) fn name(self) -> &'static str {
+            match self {
+                Engine::Amx => "AMX",
+                Engine::Dot => "AVX512-BF16",
+            }
+        }
+
+        /// k tiles per pass over a block of C. Every pass loads and stores the C tiles, so passes
+        /// should be long; but the B tiles of a column pair for one pass (2 x KC KiB) should stay
+        /// in L1 while the task's row pairs go by, and its A rows (MB x KC KiB) in L2. The tile
+        /// unit waits for C's loads (tile registers are not renamed), so AMX takes longer passes;
+        /// the vector kernel reads each pass's B pair four times (once per 8 rows), so it keeps
+        /// the pair at half of a 32 KiB L1.
+        fn k_pass(self) -> usize {
+            match self {
+                Engine::Amx => 16,
+                Engine::Dot => 16,
+            }
+        }
+    }
+
+    /// The fastest engine this process may use: AMX, else AVX512-BF16 (when the SIMD level is
+    /// AVX-512, so `KILN_SIMD=avx2` turns it off with the other AVX-512 paths), else none.
+    pub(crate) fn engine() -> Option<Engine> {
+        static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+        *ENGINE.get_or_init(|| {
+            if amx_available() {
+                Some(Engine::Amx)
+            } else if dot_available() {
+                Some(Engine::Dot)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// AVX512-BF16 present and AVX-512 in use.
+    pub(crate) fn dot_available() -> bool {
+        simd::level() == simd::Level::V4 && std::is_x86_feature_detected!("avx512bf16")
+    }
+
     /// AMX-BF16 present (CPUID) and the kernel lets this process use tile data (Linux asks every
     /// process to request it once, with `arch_prctl(ARCH_REQ_XCOMP_PERM)`; the permission covers all
     /// its threads). `KILN_AMX=0` turns the path off.
-    pub(super) fn available() -> bool {
+    pub(crate) fn amx_available() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| {
             if std::env::var("KILN_AMX").is_ok_and(|v| v == "0") {
@@ -249,7 +308,8 @@ mod amx {
         static LOCAL_C: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
-    pub(super) fn matmul(
+    pub(crate) fn matmul(
+        engine: Engine,
         out: &mut [f32],
         a: &[f32],
         b: &[f32],
@@ -343,6 +403,7 @@ mod amx {
                 // disjoint blocks of C, all inside `out` (m x n) or in their own scratch.
                 unsafe {
                     block(
+                        engine,
                         out.add(r0 * n + c0),
                         n,
                         m - r0.min(m),
@@ -377,6 +438,7 @@ mod amx {
             // SAFETY: as above; `local` holds every tile of the block.
             unsafe {
                 block(
+                    engine,
                     local.as_mut_ptr(),
                     lw,
                     lh,
@@ -549,10 +611,11 @@ mod amx {
     /// block at `out` (row stride `ldc`), of which the first `m` rows and `n` columns exist.
     ///
     /// # Safety
-    /// AMX must be [`available`]; `out` must be valid for those `m x n` f32 with no other writer;
-    /// `pa` / `pb` must hold the packed tile rows / columns covering `rows` / `cols` with `kt` k
-    /// tiles each.
+    /// `engine` must be available ([`amx_available`], [`dot_available`]); `out` must be valid for
+    /// those `m x n` f32 with no other writer; `pa` / `pb` must hold the packed tile rows / columns
+    /// covering `rows` / `cols` with `kt` k tiles each.
     unsafe fn block(
+        engine: Engine,
         out: *mut f32,
         ldc: usize,
         m: usize,
@@ -565,10 +628,13 @@ mod amx {
         cols: std::ops::Range<usize>,
     ) {
         assert!(rows.end * kt * TILE <= pa.len() && cols.end * kt * TILE <= pb.len());
-        configure();
+        if engine == Engine::Amx {
+            configure();
+        }
         let mut scratch = Scratch([[0.0; TM * TN]; 4]);
-        for kc0 in (0..kt).step_by(KC) {
-            let kcn = (kt - kc0).min(KC);
+        let k_pass = engine.k_pass();
+        for kc0 in (0..kt).step_by(k_pass) {
+            let kcn = (kt - kc0).min(k_pass);
             // The first pass overwrites C unless the product is accumulated into it.
             let zero = kc0 == 0 && !accumulate;
             // Micro-blocks of 2x2 C tiles, column pair by column pair: the B pair for this pass
@@ -610,19 +676,44 @@ mod amx {
                         c[t] = (s.as_mut_ptr(), TN * 4);
                     }
                 }
-                if zero {
-                    zero_c();
-                } else {
-                    load_c(&c);
-                }
-                kernel_2x2(
+                let (a0, a1) = (
                     pa.as_ptr().add((ti * kt + kc0) * TILE),
                     pa.as_ptr().add(((ti + 1) * kt + kc0) * TILE),
+                );
+                let (b0, b1) = (
                     pb.as_ptr().add((tj * kt + kc0) * TILE),
                     pb.as_ptr().add(((tj + 1) * kt + kc0) * TILE),
-                    kcn,
                 );
-                store_c(&c);
+                match engine {
+                    Engine::Amx => {
+                        if zero {
+                            zero_c();
+                        } else {
+                            load_c(&c);
+                        }
+                        kernel_2x2(a0, a1, b0, b1, kcn);
+                        store_c(&c);
+                    }
+                    Engine::Dot => {
+                        // Rows 0-7 and 8-15 of each A tile, against both B tiles.
+                        for (t, a) in [(0, a0), (2, a1)] {
+                            for half in [0, TM / 2] {
+                                let (left, right) = (c[t], c[t + 1]);
+                                dot_8x32(
+                                    left.0.add(half * left.1 / 4),
+                                    left.1 / 4,
+                                    right.0.add(half * right.1 / 4),
+                                    right.1 / 4,
+                                    a.add(half * TK),
+                                    b0,
+                                    b1,
+                                    kcn,
+                                    zero,
+                                );
+                            }
+                        }
+                    }
+                }
                 for (t, &(i, j)) in tiles.iter().enumerate() {
                     let (r0, c0) = (i * TM, j * TN);
                     let (h, w) = (m.saturating_sub(r0).min(TM), n.saturating_sub(c0).min(TN));
@@ -637,7 +728,67 @@ mod amx {
                 }
             }
         }
-        release();
+        if engine == Engine::Amx {
+            release();
+        }
+    }
+
+    /// C[8 rows, 32 columns] (+)= A[8 rows of a tile] · B[2 tiles] over `count` consecutive k tiles
+    /// (1 KiB apart), with `VDPBF16PS`: per k pair, each B tile's row is one register and each A
+    /// row's pair one broadcast. `left` / `right` are the two 16-column halves of C (row strides
+    /// in f32); with `zero` C is overwritten, else accumulated into.
+    ///
+    /// # Safety
+    /// AVX512-BF16 must be [`dot_available`]; C's 8 rows must be valid for 16 f32 on both sides;
+    /// `a` must hold 8 tile rows and `b0` / `b1` a tile each, for each of the `count` k tiles.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot_8x32(
+        left: *mut f32,
+        ld_left: usize,
+        right: *mut f32,
+        ld_right: usize,
+        a: *const u16,
+        b0: *const u16,
+        b1: *const u16,
+        count: usize,
+        zero: bool,
+    ) {
+        use std::arch::x86_64::*;
+        const R: usize = TM / 2;
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if !zero {
+            for (i, row) in acc.iter_mut().enumerate() {
+                row[0] = _mm512_loadu_ps(left.add(i * ld_left));
+                row[1] = _mm512_loadu_ps(right.add(i * ld_right));
+            }
+        }
+        for t in 0..count {
+            let (a, b0, b1) = (a.add(t * TILE), b0.add(t * TILE), b1.add(t * TILE));
+            if t + 1 < count {
+                // The next k tile's lines: 8 of A, 16 of each B tile.
+                for l in 0..R {
+                    _mm_prefetch::<_MM_HINT_T0>(a.add(TILE + l * TK).cast());
+                }
+                for l in 0..TM {
+                    _mm_prefetch::<_MM_HINT_T0>(b0.add(TILE + l * TK).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(b1.add(TILE + l * TK).cast());
+                }
+            }
+            for q in 0..TK / 2 {
+                let bv0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(q * TK).cast()));
+                let bv1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(q * TK).cast()));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let pair = a.add(i * TK + 2 * q).cast::<i32>().read_unaligned();
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    row[0] = _mm512_dpbf16_ps(row[0], av, bv0);
+                    row[1] = _mm512_dpbf16_ps(row[1], av, bv1);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(left.add(i * ld_left), row[0]);
+            _mm512_storeu_ps(right.add(i * ld_right), row[1]);
+        }
     }
 
     #[inline(always)]
@@ -873,13 +1024,38 @@ mod tests {
 
     #[test]
     fn bf16_matmul_matches_reference() {
-        eprintln!("AMX active: {}", amx_active());
+        eprintln!("bf16 hardware: {:?}", hardware());
         check(matmul_bf16, "bf16 matmul");
     }
 
     #[test]
     fn portable_path_matches_reference() {
         check(portable, "portable bf16 matmul");
+    }
+
+    /// Every hardware engine this CPU offers, each forced in turn (an AMX machine also runs the
+    /// AVX512-BF16 kernel here).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn every_bf16_engine_of_this_cpu_matches_reference() {
+        use tiled::{matmul, Engine};
+        if tiled::amx_available() {
+            check(
+                |o, a, b, m, k, n, ta, tb, acc| matmul(Engine::Amx, o, a, b, m, k, n, ta, tb, acc),
+                "AMX",
+            );
+        }
+        if tiled::dot_available() {
+            check(
+                |o, a, b, m, k, n, ta, tb, acc| matmul(Engine::Dot, o, a, b, m, k, n, ta, tb, acc),
+                "AVX512-BF16",
+            );
+        }
+        eprintln!(
+            "tested: AMX {}, AVX512-BF16 {}",
+            tiled::amx_available(),
+            tiled::dot_available()
+        );
     }
 
     #[test]

@@ -137,7 +137,7 @@ fn bf16_loss_curve_tracks_f32() {
     let (f32_losses, f32_val, p32) = train(Precision::F32, steps);
     let (bf16_losses, bf16_val, p16) = train(Precision::Bf16, steps);
     assert_eq!((p32, p16), (Precision::F32, Precision::Bf16));
-    eprintln!("amx: {}", kiln_kernels::bf16::amx_active());
+    eprintln!("bf16 hardware: {:?}", kiln_kernels::bf16::hardware());
     for (i, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
         if i % 5 == 0 || i + 1 == f32_losses.len() {
             eprintln!("step {:>3}: f32 {a:.4}  bf16 {b:.4}", i + 1);
