@@ -213,6 +213,12 @@ pub(crate) mod tiled {
     const TK: usize = 32;
     /// bf16 elements in one packed tile (1 KiB).
     const TILE: usize = TM * TK;
+    /// k tiles per pass over a block of C. Every pass loads and stores the C tiles, and the tile
+    /// unit waits for those (tile registers are not renamed), so passes should be long; but the
+    /// B tiles of a column pair for one pass (2 x KC KiB) should stay near L1 while the task's row
+    /// pairs go by, and its A rows (MB x KC KiB) in L2. (The vector kernel, which prefetches the
+    /// next k tile, ran the same with KC = 8 on a Zen 4.)
+    const KC: usize = 16;
     /// Largest task, in tiles of C (rows x columns). B is re-read from memory once per MB rows of
     /// tiles.
     const MB: usize = 16;
@@ -237,19 +243,6 @@ pub(crate) mod tiled {
             match self {
                 Engine::Amx => "AMX",
                 Engine::Dot => "AVX512-BF16",
-            }
-        }
-
-        /// k tiles per pass over a block of C. Every pass loads and stores the C tiles, so passes
-        /// should be long; but the B tiles of a column pair for one pass (2 x KC KiB) should stay
-        /// in L1 while the task's row pairs go by, and its A rows (MB x KC KiB) in L2. The tile
-        /// unit waits for C's loads (tile registers are not renamed), so AMX takes longer passes;
-        /// the vector kernel reads each pass's B pair four times (once per 8 rows), so it keeps
-        /// the pair at half of a 32 KiB L1.
-        fn k_pass(self) -> usize {
-            match self {
-                Engine::Amx => 16,
-                Engine::Dot => 16,
             }
         }
     }
@@ -344,17 +337,17 @@ pub(crate) mod tiled {
         let pack_a_rows = |(g, dst): (usize, &mut [u16])| {
             if swap {
                 // b is stored [k, n] = B^T's transpose.
-                pack_a(dst, b, n, k, true, g * ga)
+                pack_a_any(dst, b, n, k, true, g * ga)
             } else {
-                pack_a(dst, a, m, k, trans_a, g * ga)
+                pack_a_any(dst, a, m, k, trans_a, g * ga)
             }
         };
         let pack_b_cols = |(g, dst): (usize, &mut [u16])| {
             if swap {
                 // a is stored [k, m]: A as the right-hand operand, untransposed.
-                pack_b(dst, a, k, m, false, g * gb)
+                pack_b_any(dst, a, k, m, false, g * gb)
             } else {
-                pack_b(dst, b, k, n, trans_b, g * gb)
+                pack_b_any(dst, b, k, n, trans_b, g * gb)
             }
         };
         let (pa_rows, pb_cols) = (&mut pa[..mt * kt * TILE], &mut pb[..nt * kt * TILE]);
@@ -466,6 +459,260 @@ pub(crate) mod tiled {
             (0..mblocks * nblocks).for_each(run);
         }
         PACK.with(|p| *p.borrow_mut() = (pa, pb));
+    }
+
+    /// [`pack_a`], with the AVX512-BF16 conversions where the CPU has them.
+    fn pack_a_any(dst: &mut [u16], a: &[f32], m: usize, k: usize, trans: bool, mi0: usize) {
+        if dot_available() {
+            // SAFETY: the CPU has AVX-512 (F, BW) and AVX512-BF16.
+            unsafe { fast::pack_a(dst, a, m, k, trans, mi0) }
+        } else {
+            pack_a(dst, a, m, k, trans, mi0)
+        }
+    }
+
+    /// [`pack_b`], with the AVX512-BF16 conversions where the CPU has them.
+    fn pack_b_any(dst: &mut [u16], b: &[f32], k: usize, n: usize, trans: bool, ni0: usize) {
+        if dot_available() {
+            // SAFETY: as in `pack_a_any`.
+            unsafe { fast::pack_b(dst, b, k, n, trans, ni0) }
+        } else {
+            pack_b(dst, b, k, n, trans, ni0)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::testutil::*;
+
+        /// The AVX512-BF16 packing writes the scalar packing's tiles bit for bit (full tiles,
+        /// edge tiles, both layouts of each operand, several groups).
+        #[test]
+        fn fast_packing_writes_the_scalar_tiles() {
+            if !dot_available() {
+                eprintln!("no AVX512-BF16: skipped");
+                return;
+            }
+            let mut rng = rng(21);
+            for &(rows, k) in &[(16, 32), (48, 96), (70, 65), (33, 300), (5, 7)] {
+                let src = randn(&mut rng, rows * k, 1.0);
+                let kt = k.div_ceil(TK);
+                for trans in [false, true] {
+                    let tiles = rows.div_ceil(16);
+                    for (first, count) in [(0, tiles), (tiles / 2, tiles - tiles / 2)] {
+                        let len = count * kt * TILE;
+                        let (mut want, mut got) = (vec![7u16; len], vec![9u16; len]);
+                        pack_a(&mut want, &src, rows, k, trans, first);
+                        // SAFETY: checked above.
+                        unsafe { fast::pack_a(&mut got, &src, rows, k, trans, first) };
+                        assert_eq!(want, got, "A rows={rows} k={k} trans={trans} first={first}");
+                        let (mut want, mut got) = (vec![7u16; len], vec![9u16; len]);
+                        pack_b(&mut want, &src, k, rows, trans, first);
+                        // SAFETY: checked above.
+                        unsafe { fast::pack_b(&mut got, &src, k, rows, trans, first) };
+                        assert_eq!(want, got, "B k={k} cols={rows} trans={trans} first={first}");
+                    }
+                }
+            }
+        }
+    }
+
+    mod fast {
+        //! The packing of [`super::pack_a`] / [`super::pack_b`] with `VCVTNE2PS2BF16` (32 f32 to
+        //! bf16 per instruction, rounding to nearest even like [`super::f32_to_bf16`]; it reads
+        //! f32 subnormals as zero, which both engines do with bf16 ones anyway) and in-register
+        //! interleaves and 16 x 16 transposes of k pairs. Same tiles, same order of memory
+        //! traffic; tiles at the matrix edge take the scalar per-tile path.
+
+        use super::{f32_to_bf16, TILE, TK, TM, TN};
+        use std::arch::x86_64::*;
+
+        /// 32 consecutive f32 at `src` as 32 bf16 (element order kept).
+        #[inline(always)]
+        unsafe fn cvt32(src: *const f32) -> __m512i {
+            std::mem::transmute(_mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(src.add(16)),
+                _mm512_loadu_ps(src),
+            ))
+        }
+
+        /// 16 f32 at `lo` and 16 at `hi` as 16 (lo, hi) bf16 pairs, one per 32-bit lane.
+        #[inline(always)]
+        unsafe fn pairs(lo: *const f32, hi: *const f32) -> __m512i {
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(hi),
+                _mm512_loadu_ps(lo),
+            ));
+            // Element 2j takes lo[j] (element j), 2j + 1 takes hi[j] (element 16 + j).
+            let idx = _mm512_set_epi16(
+                31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+            );
+            _mm512_permutexvar_epi16(idx, both)
+        }
+
+        /// Transpose of a 16 x 16 matrix of 32-bit elements, one row per register.
+        #[inline(always)]
+        unsafe fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
+            // Rows 4g..4g+4: u[4g + s] holds, in 128-bit lane L, column 4L + s of those rows.
+            let mut u = [_mm512_setzero_si512(); 16];
+            for g in 0..4 {
+                let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+                let (ab_lo, ab_hi) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+                let (cd_lo, cd_hi) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+                u[4 * g] = _mm512_unpacklo_epi64(ab_lo, cd_lo);
+                u[4 * g + 1] = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+                u[4 * g + 2] = _mm512_unpacklo_epi64(ab_hi, cd_hi);
+                u[4 * g + 3] = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+            }
+            // Gather the four row groups' lanes of each column.
+            let mut out = [_mm512_setzero_si512(); 16];
+            for s in 0..4 {
+                let v88 = _mm512_shuffle_i32x4::<0x88>(u[s], u[4 + s]);
+                let vdd = _mm512_shuffle_i32x4::<0xdd>(u[s], u[4 + s]);
+                let w88 = _mm512_shuffle_i32x4::<0x88>(u[8 + s], u[12 + s]);
+                let wdd = _mm512_shuffle_i32x4::<0xdd>(u[8 + s], u[12 + s]);
+                out[s] = _mm512_shuffle_i32x4::<0x88>(v88, w88);
+                out[8 + s] = _mm512_shuffle_i32x4::<0xdd>(v88, w88);
+                out[4 + s] = _mm512_shuffle_i32x4::<0x88>(vdd, wdd);
+                out[12 + s] = _mm512_shuffle_i32x4::<0xdd>(vdd, wdd);
+            }
+            out
+        }
+
+        #[inline(always)]
+        unsafe fn store_rows(tile: &mut [u16], rows: &[__m512i; 16]) {
+            for (q, &v) in rows.iter().enumerate() {
+                _mm512_storeu_si512(tile[q * TK..].as_mut_ptr().cast(), v);
+            }
+        }
+
+        /// One A tile the slow way: element (r, c) is op(A)[m0 + r, k0 + c], zero outside.
+        fn tile_a(
+            tile: &mut [u16],
+            a: &[f32],
+            m: usize,
+            k: usize,
+            trans: bool,
+            m0: usize,
+            k0: usize,
+        ) {
+            for r in 0..TM {
+                for c in 0..TK {
+                    let (i, p) = (m0 + r, k0 + c);
+                    tile[r * TK + c] = if i < m && p < k {
+                        f32_to_bf16(if trans { a[p * m + i] } else { a[i * k + p] })
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+
+        /// One B tile the slow way, in VNNI order.
+        fn tile_b(
+            tile: &mut [u16],
+            b: &[f32],
+            k: usize,
+            n: usize,
+            trans: bool,
+            n0: usize,
+            k0: usize,
+        ) {
+            for q in 0..TK / 2 {
+                for j in 0..TN {
+                    for h in 0..2 {
+                        let (p, c) = (k0 + 2 * q + h, n0 + j);
+                        tile[q * TK + 2 * j + h] = if p < k && c < n {
+                            f32_to_bf16(if trans { b[c * k + p] } else { b[p * n + c] })
+                        } else {
+                            0
+                        };
+                    }
+                }
+            }
+        }
+
+        /// # Safety
+        /// The CPU must have AVX-512 F and BW and AVX512-BF16.
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub(super) unsafe fn pack_a(
+            dst: &mut [u16],
+            a: &[f32],
+            m: usize,
+            k: usize,
+            trans: bool,
+            mi0: usize,
+        ) {
+            let kt = k.div_ceil(TK);
+            let tiles = dst.len() / (kt * TILE);
+            // Source rows are read in order: by tile row for A stored [m, k], by k tile (32 source
+            // rows of 64 bytes per tile of the group) for A stored [k, m].
+            for (g, ki) in (0..tiles * kt).map(|t| {
+                if trans {
+                    (t % tiles, t / tiles)
+                } else {
+                    (t / kt, t % kt)
+                }
+            }) {
+                let (m0, k0) = ((mi0 + g) * TM, ki * TK);
+                let tile = &mut dst[(g * kt + ki) * TILE..][..TILE];
+                if m0 + TM > m || k0 + TK > k {
+                    tile_a(tile, a, m, k, trans, m0, k0);
+                } else if !trans {
+                    for r in 0..TM {
+                        let v = cvt32(a.as_ptr().add((m0 + r) * k + k0));
+                        _mm512_storeu_si512(tile[r * TK..].as_mut_ptr().cast(), v);
+                    }
+                } else {
+                    // Lane r of pair row q: (A[m0 + r, k0 + 2q], A[m0 + r, k0 + 2q + 1]).
+                    let mut q_rows = [_mm512_setzero_si512(); 16];
+                    for (q, v) in q_rows.iter_mut().enumerate() {
+                        let lo = a.as_ptr().add((k0 + 2 * q) * m + m0);
+                        *v = pairs(lo, lo.add(m));
+                    }
+                    store_rows(tile, &transpose16(&q_rows));
+                }
+            }
+        }
+
+        /// # Safety
+        /// As [`pack_a`].
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub(super) unsafe fn pack_b(
+            dst: &mut [u16],
+            b: &[f32],
+            k: usize,
+            n: usize,
+            trans: bool,
+            ni0: usize,
+        ) {
+            let kt = k.div_ceil(TK);
+            let tiles = dst.len() / (kt * TILE);
+            for ki in 0..kt {
+                for g in 0..tiles {
+                    let (n0, k0) = ((ni0 + g) * TN, ki * TK);
+                    let tile = &mut dst[(g * kt + ki) * TILE..][..TILE];
+                    if n0 + TN > n || k0 + TK > k {
+                        tile_b(tile, b, k, n, trans, n0, k0);
+                    } else if !trans {
+                        for q in 0..TK / 2 {
+                            let lo = b.as_ptr().add((k0 + 2 * q) * n + n0);
+                            let v = pairs(lo, lo.add(n));
+                            _mm512_storeu_si512(tile[q * TK..].as_mut_ptr().cast(), v);
+                        }
+                    } else {
+                        // B stored [n, k]: column j's 32 k values are contiguous, 16 pairs.
+                        let mut cols = [_mm512_setzero_si512(); 16];
+                        for (j, v) in cols.iter_mut().enumerate() {
+                            *v = cvt32(b.as_ptr().add((n0 + j) * k + k0));
+                        }
+                        store_rows(tile, &transpose16(&cols));
+                    }
+                }
+            }
+        }
     }
 
     simd::multiversion! {
@@ -632,9 +879,8 @@ pub(crate) mod tiled {
             configure();
         }
         let mut scratch = Scratch([[0.0; TM * TN]; 4]);
-        let k_pass = engine.k_pass();
-        for kc0 in (0..kt).step_by(k_pass) {
-            let kcn = (kt - kc0).min(k_pass);
+        for kc0 in (0..kt).step_by(KC) {
+            let kcn = (kt - kc0).min(KC);
             // The first pass overwrites C unless the product is accumulated into it.
             let zero = kc0 == 0 && !accumulate;
             // Micro-blocks of 2x2 C tiles, column pair by column pair: the B pair for this pass
