@@ -1,7 +1,8 @@
 //! Wall time of causal attention forward and backward on the `kiln bench train` shapes (8 x 256
 //! tokens, width 384, 6 heads of 64), multi-head and grouped-query (2 kv heads), median of reps.
 //!
-//! `cargo run --release -p kiln-kernels --example attention_bench [reps]` (threads: RAYON_NUM_THREADS).
+//! `cargo run --release -p kiln-kernels --example attention_bench [reps]` (threads: RAYON_NUM_THREADS;
+//! `T=1024` for another context length at the same 2,048 tokens, e.g. 2 x 1024).
 
 use kiln_kernels::attention::{attention_backward_gqa, attention_forward_gqa, AttnShape};
 use kiln_kernels::{attention_backward, attention_forward, AttnMask};
@@ -17,7 +18,11 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(9);
-    let (b, t, nh, hs) = (8, 256, 6, 64);
+    let t: usize = std::env::var("T")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let (b, nh, hs) = (8 * 256 / t, 6, 64);
     let c = nh * hs;
     let mask = AttnMask {
         causal: true,
