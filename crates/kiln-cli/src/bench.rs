@@ -174,8 +174,14 @@ fn bench_train(args: &TrainBench) -> Result<()> {
     if lora.is_none() && args.base_weights != WeightFormat::F32 {
         bail!("--base-weights needs --lora-rank (only a frozen base is packed)");
     }
-    let estimate =
-        kiln_model::memory::training_bytes_with(&model.cfg, b, s.ctx, true, lora.as_ref());
+    let estimate = kiln_model::memory::training_bytes_with(
+        &model.cfg,
+        b,
+        s.ctx,
+        true,
+        lora.as_ref(),
+        precision,
+    );
     if let Some(l) = &lora {
         model.attach_lora(l, 0)?;
     }

@@ -3,6 +3,7 @@
 
 use crate::config::ModelConfig;
 use anyhow::{bail, Result};
+use kiln_kernels::Precision;
 
 /// Environment variable that overrides the memory limit (MiB), e.g. so tests can trigger the refusal.
 pub const LIMIT_ENV: &str = "KILN_MEMORY_LIMIT_MB";
@@ -41,12 +42,61 @@ pub fn checked_num_params(cfg: &ModelConfig) -> Option<usize> {
 }
 
 /// Bytes one training process needs for a model: parameters, gradients, the two AdamW moments
-/// (4 copies of the parameters) and the activations of one micro-batch.
-pub fn training_bytes(cfg: &ModelConfig, batch: usize, seq: usize, lm_head: bool) -> usize {
+/// (4 copies of the parameters), the activations of one micro-batch, and the matmuls' operand
+/// copies in `precision` ([`matmul_scratch_bytes`]).
+pub fn training_bytes(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    lm_head: bool,
+    precision: Precision,
+) -> usize {
     let params = crate::params::ParamLayout::new(cfg).total;
     params
         .saturating_mul(4 * 4)
         .saturating_add(activation_bytes(cfg, batch, seq, lm_head))
+        .saturating_add(matmul_scratch_bytes(
+            cfg,
+            batch.saturating_mul(seq),
+            lm_head,
+            precision,
+        ))
+}
+
+/// Bytes the matmuls keep beside the activations when training in `precision` (as this CPU runs
+/// it, [`Precision::for_this_cpu`]) with `rows` tokens a micro-batch: none in f32 (`gemm` packs
+/// cache-sized blocks); in bf16 both operands of the largest product, packed as bf16 on bf16
+/// hardware (kept between calls) or rounded to bf16 values in f32 copies on the portable path.
+/// The largest product is the LM head's backward (`rows x vocab` logits gradient against the
+/// `vocab x c` head) when there is one, else the widest block matrix against its activations.
+pub fn matmul_scratch_bytes(
+    cfg: &ModelConfig,
+    rows: usize,
+    lm_head: bool,
+    precision: Precision,
+) -> usize {
+    let per_value = match precision.for_this_cpu().0 {
+        Precision::F32 => return 0,
+        Precision::Bf16 if kiln_kernels::bf16::hardware().is_some() => 2,
+        Precision::Bf16 => 4,
+    };
+    let lay = crate::params::ParamLayout::new(&ModelConfig {
+        n_layer: 1,
+        ..cfg.clone()
+    });
+    // (activation width, weight elements) of each product's operands.
+    let mut largest = lay
+        .layers
+        .iter()
+        .flat_map(|b| [&b.qkv, &b.o, &b.up, &b.down])
+        .map(|l| rows.saturating_mul(l.i.max(l.o)).saturating_add(l.i * l.o))
+        .max()
+        .unwrap_or(0);
+    if lm_head {
+        let head = cfg.vocab_size.saturating_mul(cfg.n_embd);
+        largest = largest.max(rows.saturating_mul(cfg.vocab_size).saturating_add(head));
+    }
+    largest.saturating_mul(per_value)
 }
 
 /// Bytes of one training process whose base may be frozen under LoRA adapters: without `lora`,
@@ -60,9 +110,10 @@ pub fn training_bytes_with(
     seq: usize,
     lm_head: bool,
     lora: Option<&crate::lora::LoraConfig>,
+    precision: Precision,
 ) -> usize {
     let Some(lc) = lora else {
-        return training_bytes(cfg, batch, seq, lm_head);
+        return training_bytes(cfg, batch, seq, lm_head, precision);
     };
     let lay = crate::params::ParamLayout::new(cfg);
     let score = lay.score.as_ref().map(|r| vec![0.0f32; r.len()]);
@@ -84,6 +135,12 @@ pub fn training_bytes_with(
         .saturating_add(base)
         .saturating_add(trainable.saturating_mul(16))
         .saturating_add(activation_bytes(cfg, batch, seq, lm_head))
+        .saturating_add(matmul_scratch_bytes(
+            cfg,
+            batch.saturating_mul(seq),
+            lm_head,
+            precision,
+        ))
 }
 
 /// Parses `MemAvailable` (kB) out of the text of `/proc/meminfo`, in bytes.
@@ -187,8 +244,26 @@ mod tests {
         let c = cfg(false);
         let p = c.num_params();
         assert_eq!(
-            training_bytes(&c, 2, 8, true),
+            training_bytes(&c, 2, 8, true, Precision::F32),
             16 * p + activation_bytes(&c, 2, 8, true)
+        );
+        // bf16 adds the largest product's operand copies: here the LM head's backward.
+        let head = 16 * c.vocab_size + c.vocab_size * c.n_embd;
+        let per_value = match (
+            Precision::Bf16.for_this_cpu().0,
+            kiln_kernels::bf16::hardware(),
+        ) {
+            (Precision::F32, _) => 0,
+            (_, Some(_)) => 2,
+            (_, None) => 4,
+        };
+        assert!(
+            head > 16 * 4 * c.n_embd + 4 * c.n_embd * c.n_embd,
+            "the head is the largest"
+        );
+        assert_eq!(
+            training_bytes(&c, 2, 8, true, Precision::Bf16),
+            16 * p + activation_bytes(&c, 2, 8, true) + per_value * head
         );
         // Huge shapes saturate instead of overflowing.
         let big = ModelConfig {

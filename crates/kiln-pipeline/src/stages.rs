@@ -229,7 +229,13 @@ pub fn pretrain(cfg: &PretrainConfig, resume: bool, progress: bool) -> Result<Tr
     } else {
         cfg.seq_len
     };
-    let memory = training_bytes(&mcfg, cfg.train.batch_size, seq_len, true);
+    let memory = training_bytes(
+        &mcfg,
+        cfg.train.batch_size,
+        seq_len,
+        true,
+        cfg.train.precision,
+    );
     check_memory(memory, "pretraining")?;
     let mut model = Model::new(mcfg, cfg.train.seed);
     let mut obj = LmObjective::new(
@@ -459,6 +465,7 @@ pub fn sft(cfg: &SftConfig, resume: bool, progress: bool) -> Result<TrainSummary
         seq_len,
         true,
         lora.as_ref(),
+        cfg.train.precision,
     );
     check_memory(memory, "SFT")?;
     let mut model = b.model;
@@ -621,7 +628,14 @@ pub fn reward_model(cfg: &RmConfig, resume: bool, progress: bool) -> Result<Trai
     let max_k = train.iter().map(|g| g.seqs.len()).max().unwrap_or(1);
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
     let rows = cfg.train.batch_size * max_k;
-    let memory = training_bytes_with(&model.cfg, rows, seq_len, false, lora.as_ref());
+    let memory = training_bytes_with(
+        &model.cfg,
+        rows,
+        seq_len,
+        false,
+        lora.as_ref(),
+        cfg.train.precision,
+    );
     check_memory(memory, "reward-model training")?;
     // The score head trains in full beside the adapters (PEFT's modules_to_save).
     kiln_train::adapters::attach(
@@ -846,8 +860,10 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
             4 * actor.model.params.len() + activation_bytes(&actor.model.cfg, mb, row_len, true)
         }
     };
-    let memory = training_bytes_with(&actor.model.cfg, mb, row_len, true, lora.as_ref())
-        + training_bytes_with(&critic.cfg, mb, row_len, false, lora.as_ref())
+    // PPO trains in f32.
+    let f32 = kiln_kernels::Precision::F32;
+    let memory = training_bytes_with(&actor.model.cfg, mb, row_len, true, lora.as_ref(), f32)
+        + training_bytes_with(&critic.cfg, mb, row_len, false, lora.as_ref(), f32)
         + 4 * rm.model.params.len()
         + reference_bytes;
     let mut actor = actor;
@@ -1167,8 +1183,14 @@ pub fn dpo(cfg: &DpoConfig, resume: bool, progress: bool) -> Result<DpoOutcome> 
         cfg.beta
     );
     let max_rows = obj.activation_rows();
-    let memory = training_bytes_with(&model.cfg, max_rows, seq_len, true, lora.as_ref())
-        + obj.reference_bytes();
+    let memory = training_bytes_with(
+        &model.cfg,
+        max_rows,
+        seq_len,
+        true,
+        lora.as_ref(),
+        cfg.train.precision,
+    ) + obj.reference_bytes();
     let stage = StageRun::open("DPO", &cfg.out, cfg, memory, resume, progress)?;
     let run = &stage.run;
     let resuming = resume && run.latest_checkpoint()?.is_some();
@@ -1356,12 +1378,14 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
     // With LoRA the actor's base (adapters off) is the reference: no copy of it is held.
     let reference = (cfg.grpo.beta > 0.0 && lora.is_none()).then(|| actor.model.clone());
+    // GRPO, like PPO, trains in f32.
     let memory = training_bytes_with(
         &actor.model.cfg,
         cfg.grpo.minibatch,
         row_len,
         true,
         lora.as_ref(),
+        kiln_kernels::Precision::F32,
     ) + reference.as_ref().map_or(0, |r| {
         4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
     });
