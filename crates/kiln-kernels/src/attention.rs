@@ -5,8 +5,8 @@
 //! head `h` owning columns `h*hs..(h+1)*hs` of each; grouped-query attention ([`AttnShape`]) narrows
 //! the k and v sections to `nkv` heads. One rayon task per (batch, head) in the forward, per
 //! (batch, kv head) in the backward (whose query heads share dk/dv); inside it, query rows are
-//! processed in blocks of 64 with single-threaded `gemm` calls, and a block only touches the keys
-//! some row of it may attend to (so causal attention does ~half the work).
+//! processed in blocks of 64 with the register-tile products of [`tiles`], which only touch the
+//! keys some row of a tile may attend to (so causal attention does about half the work).
 //!
 //! Flash-style memory: the `t × t` probabilities live only in a per-task scratch of one block of
 //! rows (in cache); the forward saves two numbers a query row (its largest scaled score and the
@@ -15,11 +15,12 @@
 //! instead of `O(b·nh·t²)` (at context 1024, 6 heads, batch 8: 0.4 MB instead of 200 MB).
 #![allow(clippy::too_many_arguments)]
 
-use gemm::Parallelism;
+mod tiles;
+
 use rayon::prelude::*;
 
-use crate::matmul::gemm_raw;
 use crate::simd::{self, SyncPtr};
+use tiles::{Out, Path, Product, Trim};
 
 /// Query rows per block.
 const QB: usize = 64;
@@ -130,36 +131,137 @@ fn key_limit(mask: &AttnMask, bi: usize, t: usize) -> usize {
     })
 }
 
-/// `S[i0..i1, 0..klim] = Q[i0..i1] @ K[0..klim]^T` into `s` (row stride `t`): the one product both
-/// passes use, so the backward's scores are the forward's bits.
-///
-/// # Safety
-/// `q` and `k` must cover rows `i0..i1` and `0..klim` of `hs` floats at stride `rw`; `s` holds
-/// `(i1 - i0) * t`.
-unsafe fn scores(
-    s: &mut [f32],
+/// One sequence's mask, as a task sees it.
+struct Seq<'a> {
+    key_valid: Option<&'a [bool]>,
+    segments: Option<&'a [u32]>,
+    causal: bool,
+    /// See [`key_limit`].
+    kmax: usize,
+}
+
+impl<'a> Seq<'a> {
+    fn new(mask: &AttnMask<'a>, bi: usize, t: usize) -> Self {
+        Seq {
+            key_valid: mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]),
+            segments: mask.segments.map(|s| &s[bi * t..(bi + 1) * t]),
+            causal: mask.causal,
+            kmax: key_limit(mask, bi, t),
+        }
+    }
+
+    /// Keys some query of `i0..i1` may see: up to the block end when causal, never past `kmax`.
+    fn block_keys(&self, i1: usize, t: usize) -> usize {
+        self.kmax.min(if self.causal { i1 } else { t })
+    }
+
+    /// Keys query `i` may see (the rest of its row is masked).
+    fn row_keys(&self, i: usize, t: usize) -> usize {
+        self.kmax.min(if self.causal { i + 1 } else { t })
+    }
+
+    fn seg(&self, i: usize) -> u32 {
+        self.segments.map_or(0, |s| s[i])
+    }
+}
+
+/// One head's operands as a task sees them: pointers to its first row, the qkv row stride `rw`,
+/// and the head size.
+#[derive(Clone, Copy)]
+struct Head {
     q: *const f32,
     k: *const f32,
-    (i0, i1, klim): (usize, usize, usize),
-    t: usize,
-    hs: usize,
+    v: *const f32,
     rw: usize,
+    hs: usize,
+}
+
+/// The products' scratch of one task (reused across the tasks a worker runs): a block's
+/// probabilities and dS (`QB` rows at stride `tp`, `t` rounded up to whole panels); the task's kv
+/// head packed for the products that read it (see [`tiles::pack_transposed`] and
+/// [`tiles::pack_rows`]): keys transposed (`kt`), values transposed (`vt`, backward only), and
+/// values (forward) or keys (backward) as rows (`rows`); and the backward's block of queries and
+/// output gradients as rows.
+#[derive(Default)]
+struct Scratch {
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    rows: Vec<f32>,
+    q_block: Vec<f32>,
+    dy_block: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+thread_local! {
+    /// Each worker's scratch, kept between calls: allocating it per task made the kernel map and
+    /// unmap (and zero) pages on every call.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+impl Scratch {
+    /// Runs `f` with this thread's scratch.
+    fn with<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+        SCRATCH.with(|s| f(&mut s.borrow_mut()))
+    }
+
+    fn fit(&mut self, path: Path, t: usize, hs: usize, backward: bool) -> usize {
+        let tp = t.next_multiple_of(path.nr());
+        let hp = hs.next_multiple_of(path.nr());
+        let grow = |v: &mut Vec<f32>, n: usize| {
+            if v.len() < n {
+                v.resize(n, 0.0);
+            }
+        };
+        grow(&mut self.p, QB * tp);
+        grow(&mut self.kt, hs * tp);
+        grow(&mut self.rows, hp * t);
+        if backward {
+            grow(&mut self.ds, QB * tp);
+            grow(&mut self.vt, hs * tp);
+            grow(&mut self.q_block, hp * QB);
+            grow(&mut self.dy_block, hp * QB);
+            grow(&mut self.dk, hs * t);
+            grow(&mut self.dv, hs * t);
+        }
+        tp
+    }
+}
+
+/// Scaled scores of queries `i0..i1` (`klim` keys, see [`Seq::block_keys`]) into `p` at row stride
+/// `tp`, from the packed keys: the one product both passes use, so the backward's scores are the
+/// forward's bits. Each row is valid up to its own keys ([`Seq::row_keys`]).
+///
+/// # Safety
+/// `head.q` must cover rows `i0..i1`; `kt` holds the packed keys `0..klim` (see
+/// [`tiles::pack_transposed`]).
+unsafe fn block_scores(
+    path: Path,
+    p: &mut [f32],
+    tp: usize,
+    head: &Head,
+    kt: &[f32],
+    (i0, i1, klim): (usize, usize, usize),
+    causal: bool,
 ) {
-    // K^T is K read with swapped strides.
-    gemm_raw(
-        s.as_mut_ptr(),
-        t,
-        q.add(i0 * rw),
-        rw,
-        1,
-        k,
-        1,
-        rw,
-        i1 - i0,
-        hs,
-        klim,
-        false,
-        Parallelism::None,
+    let nr = path.nr();
+    let scale = 1.0 / (head.hs as f32).sqrt();
+    assert!(p.len() >= (i1 - i0) * tp && kt.len() >= klim.next_multiple_of(nr) * head.hs);
+    tiles::product(
+        path,
+        (p.as_mut_ptr(), tp),
+        (head.q.add(i0 * head.rw), head.rw, 1),
+        (kt.as_ptr(), nr, head.hs * nr),
+        Product {
+            m: i1 - i0,
+            n: klim,
+            k: head.hs,
+            trim: if causal { Trim::Cols(i0) } else { Trim::None },
+            padded: true,
+            out: Out::Store(scale),
+        },
     );
 }
 
@@ -175,6 +277,24 @@ pub fn attention_forward_gqa(
     shape: AttnShape,
     mask: &AttnMask,
 ) {
+    forward_on(Path::best(), out, stats, qkv, b, t, shape, mask)
+}
+
+/// [`attention_forward_gqa`] with the products on `path` (which must be available).
+fn forward_on(
+    path: Path,
+    out: &mut [f32],
+    stats: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    shape: AttnShape,
+    mask: &AttnMask,
+) {
+    assert!(
+        path.available(),
+        "attention: {path:?} is not available on this CPU"
+    );
     let _span = crate::profile::span(crate::profile::Kind::Attention);
     shape.check();
     let AttnShape { nh, nkv, hs } = shape;
@@ -189,73 +309,87 @@ pub fn attention_forward_gqa(
     if b * t == 0 || c == 0 {
         return;
     }
-    let scale = 1.0 / (hs as f32).sqrt();
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let mask = *mask;
 
     stats[..stats_len(b, nh, t)]
         .par_chunks_mut(t * STATS_PER_ROW)
         .enumerate()
-        .for_each_init(
-            // One block of probabilities, reused across the tasks a worker runs.
-            || vec![0.0f32; QB * t],
-            |p, (bh, stats_bh)| {
+        .for_each(|(bh, stats_bh)| {
+            Scratch::with(|scratch| {
                 let (bi, h) = (bh / nh, bh % nh);
                 let kvh = h / group;
-                let key_valid = mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]);
-                let segments = mask.segments.map(|s| &s[bi * t..(bi + 1) * t]);
-                let kmax = key_limit(&mask, bi, t);
+                let seq = Seq::new(&mask, bi, t);
                 let row0 = bi * t * rw;
-                let q = qkv[row0 + h * hs..].as_ptr();
-                let k = qkv[row0 + (nh + kvh) * hs..].as_ptr();
-                let v = qkv[row0 + (nh + nkv + kvh) * hs..].as_ptr();
-                // SAFETY (pointer offsets below): all row/column indices stay inside this sequence
-                // and head, which the length asserts above cover.
-                let y = unsafe { out_ptr.get().add(bi * t * c + h * hs) };
-
-                for i0 in (0..t).step_by(QB) {
-                    let i1 = (i0 + QB).min(t);
-                    // Keys a row of this block may see: up to the block end when causal, never past `kmax`.
-                    let klim = kmax.min(if mask.causal { i1 } else { t });
-                    let p = &mut p[..(i1 - i0) * t];
-                    unsafe { scores(p, q, k, (i0, i1, klim), t, hs, rw) };
-                    for i in i0..i1 {
-                        let row = &mut p[(i - i0) * t..(i - i0) * t + klim];
-                        let lim = kmax.min(if mask.causal { i + 1 } else { t });
-                        let (live, dead) = row.split_at_mut(lim);
-                        let (mx, inv) = masked_softmax_row(
-                            live,
-                            scale,
-                            key_valid,
-                            segments,
-                            segments.map_or(0, |s| s[i]),
-                        );
-                        dead.fill(0.0);
-                        stats_bh[i * STATS_PER_ROW] = mx;
-                        stats_bh[i * STATS_PER_ROW + 1] = inv;
-                    }
-                    // Y[i0..i1] = P[i0..i1, 0..klim] @ V[0..klim], written straight into this head's columns.
-                    // SAFETY: tasks write disjoint (batch, head) column blocks of `out`.
-                    unsafe {
-                        gemm_raw(
-                            y.add(i0 * c),
-                            c,
-                            p.as_ptr(),
-                            t,
-                            1,
-                            v,
-                            rw,
-                            1,
-                            i1 - i0,
-                            klim,
-                            hs,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
+                let head = Head {
+                    q: qkv[row0 + h * hs..].as_ptr(),
+                    k: qkv[row0 + (nh + kvh) * hs..].as_ptr(),
+                    v: qkv[row0 + (nh + nkv + kvh) * hs..].as_ptr(),
+                    rw,
+                    hs,
+                };
+                // SAFETY (pointer uses below): all row/column indices stay inside this sequence and
+                // head, which the length asserts above cover; tasks write disjoint (batch, head)
+                // column blocks of `out`.
+                unsafe {
+                    let y = out_ptr.get().add(bi * t * c + h * hs);
+                    forward_head(path, scratch, &seq, &head, stats_bh, (y, c), t);
                 }
+            })
+        });
+}
+
+/// One (sequence, query head) of the forward: its output columns `y` (row stride `c`) and statistics.
+///
+/// # Safety
+/// `head` must cover `t` rows of its sequence, `y` `t` rows of `hs` columns at stride `c`, which no
+/// other thread touches.
+unsafe fn forward_head(
+    path: Path,
+    scratch: &mut Scratch,
+    seq: &Seq,
+    head: &Head,
+    stats_bh: &mut [f32],
+    (y, c): (*mut f32, usize),
+    t: usize,
+) {
+    let (hs, rw) = (head.hs, head.rw);
+    let (tp, nr) = (scratch.fit(path, t, hs, false), path.nr());
+    tiles::pack_transposed(path, &mut scratch.kt, head.k, rw, seq.kmax, hs);
+    tiles::pack_rows(path, &mut scratch.rows, head.v, rw, seq.kmax, hs);
+    for i0 in (0..t).step_by(QB) {
+        let i1 = (i0 + QB).min(t);
+        let klim = seq.block_keys(i1, t);
+        let p = &mut scratch.p[..(i1 - i0) * tp];
+        block_scores(path, p, tp, head, &scratch.kt, (i0, i1, klim), seq.causal);
+        for i in i0..i1 {
+            let row = &mut p[(i - i0) * tp..(i - i0) * tp + klim];
+            let (live, dead) = row.split_at_mut(seq.row_keys(i, t));
+            let (mx, inv) = masked_softmax_row(live, seq.key_valid, seq.segments, seq.seg(i));
+            dead.fill(0.0);
+            stats_bh[i * STATS_PER_ROW] = mx;
+            stats_bh[i * STATS_PER_ROW + 1] = inv;
+        }
+        // Y[i0..i1] = P[i0..i1, 0..klim] @ V[0..klim], straight into this head's columns.
+        tiles::product(
+            path,
+            (y.add(i0 * c), c),
+            (p.as_ptr(), tp, 1),
+            (scratch.rows.as_ptr(), nr, seq.kmax * nr),
+            Product {
+                m: i1 - i0,
+                n: hs,
+                k: klim,
+                trim: if seq.causal {
+                    Trim::DepthEnd(i0)
+                } else {
+                    Trim::None
+                },
+                padded: false,
+                out: Out::Store(1.0),
             },
         );
+    }
 }
 
 /// One query row of each of the query heads that share a kv head, against `len` cached keys and
@@ -406,18 +540,17 @@ fn value_sum<const H: usize>(
 const ROW_COLS: usize = 64;
 
 simd::multiversion! {
-    /// In place: raw scores -> masked softmax probabilities for one query row (restricted to the
-    /// keys `0..row.len()`). Returns the row's largest scaled score and the inverse of its sum,
-    /// which [`softmax_row_again`] recomputes the row from; a row with no allowed key becomes all
-    /// zeros (returned as `(-inf, 0)`).
+    /// In place: scaled scores -> masked softmax probabilities for one query row (restricted to the
+    /// keys `0..row.len()`). Returns the row's largest score and the inverse of its sum, which
+    /// [`softmax_row_again`] recomputes the row from; a row with no allowed key becomes all zeros
+    /// (returned as `(-inf, 0)`).
     fn masked_softmax_row(
         row: &mut [f32],
-        scale: f32,
         key_valid: Option<&[bool]>,
         segments: Option<&[u32]>,
         seg_i: u32,
     ) -> (f32, f32) {
-        scale_and_mask(row, scale, key_valid, segments, seg_i);
+        apply_mask(row, key_valid, segments, seg_i);
         let mx = simd::max(row);
         if mx == f32::NEG_INFINITY {
             row.fill(0.0);
@@ -436,11 +569,10 @@ simd::multiversion! {
 }
 
 simd::multiversion! {
-    /// The backward's copy of [`masked_softmax_row`]: the same raw scores and the saved `(mx, inv)`
+    /// The backward's copy of [`masked_softmax_row`]: the same scores and the saved `(mx, inv)`
     /// give the same probabilities, bit for bit (the same operations in the same order).
     fn softmax_row_again(
         row: &mut [f32],
-        scale: f32,
         key_valid: Option<&[bool]>,
         segments: Option<&[u32]>,
         seg_i: u32,
@@ -451,31 +583,22 @@ simd::multiversion! {
             row.fill(0.0);
             return;
         }
-        scale_and_mask(row, scale, key_valid, segments, seg_i);
+        apply_mask(row, key_valid, segments, seg_i);
         for s in row.iter_mut() {
             *s = simd::exp(*s - mx) * inv;
         }
     }
 }
 
-/// Scores times `scale`, and `-inf` for the keys the mask hides.
+/// `-inf` for the keys the mask hides.
 #[inline(always)]
-fn scale_and_mask(
-    row: &mut [f32],
-    scale: f32,
-    key_valid: Option<&[bool]>,
-    segments: Option<&[u32]>,
-    seg_i: u32,
-) {
+fn apply_mask(row: &mut [f32], key_valid: Option<&[bool]>, segments: Option<&[u32]>, seg_i: u32) {
     let n = row.len();
     // Selects rather than branches, so these loops vectorise.
-    match key_valid {
-        Some(kv) => {
-            for (s, &ok) in row.iter_mut().zip(&kv[..n]) {
-                *s = if ok { *s * scale } else { f32::NEG_INFINITY };
-            }
+    if let Some(kv) = key_valid {
+        for (s, &ok) in row.iter_mut().zip(&kv[..n]) {
+            *s = if ok { *s } else { f32::NEG_INFINITY };
         }
-        None => row.iter_mut().for_each(|s| *s *= scale),
     }
     if let Some(seg) = segments {
         for (s, &sj) in row.iter_mut().zip(&seg[..n]) {
@@ -525,6 +648,26 @@ pub fn attention_backward_gqa(
     shape: AttnShape,
     mask: &AttnMask,
 ) {
+    backward_on(Path::best(), dqkv, dout, qkv, stats, b, t, shape, mask)
+}
+
+/// [`attention_backward_gqa`] with the products on `path` (which must be available; the forward's
+/// statistics must come from the same path).
+fn backward_on(
+    path: Path,
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    stats: &[f32],
+    b: usize,
+    t: usize,
+    shape: AttnShape,
+    mask: &AttnMask,
+) {
+    assert!(
+        path.available(),
+        "attention: {path:?} is not available on this CPU"
+    );
     let _span = crate::profile::span(crate::profile::Kind::Attention);
     shape.check();
     let AttnShape { nh, nkv, hs } = shape;
@@ -546,166 +689,181 @@ pub fn attention_backward_gqa(
     if b * t == 0 || c == 0 {
         return;
     }
-    let scale = 1.0 / (hs as f32).sqrt();
     let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
     let mask = *mask;
 
-    (0..b * nkv).into_par_iter().for_each_init(
-        // One block's probabilities and dS; reused across the tasks a worker runs.
-        || (vec![0.0f32; QB * t], vec![0.0f32; QB * t]),
-        |(p, ds), bkv| {
+    (0..b * nkv).into_par_iter().for_each(|bkv| {
+        Scratch::with(|scratch| {
             let (bi, kvh) = (bkv / nkv, bkv % nkv);
             let row0 = bi * t * rw;
-            let k = qkv[row0 + (nh + kvh) * hs..].as_ptr();
-            let v = qkv[row0 + (nh + nkv + kvh) * hs..].as_ptr();
-            let seq = Seq {
-                key_valid: mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]),
-                segments: mask.segments.map(|s| &s[bi * t..(bi + 1) * t]),
-                causal: mask.causal,
-                kmax: key_limit(&mask, bi, t),
-            };
-            // SAFETY (all pointer uses below): offsets stay inside this sequence and its heads, covered
-            // by the asserts above; this task alone writes kv head `kvh`'s dk/dv columns and its query
-            // heads' dq columns of sequence `bi`.
-            let (dk, dv) = unsafe {
-                let p = dqkv_ptr.get().add(row0);
-                (p.add((nh + kvh) * hs), p.add((nh + nkv + kvh) * hs))
-            };
-            for h in kvh * group..(kvh + 1) * group {
-                let bh = bi * nh + h;
-                let stats_bh = &stats[bh * t * STATS_PER_ROW..(bh + 1) * t * STATS_PER_ROW];
-                let q = qkv[row0 + h * hs..].as_ptr();
-                let dy = dout[bi * t * c + h * hs..].as_ptr();
-                // SAFETY: as above; query head `h`'s columns belong to this task alone.
-                unsafe {
-                    let dq = dqkv_ptr.get().add(row0 + h * hs);
-                    head_backward(
-                        (p, ds),
-                        &seq,
-                        stats_bh,
-                        (q, k, v, dy),
-                        (dq, dk, dv),
-                        (t, hs, rw, c),
-                        scale,
-                    );
+            let seq = Seq::new(&mask, bi, t);
+            let (k, v) = (
+                qkv[row0 + (nh + kvh) * hs..].as_ptr(),
+                qkv[row0 + (nh + nkv + kvh) * hs..].as_ptr(),
+            );
+            let tp = scratch.fit(path, t, hs, true);
+            // SAFETY (all pointer uses below): offsets stay inside this sequence and its heads,
+            // covered by the asserts above; this task alone writes kv head `kvh`'s dk/dv columns
+            // and its query heads' dq columns of sequence `bi`.
+            unsafe {
+                tiles::pack_transposed(path, &mut scratch.kt, k, rw, seq.kmax, hs);
+                tiles::pack_transposed(path, &mut scratch.vt, v, rw, seq.kmax, hs);
+                tiles::pack_rows(path, &mut scratch.rows, k, rw, seq.kmax, hs);
+                let base = dqkv_ptr.get().add(row0);
+                scratch.dk[..seq.kmax * hs].fill(0.0);
+                scratch.dv[..seq.kmax * hs].fill(0.0);
+                for h in kvh * group..(kvh + 1) * group {
+                    let bh = bi * nh + h;
+                    let head = Head {
+                        q: qkv[row0 + h * hs..].as_ptr(),
+                        k,
+                        v,
+                        rw,
+                        hs,
+                    };
+                    let grads = Grads {
+                        dy: dout[bi * t * c + h * hs..].as_ptr(),
+                        c,
+                        dq: base.add(h * hs),
+                    };
+                    let stats_bh = &stats[bh * t * STATS_PER_ROW..(bh + 1) * t * STATS_PER_ROW];
+                    head_backward(path, scratch, tp, &seq, stats_bh, &head, &grads, t);
+                }
+                // The group's dk / dv, summed in contiguous rows, into their qkv columns.
+                for (sum, col) in [(&scratch.dk, nh + kvh), (&scratch.dv, nh + nkv + kvh)] {
+                    for j in 0..seq.kmax {
+                        let d = std::slice::from_raw_parts_mut(base.add(j * rw + col * hs), hs);
+                        simd::add_to(d, &sum[j * hs..(j + 1) * hs]);
+                    }
                 }
             }
-        },
-    );
+        })
+    });
 }
 
-/// One sequence's mask, as a task of the backward sees it.
-struct Seq<'a> {
-    key_valid: Option<&'a [bool]>,
-    segments: Option<&'a [u32]>,
-    causal: bool,
-    /// See [`key_limit`].
-    kmax: usize,
+/// One query head's gradients: `dy` its output gradient (row stride `c`), `dq` its query columns
+/// (row stride `rw`).
+struct Grads {
+    dy: *const f32,
+    c: usize,
+    dq: *mut f32,
 }
 
-/// One query head's share of the backward: adds into its `dq` and into its kv head's `dk`, `dv`.
-/// `q`, `k`, `v`, `dq`, `dk`, `dv` have row stride `rw` and `dy` row stride `c`; `p` and `ds` are
-/// scratch of `QB * t`.
+/// One query head's share of the backward: adds into its `dq` and into its kv head's `dk`, `dv`,
+/// with the kv head's keys and values already packed in `scratch`.
 ///
 /// # Safety
-/// The pointers must cover `t` rows of `hs` columns at those strides, and no other thread may access
-/// `dq`, `dk`, `dv` during the call.
+/// The pointers must cover `t` rows of `hs` columns at their strides, and no other thread may
+/// access `dq`, `dk`, `dv` during the call.
 unsafe fn head_backward(
-    (p, ds): (&mut [f32], &mut [f32]),
+    path: Path,
+    scratch: &mut Scratch,
+    tp: usize,
     seq: &Seq,
     stats_bh: &[f32],
-    (q, k, v, dy): (*const f32, *const f32, *const f32, *const f32),
-    (dq, dk, dv): (*mut f32, *mut f32, *mut f32),
-    (t, hs, rw, c): (usize, usize, usize, usize),
-    scale: f32,
+    head: &Head,
+    g: &Grads,
+    t: usize,
 ) {
+    let (hs, rw, nr) = (head.hs, head.rw, path.nr());
+    let scale = 1.0 / (hs as f32).sqrt();
+    let Scratch {
+        p,
+        ds,
+        kt,
+        vt,
+        rows: k_rows,
+        q_block,
+        dy_block,
+        dk,
+        dv,
+    } = scratch;
     for i0 in (0..t).step_by(QB) {
         let i1 = (i0 + QB).min(t);
         let m = i1 - i0;
-        let klim = seq.kmax.min(if seq.causal { i1 } else { t });
+        let klim = seq.block_keys(i1, t);
         if klim == 0 {
             continue; // no query here attends to anything: no gradient flows
         }
-        let (p, ds) = (&mut p[..m * t], &mut ds[..m * t]);
+        let (p, ds) = (&mut p[..m * tp], &mut ds[..m * tp]);
+        tiles::pack_rows(path, q_block, head.q.add(i0 * rw), rw, m, hs);
+        tiles::pack_rows(path, dy_block, g.dy.add(i0 * g.c), g.c, m, hs);
         // P[i0..i1, 0..klim], as the forward had it.
-        scores(p, q, k, (i0, i1, klim), t, hs, rw);
+        block_scores(path, p, tp, head, kt, (i0, i1, klim), seq.causal);
         for i in i0..i1 {
-            let row = &mut p[(i - i0) * t..(i - i0) * t + klim];
-            let lim = seq.kmax.min(if seq.causal { i + 1 } else { t });
-            let (live, dead) = row.split_at_mut(lim);
+            let row = &mut p[(i - i0) * tp..(i - i0) * tp + klim];
+            let (live, dead) = row.split_at_mut(seq.row_keys(i, t));
             let saved = (stats_bh[i * STATS_PER_ROW], stats_bh[i * STATS_PER_ROW + 1]);
-            let seg_i = seq.segments.map_or(0, |s| s[i]);
-            softmax_row_again(live, scale, seq.key_valid, seq.segments, seg_i, saved);
+            softmax_row_again(live, seq.key_valid, seq.segments, seq.seg(i), saved);
             dead.fill(0.0);
         }
-        // SAFETY (every product): the caller's contract (see above).
+        let trim = |t: Trim| if seq.causal { t } else { Trim::None };
         // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
-        gemm_raw(
-            ds.as_mut_ptr(),
-            t,
-            dy.add(i0 * c),
-            c,
-            1,
-            v,
-            1,
-            rw,
-            m,
-            hs,
-            klim,
-            false,
-            Parallelism::None,
+        tiles::product(
+            path,
+            (ds.as_mut_ptr(), tp),
+            (g.dy.add(i0 * g.c), g.c, 1),
+            (vt.as_ptr(), nr, hs * nr),
+            Product {
+                m,
+                n: klim,
+                k: hs,
+                trim: trim(Trim::Cols(i0)),
+                padded: true,
+                out: Out::Store(1.0),
+            },
         );
-        // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale.
-        for (ii, ds_row) in ds.chunks_exact_mut(t).enumerate() {
-            softmax_backward_row(&mut ds_row[..klim], &p[ii * t..ii * t + klim], scale);
+        // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale (zero where masked).
+        for i in i0..i1 {
+            let at = (i - i0) * tp;
+            let lim = seq.row_keys(i, t);
+            softmax_backward_row(&mut ds[at..at + lim], &p[at..at + lim], scale);
+            ds[at + lim..at + klim].fill(0.0);
         }
         // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
-        gemm_raw(
-            dv,
-            rw,
-            p.as_ptr(),
-            1,
-            t,
-            dy.add(i0 * c),
-            c,
-            1,
-            klim,
-            m,
-            hs,
-            true,
-            Parallelism::None,
+        tiles::product(
+            path,
+            (dv.as_mut_ptr(), hs),
+            (p.as_ptr(), 1, tp),
+            (dy_block.as_ptr(), nr, m * nr),
+            Product {
+                m: klim,
+                n: hs,
+                k: m,
+                trim: trim(Trim::DepthStart(i0)),
+                padded: false,
+                out: Out::Add,
+            },
         );
         // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
-        gemm_raw(
-            dq.add(i0 * rw),
-            rw,
-            ds.as_ptr(),
-            t,
-            1,
-            k,
-            rw,
-            1,
-            m,
-            klim,
-            hs,
-            true,
-            Parallelism::None,
+        tiles::product(
+            path,
+            (g.dq.add(i0 * rw), rw),
+            (ds.as_ptr(), tp, 1),
+            (k_rows.as_ptr(), nr, seq.kmax * nr),
+            Product {
+                m,
+                n: hs,
+                k: klim,
+                trim: trim(Trim::DepthEnd(i0)),
+                padded: false,
+                out: Out::Add,
+            },
         );
         // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
-        gemm_raw(
-            dk,
-            rw,
-            ds.as_ptr(),
-            1,
-            t,
-            q.add(i0 * rw),
-            rw,
-            1,
-            klim,
-            m,
-            hs,
-            true,
-            Parallelism::None,
+        tiles::product(
+            path,
+            (dk.as_mut_ptr(), hs),
+            (ds.as_ptr(), 1, tp),
+            (q_block.as_ptr(), nr, m * nr),
+            Product {
+                m: klim,
+                n: hs,
+                k: m,
+                trim: trim(Trim::DepthStart(i0)),
+                padded: false,
+                out: Out::Add,
+            },
         );
     }
 }
@@ -745,34 +903,44 @@ mod tests {
     ) -> Vec<f32> {
         let AttnShape { nh, hs, .. } = shape;
         let (rw, group) = (shape.qkv_row(), shape.group());
-        let scale = 1.0 / (hs as f32).sqrt();
+        let path = Path::best();
+        let mut scratch = Scratch::default();
+        let tp = scratch.fit(path, t, hs, false);
         let mut att = vec![0.0f32; b * nh * t * t];
         for bi in 0..b {
-            let kmax = key_limit(mask, bi, t);
+            let seq = Seq::new(mask, bi, t);
             for h in 0..nh {
                 let row0 = bi * t * rw;
-                let q = qkv[row0 + h * hs..].as_ptr();
-                let k = qkv[row0 + (nh + h / group) * hs..].as_ptr();
+                let head = Head {
+                    q: qkv[row0 + h * hs..].as_ptr(),
+                    k: qkv[row0 + (nh + h / group) * hs..].as_ptr(),
+                    v: qkv[row0 + (nh + shape.nkv + h / group) * hs..].as_ptr(),
+                    rw,
+                    hs,
+                };
                 let bh = bi * nh + h;
                 let att_bh = &mut att[bh * t * t..(bh + 1) * t * t];
+                unsafe { tiles::pack_transposed(path, &mut scratch.kt, head.k, rw, seq.kmax, hs) };
                 for i0 in (0..t).step_by(QB) {
                     let i1 = (i0 + QB).min(t);
-                    let klim = kmax.min(if mask.causal { i1 } else { t });
-                    unsafe { scores(&mut att_bh[i0 * t..i1 * t], q, k, (i0, i1, klim), t, hs, rw) };
+                    let klim = seq.block_keys(i1, t);
+                    let p = &mut scratch.p[..(i1 - i0) * tp];
+                    unsafe {
+                        block_scores(path, p, tp, &head, &scratch.kt, (i0, i1, klim), seq.causal)
+                    };
                     for i in i0..i1 {
-                        let row = &mut att_bh[i * t..(i + 1) * t];
-                        let lim = kmax.min(if mask.causal { i + 1 } else { t });
-                        let (live, dead) = row.split_at_mut(lim);
+                        let row = &mut p[(i - i0) * tp..][..klim];
+                        let lim = seq.row_keys(i, t);
                         let at = (bh * t + i) * STATS_PER_ROW;
+                        let live = &mut row[..lim];
                         softmax_row_again(
                             live,
-                            scale,
-                            mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]),
-                            mask.segments.map(|s| &s[bi * t..(bi + 1) * t]),
-                            mask.segments.map_or(0, |s| s[bi * t + i]),
+                            seq.key_valid,
+                            seq.segments,
+                            seq.seg(i),
                             (stats[at], stats[at + 1]),
                         );
-                        dead.fill(0.0);
+                        att_bh[i * t..i * t + lim].copy_from_slice(live);
                     }
                 }
             }
@@ -1199,285 +1367,6 @@ mod tests {
         assert_bits_eq(&run(), &run());
     }
 
-    /// The multi-head kernels as they were before grouped-query attention, frozen: the wrappers
-    /// must still reproduce them bit for bit (same gemm calls, same task split).
-    mod legacy {
-        use super::super::{masked_softmax_row, softmax_backward_row, AttnMask, QB};
-        use crate::matmul::gemm_raw;
-        use crate::simd::SyncPtr;
-        use gemm::Parallelism;
-        use rayon::prelude::*;
-
-        pub fn attention_forward(
-            out: &mut [f32],
-            att: &mut [f32],
-            qkv: &[f32],
-            b: usize,
-            t: usize,
-            c: usize,
-            nh: usize,
-            mask: &AttnMask,
-        ) {
-            assert!(
-                c.checked_rem(nh) == Some(0),
-                "attention: c must be a multiple of nh"
-            );
-            assert!(
-                qkv.len() >= b * t * 3 * c,
-                "attention_forward: qkv too small"
-            );
-            assert!(out.len() >= b * t * c, "attention_forward: out too small");
-            assert!(
-                att.len() >= b * nh * t * t,
-                "attention_forward: att too small"
-            );
-            if let Some(kv) = mask.key_valid {
-                assert!(kv.len() >= b * t, "attention_forward: key_valid too small");
-            }
-            if let Some(seg) = mask.segments {
-                assert!(seg.len() >= b * t, "attention_forward: segments too small");
-            }
-            if b * t == 0 || c == 0 {
-                return;
-            }
-            let hs = c / nh;
-            let scale = 1.0 / (hs as f32).sqrt();
-            let c3 = 3 * c;
-            let out_ptr = SyncPtr(out.as_mut_ptr());
-            let mask = *mask;
-
-            att[..b * nh * t * t]
-                .par_chunks_mut(t * t)
-                .enumerate()
-                .for_each(|(bh, att_bh)| {
-                    let (bi, h) = (bh / nh, bh % nh);
-                    let key_valid = mask.key_valid.map(|kv| &kv[bi * t..(bi + 1) * t]);
-                    let segments = mask.segments.map(|s| &s[bi * t..(bi + 1) * t]);
-                    // Keys past the last valid one are never attended to (right padding): skip them entirely.
-                    let kmax =
-                        key_valid.map_or(t, |kv| kv.iter().rposition(|&v| v).map_or(0, |j| j + 1));
-                    let base = bi * t * c3 + h * hs;
-                    let q = qkv[base..].as_ptr();
-                    let k = qkv[base + c..].as_ptr();
-                    let v = qkv[base + 2 * c..].as_ptr();
-                    // SAFETY (pointer offsets below): all row/column indices stay inside this sequence and
-                    // head, which the length asserts above cover.
-                    let y = unsafe { out_ptr.get().add(bi * t * c + h * hs) };
-
-                    for i0 in (0..t).step_by(QB) {
-                        let i1 = (i0 + QB).min(t);
-                        // Keys a row of this block may see: up to the block end when causal, never past `kmax`.
-                        let klim = kmax.min(if mask.causal { i1 } else { t });
-                        // S[i0..i1, 0..klim] = Q[i0..i1] @ K[0..klim]^T  (K^T is K read with swapped strides)
-                        unsafe {
-                            gemm_raw(
-                                att_bh[i0 * t..].as_mut_ptr(),
-                                t,
-                                q.add(i0 * c3),
-                                c3,
-                                1,
-                                k,
-                                1,
-                                c3,
-                                i1 - i0,
-                                hs,
-                                klim,
-                                false,
-                                Parallelism::None,
-                            );
-                        }
-                        for i in i0..i1 {
-                            let row = &mut att_bh[i * t..(i + 1) * t];
-                            let lim = kmax.min(if mask.causal { i + 1 } else { t });
-                            let (live, dead) = row.split_at_mut(lim);
-                            masked_softmax_row(
-                                live,
-                                scale,
-                                key_valid,
-                                segments,
-                                segments.map_or(0, |s| s[i]),
-                            );
-                            dead.fill(0.0);
-                        }
-                        // Y[i0..i1] = P[i0..i1, 0..klim] @ V[0..klim], written straight into this head's columns.
-                        // SAFETY: tasks write disjoint (batch, head) column blocks of `out`; `att_bh` is ours.
-                        unsafe {
-                            gemm_raw(
-                                y.add(i0 * c),
-                                c,
-                                att_bh[i0 * t..].as_ptr(),
-                                t,
-                                1,
-                                v,
-                                c3,
-                                1,
-                                i1 - i0,
-                                klim,
-                                hs,
-                                false,
-                                Parallelism::None,
-                            );
-                        }
-                    }
-                });
-        }
-
-        pub fn attention_backward(
-            dqkv: &mut [f32],
-            dout: &[f32],
-            qkv: &[f32],
-            att: &[f32],
-            b: usize,
-            t: usize,
-            c: usize,
-            nh: usize,
-        ) {
-            assert!(
-                c.checked_rem(nh) == Some(0),
-                "attention: c must be a multiple of nh"
-            );
-            assert!(
-                qkv.len() >= b * t * 3 * c,
-                "attention_backward: qkv too small"
-            );
-            assert!(
-                dqkv.len() >= b * t * 3 * c,
-                "attention_backward: dqkv too small"
-            );
-            assert!(
-                dout.len() >= b * t * c,
-                "attention_backward: dout too small"
-            );
-            assert!(
-                att.len() >= b * nh * t * t,
-                "attention_backward: att too small"
-            );
-            if b * t == 0 || c == 0 {
-                return;
-            }
-            let hs = c / nh;
-            let scale = 1.0 / (hs as f32).sqrt();
-            let c3 = 3 * c;
-            let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
-
-            (0..b * nh).into_par_iter().for_each_init(
-                // dS for one block of query rows; reused across the tasks a worker runs.
-                || vec![0.0f32; QB * t],
-                |ds, bh| {
-                    let (bi, h) = (bh / nh, bh % nh);
-                    let att_bh = &att[bh * t * t..(bh + 1) * t * t];
-                    let base = bi * t * c3 + h * hs;
-                    let q = qkv[base..].as_ptr();
-                    let k = qkv[base + c..].as_ptr();
-                    let v = qkv[base + 2 * c..].as_ptr();
-                    let dy = dout[bi * t * c + h * hs..].as_ptr();
-                    // SAFETY (all pointer uses below): offsets stay inside this (batch, head), covered by the
-                    // asserts above; tasks write disjoint (batch, head) column blocks of `dqkv`.
-                    let (dq, dk, dv) = unsafe {
-                        let p = dqkv_ptr.get().add(base);
-                        (p, p.add(c), p.add(2 * c))
-                    };
-
-                    for i0 in (0..t).step_by(QB) {
-                        let i1 = (i0 + QB).min(t);
-                        let m = i1 - i0;
-                        let klim = (i0..i1)
-                            .map(|i| {
-                                att_bh[i * t..(i + 1) * t]
-                                    .iter()
-                                    .rposition(|&p| p != 0.0)
-                                    .map_or(0, |j| j + 1)
-                            })
-                            .max()
-                            .unwrap_or(0);
-                        if klim == 0 {
-                            continue; // no query here attends to anything: no gradient flows
-                        }
-                        let ds = &mut ds[..m * t];
-                        unsafe {
-                            // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
-                            gemm_raw(
-                                ds.as_mut_ptr(),
-                                t,
-                                dy.add(i0 * c),
-                                c,
-                                1,
-                                v,
-                                1,
-                                c3,
-                                m,
-                                hs,
-                                klim,
-                                false,
-                                Parallelism::None,
-                            );
-                        }
-                        // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale.
-                        for (ii, ds_row) in ds.chunks_exact_mut(t).enumerate() {
-                            let i = i0 + ii;
-                            softmax_backward_row(
-                                &mut ds_row[..klim],
-                                &att_bh[i * t..i * t + klim],
-                                scale,
-                            );
-                        }
-                        let p = att_bh[i0 * t..].as_ptr();
-                        unsafe {
-                            // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
-                            gemm_raw(
-                                dv,
-                                c3,
-                                p,
-                                1,
-                                t,
-                                dy.add(i0 * c),
-                                c,
-                                1,
-                                klim,
-                                m,
-                                hs,
-                                true,
-                                Parallelism::None,
-                            );
-                            // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
-                            gemm_raw(
-                                dq.add(i0 * c3),
-                                c3,
-                                ds.as_ptr(),
-                                t,
-                                1,
-                                k,
-                                c3,
-                                1,
-                                m,
-                                klim,
-                                hs,
-                                true,
-                                Parallelism::None,
-                            );
-                            // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
-                            gemm_raw(
-                                dk,
-                                c3,
-                                ds.as_ptr(),
-                                1,
-                                t,
-                                q.add(i0 * c3),
-                                c3,
-                                1,
-                                klim,
-                                m,
-                                hs,
-                                true,
-                                Parallelism::None,
-                            );
-                        }
-                    }
-                },
-            );
-        }
-    }
-
     /// Cases over all masks, a sequence longer than a query block, and a ragged head width.
     fn mha_cases() -> Vec<Case> {
         let (b, t) = (2, QB + 9);
@@ -1505,38 +1394,99 @@ mod tests {
         cases
     }
 
+    /// The `c, nh` wrappers are the `_gqa` entry points with `nkv == nh`, bit for bit.
     #[test]
-    fn mha_matches_pre_gqa_implementation_bitwise() {
+    fn mha_wrappers_equal_gqa_entry_points() {
         let mut rng = rng(40);
         for case in mha_cases() {
             let (b, t, c, nh) = (case.b, case.t, case.c, case.nh);
             let qkv = randn(&mut rng, b * t * 3 * c, 1.5);
             let dout = randn(&mut rng, b * t * c, 1.0);
-            let (mut out0, mut att0) = (vec![0.0; b * t * c], vec![0.0; b * nh * t * t]);
-            legacy::attention_forward(&mut out0, &mut att0, &qkv, b, t, c, nh, &case.mask());
-            let mut d0 = randn(&mut rng, qkv.len(), 1.0);
-            let mut d1 = d0.clone();
-            let mut d2 = d0.clone();
-            legacy::attention_backward(&mut d0, &dout, &qkv, &att0, b, t, c, nh);
-            // The `c, nh` wrappers and the `_gqa` entry points with nkv == nh; the saved statistics
-            // give back the legacy kernels' saved probabilities bit for bit, and the recomputing
-            // backward their gradients.
+            let mut d1 = randn(&mut rng, qkv.len(), 1.0);
+            let mut d2 = d1.clone();
             let (out1, saved1) = case.forward(&qkv);
             case.backward(&mut d1, &dout, &qkv, &saved1);
             let (mut out2, mut stats2) = (vec![0.0; b * t * c], vec![0.0; stats_len(b, nh, t)]);
             let (shape, mask) = (case.shape(), case.mask());
             attention_forward_gqa(&mut out2, &mut stats2, &qkv, b, t, shape, &mask);
             attention_backward_gqa(&mut d2, &dout, &qkv, &stats2, b, t, shape, &mask);
-            let att2 = probabilities(&qkv, &stats2, b, t, shape, &mask);
-            let reference = (out0, att0, d0);
             assert!(
-                reference.bits() == (out1, saved1.probs, d1).bits(),
-                "wrappers differ"
-            );
-            assert!(
-                reference.bits() == (out2, att2, d2).bits(),
+                (out1, saved1.stats, d1).bits() == (out2, stats2, d2).bits(),
                 "_gqa with nkv == nh differs"
             );
+        }
+    }
+
+    /// Gradients of the reference forward in f64 (`dout` the output's gradient): `(dq, dk, dv)`
+    /// laid out as `qkv`.
+    #[allow(clippy::needless_range_loop)]
+    fn reference_backward(case: &Case, qkv: &[f32], dout: &[f32]) -> Vec<f64> {
+        let (b, t, c, nh, nkv) = (case.b, case.t, case.c, case.nh, case.nkv);
+        let (hs, rw, group) = (c / nh, case.rw(), nh / nkv);
+        let scale = 1.0 / (hs as f64).sqrt();
+        let (_, att) = case.reference(qkv);
+        let mut d = vec![0.0f64; qkv.len()];
+        let x = |i: usize| qkv[i] as f64;
+        for bi in 0..b {
+            for h in 0..nh {
+                let (qc, kc, vc) = (h * hs, (nh + h / group) * hs, (nh + nkv + h / group) * hs);
+                let row = |i: usize| (bi * t + i) * rw;
+                for i in 0..t {
+                    let p = &att[((bi * nh + h) * t + i) * t..][..t];
+                    let dy = |e: usize| dout[(bi * t + i) * c + h * hs + e] as f64;
+                    let dp: Vec<f64> = (0..t)
+                        .map(|j| (0..hs).map(|e| dy(e) * x(row(j) + vc + e)).sum())
+                        .collect();
+                    let dot: f64 = (0..t).map(|j| p[j] * dp[j]).sum();
+                    for j in 0..t {
+                        let ds = p[j] * (dp[j] - dot) * scale;
+                        for e in 0..hs {
+                            d[row(j) + vc + e] += p[j] * dy(e);
+                            d[row(i) + qc + e] += ds * x(row(j) + kc + e);
+                            d[row(j) + kc + e] += ds * x(row(i) + qc + e);
+                        }
+                    }
+                }
+            }
+        }
+        d
+    }
+
+    /// Every product path this CPU offers, at head sizes that fill whole register tiles (64) and
+    /// leave a column tail (80), over several query blocks, multi-head and grouped-query, causal
+    /// with padding and bidirectional with segments: forward and backward against f64.
+    #[test]
+    fn every_path_of_this_cpu_matches_reference() {
+        let mut rng = rng(41);
+        let (b, t) = (2, 2 * QB + 21);
+        let kv: Vec<bool> = (0..b * t).map(|i| i % t < t - 7 && i != t + 3).collect();
+        let seg: Vec<u32> = (0..b * t).map(|i| (i / 50) as u32).collect();
+        for path in Path::ALL.into_iter().filter(|p| p.available()) {
+            for (hs, nh, nkv, causal) in [(64, 2, 2, true), (80, 4, 2, true), (64, 3, 1, false)] {
+                let case = Case {
+                    b,
+                    t,
+                    c: nh * hs,
+                    nh,
+                    nkv,
+                    causal,
+                    key_valid: Some(kv.clone()),
+                    segments: (!causal).then(|| seg.clone()),
+                };
+                let (shape, mask) = (case.shape(), case.mask());
+                let qkv = randn(&mut rng, b * t * case.rw(), 1.0);
+                let dout = randn(&mut rng, b * t * case.c, 1.0);
+                let mut out = vec![f32::NAN; b * t * case.c];
+                let mut stats = vec![f32::NAN; stats_len(b, nh, t)];
+                forward_on(path, &mut out, &mut stats, &qkv, b, t, shape, &mask);
+                let mut dqkv = vec![0.0; qkv.len()];
+                backward_on(path, &mut dqkv, &dout, &qkv, &stats, b, t, shape, &mask);
+                let (rout, _) = case.reference(&qkv);
+                let what = format!("{path:?} hs {hs} nh {nh} nkv {nkv} causal {causal}");
+                assert_close(&out, &rout, 1e-5, &format!("{what}: out"));
+                let rd = reference_backward(&case, &qkv, &dout);
+                assert_close(&dqkv, &rd, 1e-4, &format!("{what}: dqkv"));
+            }
         }
     }
 

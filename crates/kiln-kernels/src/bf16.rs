@@ -526,6 +526,7 @@ pub(crate) mod tiled {
         //! traffic; tiles at the matrix edge take the scalar per-tile path.
 
         use super::{f32_to_bf16, TILE, TK, TM, TN};
+        use crate::simd::lanes::transpose16;
         use std::arch::x86_64::*;
 
         /// 32 consecutive f32 at `src` as 32 bf16 (element order kept).
@@ -550,35 +551,6 @@ pub(crate) mod tiled {
                 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
             );
             _mm512_permutexvar_epi16(idx, both)
-        }
-
-        /// Transpose of a 16 x 16 matrix of 32-bit elements, one row per register.
-        #[inline(always)]
-        unsafe fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
-            // Rows 4g..4g+4: u[4g + s] holds, in 128-bit lane L, column 4L + s of those rows.
-            let mut u = [_mm512_setzero_si512(); 16];
-            for g in 0..4 {
-                let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
-                let (ab_lo, ab_hi) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-                let (cd_lo, cd_hi) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-                u[4 * g] = _mm512_unpacklo_epi64(ab_lo, cd_lo);
-                u[4 * g + 1] = _mm512_unpackhi_epi64(ab_lo, cd_lo);
-                u[4 * g + 2] = _mm512_unpacklo_epi64(ab_hi, cd_hi);
-                u[4 * g + 3] = _mm512_unpackhi_epi64(ab_hi, cd_hi);
-            }
-            // Gather the four row groups' lanes of each column.
-            let mut out = [_mm512_setzero_si512(); 16];
-            for s in 0..4 {
-                let v88 = _mm512_shuffle_i32x4::<0x88>(u[s], u[4 + s]);
-                let vdd = _mm512_shuffle_i32x4::<0xdd>(u[s], u[4 + s]);
-                let w88 = _mm512_shuffle_i32x4::<0x88>(u[8 + s], u[12 + s]);
-                let wdd = _mm512_shuffle_i32x4::<0xdd>(u[8 + s], u[12 + s]);
-                out[s] = _mm512_shuffle_i32x4::<0x88>(v88, w88);
-                out[8 + s] = _mm512_shuffle_i32x4::<0xdd>(v88, w88);
-                out[4 + s] = _mm512_shuffle_i32x4::<0x88>(vdd, wdd);
-                out[12 + s] = _mm512_shuffle_i32x4::<0xdd>(vdd, wdd);
-            }
-            out
         }
 
         #[inline(always)]

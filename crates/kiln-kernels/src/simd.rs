@@ -266,9 +266,9 @@ impl SyncPtr {
 
 /// One vector register of f32 lanes, for kernels written once for AVX-512 (16 lanes) and AVX2
 /// (8 lanes): the generic body is `#[inline(always)]` and each width's entry point enables its
-/// target features.
-#[cfg(target_arch = "x86_64")]
+/// target features. [`P8`] is a portable stand-in for CPUs with neither.
 pub(crate) mod lanes {
+    #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
     /// One vector register of f32 lanes; `cnt` arguments are the lanes in use (the rest are
@@ -279,14 +279,65 @@ pub(crate) mod lanes {
         unsafe fn load(p: *const f32, cnt: usize) -> Self;
         unsafe fn store(self, p: *mut f32, cnt: usize);
         unsafe fn splat(x: f32) -> Self;
-        /// `a * b + self`, fused.
+        /// `a * b + self`, fused (except on [`P8`]).
         unsafe fn fma(self, a: Self, b: Self) -> Self;
+        unsafe fn add(self, a: Self) -> Self;
+        unsafe fn mul(self, a: Self) -> Self;
         unsafe fn sum(self) -> f32;
     }
 
+    /// Eight lanes in plain arrays (the compiler vectorises what the baseline target allows);
+    /// multiply and add are separate, as anywhere else in the portable build.
+    #[derive(Clone, Copy)]
+    pub(crate) struct P8(pub(crate) [f32; 8]);
+
+    impl Lanes for P8 {
+        const W: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            P8([0.0; 8])
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32, cnt: usize) -> Self {
+            let mut v = [0.0; 8];
+            for (i, x) in v.iter_mut().enumerate().take(cnt) {
+                *x = *p.add(i);
+            }
+            P8(v)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32, cnt: usize) {
+            for (i, &x) in self.0.iter().enumerate().take(cnt) {
+                *p.add(i) = x;
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            P8([x; 8])
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            P8(std::array::from_fn(|i| a.0[i] * b.0[i] + self.0[i]))
+        }
+        #[inline(always)]
+        unsafe fn add(self, a: Self) -> Self {
+            P8(std::array::from_fn(|i| self.0[i] + a.0[i]))
+        }
+        #[inline(always)]
+        unsafe fn mul(self, a: Self) -> Self {
+            P8(std::array::from_fn(|i| self.0[i] * a.0[i]))
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            self.0.iter().sum()
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[derive(Clone, Copy)]
     pub(crate) struct L16(pub(crate) __m512);
 
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn mask16(cnt: usize) -> __mmask16 {
         if cnt >= 16 {
@@ -296,6 +347,7 @@ pub(crate) mod lanes {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     impl Lanes for L16 {
         const W: usize = 16;
         #[inline(always)]
@@ -319,22 +371,96 @@ pub(crate) mod lanes {
             L16(_mm512_fmadd_ps(a.0, b.0, self.0))
         }
         #[inline(always)]
+        unsafe fn add(self, a: Self) -> Self {
+            L16(_mm512_add_ps(self.0, a.0))
+        }
+        #[inline(always)]
+        unsafe fn mul(self, a: Self) -> Self {
+            L16(_mm512_mul_ps(self.0, a.0))
+        }
+        #[inline(always)]
         unsafe fn sum(self) -> f32 {
             _mm512_reduce_add_ps(self.0)
         }
     }
 
+    /// Transpose of a 16 x 16 matrix of 32-bit elements, one row per register.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
+        // Rows 4g..4g+4: u[4g + s] holds, in 128-bit lane L, column 4L + s of those rows.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+            let (ab_lo, ab_hi) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+            let (cd_lo, cd_hi) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+            u[4 * g] = _mm512_unpacklo_epi64(ab_lo, cd_lo);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(ab_hi, cd_hi);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+        }
+        // Gather the four row groups' lanes of each column.
+        let mut out = [_mm512_setzero_si512(); 16];
+        for s in 0..4 {
+            let v88 = _mm512_shuffle_i32x4::<0x88>(u[s], u[4 + s]);
+            let vdd = _mm512_shuffle_i32x4::<0xdd>(u[s], u[4 + s]);
+            let w88 = _mm512_shuffle_i32x4::<0x88>(u[8 + s], u[12 + s]);
+            let wdd = _mm512_shuffle_i32x4::<0xdd>(u[8 + s], u[12 + s]);
+            out[s] = _mm512_shuffle_i32x4::<0x88>(v88, w88);
+            out[8 + s] = _mm512_shuffle_i32x4::<0xdd>(v88, w88);
+            out[4 + s] = _mm512_shuffle_i32x4::<0x88>(vdd, wdd);
+            out[12 + s] = _mm512_shuffle_i32x4::<0xdd>(vdd, wdd);
+        }
+        out
+    }
+
+    /// Transpose of an 8 x 8 matrix of f32, one row per register.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn transpose8(r: &[__m256; 8]) -> [__m256; 8] {
+        // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        let q = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xee>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xee>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xee>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xee>(t[5], t[7]),
+        ];
+        std::array::from_fn(|i| {
+            if i < 4 {
+                _mm256_permute2f128_ps::<0x20>(q[i], q[i + 4])
+            } else {
+                _mm256_permute2f128_ps::<0x31>(q[i - 4], q[i])
+            }
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[derive(Clone, Copy)]
     pub(crate) struct L8(pub(crate) __m256);
 
     /// Lane masks for AVX2's masked loads and stores: 8 lanes on, then 8 off.
+    #[cfg(target_arch = "x86_64")]
     static MASK8: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
 
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn mask8(cnt: usize) -> __m256i {
         _mm256_loadu_si256(MASK8.as_ptr().add(8 - cnt.min(8)) as *const __m256i)
     }
 
+    #[cfg(target_arch = "x86_64")]
     impl Lanes for L8 {
         const W: usize = 8;
         #[inline(always)]
@@ -364,6 +490,14 @@ pub(crate) mod lanes {
         #[inline(always)]
         unsafe fn fma(self, a: Self, b: Self) -> Self {
             L8(_mm256_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn add(self, a: Self) -> Self {
+            L8(_mm256_add_ps(self.0, a.0))
+        }
+        #[inline(always)]
+        unsafe fn mul(self, a: Self) -> Self {
+            L8(_mm256_mul_ps(self.0, a.0))
         }
         #[inline(always)]
         unsafe fn sum(self) -> f32 {

@@ -1,0 +1,580 @@
+//! The six products of attention (scores, probabilities × values, and the backward's four) on
+//! register tiles of our own, instead of general `gemm` calls.
+//!
+//! Why: attention's products are small and oddly shaped (depth 64 for the scores, 64 columns for
+//! the value sums, transposed operands in the backward), and `gemm` repacked the same keys for every
+//! block of 64 queries; it ran them at about half its rate on large products. Here the one operand
+//! that must be transposed (keys for the scores, values for the backward's dP) is packed once per
+//! head into zero-padded panels; every other operand is read where it lies: broadcasts from A at any
+//! pair of strides (so `P^T` and `dS^T` cost nothing), B rows read as whole vectors. And the tiles
+//! follow the causal mask at the granularity of a tile's rows rather than of a 64-query block: a row
+//! tile computes scores only up to its last query, value sums stop there, and the key gradients of a
+//! key tile start at its first key's query.
+//!
+//! One generic body per instruction set ([`Path`]), compiled with its target features: AVX-512 tiles
+//! are 8 rows × 32 columns (16 of its 32 registers accumulate), AVX2 6 × 16 (12 of 16), and a
+//! portable 4 × 16 for CPUs with neither. Each output element is one sum in depth order, so results
+//! do not depend on the thread count; causal trimming only skips terms that are exactly zero.
+
+use crate::simd::lanes::{Lanes, P8};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::lanes::{L16, L8};
+
+/// The instruction sets the tiles are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Path {
+    #[cfg(test)]
+    pub(crate) const ALL: [Path; 3] = [Path::Portable, Path::Avx2, Path::Avx512];
+
+    pub(crate) fn available(self) -> bool {
+        use crate::simd::{level, Level};
+        match self {
+            Path::Portable => true,
+            Path::Avx2 => cfg!(target_arch = "x86_64") && level() != Level::Base,
+            Path::Avx512 => cfg!(target_arch = "x86_64") && level() == Level::V4,
+        }
+    }
+
+    /// The widest path this CPU (and `KILN_SIMD`) allows.
+    pub(crate) fn best() -> Path {
+        [Path::Avx512, Path::Avx2]
+            .into_iter()
+            .find(|p| p.available())
+            .unwrap_or(Path::Portable)
+    }
+
+    /// Columns of a tile, and so the width of a packed panel.
+    pub(crate) fn nr(self) -> usize {
+        match self {
+            Path::Avx512 => 32,
+            Path::Avx2 | Path::Portable => 16,
+        }
+    }
+}
+
+/// What a tile does with its sums.
+#[derive(Clone, Copy)]
+pub(crate) enum Out {
+    /// `C = alpha * sums`.
+    Store(f32),
+    /// `C += sums`.
+    Add,
+}
+
+/// How the causal mask trims a row tile `r0..r1` of a product over a block of queries starting at
+/// query `i0` (all terms skipped are exactly zero).
+#[derive(Clone, Copy)]
+pub(crate) enum Trim {
+    None,
+    /// Rows are queries `i0 + r`, columns keys: the tile needs keys `< i0 + r1`.
+    Cols(usize),
+    /// Rows are queries `i0 + r`, depth keys: the tile's sums stop at key `i0 + r1`.
+    DepthEnd(usize),
+    /// Rows are keys `r`, depth queries `i0 + d`: the tile's sums start at its first key's query.
+    DepthStart(usize),
+}
+
+/// `C[m, n] (=|+=) A[m, k] · B[k, n]`.
+///
+/// A's element `(r, d)` is `a[r * a_rs + d * a_ds]`. B is read in panels of [`Path::nr`] columns:
+/// panel `p`'s row `d` is the `nr` floats at `b[p * b_ps + d * b_ds]` (plain row-major B: `b_ds` its
+/// row stride, `b_ps = nr`; packed panels: `b_ds = nr`, `b_ps = k * nr`). C's rows are `c_rs` apart.
+/// With `padded`, B's last panel is zero-padded and C has room for whole panels, so every tile
+/// writes all `nr` columns; without, the last tile's columns past `n` are neither read nor written.
+#[derive(Clone, Copy)]
+pub(crate) struct Product {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trim: Trim,
+    pub padded: bool,
+    pub out: Out,
+}
+
+/// Runs `prod` on `path`: C `(pointer, row stride)`, A `(pointer, a_rs, a_ds)`, B `(pointer, b_ds,
+/// b_ps)`.
+///
+/// # Safety
+/// `path` must be available; the pointers must cover every element the product reads or writes
+/// (see [`Product`]), and no other thread may touch the written part of C meanwhile.
+pub(crate) unsafe fn product(
+    path: Path,
+    c: (*mut f32, usize),
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
+    prod: Product,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => product_avx512(c, a, b, prod),
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => product_avx2(c, a, b, prod),
+        _ => product_with::<P8, 4, 2>(c, a, b, prod),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn product_avx512(
+    c: (*mut f32, usize),
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
+    prod: Product,
+) {
+    product_with::<L16, 8, 2>(c, a, b, prod)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn product_avx2(
+    c: (*mut f32, usize),
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
+    prod: Product,
+) {
+    product_with::<L8, 6, 2>(c, a, b, prod)
+}
+
+/// The product in row tiles of `R` and column tiles of `V` vectors.
+#[inline(always)]
+unsafe fn product_with<S: Lanes, const R: usize, const V: usize>(
+    (c, c_rs): (*mut f32, usize),
+    (a, a_rs, a_ds): (*const f32, usize, usize),
+    (b, b_ds, b_ps): (*const f32, usize, usize),
+    prod: Product,
+) {
+    let nr = V * S::W;
+    let mut r0 = 0;
+    while r0 < prod.m {
+        let rows = (prod.m - r0).min(R);
+        let r1 = r0 + rows;
+        let n = match prod.trim {
+            Trim::Cols(i0) => prod.n.min(i0 + r1),
+            _ => prod.n,
+        };
+        let (d0, d1) = match prod.trim {
+            Trim::DepthEnd(i0) => (0, prod.k.min(i0 + r1)),
+            Trim::DepthStart(i0) => (r0.saturating_sub(i0).min(prod.k), prod.k),
+            _ => (0, prod.k),
+        };
+        let tile = Tile {
+            a: a.wrapping_add(r0 * a_rs + d0 * a_ds),
+            a_rs,
+            a_ds,
+            b_ds,
+            depth: d1 - d0,
+            c_rs,
+            out: prod.out,
+        };
+        let b = b.wrapping_add(d0 * b_ds);
+        let mut j = 0;
+        while j < n {
+            let cols = if prod.padded { nr } else { (n - j).min(nr) };
+            let cp = c.wrapping_add(r0 * c_rs + j);
+            let bp = b.wrapping_add(j / nr * b_ps);
+            tile_rows::<S, R, V>(rows, cols, &tile, bp, cp);
+            j += nr;
+        }
+        r0 = r1;
+    }
+}
+
+/// One row tile's operands (see [`Product`]), shared by its column tiles.
+struct Tile {
+    a: *const f32,
+    a_rs: usize,
+    a_ds: usize,
+    b_ds: usize,
+    depth: usize,
+    c_rs: usize,
+    out: Out,
+}
+
+/// [`tile`] with `rows <= R` rows.
+#[inline(always)]
+unsafe fn tile_rows<S: Lanes, const R: usize, const V: usize>(
+    rows: usize,
+    cols: usize,
+    t: &Tile,
+    b: *const f32,
+    c: *mut f32,
+) {
+    let full = cols == V * S::W;
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match (rows, full) {
+                $(
+                    ($r, true) if $r <= R => tile::<S, $r, V, true>(t, b, c, cols),
+                    ($r, false) if $r <= R => tile::<S, $r, V, false>(t, b, c, cols),
+                )*
+                _ => unreachable!("tile of {rows} rows"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6 7 8)
+}
+
+/// `R` rows × `V` vectors of C from `t.depth` steps of broadcasts of A and vectors of B, summed in
+/// registers; `cols` columns written (all of them when `FULL`).
+#[inline(always)]
+unsafe fn tile<S: Lanes, const R: usize, const V: usize, const FULL: bool>(
+    t: &Tile,
+    b: *const f32,
+    c: *mut f32,
+    cols: usize,
+) {
+    let lanes = |v: usize| {
+        if FULL {
+            S::W
+        } else {
+            cols.saturating_sub(v * S::W).min(S::W)
+        }
+    };
+    let mut s = [[S::zero(); V]; R];
+    for d in 0..t.depth {
+        let br = b.wrapping_add(d * t.b_ds);
+        let mut w = [S::zero(); V];
+        for (v, wv) in w.iter_mut().enumerate() {
+            *wv = S::load(br.wrapping_add(v * S::W), lanes(v));
+        }
+        let ar = t.a.wrapping_add(d * t.a_ds);
+        for (r, sr) in s.iter_mut().enumerate() {
+            let x = S::splat(*ar.add(r * t.a_rs));
+            for v in 0..V {
+                sr[v] = sr[v].fma(x, w[v]);
+            }
+        }
+    }
+    for (r, sr) in s.iter().enumerate() {
+        let o = c.wrapping_add(r * t.c_rs);
+        for (v, &sv) in sr.iter().enumerate() {
+            let (o, n) = (o.wrapping_add(v * S::W), lanes(v));
+            if n == 0 {
+                continue;
+            }
+            match t.out {
+                Out::Store(alpha) => sv.mul(S::splat(alpha)).store(o, n),
+                Out::Add => S::load(o, n).add(sv).store(o, n),
+            }
+        }
+    }
+}
+
+/// Rows `0..rows` of one head's keys (or values), `hs` wide at row stride `rs`, as the B operand of
+/// a product with them as columns: zero-padded panels of [`Path::nr`] rows, transposed (panel `p`
+/// holds `[hs][nr]`, element `(d, jj)` = row `p * nr + jj`, column `d`). Fills
+/// `rows.div_ceil(nr) * nr * hs` floats of `dst`. The vector paths transpose in registers
+/// (16 x 16 / 8 x 8 blocks); every path writes the same bits.
+///
+/// # Safety
+/// `path` must be available; `src` must cover `rows` rows of `hs` floats at stride `rs`.
+pub(crate) unsafe fn pack_transposed(
+    path: Path,
+    dst: &mut [f32],
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    hs: usize,
+) {
+    let nr = path.nr();
+    if hs == 0 || rows == 0 {
+        return;
+    }
+    let dst = &mut dst[..rows.div_ceil(nr) * nr * hs];
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => pack_transposed_avx512(dst, src, rs, rows, hs),
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => pack_transposed_avx2(dst, src, rs, rows, hs),
+        _ => pack_transposed_scalar(dst, src, rs, rows, hs, nr),
+    }
+}
+
+unsafe fn pack_transposed_scalar(
+    dst: &mut [f32],
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    hs: usize,
+    nr: usize,
+) {
+    for (p, panel) in dst.chunks_exact_mut(nr * hs).enumerate() {
+        let live = (rows - p * nr).min(nr);
+        if live < nr {
+            panel.fill(0.0);
+        }
+        for jj in 0..live {
+            let row = std::slice::from_raw_parts(src.add((p * nr + jj) * rs), hs);
+            for (d, &x) in row.iter().enumerate() {
+                panel[d * nr + jj] = x;
+            }
+        }
+    }
+}
+
+/// 32-row panels from 16 x 16 blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn pack_transposed_avx512(
+    dst: &mut [f32],
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    hs: usize,
+) {
+    use crate::simd::lanes::transpose16;
+    use std::arch::x86_64::*;
+    const NR: usize = 32;
+    for (p, panel) in dst.chunks_exact_mut(NR * hs).enumerate() {
+        for half in 0..2 {
+            let j0 = p * NR + half * 16;
+            let live = rows.saturating_sub(j0).min(16);
+            for d0 in (0..hs).step_by(16) {
+                let cnt = (hs - d0).min(16);
+                let mut block = [_mm512_setzero_si512(); 16];
+                for (jj, r) in block.iter_mut().enumerate().take(live) {
+                    *r = _mm512_castps_si512(L16::load(src.add((j0 + jj) * rs + d0), cnt).0);
+                }
+                let cols = transpose16(&block);
+                for (dd, col) in cols.iter().enumerate().take(cnt) {
+                    let o = panel.as_mut_ptr().add((d0 + dd) * NR + half * 16);
+                    _mm512_storeu_ps(o, _mm512_castsi512_ps(*col));
+                }
+            }
+        }
+    }
+}
+
+/// 16-row panels from 8 x 8 blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_transposed_avx2(
+    dst: &mut [f32],
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    hs: usize,
+) {
+    use crate::simd::lanes::transpose8;
+    use std::arch::x86_64::*;
+    const NR: usize = 16;
+    for (p, panel) in dst.chunks_exact_mut(NR * hs).enumerate() {
+        for half in 0..2 {
+            let j0 = p * NR + half * 8;
+            let live = rows.saturating_sub(j0).min(8);
+            for d0 in (0..hs).step_by(8) {
+                let cnt = (hs - d0).min(8);
+                let mut block = [_mm256_setzero_ps(); 8];
+                for (jj, r) in block.iter_mut().enumerate().take(live) {
+                    *r = L8::load(src.add((j0 + jj) * rs + d0), cnt).0;
+                }
+                let cols = transpose8(&block);
+                for (dd, col) in cols.iter().enumerate().take(cnt) {
+                    _mm256_storeu_ps(panel.as_mut_ptr().add((d0 + dd) * NR + half * 8), *col);
+                }
+            }
+        }
+    }
+}
+
+/// Rows `0..rows` of `hs` floats at stride `rs` as the B operand of a product with them as depth:
+/// panels of [`Path::nr`] columns (panel `p` holds `[rows][nr]`: columns `p * nr..`, zero past
+/// `hs`), read as B `(dst, nr, rows * nr)`. Streams one contiguous panel instead of rows a whole
+/// `qkv` row apart (which cost a TLB miss every few rows).
+///
+/// # Safety
+/// `src` must cover `rows` rows of `hs` floats at stride `rs`.
+pub(crate) unsafe fn pack_rows(
+    path: Path,
+    dst: &mut [f32],
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    hs: usize,
+) {
+    let nr = path.nr();
+    if hs == 0 || rows == 0 {
+        return;
+    }
+    for (p, panel) in dst[..hs.div_ceil(nr) * nr * rows]
+        .chunks_exact_mut(nr * rows)
+        .enumerate()
+    {
+        let cols = (hs - p * nr).min(nr);
+        for (j, out) in panel.chunks_exact_mut(nr).enumerate() {
+            out[..cols].copy_from_slice(std::slice::from_raw_parts(src.add(j * rs + p * nr), cols));
+            out[cols..].fill(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    /// Every path of this CPU against an f64 product, for every trim, both outputs, padded and
+    /// plain B, and row/column counts around the tile sizes. As in attention, A is zero where a trim
+    /// may skip terms, so the result must be the whole product; columns a trim leaves out are only
+    /// checked not to be written past the end.
+    #[test]
+    fn every_path_of_this_cpu_matches_reference() {
+        let mut rng = rng(70);
+        for path in Path::ALL.into_iter().filter(|p| p.available()) {
+            let nr = path.nr();
+            for (m, n, k) in [
+                (1, 1, 1),
+                (13, 37, 9),
+                (8, 32, 64),
+                (70, 45, 33),
+                (6, 16, 0),
+            ] {
+                for trim in [
+                    Trim::None,
+                    Trim::Cols(3),
+                    Trim::DepthEnd(2),
+                    Trim::DepthStart(5),
+                ] {
+                    for padded in [false, true] {
+                        for out in [Out::Store(0.5), Out::Add] {
+                            check_product(&mut rng, path, nr, (m, n, k), trim, padded, out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vector paths' in-register transposes write what the scalar packing writes, and packed
+    /// rows hold the rows; at sizes around the blocks, rows past the end are zero.
+    #[test]
+    fn packing_of_every_path_matches_scalar() {
+        let mut rng = rng(71);
+        for path in Path::ALL.into_iter().filter(|p| p.available()) {
+            let nr = path.nr();
+            for (rows, hs) in [(1, 1), (5, 7), (16, 16), (33, 64), (40, 80), (100, 17)] {
+                let rs = hs + 3;
+                let src = randn(&mut rng, rows * rs, 1.0);
+                let len = rows.div_ceil(nr) * nr * hs;
+                let (mut got, mut want) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                unsafe {
+                    pack_transposed(path, &mut got, src.as_ptr(), rs, rows, hs);
+                    pack_transposed_scalar(&mut want, src.as_ptr(), rs, rows, hs, nr);
+                }
+                assert_eq!(got.bits(), want.bits(), "{path:?} transposed {rows} x {hs}");
+                for (i, &x) in got.iter().enumerate() {
+                    let (p, d, jj) = (i / (nr * hs), i / nr % hs, i % nr);
+                    let j = p * nr + jj;
+                    let expect = if j < rows { src[j * rs + d] } else { 0.0 };
+                    assert_eq!(
+                        x.to_bits(),
+                        expect.to_bits(),
+                        "{path:?} transposed ({j}, {d})"
+                    );
+                }
+                let mut packed = vec![f32::NAN; hs.div_ceil(nr) * nr * rows];
+                unsafe { pack_rows(path, &mut packed, src.as_ptr(), rs, rows, hs) };
+                for (i, &x) in packed.iter().enumerate() {
+                    let (p, j, cc) = (i / (nr * rows), i / nr % rows, i % nr);
+                    let col = p * nr + cc;
+                    let expect = if col < hs { src[j * rs + col] } else { 0.0 };
+                    assert_eq!(x.to_bits(), expect.to_bits(), "{path:?} rows ({j}, {col})");
+                }
+            }
+        }
+    }
+
+    fn check_product(
+        rng: &mut rand_chacha::ChaCha8Rng,
+        path: Path,
+        nr: usize,
+        (m, n, k): (usize, usize, usize),
+        trim: Trim,
+        padded: bool,
+        out: Out,
+    ) {
+        // A stored transposed ([k, m]), so both of its strides are exercised.
+        let mut a = randn(rng, m * k, 1.0);
+        for r in 0..m {
+            for d in 0..k {
+                let skippable = match trim {
+                    Trim::DepthEnd(i0) => d > i0 + r,
+                    Trim::DepthStart(i0) => d + i0 < r,
+                    _ => false,
+                };
+                if skippable {
+                    a[d * m + r] = 0.0;
+                }
+            }
+        }
+        let b = randn(rng, k * n, 1.0);
+        let panels = n.div_ceil(nr);
+        let cw = if padded { panels * nr } else { n } + 3;
+        let c0 = randn(rng, m * cw, 1.0);
+        let mut c = c0.clone();
+        let packed = if padded {
+            // B's columns are the rows a head's keys would be.
+            let cols: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let mut bt = vec![f32::NAN; panels * nr * k];
+            unsafe { pack_transposed(path, &mut bt, cols.as_ptr(), k, n, k) };
+            bt
+        } else {
+            b.clone()
+        };
+        let (b_ds, b_ps) = if padded { (nr, k * nr) } else { (n, nr) };
+        let prod = Product {
+            m,
+            n,
+            k,
+            trim,
+            padded,
+            out,
+        };
+        unsafe {
+            product(
+                path,
+                (c.as_mut_ptr(), cw),
+                (a.as_ptr(), 1, m),
+                (packed.as_ptr(), b_ds, b_ps),
+                prod,
+            )
+        };
+        for r in 0..m {
+            for j in 0..cw {
+                let (got, was) = (c[r * cw + j], c0[r * cw + j]);
+                if j >= n {
+                    if !padded || j >= panels * nr {
+                        assert_eq!(
+                            got.to_bits(),
+                            was.to_bits(),
+                            "{path:?} wrote column {j} of {n}"
+                        );
+                    }
+                    continue;
+                }
+                if let Trim::Cols(i0) = trim {
+                    if j > i0 + r {
+                        continue;
+                    }
+                }
+                let sum: f64 = (0..k)
+                    .map(|d| a[d * m + r] as f64 * b[d * n + j] as f64)
+                    .sum();
+                let want = match out {
+                    Out::Store(alpha) => alpha as f64 * sum,
+                    Out::Add => was as f64 + sum,
+                };
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs() + k as f64),
+                    "{path:?} {m}x{n}x{k} row {r} col {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
