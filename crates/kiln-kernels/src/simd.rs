@@ -67,6 +67,23 @@ pub(crate) fn level() -> Level {
     }
 }
 
+/// Whether the CPU is AMD's (some kernel choices follow its narrower FMA throughput).
+pub(crate) fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMD.get_or_init(|| {
+            let id = std::arch::x86_64::__cpuid(0);
+            // "AuthenticAMD": the vendor string in ebx, edx, ecx.
+            (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Defines a function whose body is compiled three times (baseline, AVX2+FMA, AVX-512) and dispatched
 /// at runtime.
 /// The body must only call `#[inline(always)]` helpers in its inner loops, so they get the wide build.
