@@ -302,27 +302,54 @@ pub(crate) mod skinny {
             j1: usize,
             acc: bool,
         ) {
-            let mut j = j0;
-            while j < j1 {
-                let cols = (j1 - j).min(V * S::W);
-                let mut r = 0;
-                while r < m {
-                    // Whole blocks take a copy without lane masks.
-                    match ((m - r).min(R), cols == V * S::W) {
-                        (1, true) => nn_block::<S, 1, V, true>(out, a, b, r, k, n, j, cols, acc),
-                        (2, true) => nn_block::<S, 2, V, true>(out, a, b, r, k, n, j, cols, acc),
-                        (3, true) => nn_block::<S, 3, V, true>(out, a, b, r, k, n, j, cols, acc),
-                        (_, true) => nn_block::<S, 4, V, true>(out, a, b, r, k, n, j, cols, acc),
-                        (1, false) => nn_block::<S, 1, V, false>(out, a, b, r, k, n, j, cols, acc),
-                        (2, false) => nn_block::<S, 2, V, false>(out, a, b, r, k, n, j, cols, acc),
-                        (3, false) => nn_block::<S, 3, V, false>(out, a, b, r, k, n, j, cols, acc),
-                        (_, false) => nn_block::<S, 4, V, false>(out, a, b, r, k, n, j, cols, acc),
+            // Rows of `b` in chunks: all column blocks and row groups of a chunk before the next,
+            // so `b` streams in whole rows (a block of 64 columns alone is a new page every row,
+            // which the prefetchers do not follow) and a group re-reads its block from L1.
+            // Each sum still runs over `p` in order (the partial sums pass through `out` exactly).
+            for p0 in (0..k).step_by(NN_ROWS) {
+                let ps = (p0, (p0 + NN_ROWS).min(k));
+                let acc = acc || p0 > 0;
+                let mut j = j0;
+                while j < j1 {
+                    let cols = (j1 - j).min(V * S::W);
+                    let mut r = 0;
+                    while r < m {
+                        // Whole blocks take a copy without lane masks.
+                        match ((m - r).min(R), cols == V * S::W) {
+                            (1, true) => {
+                                nn_block::<S, 1, V, true>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                            (2, true) => {
+                                nn_block::<S, 2, V, true>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                            (3, true) => {
+                                nn_block::<S, 3, V, true>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                            (_, true) => {
+                                nn_block::<S, 4, V, true>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                            (1, false) => {
+                                nn_block::<S, 1, V, false>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                            (2, false) => {
+                                nn_block::<S, 2, V, false>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                            (3, false) => {
+                                nn_block::<S, 3, V, false>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                            (_, false) => {
+                                nn_block::<S, 4, V, false>(out, a, b, r, k, ps, n, j, cols, acc)
+                            }
+                        }
+                        r += R.min(4);
                     }
-                    r += R.min(4);
+                    j += cols;
                 }
-                j += cols;
             }
         }
+
+        /// Rows of `b` per chunk of [`nn_cols`].
+        const NN_ROWS: usize = 64;
 
         #[inline(always)]
         unsafe fn nn_block<S: Lanes, const R: usize, const V: usize, const FULL: bool>(
@@ -331,6 +358,7 @@ pub(crate) mod skinny {
             b: &[f32],
             r0: usize,
             k: usize,
+            (p0, p1): (usize, usize),
             n: usize,
             j: usize,
             cols: usize,
@@ -348,7 +376,7 @@ pub(crate) mod skinny {
             }
             let ap = a.as_ptr().add(r0 * k);
             let bp = b.as_ptr().wrapping_add(j);
-            for p in 0..k {
+            for p in p0..p1 {
                 let br = bp.wrapping_add(p * n);
                 let mut w = [S::zero(); V];
                 for (v, wv) in w.iter_mut().enumerate() {
@@ -890,19 +918,19 @@ mod tests {
             (9, 200, 17),
             (3, 7, 5),
         ] {
-            for tb in [false, true] {
+            for (tb, acc) in [(false, false), (false, true), (true, false), (true, true)] {
                 let a = randn(&mut rng, m * k, 1.0);
                 let b = randn(&mut rng, k * n, 1.0);
                 let init = randn(&mut rng, m * n, 1.0);
                 let want: Vec<f64> = naive(&a, &b, m, k, n, false, tb)
                     .iter()
                     .zip(&init)
-                    .map(|(w, i)| w + *i as f64)
+                    .map(|(w, i)| if acc { w + *i as f64 } else { *w })
                     .collect();
                 // What `matmul` picks, then every vector path forced.
                 let run = || {
                     let mut out = init.clone();
-                    matmul(&mut out, &a, &b, m, k, n, false, tb, true);
+                    matmul(&mut out, &a, &b, m, k, n, false, tb, acc);
                     out
                 };
                 let got = run();
@@ -911,7 +939,7 @@ mod tests {
                 for &path in &paths {
                     let run = || {
                         let mut out = init.clone();
-                        matmul_on(path, &mut out, &a, &b, m, k, n, tb, true);
+                        matmul_on(path, &mut out, &a, &b, m, k, n, tb, acc);
                         out
                     };
                     let got = run();
@@ -919,7 +947,7 @@ mod tests {
                         &got,
                         &want,
                         1e-5,
-                        &format!("skinny {path:?} {m}x{k}x{n} tb={tb}"),
+                        &format!("skinny {path:?} {m}x{k}x{n} tb={tb} acc={acc}"),
                     );
                     assert_thread_independent(&got, run);
                 }
