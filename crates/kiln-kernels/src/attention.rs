@@ -467,10 +467,7 @@ simd::multiversion! {
             for (hh, inv) in inv[..heads].iter_mut().enumerate() {
                 let s = &mut scores[(h0 + hh) * len..(h0 + hh + 1) * len];
                 let mx = simd::max(s);
-                for x in s.iter_mut() {
-                    *x = simd::exp(*x - mx);
-                }
-                *inv = 1.0 / simd::sum(s);
+                *inv = 1.0 / simd::exp_sum(s, mx);
             }
             let s = &scores[h0 * len..(h0 + heads) * len];
             let o = &mut out[h0 * hs..(h0 + heads) * hs];
@@ -557,10 +554,7 @@ simd::multiversion! {
             return (mx, 0.0);
         }
         // exp(-inf) is exactly 0, so masked keys get probability 0.
-        for s in row.iter_mut() {
-            *s = simd::exp(*s - mx);
-        }
-        let inv = 1.0 / simd::sum(row);
+        let inv = 1.0 / simd::exp_sum(row, mx);
         for s in row.iter_mut() {
             *s *= inv;
         }

@@ -150,6 +150,26 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
     reduce_lanes(acc, |a, b| a + b)
 }
 
+/// `x[i] = exp(x[i] - mx)` in place, returning the sum of the results: one pass instead of an
+/// exponential pass and a [`sum`] (whose lane order and result it keeps, bit for bit).
+#[inline(always)]
+pub(crate) fn exp_sum(x: &mut [f32], mx: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = x.chunks_exact_mut(LANES);
+    for ch in &mut it {
+        let ch: &mut [f32; LANES] = ch.try_into().unwrap();
+        for k in 0..LANES {
+            ch[k] = exp(ch[k] - mx);
+            acc[k] += ch[k];
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(it.into_remainder()) {
+        *v = exp(*v - mx);
+        *a += *v;
+    }
+    reduce_lanes(acc, |a, b| a + b)
+}
+
 /// Dot product of `a` and `b` (same length), vectorised, deterministic.
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -572,6 +592,11 @@ mod tests {
         );
         assert_eq!(max(&x), 11.0);
         assert_eq!(max(&[]), f32::NEG_INFINITY);
+        let mut e = x.clone();
+        let total = exp_sum(&mut e, 3.0);
+        let want: Vec<f32> = x.iter().map(|&v| exp(v - 3.0)).collect();
+        assert_eq!(e, want);
+        assert_eq!(total.to_bits(), sum(&want).to_bits());
         assert_eq!(sum(&[]), 0.0);
     }
 }
