@@ -163,6 +163,15 @@ impl<'a> Seq<'a> {
     fn seg(&self, i: usize) -> u32 {
         self.segments.map_or(0, |s| s[i])
     }
+
+    /// `trim` when causal (the trims follow the causal mask), else none.
+    fn trim(&self, trim: Trim) -> Trim {
+        if self.causal {
+            trim
+        } else {
+            Trim::None
+        }
+    }
 }
 
 /// One head's operands as a task sees them: pointers to its first row, the qkv row stride `rw`,
@@ -244,7 +253,7 @@ unsafe fn block_scores(
     head: &Head,
     kt: &[f32],
     (i0, i1, klim): (usize, usize, usize),
-    causal: bool,
+    seq: &Seq,
 ) {
     let nr = path.nr();
     let scale = 1.0 / (head.hs as f32).sqrt();
@@ -258,7 +267,7 @@ unsafe fn block_scores(
             m: i1 - i0,
             n: klim,
             k: head.hs,
-            trim: if causal { Trim::Cols(i0) } else { Trim::None },
+            trim: seq.trim(Trim::Cols(i0)),
             padded: true,
             out: Out::Store(scale),
         },
@@ -361,7 +370,7 @@ unsafe fn forward_head(
         let i1 = (i0 + QB).min(t);
         let klim = seq.block_keys(i1, t);
         let p = &mut scratch.p[..(i1 - i0) * tp];
-        block_scores(path, p, tp, head, &scratch.kt, (i0, i1, klim), seq.causal);
+        block_scores(path, p, tp, head, &scratch.kt, (i0, i1, klim), seq);
         for i in i0..i1 {
             let row = &mut p[(i - i0) * tp..(i - i0) * tp + klim];
             let (live, dead) = row.split_at_mut(seq.row_keys(i, t));
@@ -380,11 +389,7 @@ unsafe fn forward_head(
                 m: i1 - i0,
                 n: hs,
                 k: klim,
-                trim: if seq.causal {
-                    Trim::DepthEnd(i0)
-                } else {
-                    Trim::None
-                },
+                trim: seq.trim(Trim::DepthEnd(i0)),
                 padded: false,
                 out: Out::Store(1.0),
             },
@@ -748,7 +753,7 @@ struct Grads {
 ///
 /// # Safety
 /// The pointers must cover `t` rows of `hs` columns at their strides, and no other thread may
-/// access `dq`, `dk`, `dv` during the call.
+/// access `dq` during the call.
 unsafe fn head_backward(
     path: Path,
     scratch: &mut Scratch,
@@ -783,7 +788,7 @@ unsafe fn head_backward(
         tiles::pack_rows(path, q_block, head.q.add(i0 * rw), rw, m, hs);
         tiles::pack_rows(path, dy_block, g.dy.add(i0 * g.c), g.c, m, hs);
         // P[i0..i1, 0..klim], as the forward had it.
-        block_scores(path, p, tp, head, kt, (i0, i1, klim), seq.causal);
+        block_scores(path, p, tp, head, kt, (i0, i1, klim), seq);
         for i in i0..i1 {
             let row = &mut p[(i - i0) * tp..(i - i0) * tp + klim];
             let (live, dead) = row.split_at_mut(seq.row_keys(i, t));
@@ -791,7 +796,6 @@ unsafe fn head_backward(
             softmax_row_again(live, seq.key_valid, seq.segments, seq.seg(i), saved);
             dead.fill(0.0);
         }
-        let trim = |t: Trim| if seq.causal { t } else { Trim::None };
         // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
         tiles::product(
             path,
@@ -802,7 +806,7 @@ unsafe fn head_backward(
                 m,
                 n: klim,
                 k: hs,
-                trim: trim(Trim::Cols(i0)),
+                trim: seq.trim(Trim::Cols(i0)),
                 padded: true,
                 out: Out::Store(1.0),
             },
@@ -815,20 +819,8 @@ unsafe fn head_backward(
             ds[at + lim..at + klim].fill(0.0);
         }
         // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
-        tiles::product(
-            path,
-            (dv.as_mut_ptr(), hs),
-            (p.as_ptr(), 1, tp),
-            (dy_block.as_ptr(), nr, m * nr),
-            Product {
-                m: klim,
-                n: hs,
-                k: m,
-                trim: trim(Trim::DepthStart(i0)),
-                padded: false,
-                out: Out::Add,
-            },
-        );
+        let key_trim = seq.trim(Trim::DepthStart(i0));
+        add_key_grads(path, dv, (p, tp), dy_block, (m, klim, hs), key_trim);
         // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
         tiles::product(
             path,
@@ -839,27 +831,46 @@ unsafe fn head_backward(
                 m,
                 n: hs,
                 k: klim,
-                trim: trim(Trim::DepthEnd(i0)),
+                trim: seq.trim(Trim::DepthEnd(i0)),
                 padded: false,
                 out: Out::Add,
             },
         );
         // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
-        tiles::product(
-            path,
-            (dk.as_mut_ptr(), hs),
-            (ds.as_ptr(), 1, tp),
-            (q_block.as_ptr(), nr, m * nr),
-            Product {
-                m: klim,
-                n: hs,
-                k: m,
-                trim: trim(Trim::DepthStart(i0)),
-                padded: false,
-                out: Out::Add,
-            },
-        );
+        add_key_grads(path, dk, (ds, tp), q_block, (m, klim, hs), key_trim);
     }
+}
+
+/// `D[0..klim] += A[.., 0..klim]^T @ B`: a kv head's gradient (dV from P and dY, dK from dS and Q),
+/// summed in contiguous rows of `hs`, from a block's `m` rows of A at stride `tp` and the block's
+/// `m` rows of B as packed by [`tiles::pack_rows`].
+///
+/// # Safety
+/// `path` must be available.
+unsafe fn add_key_grads(
+    path: Path,
+    d: &mut [f32],
+    (a, tp): (&[f32], usize),
+    b: &[f32],
+    (m, klim, hs): (usize, usize, usize),
+    trim: Trim,
+) {
+    let nr = path.nr();
+    assert!(d.len() >= klim * hs && a.len() >= (m - 1) * tp + klim && b.len() >= m * hs);
+    tiles::product(
+        path,
+        (d.as_mut_ptr(), hs),
+        (a.as_ptr(), 1, tp),
+        (b.as_ptr(), nr, m * nr),
+        Product {
+            m: klim,
+            n: hs,
+            k: m,
+            trim,
+            padded: false,
+            out: Out::Add,
+        },
+    );
 }
 
 simd::multiversion! {
@@ -919,9 +930,7 @@ mod tests {
                     let i1 = (i0 + QB).min(t);
                     let klim = seq.block_keys(i1, t);
                     let p = &mut scratch.p[..(i1 - i0) * tp];
-                    unsafe {
-                        block_scores(path, p, tp, &head, &scratch.kt, (i0, i1, klim), seq.causal)
-                    };
+                    unsafe { block_scores(path, p, tp, &head, &scratch.kt, (i0, i1, klim), &seq) };
                     for i in i0..i1 {
                         let row = &mut p[(i - i0) * tp..][..klim];
                         let lim = seq.row_keys(i, t);

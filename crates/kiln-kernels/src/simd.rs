@@ -456,14 +456,17 @@ pub(crate) mod lanes {
     #[inline(always)]
     pub(crate) unsafe fn transpose8(r: &[__m256; 8]) -> [__m256; 8] {
         // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(a, b)
-            } else {
-                _mm256_unpackhi_ps(a, b)
-            }
-        });
+        // Written out (no closures: those are not compiled with the caller's target features).
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
         let q = [
             _mm256_shuffle_ps::<0x44>(t[0], t[2]),
             _mm256_shuffle_ps::<0xee>(t[0], t[2]),
@@ -474,13 +477,16 @@ pub(crate) mod lanes {
             _mm256_shuffle_ps::<0x44>(t[5], t[7]),
             _mm256_shuffle_ps::<0xee>(t[5], t[7]),
         ];
-        std::array::from_fn(|i| {
-            if i < 4 {
-                _mm256_permute2f128_ps::<0x20>(q[i], q[i + 4])
-            } else {
-                _mm256_permute2f128_ps::<0x31>(q[i - 4], q[i])
-            }
-        })
+        [
+            _mm256_permute2f128_ps::<0x20>(q[0], q[4]),
+            _mm256_permute2f128_ps::<0x20>(q[1], q[5]),
+            _mm256_permute2f128_ps::<0x20>(q[2], q[6]),
+            _mm256_permute2f128_ps::<0x20>(q[3], q[7]),
+            _mm256_permute2f128_ps::<0x31>(q[0], q[4]),
+            _mm256_permute2f128_ps::<0x31>(q[1], q[5]),
+            _mm256_permute2f128_ps::<0x31>(q[2], q[6]),
+            _mm256_permute2f128_ps::<0x31>(q[3], q[7]),
+        ]
     }
 
     #[cfg(target_arch = "x86_64")]

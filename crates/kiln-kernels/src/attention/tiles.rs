@@ -318,7 +318,80 @@ unsafe fn pack_transposed_scalar(
     }
 }
 
-/// 32-row panels from 16 x 16 blocks.
+/// Lanes that transpose an `N x N` block (`N` their width) in registers.
+trait Transpose<const N: usize>: Lanes {
+    /// # Safety
+    /// The CPU must have the lanes' instruction set.
+    unsafe fn transpose(block: &[Self; N]) -> [Self; N];
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Transpose<16> for L16 {
+    #[inline(always)]
+    unsafe fn transpose(block: &[L16; 16]) -> [L16; 16] {
+        use std::arch::x86_64::*;
+        // Plain loops, not `map`: a closure is not compiled with the caller's target features,
+        // so its intrinsics would become calls.
+        let mut rows = [_mm512_setzero_si512(); 16];
+        for (r, b) in rows.iter_mut().zip(block) {
+            *r = _mm512_castps_si512(b.0);
+        }
+        let cols = crate::simd::lanes::transpose16(&rows);
+        let mut out = [L16(_mm512_setzero_ps()); 16];
+        for (o, c) in out.iter_mut().zip(&cols) {
+            *o = L16(_mm512_castsi512_ps(*c));
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Transpose<8> for L8 {
+    #[inline(always)]
+    unsafe fn transpose(block: &[L8; 8]) -> [L8; 8] {
+        use std::arch::x86_64::*;
+        let mut rows = [_mm256_setzero_ps(); 8];
+        for (r, b) in rows.iter_mut().zip(block) {
+            *r = b.0;
+        }
+        let cols = crate::simd::lanes::transpose8(&rows);
+        let mut out = [L8(_mm256_setzero_ps()); 8];
+        for (o, c) in out.iter_mut().zip(&cols) {
+            *o = L8(*c);
+        }
+        out
+    }
+}
+
+/// Panels of `2 * N` rows from `N x N` blocks, each transposed in registers.
+#[inline(always)]
+unsafe fn pack_transposed_with<S: Transpose<N>, const N: usize>(
+    dst: &mut [f32],
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    hs: usize,
+) {
+    debug_assert_eq!(N, S::W);
+    let nr = 2 * N;
+    for (p, panel) in dst.chunks_exact_mut(nr * hs).enumerate() {
+        for half in 0..2 {
+            let j0 = p * nr + half * N;
+            let live = rows.saturating_sub(j0).min(N);
+            for d0 in (0..hs).step_by(N) {
+                let cnt = (hs - d0).min(N);
+                let mut block = [S::zero(); N];
+                for (jj, r) in block.iter_mut().enumerate().take(live) {
+                    *r = S::load(src.add((j0 + jj) * rs + d0), cnt);
+                }
+                for (dd, col) in S::transpose(&block).iter().enumerate().take(cnt) {
+                    col.store(panel.as_mut_ptr().add((d0 + dd) * nr + half * N), N);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
 unsafe fn pack_transposed_avx512(
@@ -328,30 +401,9 @@ unsafe fn pack_transposed_avx512(
     rows: usize,
     hs: usize,
 ) {
-    use crate::simd::lanes::transpose16;
-    use std::arch::x86_64::*;
-    const NR: usize = 32;
-    for (p, panel) in dst.chunks_exact_mut(NR * hs).enumerate() {
-        for half in 0..2 {
-            let j0 = p * NR + half * 16;
-            let live = rows.saturating_sub(j0).min(16);
-            for d0 in (0..hs).step_by(16) {
-                let cnt = (hs - d0).min(16);
-                let mut block = [_mm512_setzero_si512(); 16];
-                for (jj, r) in block.iter_mut().enumerate().take(live) {
-                    *r = _mm512_castps_si512(L16::load(src.add((j0 + jj) * rs + d0), cnt).0);
-                }
-                let cols = transpose16(&block);
-                for (dd, col) in cols.iter().enumerate().take(cnt) {
-                    let o = panel.as_mut_ptr().add((d0 + dd) * NR + half * 16);
-                    _mm512_storeu_ps(o, _mm512_castsi512_ps(*col));
-                }
-            }
-        }
-    }
+    pack_transposed_with::<L16, 16>(dst, src, rs, rows, hs)
 }
 
-/// 16-row panels from 8 x 8 blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pack_transposed_avx2(
@@ -361,26 +413,7 @@ unsafe fn pack_transposed_avx2(
     rows: usize,
     hs: usize,
 ) {
-    use crate::simd::lanes::transpose8;
-    use std::arch::x86_64::*;
-    const NR: usize = 16;
-    for (p, panel) in dst.chunks_exact_mut(NR * hs).enumerate() {
-        for half in 0..2 {
-            let j0 = p * NR + half * 8;
-            let live = rows.saturating_sub(j0).min(8);
-            for d0 in (0..hs).step_by(8) {
-                let cnt = (hs - d0).min(8);
-                let mut block = [_mm256_setzero_ps(); 8];
-                for (jj, r) in block.iter_mut().enumerate().take(live) {
-                    *r = L8::load(src.add((j0 + jj) * rs + d0), cnt).0;
-                }
-                let cols = transpose8(&block);
-                for (dd, col) in cols.iter().enumerate().take(cnt) {
-                    _mm256_storeu_ps(panel.as_mut_ptr().add((d0 + dd) * NR + half * 8), *col);
-                }
-            }
-        }
-    }
+    pack_transposed_with::<L8, 8>(dst, src, rs, rows, hs)
 }
 
 /// Rows `0..rows` of `hs` floats at stride `rs` as the B operand of a product with them as depth:
