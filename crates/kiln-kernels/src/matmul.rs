@@ -11,6 +11,10 @@ use rayon::prelude::*;
 use crate::bf16::{matmul_bf16, Precision};
 use crate::simd::{self, SyncPtr};
 
+/// Most rows a product takes the skinny (few-row) kernels with, on CPUs where it does: above, the
+/// product is a blocked one (`gemm`, or the packed f32 panels of batched decoding).
+pub const SKINNY_ROWS: usize = skinny::MAX_ROWS;
+
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PAR_THRESHOLD: usize = 64 * 64 * 64;
 

@@ -1,6 +1,7 @@
 //! Inference-only weight formats for the linear layers of token-by-token generation: weight-only int8
 //! (symmetric, one f32 scale per output channel) and bf16, with a matrix–vector / few-row product that
-//! converts the weights to f32 in registers.
+//! converts the weights to f32 in registers; and the f32 weights themselves in the same panels
+//! ([`PackedFormat::F32`]), whose product runs on attention's register tiles for batched decoding.
 //!
 //! Why: decoding one token at a time multiplies every weight once per token, so batch-1 generation
 //! is bound by how fast the weights stream from cache/memory, not by arithmetic. int8 moves a quarter
@@ -31,12 +32,19 @@ pub enum PackedFormat {
     Int8,
     /// bfloat16 (round to nearest even): the top 16 bits of the f32.
     Bf16,
+    /// The f32 weights themselves, only repacked (no rounding): for decoding batches of more
+    /// than a few rows, where the product runs on 8 × 32 register tiles (AVX-512; 6 × 16 on
+    /// AVX2) over contiguous panels instead of repacking the weights on every call as `gemm` did.
+    /// Each output is one fused multiply-add chain over the inputs in order, whatever the number
+    /// of rows or threads.
+    F32,
 }
 
 #[derive(Clone, Debug)]
 enum Data {
     I8(Vec<i8>),
     Bf16(Vec<u16>),
+    F32(Vec<f32>),
 }
 
 /// A linear layer `y[m, n] = x[m, k] · W[k, n] + bias[n]` with `W` stored in a compact format.
@@ -149,6 +157,21 @@ impl PackedLinear {
                     });
                 Data::Bf16(h)
             }
+            PackedFormat::F32 => {
+                scale[..n].fill(1.0);
+                let mut f = vec![0.0f32; panels * k * PANEL];
+                f.par_chunks_mut(k * PANEL)
+                    .enumerate()
+                    .for_each(|(pi, panel)| {
+                        let cols = (n - pi * PANEL).min(PANEL);
+                        for p in 0..k {
+                            for c in 0..cols {
+                                panel[p * PANEL + c] = get(p, pi * PANEL + c);
+                            }
+                        }
+                    });
+                Data::F32(f)
+            }
         };
         PackedLinear {
             k,
@@ -163,6 +186,7 @@ impl PackedLinear {
         match self.data {
             Data::I8(_) => PackedFormat::Int8,
             Data::Bf16(_) => PackedFormat::Bf16,
+            Data::F32(_) => PackedFormat::F32,
         }
     }
 
@@ -181,6 +205,7 @@ impl PackedLinear {
         let w = match &self.data {
             Data::I8(q) => q.len(),
             Data::Bf16(h) => 2 * h.len(),
+            Data::F32(f) => 4 * f.len(),
         };
         w + 4 * self.scale.len()
     }
@@ -196,6 +221,7 @@ impl PackedLinear {
                 w[p * n + j] = match &self.data {
                     Data::I8(q) => q[i] as f32 * self.scale[j],
                     Data::Bf16(h) => bf16_to_f32(h[i]),
+                    Data::F32(f) => f[i],
                 };
             }
         }
@@ -230,6 +256,12 @@ impl PackedLinear {
                     for (x, &v) in cols.iter_mut().zip(src) {
                         *x = bf16_to_f32(v);
                     }
+                }
+            }),
+            Data::F32(f) => rows.for_each(|(p, row)| {
+                for (q, cols) in row.chunks_mut(PANEL).enumerate() {
+                    let at = q * k * PANEL + p * PANEL;
+                    cols.copy_from_slice(&f[at..at + cols.len()]);
                 }
             }),
         }
@@ -324,6 +356,10 @@ impl PackedLinear {
                     x86::panel_avx2(o, n, x, &w[panel], sc, bi, m, k, cols);
                     continue;
                 }
+                (Path::Avx512 | Path::Avx2, Data::F32(w)) => {
+                    tiles_panel(path, o, n, x, &w[panel], bi, m, k, cols);
+                    continue;
+                }
                 (Path::Portable, _) => {}
             }
             // Portable path: each row computed into a local panel-wide buffer, then copied out.
@@ -333,6 +369,7 @@ impl PackedLinear {
                 match &self.data {
                     Data::I8(w) => portable_i8(&mut acc, xr, &w[panel.clone()], sc, bi),
                     Data::Bf16(w) => portable_bf16(&mut acc, xr, &w[panel.clone()], sc, bi),
+                    Data::F32(w) => portable_f32(&mut acc, xr, &w[panel.clone()], sc, bi),
                 }
                 let dst = std::slice::from_raw_parts_mut(o.add(r * n), cols);
                 dst.copy_from_slice(&acc[..cols]);
@@ -403,6 +440,55 @@ fn portable_row<E: Copy>(
 simd::multiversion! {
     fn portable_i8(acc: &mut [f32; PANEL], x: &[f32], w: &[i8], scale: &[f32], bias: &[f32]) {
         portable_row(acc, x, w, scale, bias, |q| q as f32)
+    }
+}
+
+simd::multiversion! {
+    fn portable_f32(acc: &mut [f32; PANEL], x: &[f32], w: &[f32], scale: &[f32], bias: &[f32]) {
+        portable_row(acc, x, w, scale, bias, |v| v)
+    }
+}
+
+/// One f32 panel (`cols` live columns of `PANEL`) for all `m` rows on attention's register tiles
+/// (the panel read as `PANEL / nr` sub-panels of the tile's width, `PANEL` floats a row), then the
+/// bias added while the block is in cache.
+///
+/// # Safety
+/// `out` must be valid for rows `0..m` at stride `n` and columns `0..cols`; `x` holds `m * k`;
+/// `path` is a vector path this CPU has.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles_panel(
+    path: Path,
+    out: *mut f32,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    m: usize,
+    k: usize,
+    cols: usize,
+) {
+    use crate::attention::tiles::{self, Out, Path as Tiles, Product, Trim};
+    let tp = match path {
+        Path::Avx512 => Tiles::Avx512,
+        Path::Avx2 => Tiles::Avx2,
+        Path::Portable => unreachable!("the portable path does not use tiles"),
+    };
+    let prod = Product {
+        m,
+        n: cols,
+        k,
+        trim: Trim::None,
+        padded: false,
+        out: Out::Store(1.0),
+    };
+    let b = (w.as_ptr(), PANEL, tp.nr());
+    tiles::product(tp, (out, n), (x.as_ptr(), k, 1), b, prod);
+    for r in 0..m {
+        let row = std::slice::from_raw_parts_mut(out.add(r * n), cols);
+        for (o, &b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
     }
 }
 
@@ -648,7 +734,7 @@ mod tests {
 
     #[test]
     fn dequantize_into_matches_dequantize() {
-        for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
+        for fmt in [PackedFormat::Int8, PackedFormat::Bf16, PackedFormat::F32] {
             for &(k, n) in &[(1, 1), (17, 70), (33, 129), (64, 64)] {
                 let w: Vec<f32> = (0..k * n)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 41.0)
@@ -661,7 +747,7 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 9] = [
+    const SHAPES: [(usize, usize, usize); 11] = [
         (1, 1, 1),
         (1, 384, 1152),
         (2, 17, 70),
@@ -671,6 +757,8 @@ mod tests {
         (7, 1536, 65),
         (16, 40, 191),
         (9, 3, 300),
+        (40, 70, 129),
+        (67, 384, 200),
     ];
 
     #[test]
@@ -725,7 +813,7 @@ mod tests {
         let mut g = rng(3);
         let paths: Vec<Path> = Path::ALL.into_iter().filter(|p| p.available()).collect();
         eprintln!("packed product paths on this CPU: {paths:?}");
-        for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
+        for fmt in [PackedFormat::Int8, PackedFormat::Bf16, PackedFormat::F32] {
             for &(m, k, n) in &SHAPES {
                 let w = randn(&mut g, k * n, 0.5);
                 let b = randn(&mut g, n, 0.5);
@@ -774,7 +862,7 @@ mod tests {
             }
         }
         let x = randn(&mut g, m * k, 1.0);
-        for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
+        for fmt in [PackedFormat::Int8, PackedFormat::Bf16, PackedFormat::F32] {
             let a = PackedLinear::from_in_out(&w, None, k, n, fmt);
             let b = PackedLinear::from_out_in(&wt, None, n, k, fmt);
             assert_eq!(a.dequantize().bits(), b.dequantize().bits());
@@ -793,7 +881,7 @@ mod tests {
         let w = randn(&mut g, k * n, 0.5);
         let b = randn(&mut g, n, 0.5);
         let x = randn(&mut g, m * k, 1.0);
-        for fmt in [PackedFormat::Int8, PackedFormat::Bf16] {
+        for fmt in [PackedFormat::Int8, PackedFormat::Bf16, PackedFormat::F32] {
             let l = PackedLinear::from_in_out(&w, Some(&b), k, n, fmt);
             for path in Path::ALL.into_iter().filter(|p| p.available()) {
                 let run = |rows: &[f32], mm: usize| {

@@ -70,7 +70,9 @@ impl KvCache {
 /// packed copy of its matrices (see [`PackedWeights`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// The training parameters as they are (results identical to the training forward pass).
+    /// The model's own f32 values: its parameters, or, decoding more than 16 rows at a time, an f32
+    /// copy of its matrices packed into panels for the duration of the call (the same values,
+    /// faster products; memory for one more copy of the matrices).
     #[default]
     F32,
     /// bfloat16 matrices: half the bytes, ~3 significant digits per weight.
@@ -547,6 +549,20 @@ pub fn generate_rows_with<R: Rng>(
 /// Most prompt tokens one prefill call takes (its activations are `O(tokens)`).
 const PREFILL_TOKENS: usize = 4096;
 
+/// The f32 panels a decode of `rows` rows multiplies by, packed for the call, if any: decoding more
+/// rows than the skinny kernel takes, the model's f32 matrices are packed into the panels of
+/// [`PackedFormat::F32`] (the same values, laid out for the register tiles), where `gemm` repacked
+/// every weight on every step (a fifth of a 64-row rollout). Packed weights the caller gave, or a
+/// frozen packed base, are used as they are.
+pub fn decode_panels(
+    model: &Model,
+    packed: Option<&PackedWeights>,
+    rows: usize,
+) -> Option<PackedWeights> {
+    (packed.is_none() && model.base.is_none() && rows > k::matmul::SKINNY_ROWS)
+        .then(|| PackedWeights::new(model, PackedFormat::F32))
+}
+
 /// The batched KV-cache decode; `sample(row, logits)` picks each row's next token.
 fn decode(
     model: &Model,
@@ -594,6 +610,8 @@ fn decode(
             }
         }
     }
+    let panels = decode_panels(model, packed, rows);
+    let packed = packed.or(panels.as_ref());
     let mut out = vec![Vec::new(); rows];
     let mut active: Vec<usize> = (0..rows).collect();
     for _ in 0..opts.max_new_tokens {

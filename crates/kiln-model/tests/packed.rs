@@ -1,5 +1,5 @@
-//! Generation with packed (int8 / bf16) weights: the same function as the f32 path on the packed
-//! weights, close to the f32 model, and consistent across the KV cache and batching.
+//! Generation with packed (int8 / bf16 / f32 panels) weights: the same function as the f32 path on
+//! the packed weights, close to the f32 model, and consistent across the KV cache and batching.
 
 use kiln_kernels::{PackedFormat, PackedLinear};
 use kiln_model::{
@@ -8,7 +8,7 @@ use kiln_model::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const FORMATS: [PackedFormat; 2] = [PackedFormat::Int8, PackedFormat::Bf16];
+const FORMATS: [PackedFormat; 3] = [PackedFormat::Int8, PackedFormat::Bf16, PackedFormat::F32];
 
 /// Odd sizes on purpose: widths and a vocabulary that are not multiples of the 64-column panels.
 fn cfg() -> ModelConfig {
@@ -134,8 +134,12 @@ fn packed_path_equals_f32_path_on_the_packed_weights() {
 #[test]
 fn packed_logits_close_to_f32_model() {
     let m = model(2);
-    // Measured: int8 0.038, bf16 0.009 logit standard deviations.
-    for (fmt, tol) in [(PackedFormat::Int8, 0.06f32), (PackedFormat::Bf16, 0.02)] {
+    // Measured: int8 0.038, bf16 0.009 logit standard deviations; f32 panels are the same weights.
+    for (fmt, tol) in [
+        (PackedFormat::Int8, 0.06f32),
+        (PackedFormat::Bf16, 0.02),
+        (PackedFormat::F32, 1e-5),
+    ] {
         let packed = PackedWeights::new(&m, fmt);
         let (mut worst, mut agree, mut total) = (0.0f32, 0, 0);
         for seed in 0..8 {
@@ -223,6 +227,61 @@ fn packed_kv_cache_and_batching_are_consistent() {
                 assert_eq!(tok as usize, argmax(&l), "{fmt:?}: not the greedy token");
                 l = m.forward_cached_with(Some(&packed), &mut cache, &[0], &[tok], 1);
             }
+        }
+    }
+}
+
+/// Decoding more than 16 rows with the model's f32 weights runs on f32 panels packed for the call:
+/// the same tokens as with those panels given explicitly, and each row's tokens the same as when
+/// it decodes alone on them (a row's products do not depend on the batch).
+#[test]
+fn large_f32_batches_decode_on_f32_panels() {
+    for seed in [2, 3] {
+        let m = model(seed);
+        let panels = PackedWeights::new(&m, PackedFormat::F32);
+        let chosen = kiln_model::infer::decode_panels(&m, None, 20).map(|p| p.format());
+        assert_eq!(chosen, Some(PackedFormat::F32), "20 rows");
+        assert!(
+            kiln_model::infer::decode_panels(&m, None, 16).is_none(),
+            "16 rows"
+        );
+        assert!(
+            kiln_model::infer::decode_panels(&m, Some(&panels), 20).is_none(),
+            "given"
+        );
+        let prompts: Vec<Vec<u32>> = (0..20)
+            .map(|i| prompt(30 + i, 1 + i as usize % 6))
+            .collect();
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            stop_tokens: vec![],
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let auto = generate_with(&m, None, &prompts, &opts, &mut rng, |_, _| {}).unwrap();
+        let given = generate_with(&m, Some(&panels), &prompts, &opts, &mut rng, |_, _| {}).unwrap();
+        assert_eq!(
+            auto, given,
+            "seed {seed}: a batch of 20 did not decode on f32 panels"
+        );
+        for (p, got) in prompts.iter().zip(&auto) {
+            let alone = generate_with(
+                &m,
+                Some(&panels),
+                std::slice::from_ref(p),
+                &opts,
+                &mut rng,
+                |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(
+                &alone[0], got,
+                "seed {seed}: a row decodes differently in the batch"
+            );
         }
     }
 }

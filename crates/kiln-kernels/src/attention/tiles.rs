@@ -266,6 +266,99 @@ unsafe fn tile<S: Lanes, const R: usize, const V: usize, const FULL: bool>(
     }
 }
 
+/// `s[j] = scale * (q · key_j)` for the `s.len()` keys at `keys + j * stride` (`q.len()` floats
+/// each): a query row against a KV cache. A vector of partial products per key for a block of
+/// keys as wide as the vector (16 on AVX-512, 8 on AVX2), then one in-register transpose and a sum
+/// of the transposed vectors gives the block's scores in one vector, instead of a horizontal
+/// reduction per key. Each score is a fixed sum (lanes in depth order, then the lanes in order).
+///
+/// # Safety
+/// `path` must be available; `keys` must cover `s.len()` rows of `q.len()` floats at `stride`.
+pub(crate) unsafe fn dot_rows(
+    path: Path,
+    s: &mut [f32],
+    q: &[f32],
+    keys: *const f32,
+    stride: usize,
+    scale: f32,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => dot_rows_avx512(s, q, keys, stride, scale),
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => dot_rows_avx2(s, q, keys, stride, scale),
+        _ => {
+            for (j, s) in s.iter_mut().enumerate() {
+                let key = std::slice::from_raw_parts(keys.add(j * stride), q.len());
+                *s = crate::simd::dot(q, key) * scale;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn dot_rows_avx512(s: &mut [f32], q: &[f32], keys: *const f32, stride: usize, scale: f32) {
+    dot_rows_with::<L16, 16>(s, q, keys, stride, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_avx2(s: &mut [f32], q: &[f32], keys: *const f32, stride: usize, scale: f32) {
+    dot_rows_with::<L8, 8>(s, q, keys, stride, scale)
+}
+
+#[inline(always)]
+unsafe fn dot_rows_with<S: Transpose<N>, const N: usize>(
+    s: &mut [f32],
+    q: &[f32],
+    keys: *const f32,
+    stride: usize,
+    scale: f32,
+) {
+    let len = s.len();
+    let mut j0 = 0;
+    while j0 < len {
+        let cnt = (len - j0).min(N);
+        let block = if cnt == N {
+            dot_block::<S, N, true>(q, keys.add(j0 * stride), stride, cnt)
+        } else {
+            dot_block::<S, N, false>(q, keys.add(j0 * stride), stride, cnt)
+        };
+        let t = S::transpose(&block);
+        let mut sum = t[0];
+        for v in &t[1..] {
+            sum = sum.add(*v);
+        }
+        sum.mul(S::splat(scale)).store(s.as_mut_ptr().add(j0), cnt);
+        j0 += N;
+    }
+}
+
+/// Per key `jj < cnt` of a block (all `N` when `FULL`), the lane-wise partial products with `q`.
+#[inline(always)]
+unsafe fn dot_block<S: Lanes, const N: usize, const FULL: bool>(
+    q: &[f32],
+    keys: *const f32,
+    stride: usize,
+    cnt: usize,
+) -> [S; N] {
+    let hs = q.len();
+    let mut acc = [S::zero(); N];
+    let mut c = 0;
+    while c < hs {
+        let w = (hs - c).min(N);
+        let qv = S::load(q.as_ptr().add(c), w);
+        for (jj, acc) in acc.iter_mut().enumerate() {
+            if FULL || jj < cnt {
+                *acc = acc.fma(qv, S::load(keys.add(jj * stride + c), w));
+            }
+        }
+        c += N;
+    }
+    acc
+}
+
 /// Rows `0..rows` of one head's keys (or values), `hs` wide at row stride `rs`, as the B operand of
 /// a product with them as columns: zero-padded panels of [`Path::nr`] rows, transposed (panel `p`
 /// holds `[hs][nr]`, element `(d, jj)` = row `p * nr + jj`, column `d`). Fills
@@ -479,6 +572,38 @@ mod tests {
                             check_product(&mut rng, path, nr, (m, n, k), trim, padded, out);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Each path's scores of a query against cached keys match an f64 dot product, for key
+    /// counts around the block width and head sizes with and without a lane tail; the keys past
+    /// `len` (NaN here) are never read, and nothing past `len` is written.
+    #[test]
+    fn dot_rows_of_every_path_match_reference() {
+        let mut rng = rng(72);
+        for path in Path::ALL.into_iter().filter(|p| p.available()) {
+            for hs in [1, 7, 20, 64, 80] {
+                for len in [1, 7, 8, 15, 16, 17, 40] {
+                    let stride = hs + 5;
+                    let q = randn(&mut rng, hs, 1.0);
+                    let mut keys = randn(&mut rng, (len + 1) * stride, 1.0);
+                    keys[len * stride..].fill(f32::NAN);
+                    let mut s = vec![f32::NAN; len + 1];
+                    unsafe { dot_rows(path, &mut s[..len], &q, keys.as_ptr(), stride, 0.5) };
+                    for (j, &got) in s[..len].iter().enumerate() {
+                        let want: f64 = (0..hs)
+                            .map(|d| q[d] as f64 * keys[j * stride + d] as f64)
+                            .sum::<f64>()
+                            * 0.5;
+                        let tol = 1e-5 * (1.0 + want.abs());
+                        assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "{path:?} hs {hs} len {len} key {j}: {got} vs {want}"
+                        );
+                    }
+                    assert!(s[len].is_nan(), "{path:?} wrote past len");
                 }
             }
         }
