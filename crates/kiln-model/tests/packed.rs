@@ -110,6 +110,26 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Greedy decoding of `n` new tokens.
+fn greedy(n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: n,
+        sampling: Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        stop_tokens: vec![],
+    }
+}
+
+/// `p` decoded alone on `packed`.
+fn alone(m: &Model, packed: &PackedWeights, p: &[u32], opts: &GenerateOptions) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let out = generate_with(m, Some(packed), &[p.to_vec()], opts, &mut rng, |_, _| {});
+    out.unwrap().remove(0)
+}
+
 #[test]
 fn packed_path_equals_f32_path_on_the_packed_weights() {
     for (fmt, seed) in FORMATS.into_iter().flat_map(|f| [(f, 1), (f, 2)]) {
@@ -199,28 +219,12 @@ fn packed_kv_cache_and_batching_are_consistent() {
         // Greedy generation of a batch equals each prompt generated alone, and equals argmax over
         // the cached forward done by hand.
         let prompts = vec![prompt(8, 4), prompt(9, 11), prompt(10, 1)];
-        let opts = GenerateOptions {
-            max_new_tokens: 15,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-            },
-            stop_tokens: vec![],
-        };
+        let opts = greedy(15);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let batch = generate_with(&m, Some(&packed), &prompts, &opts, &mut rng, |_, _| {}).unwrap();
         for (p, got) in prompts.iter().zip(&batch) {
-            let alone = generate_with(
-                &m,
-                Some(&packed),
-                std::slice::from_ref(p),
-                &opts,
-                &mut rng,
-                |_, _| {},
-            )
-            .unwrap();
-            assert_eq!(&alone[0], got, "{fmt:?}: batched generation differs");
+            let alone = alone(&m, &packed, p, &opts);
+            assert_eq!(&alone, got, "{fmt:?}: batched generation differs");
             let mut cache = KvCache::new(&m, 1);
             let mut l = m.forward_cached_with(Some(&packed), &mut cache, &[0], p, p.len());
             for &tok in got {
@@ -252,15 +256,7 @@ fn large_f32_batches_decode_on_f32_panels() {
         let prompts: Vec<Vec<u32>> = (0..20)
             .map(|i| prompt(30 + i, 1 + i as usize % 6))
             .collect();
-        let opts = GenerateOptions {
-            max_new_tokens: 12,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-            },
-            stop_tokens: vec![],
-        };
+        let opts = greedy(12);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let auto = generate_with(&m, None, &prompts, &opts, &mut rng, |_, _| {}).unwrap();
         let given = generate_with(&m, Some(&panels), &prompts, &opts, &mut rng, |_, _| {}).unwrap();
@@ -269,17 +265,9 @@ fn large_f32_batches_decode_on_f32_panels() {
             "seed {seed}: a batch of 20 did not decode on f32 panels"
         );
         for (p, got) in prompts.iter().zip(&auto) {
-            let alone = generate_with(
-                &m,
-                Some(&panels),
-                std::slice::from_ref(p),
-                &opts,
-                &mut rng,
-                |_, _| {},
-            )
-            .unwrap();
             assert_eq!(
-                &alone[0], got,
+                &alone(&m, &panels, p, &opts),
+                got,
                 "seed {seed}: a row decodes differently in the batch"
             );
         }
