@@ -15,6 +15,10 @@
 //! are 8 rows × 32 columns (16 of its 32 registers accumulate), AVX2 6 × 16 (12 of 16), and a
 //! portable 4 × 16 for CPUs with neither. Each output element is one sum in depth order, so results
 //! do not depend on the thread count; causal trimming only skips terms that are exactly zero.
+//!
+//! Also used outside attention's blocks: batched decoding's f32 weight panels
+//! ([`crate::PackedFormat::F32`]) run [`product`] over them, and a query row's scores against its
+//! KV cache come from [`dot_rows`].
 
 use crate::simd::lanes::{Lanes, P8};
 #[cfg(target_arch = "x86_64")]
