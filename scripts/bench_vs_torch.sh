@@ -11,9 +11,11 @@
 # SCALING (1; 0 skips the scaling table), WEIGHTS (f32; kiln's generation weights: f32, bf16 or int8),
 # BENCHES ("train gen1 gen16 rollout llama"; a subset runs only those: rollout is the RL sampling
 # shape, 64 sequences x 64 new tokens; llama is training at SmolLM2-135M's shape through
-# transformers' LlamaForCausalLM), PRECISION (f32; kiln's training matmuls: f32 or bf16).
-# Kiln's own kernels run on the best SIMD path of the CPU; KILN_SIMD=avx2 (or base) forces an older
-# CPU's path for comparison (the large matmuls, in the gemm crate, dispatch on their own).
+# transformers' LlamaForCausalLM), PRECISION (f32; kiln's training matmuls: f32 or bf16), ISA (native).
+# Kiln runs on the best SIMD path of the CPU. ISA=avx2 runs both sides as on an AVX2-only CPU (an
+# AMD Zen 3, say) on this one: Kiln with KILN_SIMD=avx2 (its kernels and the gemm crate's matmuls on
+# AVX2 + FMA), PyTorch with ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 and
+# DNNL_MAX_CPU_ISA=AVX2 (same clock and caches, so a stand-in for such a CPU, not a measurement of one).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,17 @@ SCALING=${SCALING:-1}
 WEIGHTS=${WEIGHTS:-f32}
 PRECISION=${PRECISION:-f32}
 BENCHES=${BENCHES:-train gen1 gen16 rollout llama}
+ISA=${ISA:-native}
+case $ISA in
+    native) ;;
+    avx2)
+        export KILN_SIMD=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 DNNL_MAX_CPU_ISA=AVX2
+        ;;
+    *)
+        echo "ISA must be native or avx2 (got $ISA)" >&2
+        exit 2
+        ;;
+esac
 # SmolLM2-135M: 30 layers, width 576, 9 heads / 3 kv heads, SwiGLU 1,536, vocabulary 49,152.
 LLAMA_SHAPE="--arch llama --vocab 49152 --layers 30 --dim 576 --heads 9 --kv-heads 3 --ffn 1536 --ctx 512 --batch 4"
 if [ -z "${TORCH_SCRIPT:-}" ]; then
@@ -128,7 +141,7 @@ done
 col() { [ -f "$2" ] && awk -v c="$1" '{print $c}' "$2" | median; }
 
 echo
-echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB); kiln training matmuls $PRECISION, generation weights $WEIGHTS"
+echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB); kiln training matmuls $PRECISION, generation weights $WEIGHTS; instruction sets $ISA"
 printf "%-22s %10s %10s %8s %10s %10s\n" benchmark kiln torch ratio kiln_MiB torch_MiB
 for key in $BENCHES; do
     case $key in

@@ -49,6 +49,19 @@ pub(crate) unsafe fn gemm_raw(
     if m == 0 || n == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(level) = capped::level() {
+        capped::gemm(
+            level,
+            (m, n, k),
+            (out, 1, out_rs as isize),
+            accumulate,
+            (a, a_cs as isize, a_rs as isize),
+            (b, b_cs as isize, b_rs as isize),
+            par,
+        );
+        return;
+    }
     gemm::gemm(
         m,
         n,
@@ -70,6 +83,147 @@ pub(crate) unsafe fn gemm_raw(
         false,
         par,
     );
+}
+
+/// `gemm` on the kernels of the SIMD level Kiln runs at when `KILN_SIMD` caps it below the CPU.
+/// `gemm` picks its kernels from the CPU alone, so without this a `KILN_SIMD=avx2` run on an
+/// AVX-512 machine would still multiply on AVX-512, and would be neither the run nor the test of
+/// an AVX2-only CPU. The same steps as `gemm::gemm` (a row-major destination is computed as its
+/// transpose, the layout `gemm`'s microkernels want), on the kernels `gemm` picks on a CPU of that
+/// level: AVX2 + FMA, or its scalar ones for `base`.
+#[cfg(target_arch = "x86_64")]
+mod capped {
+    use crate::simd::{self, Level};
+    use gemm::Parallelism;
+    use gemm_common::gemm::gemm_basic_generic;
+    use gemm_common::simd::{MixedSimd, Scalar, V3};
+    use std::sync::OnceLock;
+
+    /// The level to run `gemm` at when it is below what `gemm` would pick itself, else `None`.
+    pub(super) fn level() -> Option<Level> {
+        static CAPPED: OnceLock<Option<Level>> = OnceLock::new();
+        *CAPPED.get_or_init(|| {
+            let gemm_level = if std::is_x86_feature_detected!("avx512f") {
+                Level::V4
+            } else if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2")
+            {
+                Level::V3
+            } else {
+                Level::Base
+            };
+            let ours = simd::level();
+            ((ours as u8) < (gemm_level as u8)).then_some(ours)
+        })
+    }
+
+    /// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)`, each as (pointer, column stride, row
+    /// stride), as `gemm::gemm` takes them (alpha = beta = 1).
+    ///
+    /// # Safety
+    /// As `gemm::gemm`: the strides must describe valid, non-negative-stride matrices, and `dst`
+    /// must not overlap the operands.
+    pub(super) unsafe fn gemm(
+        level: Level,
+        (m, n, k): (usize, usize, usize),
+        (dst, dst_cs, dst_rs): (*mut f32, isize, isize),
+        read_dst: bool,
+        (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
+        (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+        par: Parallelism,
+    ) {
+        debug_assert!(dst_cs >= 0 && dst_rs >= 0 && lhs_cs >= 0 && lhs_rs >= 0);
+        debug_assert!(rhs_cs >= 0 && rhs_rs >= 0);
+        // As gemm::gemm: a destination with unit column stride is computed as its transpose.
+        let (m, n, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs) = if dst_cs < dst_rs {
+            (
+                n, m, dst_rs, dst_cs, rhs, rhs_rs, rhs_cs, lhs, lhs_rs, lhs_cs,
+            )
+        } else {
+            (
+                m, n, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
+            )
+        };
+        let fma = |a: f32, b: f32, c: f32| a * b + c;
+        match level {
+            Level::V3 => {
+                use gemm_f32::microkernel::fma::f32 as uk;
+                gemm_basic_generic::<
+                    V3,
+                    f32,
+                    8,
+                    { uk::MR_DIV_N * 8 },
+                    { uk::NR },
+                    { uk::MR_DIV_N },
+                    { uk::H_M },
+                    { uk::H_N },
+                >(
+                    <V3 as MixedSimd<f32, f32, f32, f32>>::try_new().expect("AVX2 and FMA"),
+                    m,
+                    n,
+                    k,
+                    dst,
+                    dst_cs,
+                    dst_rs,
+                    read_dst,
+                    lhs,
+                    lhs_cs,
+                    lhs_rs,
+                    rhs,
+                    rhs_cs,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    fma,
+                    &uk::UKR,
+                    &uk::H_UKR,
+                    false,
+                    par,
+                )
+            }
+            Level::Base => {
+                use gemm_f32::microkernel::scalar::f32 as uk;
+                gemm_basic_generic::<
+                    Scalar,
+                    f32,
+                    1,
+                    { uk::MR_DIV_N },
+                    { uk::NR },
+                    { uk::MR_DIV_N },
+                    { uk::H_M },
+                    { uk::H_N },
+                >(
+                    <Scalar as MixedSimd<f32, f32, f32, f32>>::try_new().expect("scalar"),
+                    m,
+                    n,
+                    k,
+                    dst,
+                    dst_cs,
+                    dst_rs,
+                    read_dst,
+                    lhs,
+                    lhs_cs,
+                    lhs_rs,
+                    rhs,
+                    rhs_cs,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    fma,
+                    &uk::UKR,
+                    &uk::H_UKR,
+                    false,
+                    par,
+                )
+            }
+            Level::V4 => unreachable!("gemm is only capped below AVX-512"),
+        }
+    }
 }
 
 /// Runs `out = op(a) @ op(b)` (strided, as [`gemm_raw`]) over the pool when it is big enough to
@@ -856,6 +1010,102 @@ mod tests {
             }
         }
         out
+    }
+
+    /// `gemm` capped to each level below AVX-512 this CPU has (what `KILN_SIMD=avx2` / `base` run)
+    /// computes the product, for every transpose, accumulating or not, sizes around its register
+    /// blocks and both threadings; and on the AVX2 level it is exactly what `gemm` gives on an
+    /// AVX2-only CPU, i.e. its own choice where the CPU has no AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn capped_gemm_matches_reference_on_every_lower_level() {
+        let mut rng = rng(9);
+        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        let levels = [(simd::Level::V3, avx2), (simd::Level::Base, true)];
+        for (level, present) in levels {
+            if !present {
+                continue;
+            }
+            for &(m, k, n) in &[(1, 1, 1), (7, 33, 5), (64, 48, 70), (130, 257, 95)] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let a = randn(&mut rng, m * k, 1.0);
+                    let b = randn(&mut rng, k * n, 1.0);
+                    let init = randn(&mut rng, m * n, 1.0);
+                    let want = naive(&a, &b, m, k, n, ta, tb);
+                    let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+                    let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+                    for acc in [false, true] {
+                        for par in [Parallelism::None, Parallelism::Rayon(2)] {
+                            let mut out = init.clone();
+                            // SAFETY: the strides describe the m x k, k x n and m x n buffers.
+                            unsafe {
+                                capped::gemm(
+                                    level,
+                                    (m, n, k),
+                                    (out.as_mut_ptr(), 1, n as isize),
+                                    acc,
+                                    (a.as_ptr(), a_cs as isize, a_rs as isize),
+                                    (b.as_ptr(), b_cs as isize, b_rs as isize),
+                                    par,
+                                )
+                            };
+                            for (i, (&got, &w)) in out.iter().zip(&want).enumerate() {
+                                let w = if acc { w + init[i] as f64 } else { w };
+                                let tol = 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt();
+                                assert!(
+                                    (got as f64 - w).abs() <= tol,
+                                    "{level:?} {m}x{k}x{n} ta={ta} tb={tb} acc={acc}: [{i}] {got} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !std::is_x86_feature_detected!("avx512f") && avx2 {
+            // No AVX-512: what gemm picks itself must be the capped AVX2 path, bit for bit.
+            let (m, k, n) = (70, 90, 60);
+            let a = randn(&mut rng, m * k, 1.0);
+            let b = randn(&mut rng, k * n, 1.0);
+            let (mut own, mut capped) = (vec![0.0; m * n], vec![0.0; m * n]);
+            // SAFETY: as above.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    own.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+                capped::gemm(
+                    simd::Level::V3,
+                    (m, n, k),
+                    (capped.as_mut_ptr(), 1, n as isize),
+                    false,
+                    (a.as_ptr(), 1, k as isize),
+                    (b.as_ptr(), 1, n as isize),
+                    Parallelism::None,
+                );
+            }
+            assert!(own
+                .iter()
+                .zip(&capped)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
     }
 
     /// The product cut into one part per thread (along rows or columns) gives the single-threaded
