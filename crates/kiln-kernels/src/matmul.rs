@@ -143,84 +143,52 @@ mod capped {
                 m, n, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
             )
         };
-        let fma = |a: f32, b: f32, c: f32| a * b + c;
+        // One call for either level: gemm's microkernels for `$simd` (`$lanes` f32 a vector).
+        macro_rules! run {
+            ($simd:ty, $lanes:literal, $uk:path) => {{
+                use $uk as uk;
+                let simd = <$simd as MixedSimd<f32, f32, f32, f32>>::try_new()
+                    .expect("the capped level is one this CPU has");
+                gemm_basic_generic::<
+                    $simd,
+                    f32,
+                    $lanes,
+                    { uk::MR_DIV_N * $lanes },
+                    { uk::NR },
+                    { uk::MR_DIV_N },
+                    { uk::H_M },
+                    { uk::H_N },
+                >(
+                    simd,
+                    m,
+                    n,
+                    k,
+                    dst,
+                    dst_cs,
+                    dst_rs,
+                    read_dst,
+                    lhs,
+                    lhs_cs,
+                    lhs_rs,
+                    rhs,
+                    rhs_cs,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    |a: f32, b: f32, c: f32| a * b + c,
+                    &uk::UKR,
+                    &uk::H_UKR,
+                    false,
+                    par,
+                )
+            }};
+        }
         match level {
-            Level::V3 => {
-                use gemm_f32::microkernel::fma::f32 as uk;
-                gemm_basic_generic::<
-                    V3,
-                    f32,
-                    8,
-                    { uk::MR_DIV_N * 8 },
-                    { uk::NR },
-                    { uk::MR_DIV_N },
-                    { uk::H_M },
-                    { uk::H_N },
-                >(
-                    <V3 as MixedSimd<f32, f32, f32, f32>>::try_new().expect("AVX2 and FMA"),
-                    m,
-                    n,
-                    k,
-                    dst,
-                    dst_cs,
-                    dst_rs,
-                    read_dst,
-                    lhs,
-                    lhs_cs,
-                    lhs_rs,
-                    rhs,
-                    rhs_cs,
-                    rhs_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    fma,
-                    &uk::UKR,
-                    &uk::H_UKR,
-                    false,
-                    par,
-                )
-            }
-            Level::Base => {
-                use gemm_f32::microkernel::scalar::f32 as uk;
-                gemm_basic_generic::<
-                    Scalar,
-                    f32,
-                    1,
-                    { uk::MR_DIV_N },
-                    { uk::NR },
-                    { uk::MR_DIV_N },
-                    { uk::H_M },
-                    { uk::H_N },
-                >(
-                    <Scalar as MixedSimd<f32, f32, f32, f32>>::try_new().expect("scalar"),
-                    m,
-                    n,
-                    k,
-                    dst,
-                    dst_cs,
-                    dst_rs,
-                    read_dst,
-                    lhs,
-                    lhs_cs,
-                    lhs_rs,
-                    rhs,
-                    rhs_cs,
-                    rhs_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    fma,
-                    &uk::UKR,
-                    &uk::H_UKR,
-                    false,
-                    par,
-                )
-            }
+            Level::V3 => run!(V3, 8, gemm_f32::microkernel::fma::f32),
+            Level::Base => run!(Scalar, 1, gemm_f32::microkernel::scalar::f32),
             Level::V4 => unreachable!("gemm is only capped below AVX-512"),
         }
     }
