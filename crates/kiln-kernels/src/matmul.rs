@@ -331,12 +331,14 @@ pub(crate) mod skinny {
         // On AMD Zen 4 (one 512-bit FMA a cycle, against two on the Xeon, so re-reading `b` from
         // L2 for each group of 4 rows costs less than gemm's packing) a plain `b` up to 16 rows:
         // `kiln bench generate` batch 8 / 16, 3 rounds alternately: 943-972 -> 991-1125 and
-        // 1238-1414 -> 1322-1531 tok/s.
+        // 1238-1414 -> 1322-1531 tok/s. On AMD Zen 3 (AVX2 only) likewise: batch 16 501-552 ->
+        // 661-707 tok/s, batch 4 249-261 -> 264-285 (2 rounds alternately; gemm at 16 rows of a
+        // 384 x 1152 weight 64 GFLOP/s hot, this kernel 81).
         let small_b = k * n < 1 << 18;
         let max_rows = match (path, trans_b) {
             (_, true) => MAX_ROWS,
             _ if small_b => MAX_ROWS,
-            (Path::Avx512, false) if crate::simd::amd() => MAX_ROWS,
+            (_, false) if crate::simd::amd() => MAX_ROWS,
             (Path::Avx512, false) => 4,
             (Path::Avx2, false) => 1,
         };
