@@ -335,12 +335,10 @@ pub(crate) mod skinny {
         // 661-707 tok/s, batch 4 249-261 -> 264-285 (2 rounds alternately; gemm at 16 rows of a
         // 384 x 1152 weight 64 GFLOP/s hot, this kernel 81).
         let small_b = k * n < 1 << 18;
-        let max_rows = match (path, trans_b) {
-            (_, true) => MAX_ROWS,
-            _ if small_b => MAX_ROWS,
-            (_, false) if crate::simd::amd() => MAX_ROWS,
-            (Path::Avx512, false) => 4,
-            (Path::Avx2, false) => 1,
+        let max_rows = match path {
+            _ if trans_b || small_b || crate::simd::amd() => MAX_ROWS,
+            Path::Avx512 => 4,
+            Path::Avx2 => 1,
         };
         if m > max_rows {
             return false;
