@@ -15,6 +15,13 @@ use crate::simd::{self, SyncPtr};
 /// product is a blocked one (`gemm`, or the packed f32 panels of batched decoding).
 pub const SKINNY_ROWS: usize = skinny::MAX_ROWS;
 
+/// Most rows a product by a plain-layout `[k, n]` weight takes the skinny kernel with on this CPU
+/// (at most [`SKINNY_ROWS`]; 0 where it has none): batched decoding of more rows is better off on
+/// packed panels than on `gemm`, which repacks the weight on every call.
+pub fn skinny_rows(k: usize, n: usize) -> usize {
+    skinny::rows_for(k, n)
+}
+
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PAR_THRESHOLD: usize = 64 * 64 * 64;
 
@@ -334,17 +341,32 @@ pub(crate) mod skinny {
         // 1238-1414 -> 1322-1531 tok/s. On AMD Zen 3 (AVX2 only) likewise: batch 16 501-552 ->
         // 661-707 tok/s, batch 4 249-261 -> 264-285 (2 rounds alternately; gemm at 16 rows of a
         // 384 x 1152 weight 64 GFLOP/s hot, this kernel 81).
-        let small_b = k * n < 1 << 18;
-        let max_rows = match path {
-            _ if trans_b || small_b || crate::simd::amd() => MAX_ROWS,
-            Path::Avx512 => 4,
-            Path::Avx2 => 1,
-        };
-        if m > max_rows {
+        if m > max_rows(path, trans_b, small(k, n)) {
             return false;
         }
         matmul_on(path, out, a, b, m, k, n, trans_b, accumulate);
         true
+    }
+
+    /// Most rows [`matmul`] takes on `path`, for a transposed `b` or not, and a `b` under 1 MiB
+    /// (`small_b`) or not.
+    fn max_rows(path: Path, trans_b: bool, small_b: bool) -> usize {
+        match path {
+            _ if trans_b || small_b || crate::simd::amd() => MAX_ROWS,
+            Path::Avx512 => 4,
+            Path::Avx2 => 1,
+        }
+    }
+
+    /// Most rows of a product by a plain-layout `[k, n]` `b` [`matmul`] takes on this CPU (0 where
+    /// it has no vector path).
+    pub(crate) fn rows_for(k: usize, n: usize) -> usize {
+        Path::best().map_or(0, |path| max_rows(path, false, small(k, n)))
+    }
+
+    /// A `b` too small (under 1 MiB) for gemm's packing to pay.
+    fn small(k: usize, n: usize) -> bool {
+        k * n < 1 << 18
     }
 
     /// [`matmul`] on a given path (which must be available), for tests that compare the paths.

@@ -550,16 +550,18 @@ pub fn generate_rows_with<R: Rng>(
 const PREFILL_TOKENS: usize = 4096;
 
 /// The f32 panels a decode of `rows` rows multiplies by, packed for the call, if any: decoding more
-/// rows than the skinny kernel takes, the model's f32 matrices are packed into the panels of
-/// [`PackedFormat::F32`] (the same values, laid out for the register tiles), where `gemm` repacked
-/// every weight on every step (a fifth of a 64-row rollout). Packed weights the caller gave, or a
-/// frozen packed base, are used as they are.
+/// rows than the skinny kernel takes for the model's MLP weight (its largest plain matrix), the
+/// model's f32 matrices are packed into the panels of [`PackedFormat::F32`] (the same values, laid
+/// out for the register tiles), where `gemm` repacked every weight on every step (a fifth of a
+/// 64-row rollout; on an AVX-512 Xeon batch 8 and 16 run 1.3x faster on the panels). Packed
+/// weights the caller gave, or a frozen packed base, are used as they are.
 pub fn decode_panels(
     model: &Model,
     packed: Option<&PackedWeights>,
     rows: usize,
 ) -> Option<PackedWeights> {
-    (packed.is_none() && model.base.is_none() && rows > k::matmul::SKINNY_ROWS)
+    let skinny = k::matmul::skinny_rows(model.cfg.n_embd, model.cfg.ffn());
+    (packed.is_none() && model.base.is_none() && rows > skinny)
         .then(|| PackedWeights::new(model, PackedFormat::F32))
 }
 
@@ -610,8 +612,8 @@ fn decode(
             }
         }
     }
-    let panels = decode_panels(model, packed, rows);
-    let packed = packed.or(panels.as_ref());
+    // Packed after the first tokens are chosen, so the time to the first token does not wait for it.
+    let mut panels: Option<Option<PackedWeights>> = None;
     let mut out = vec![Vec::new(); rows];
     let mut active: Vec<usize> = (0..rows).collect();
     for _ in 0..opts.max_new_tokens {
@@ -630,7 +632,9 @@ fn decode(
         if active.is_empty() {
             break;
         }
-        let l = model.forward_cached_with(packed, &mut cache, &active, &step_tokens, 1);
+        let panels = panels.get_or_insert_with(|| decode_panels(model, packed, rows));
+        let weights = packed.or(panels.as_ref());
+        let l = model.forward_cached_with(weights, &mut cache, &active, &step_tokens, 1);
         for (i, &r) in active.iter().enumerate() {
             next_logits[r * v..(r + 1) * v].copy_from_slice(&l[i * v..(i + 1) * v]);
         }
