@@ -420,13 +420,8 @@ pub(crate) mod tiled {
             local.resize(lh * lw, 0.0);
             // out^T[r0 + i, c0 + j] is out[c0 + j, r0 + i]; out has n = cm columns.
             if accumulate {
-                for j in 0..w {
-                    // SAFETY: row c0 + j < m of out, columns r0..r0 + h <= n; disjoint per task.
-                    let src = unsafe { std::slice::from_raw_parts(out.add((c0 + j) * n + r0), h) };
-                    for (i, &v) in src.iter().enumerate() {
-                        local[i * lw + j] = v;
-                    }
-                }
+                // SAFETY: rows c0..c0 + w <= m of out, columns r0..r0 + h <= n; disjoint per task.
+                unsafe { transpose(local.as_mut_ptr(), lw, out.add(c0 * n + r0), n, w, h) };
             }
             // SAFETY: as above; `local` holds every tile of the block.
             unsafe {
@@ -461,6 +456,37 @@ pub(crate) mod tiled {
         PACK.with(|p| *p.borrow_mut() = (pa, pb));
     }
 
+    /// `dst[j, i] = src[i, j]` for `i < h`, `j < w` (row strides `ld_dst`, `ld_src`): a swapped
+    /// product's block of out^T to and from `out`. 16 x 16 blocks in registers where AVX-512 is
+    /// there (every CPU with either engine has it): the element-by-element loop read `src` a column
+    /// at a time, one cache line per element.
+    ///
+    /// # Safety
+    /// `src` must be valid for `h` rows of `w` and `dst` for `w` rows of `h` at their strides,
+    /// not overlapping.
+    unsafe fn transpose(
+        dst: *mut f32,
+        ld_dst: usize,
+        src: *const f32,
+        ld_src: usize,
+        h: usize,
+        w: usize,
+    ) {
+        let (mut i0, mut j0) = (0, 0);
+        if std::is_x86_feature_detected!("avx512f") {
+            (i0, j0) = (h / 16 * 16, w / 16 * 16);
+            fast::transpose_blocks(dst, ld_dst, src, ld_src, i0, j0);
+        }
+        // What the blocks leave: the bottom rows (all columns), then the right columns.
+        for (rows, cols) in [(i0..h, 0..w), (0..i0, j0..w)] {
+            for i in rows {
+                for j in cols.clone() {
+                    *dst.add(j * ld_dst + i) = *src.add(i * ld_src + j);
+                }
+            }
+        }
+    }
+
     /// [`pack_a`], with the AVX512-BF16 conversions where the CPU has them.
     fn pack_a_any(dst: &mut [u16], a: &[f32], m: usize, k: usize, trans: bool, mi0: usize) {
         if dot_available() {
@@ -485,6 +511,33 @@ pub(crate) mod tiled {
     mod tests {
         use super::*;
         use crate::testutil::*;
+
+        /// The swapped product's transpose moves every element of the block, and nothing else,
+        /// for sizes around the 16 x 16 register blocks and padded strides.
+        #[test]
+        fn transpose_moves_every_element_and_nothing_else() {
+            for &(h, w) in &[
+                (1, 1),
+                (3, 17),
+                (16, 16),
+                (17, 16),
+                (16, 33),
+                (40, 35),
+                (64, 48),
+            ] {
+                let (ld_src, ld_dst) = (w + 3, h + 5);
+                let src: Vec<f32> = (0..h * ld_src).map(|i| i as f32).collect();
+                let mut dst = vec![-1.0f32; w * ld_dst];
+                // SAFETY: both buffers hold their rows at their strides.
+                unsafe { transpose(dst.as_mut_ptr(), ld_dst, src.as_ptr(), ld_src, h, w) };
+                for j in 0..w {
+                    for i in 0..ld_dst {
+                        let want = if i < h { src[i * ld_src + j] } else { -1.0 };
+                        assert_eq!(dst[j * ld_dst + i], want, "{h}x{w}: dst[{j}, {i}]");
+                    }
+                }
+            }
+        }
 
         /// The AVX512-BF16 packing writes the scalar packing's tiles bit for bit (full tiles,
         /// edge tiles, both layouts of each operand, several groups).
@@ -551,6 +604,33 @@ pub(crate) mod tiled {
                 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
             );
             _mm512_permutexvar_epi16(idx, both)
+        }
+
+        /// [`super::transpose`] of the whole 16 x 16 blocks of the top-left `h` x `w` (multiples
+        /// of 16).
+        ///
+        /// # Safety
+        /// AVX-512F; as [`super::transpose`].
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn transpose_blocks(
+            dst: *mut f32,
+            ld_dst: usize,
+            src: *const f32,
+            ld_src: usize,
+            h: usize,
+            w: usize,
+        ) {
+            for i in (0..h).step_by(16) {
+                for j in (0..w).step_by(16) {
+                    let mut rows = [_mm512_setzero_si512(); 16];
+                    for (r, v) in rows.iter_mut().enumerate() {
+                        *v = _mm512_loadu_si512(src.add((i + r) * ld_src + j).cast());
+                    }
+                    for (c, v) in transpose16(&rows).iter().enumerate() {
+                        _mm512_storeu_si512(dst.add((j + c) * ld_dst + i).cast(), *v);
+                    }
+                }
+            }
         }
 
         #[inline(always)]
