@@ -415,7 +415,7 @@ fn bench_generate(s: &Shape) -> Result<()> {
     let avg_len = s.prompt_tokens as f64 + s.new_tokens as f64 / 2.0;
     let kv = 2.0 * 4.0 * (cfg.n_layer * cfg.kv_heads() * cfg.head_size()) as f64 * avg_len;
     let step_bytes = weights as f64 + b as f64 * kv;
-    let bw = read_bandwidth();
+    let bw = kiln_kernels::profile::read_bandwidth();
     let bound_steps = bw / step_bytes;
     let steps_per_s = s.new_tokens as f64 / med;
     println!(
@@ -456,36 +456,6 @@ fn last_level_cache_bytes() -> Option<usize> {
             Some(num.parse::<usize>().ok()? * mult)
         })
         .max()
-}
-
-/// The machine's read bandwidth from memory (bytes/s): the best of 5 passes over 512 MiB (far
-/// beyond any cache), summed on every thread of the pool.
-pub fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let n = 512 << 20 >> 2;
-    let buf: Vec<f32> = (0..n).map(|i| (i & 0xff) as f32).collect();
-    let mut best = f64::MAX;
-    let mut check = 0.0f32;
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        let total: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                // 16 independent sums: the loop vectorises.
-                let mut acc = [0.0f32; 16];
-                for w in c.chunks_exact(16) {
-                    for (a, x) in acc.iter_mut().zip(w) {
-                        *a += x;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        best = best.min(t0.elapsed().as_secs_f64());
-        check += total;
-    }
-    std::hint::black_box(check);
-    (n * 4) as f64 / best
 }
 
 fn bench_tokenizer(a: &TokArgs) -> Result<()> {

@@ -9,33 +9,7 @@
 //! ROWS rows per product (batched decoding); LAYERS=1 HEAD=0 keeps the matrices in cache, which
 //! gives the kernel's own ceiling. Threads: RAYON_NUM_THREADS.
 use kiln_kernels::{PackedFormat, PackedLinear};
-use rayon::prelude::*;
 use std::time::Instant;
-
-/// Read bandwidth of the pool (bytes/s): best of 5 sums over 512 MiB.
-fn read_bandwidth() -> f64 {
-    let n = 512 << 20 >> 2;
-    let buf: Vec<f32> = (0..n).map(|i| (i & 0xff) as f32).collect();
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        let total: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0.0f32; 16];
-                for w in c.chunks_exact(16) {
-                    for (a, x) in acc.iter_mut().zip(w) {
-                        *a += x;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        best = best.min(t0.elapsed().as_secs_f64());
-        std::hint::black_box(total);
-    }
-    (n * 4) as f64 / best
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -95,7 +69,7 @@ fn main() {
         }
     });
     std::hint::black_box(&out);
-    let bw = read_bandwidth();
+    let bw = kiln_kernels::profile::read_bandwidth();
     println!(
         "threads={} rows={rows} format={fmt:?} products={} weights={:.1} MB best_ms={:.2} streamed_gb_per_s={:.1} gmac_per_s={:.1} read_gb_per_s={:.1} share={:.2}",
         rayon::current_num_threads(),

@@ -155,3 +155,33 @@ impl Drop for Span {
         }
     }
 }
+
+/// The machine's read bandwidth from memory (bytes/s): the best of 5 passes over 512 MiB (far
+/// beyond any cache), summed on every thread of the pool.
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = 512 << 20 >> 2;
+    let buf: Vec<f32> = (0..n).map(|i| (i & 0xff) as f32).collect();
+    let mut best = f64::MAX;
+    let mut check = 0.0f32;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // 16 independent sums: the loop vectorises.
+                let mut acc = [0.0f32; 16];
+                for w in c.chunks_exact(16) {
+                    for (a, x) in acc.iter_mut().zip(w) {
+                        *a += x;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        best = best.min(t0.elapsed().as_secs_f64());
+        check += total;
+    }
+    std::hint::black_box(check);
+    (n * 4) as f64 / best
+}
