@@ -458,7 +458,7 @@ pub(crate) mod tiled {
 
     /// `dst[j, i] = src[i, j]` for `i < h`, `j < w` (row strides `ld_dst`, `ld_src`): a swapped
     /// product's block of out^T to and from `out`. 16 x 16 blocks in registers where AVX-512 is
-    /// there (every CPU with either engine has it): the element-by-element loop read `src` a column
+    /// in use (every CPU with either engine has it): the element-by-element loop read `src` a column
     /// at a time, one cache line per element.
     ///
     /// # Safety
@@ -473,7 +473,8 @@ pub(crate) mod tiled {
         w: usize,
     ) {
         let (mut i0, mut j0) = (0, 0);
-        if std::is_x86_feature_detected!("avx512f") {
+        // The SIMD level, not the bare CPU flag: `KILN_SIMD=avx2` keeps this on the scalar loop too.
+        if simd::level() == simd::Level::V4 {
             (i0, j0) = (h / 16 * 16, w / 16 * 16);
             fast::transpose_blocks(dst, ld_dst, src, ld_src, i0, j0);
         }
