@@ -71,7 +71,8 @@ pub struct Shape {
 pub struct TrainBench {
     #[command(flatten)]
     shape: Shape,
-    /// Matmul arithmetic: f32, or bf16 (bf16 operands, f32 accumulation; AMX or AVX512-BF16).
+    /// Matmul arithmetic: f32, or bf16 (bf16 operands, f32 accumulation; AMX or AVX512-BF16;
+    /// attention's products too where the CPU has AVX512-BF16).
     #[arg(long, default_value = "f32")]
     precision: kiln_kernels::Precision,
     /// Train LoRA adapters of this rank on a frozen base instead of every weight (0: full).

@@ -253,7 +253,8 @@ struct TrainFlags {
     #[arg(long)]
     seed: Option<i64>,
     /// Matmul arithmetic: `f32` (default) or `bf16` (bf16 operands, f32 accumulation and
-    /// master weights; on AMX or AVX512-BF16, else f32). Same as `--set train.precision=...`.
+    /// master weights; on AMX or AVX512-BF16, else f32; attention's products too where the CPU
+    /// has AVX512-BF16). Same as `--set train.precision=...`.
     #[arg(long)]
     precision: Option<String>,
 }

@@ -2,10 +2,11 @@
 //! tokens, width 384, 6 heads of 64), multi-head and grouped-query (2 kv heads), median of reps.
 //!
 //! `cargo run --release -p kiln-kernels --example attention_bench [reps]` (threads: RAYON_NUM_THREADS;
-//! `T=1024` for another context length at the same 2,048 tokens, e.g. 2 x 1024).
+//! `T=1024` for another context length at the same 2,048 tokens, e.g. 2 x 1024; `PRECISION=bf16`
+//! for the bf16 products, which run where the CPU has AVX512-BF16).
 
-use kiln_kernels::attention::{attention_backward_gqa, attention_forward_gqa, AttnShape};
-use kiln_kernels::{attention_backward, attention_forward, AttnMask};
+use kiln_kernels::attention::{attention_backward_with, attention_forward_with, AttnShape};
+use kiln_kernels::{AttnMask, Precision};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -37,8 +38,11 @@ fn main() {
             })
             .collect()
     };
+    let prec: Precision = std::env::var("PRECISION")
+        .map(|p| p.parse().expect("PRECISION: f32 or bf16"))
+        .unwrap_or_default();
     println!(
-        "threads={} reps={reps} (median)",
+        "threads={} reps={reps} (median) precision={prec}",
         rayon::current_num_threads()
     );
     for nkv in [nh, 2] {
@@ -52,17 +56,9 @@ fn main() {
         let (mut tf, mut tb) = (Vec::new(), Vec::new());
         for _ in 0..reps + 1 {
             let t0 = Instant::now();
-            if nkv == nh {
-                attention_forward(&mut out, &mut att, &qkv, b, t, c, nh, &mask);
-            } else {
-                attention_forward_gqa(&mut out, &mut att, &qkv, b, t, shape, &mask);
-            }
+            attention_forward_with(prec, &mut out, &mut att, &qkv, b, t, shape, &mask);
             let t1 = Instant::now();
-            if nkv == nh {
-                attention_backward(&mut dqkv, &dout, &qkv, &att, b, t, c, nh, &mask);
-            } else {
-                attention_backward_gqa(&mut dqkv, &dout, &qkv, &att, b, t, shape, &mask);
-            }
+            attention_backward_with(prec, &mut dqkv, &dout, &qkv, &att, b, t, shape, &mask);
             tf.push((t1 - t0).as_secs_f64() * 1e3);
             tb.push(t1.elapsed().as_secs_f64() * 1e3);
         }

@@ -6,7 +6,9 @@
 //! the k and v sections to `nkv` heads. One rayon task per (batch, head) in the forward, per
 //! (batch, kv head) in the backward (whose query heads share dk/dv); inside it, query rows are
 //! processed in blocks of 64 with the register-tile products of [`tiles`], which only touch the
-//! keys some row of a tile may attend to (so causal attention does about half the work).
+//! keys some row of a tile may attend to (so causal attention does about half the work). Under
+//! `Precision::Bf16` on CPUs with AVX512-BF16 the products take bf16 pairs instead ([`pairs`]:
+//! `VDPBF16PS`, twice the multiply-adds of an f32 FMA); the softmax and its statistics stay f32.
 //!
 //! Flash-style memory: the `t × t` probabilities live only in a per-task scratch of one block of
 //! rows (in cache); the forward saves two numbers a query row (its largest scaled score and the
@@ -15,15 +17,44 @@
 //! instead of `O(b·nh·t²)` (at context 1024, 6 heads, batch 8: 0.4 MB instead of 200 MB).
 #![allow(clippy::too_many_arguments)]
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub(crate) mod pairs;
 pub(crate) mod tiles;
 
 use rayon::prelude::*;
 
 use crate::simd::{self, SyncPtr};
+use crate::Precision;
 use tiles::{Out, Path, Product, Trim};
 
 /// Query rows per block.
 const QB: usize = 64;
+
+/// How one call runs its products: f32 tiles on `path`, or with `bf16` the bf16 pairs of
+/// [`pairs`].
+#[derive(Clone, Copy, Debug)]
+struct Arith {
+    path: Path,
+    bf16: bool,
+}
+
+impl Arith {
+    fn f32(path: Path) -> Arith {
+        Arith { path, bf16: false }
+    }
+
+    /// The arithmetic `prec` asks for, on this CPU: bf16 products where AVX512-BF16 runs them
+    /// (elsewhere f32, also when bf16 is forced: see [`attention_forward_with`]).
+    fn for_precision(prec: Precision) -> Arith {
+        let path = Path::best();
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if prec == Precision::Bf16 && pairs::available() {
+            return Arith { path, bf16: true };
+        }
+        let _ = prec;
+        Arith::f32(path)
+    }
+}
 
 /// Floats the forward saves per query row for the backward (see [`attention_forward_gqa`]).
 pub const STATS_PER_ROW: usize = 2;
@@ -202,6 +233,32 @@ struct Scratch {
     dy_block: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// The bf16 products' operands (see [`pairs`]), when the call runs them.
+    words: Words,
+}
+
+/// bf16 pair operands of one task: the kv head's keys transposed (`kt`, the scores' B), values
+/// transposed (`vt`, dP's B, backward) and values (forward) or keys (backward) interleaved by pairs
+/// of rows (`rows`, the B of `P V` / `dS K`); a block's queries (`q`) and output gradients (`dy`),
+/// and its probabilities (forward) or dS (backward) (`a`), as rows of pairs; the backward's
+/// transposed key gradients' operands, a block's dY or Q (`ti`) and P or dS (`pi`) interleaved,
+/// and their sums `dK^T`, `dV^T` (`dkt`, `dvt`: `hs` rows at stride `tp`).
+#[derive(Default)]
+#[cfg_attr(
+    not(all(target_arch = "x86_64", target_os = "linux")),
+    allow(dead_code)
+)]
+struct Words {
+    kt: Vec<u32>,
+    vt: Vec<u32>,
+    rows: Vec<u32>,
+    q: Vec<u32>,
+    dy: Vec<u32>,
+    a: Vec<u32>,
+    ti: Vec<u32>,
+    pi: Vec<u32>,
+    dkt: Vec<f32>,
+    dvt: Vec<f32>,
 }
 
 thread_local! {
@@ -216,19 +273,39 @@ impl Scratch {
         SCRATCH.with(|s| f(&mut s.borrow_mut()))
     }
 
-    fn fit(&mut self, path: Path, t: usize, hs: usize, backward: bool) -> usize {
+    fn fit(&mut self, arith: Arith, t: usize, hs: usize, backward: bool) -> usize {
+        let path = arith.path;
         let tp = t.next_multiple_of(path.nr());
         let hp = hs.next_multiple_of(path.nr());
-        let grow = |v: &mut Vec<f32>, n: usize| {
+        fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
             if v.len() < n {
-                v.resize(n, 0.0);
+                v.resize(n, T::default());
             }
-        };
+        }
         grow(&mut self.p, QB * tp);
+        if backward {
+            grow(&mut self.ds, QB * tp);
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if arith.bf16 {
+            let w = &mut self.words;
+            grow(&mut w.kt, pairs::panel_words(t, hs));
+            grow(&mut w.rows, pairs::panel_words(hs, t));
+            grow(&mut w.q, QB * pairs::words(hs));
+            grow(&mut w.a, QB * pairs::words(tp));
+            if backward {
+                grow(&mut w.vt, pairs::panel_words(t, hs));
+                grow(&mut w.dy, QB * pairs::words(hs));
+                grow(&mut w.ti, pairs::panel_words(hs, QB));
+                grow(&mut w.pi, pairs::panel_words(tp, QB));
+                grow(&mut w.dkt, hs * tp);
+                grow(&mut w.dvt, hs * tp);
+            }
+            return tp;
+        }
         grow(&mut self.kt, hs * tp);
         grow(&mut self.rows, hp * t);
         if backward {
-            grow(&mut self.ds, QB * tp);
             grow(&mut self.vt, hs * tp);
             grow(&mut self.q_block, hp * QB);
             grow(&mut self.dy_block, hp * QB);
@@ -245,32 +322,52 @@ impl Scratch {
 ///
 /// # Safety
 /// `head.q` must cover rows `i0..i1`; `kt` holds the packed keys `0..klim` (see
-/// [`tiles::pack_transposed`]).
+/// [`tiles::pack_transposed`]), or under bf16 `words.kt` (see [`pairs::transposed`]).
 unsafe fn block_scores(
-    path: Path,
+    arith: Arith,
     p: &mut [f32],
     tp: usize,
     head: &Head,
     kt: &[f32],
+    words: &mut Words,
     (i0, i1, klim): (usize, usize, usize),
     seq: &Seq,
 ) {
-    let nr = path.nr();
+    let (path, nr) = (arith.path, arith.path.nr());
     let scale = 1.0 / (head.hs as f32).sqrt();
-    assert!(p.len() >= (i1 - i0) * tp && kt.len() >= klim.next_multiple_of(nr) * head.hs);
+    assert!(p.len() >= (i1 - i0) * tp);
+    let prod = Product {
+        m: i1 - i0,
+        n: klim,
+        k: head.hs,
+        trim: seq.trim(Trim::Cols(i0)),
+        padded: true,
+        out: Out::Store(scale),
+    };
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if arith.bf16 {
+        let hw = pairs::words(head.hs);
+        assert!(words.kt.len() >= pairs::panel_words(klim, head.hs));
+        pairs::rows(
+            &mut words.q,
+            hw,
+            head.q.add(i0 * head.rw),
+            head.rw,
+            i1 - i0,
+            head.hs,
+        );
+        let b = (words.kt.as_ptr(), hw * pairs::NR);
+        pairs::product((p.as_mut_ptr(), tp), (words.q.as_ptr(), hw, 1), b, prod);
+        return;
+    }
+    let _ = words;
+    assert!(kt.len() >= klim.next_multiple_of(nr) * head.hs);
     tiles::product(
         path,
         (p.as_mut_ptr(), tp),
         (head.q.add(i0 * head.rw), head.rw, 1),
         (kt.as_ptr(), nr, head.hs * nr),
-        Product {
-            m: i1 - i0,
-            n: klim,
-            k: head.hs,
-            trim: seq.trim(Trim::Cols(i0)),
-            padded: true,
-            out: Out::Store(scale),
-        },
+        prod,
     );
 }
 
@@ -286,12 +383,39 @@ pub fn attention_forward_gqa(
     shape: AttnShape,
     mask: &AttnMask,
 ) {
-    forward_on(Path::best(), out, stats, qkv, b, t, shape, mask)
+    forward_on(Arith::f32(Path::best()), out, stats, qkv, b, t, shape, mask)
 }
 
-/// [`attention_forward_gqa`] with the products on `path` (which must be available).
+/// [`attention_forward_gqa`] with the products in `prec`: under [`Precision::Bf16`], on a CPU with
+/// AVX512-BF16, the scores and the value sums take bf16 operands with f32 sums (as the bf16
+/// matmuls do; the softmax stays f32); elsewhere (no such hardware, even with `KILN_FORCE_BF16`)
+/// they stay f32. The backward must be given the same precision (it recomputes the forward's
+/// scores).
+pub fn attention_forward_with(
+    prec: Precision,
+    out: &mut [f32],
+    stats: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    shape: AttnShape,
+    mask: &AttnMask,
+) {
+    forward_on(
+        Arith::for_precision(prec),
+        out,
+        stats,
+        qkv,
+        b,
+        t,
+        shape,
+        mask,
+    )
+}
+
+/// [`attention_forward_gqa`] with the products in `arith` (whose path must be available).
 fn forward_on(
-    path: Path,
+    arith: Arith,
     out: &mut [f32],
     stats: &mut [f32],
     qkv: &[f32],
@@ -301,8 +425,8 @@ fn forward_on(
     mask: &AttnMask,
 ) {
     assert!(
-        path.available(),
-        "attention: {path:?} is not available on this CPU"
+        arith.path.available(),
+        "attention: {arith:?} is not available on this CPU"
     );
     let _span = crate::profile::span(crate::profile::Kind::Attention);
     shape.check();
@@ -342,7 +466,7 @@ fn forward_on(
                 // column blocks of `out`.
                 unsafe {
                     let y = out_ptr.get().add(bi * t * c + h * hs);
-                    forward_head(path, scratch, &seq, &head, stats_bh, (y, c), t);
+                    forward_head(arith, scratch, &seq, &head, stats_bh, (y, c), t);
                 }
             })
         });
@@ -354,7 +478,7 @@ fn forward_on(
 /// `head` must cover `t` rows of its sequence, `y` `t` rows of `hs` columns at stride `c`, which no
 /// other thread touches.
 unsafe fn forward_head(
-    path: Path,
+    arith: Arith,
     scratch: &mut Scratch,
     seq: &Seq,
     head: &Head,
@@ -362,15 +486,24 @@ unsafe fn forward_head(
     (y, c): (*mut f32, usize),
     t: usize,
 ) {
-    let (hs, rw) = (head.hs, head.rw);
-    let (tp, nr) = (scratch.fit(path, t, hs, false), path.nr());
-    tiles::pack_transposed(path, &mut scratch.kt, head.k, rw, seq.kmax, hs);
-    tiles::pack_rows(path, &mut scratch.rows, head.v, rw, seq.kmax, hs);
+    let (hs, rw, path) = (head.hs, head.rw, arith.path);
+    let (tp, nr) = (scratch.fit(arith, t, hs, false), path.nr());
+    if arith.bf16 {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            pairs::transposed(&mut scratch.words.kt, head.k, rw, seq.kmax, hs);
+            pairs::interleaved(&mut scratch.words.rows, head.v, rw, seq.kmax, hs);
+        }
+    } else {
+        tiles::pack_transposed(path, &mut scratch.kt, head.k, rw, seq.kmax, hs);
+        tiles::pack_rows(path, &mut scratch.rows, head.v, rw, seq.kmax, hs);
+    }
     for i0 in (0..t).step_by(QB) {
         let i1 = (i0 + QB).min(t);
         let klim = seq.block_keys(i1, t);
         let p = &mut scratch.p[..(i1 - i0) * tp];
-        block_scores(path, p, tp, head, &scratch.kt, (i0, i1, klim), seq);
+        let words = &mut scratch.words;
+        block_scores(arith, p, tp, head, &scratch.kt, words, (i0, i1, klim), seq);
         for i in i0..i1 {
             let row = &mut p[(i - i0) * tp..(i - i0) * tp + klim];
             let (live, dead) = row.split_at_mut(seq.row_keys(i, t));
@@ -380,19 +513,28 @@ unsafe fn forward_head(
             stats_bh[i * STATS_PER_ROW + 1] = inv;
         }
         // Y[i0..i1] = P[i0..i1, 0..klim] @ V[0..klim], straight into this head's columns.
+        let prod = Product {
+            m: i1 - i0,
+            n: hs,
+            k: klim,
+            trim: seq.trim(Trim::DepthEnd(i0)),
+            padded: false,
+            out: Out::Store(1.0),
+        };
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if arith.bf16 {
+            let aw = pairs::words(tp);
+            pairs::rows(&mut words.a, aw, p.as_ptr(), tp, i1 - i0, klim);
+            let b = (words.rows.as_ptr(), pairs::words(seq.kmax) * pairs::NR);
+            pairs::product((y.add(i0 * c), c), (words.a.as_ptr(), aw, 1), b, prod);
+            continue;
+        }
         tiles::product(
             path,
             (y.add(i0 * c), c),
             (p.as_ptr(), tp, 1),
             (scratch.rows.as_ptr(), nr, seq.kmax * nr),
-            Product {
-                m: i1 - i0,
-                n: hs,
-                k: klim,
-                trim: seq.trim(Trim::DepthEnd(i0)),
-                padded: false,
-                out: Out::Store(1.0),
-            },
+            prod,
         );
     }
 }
@@ -647,13 +789,50 @@ pub fn attention_backward_gqa(
     shape: AttnShape,
     mask: &AttnMask,
 ) {
-    backward_on(Path::best(), dqkv, dout, qkv, stats, b, t, shape, mask)
+    backward_on(
+        Arith::f32(Path::best()),
+        dqkv,
+        dout,
+        qkv,
+        stats,
+        b,
+        t,
+        shape,
+        mask,
+    )
 }
 
-/// [`attention_backward_gqa`] with the products on `path` (which must be available; the forward's
-/// statistics must come from the same path).
+/// [`attention_backward_gqa`] with the products in `prec` (the forward's, see
+/// [`attention_forward_with`]): under bf16 its five products (the recomputed scores, `dP = dY V^T`,
+/// `dQ = dS K`, and the key and value gradients, computed transposed) take bf16 operands.
+pub fn attention_backward_with(
+    prec: Precision,
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    stats: &[f32],
+    b: usize,
+    t: usize,
+    shape: AttnShape,
+    mask: &AttnMask,
+) {
+    backward_on(
+        Arith::for_precision(prec),
+        dqkv,
+        dout,
+        qkv,
+        stats,
+        b,
+        t,
+        shape,
+        mask,
+    )
+}
+
+/// [`attention_backward_gqa`] with the products in `arith` (whose path must be available; the
+/// forward's statistics must come from the same arithmetic).
 fn backward_on(
-    path: Path,
+    arith: Arith,
     dqkv: &mut [f32],
     dout: &[f32],
     qkv: &[f32],
@@ -664,9 +843,10 @@ fn backward_on(
     mask: &AttnMask,
 ) {
     assert!(
-        path.available(),
-        "attention: {path:?} is not available on this CPU"
+        arith.path.available(),
+        "attention: {arith:?} is not available on this CPU"
     );
+    let path = arith.path;
     let _span = crate::profile::span(crate::profile::Kind::Attention);
     shape.check();
     let AttnShape { nh, nkv, hs } = shape;
@@ -700,17 +880,32 @@ fn backward_on(
                 qkv[row0 + (nh + kvh) * hs..].as_ptr(),
                 qkv[row0 + (nh + nkv + kvh) * hs..].as_ptr(),
             );
-            let tp = scratch.fit(path, t, hs, true);
+            let tp = scratch.fit(arith, t, hs, true);
             // SAFETY (all pointer uses below): offsets stay inside this sequence and its heads,
             // covered by the asserts above; this task alone writes kv head `kvh`'s dk/dv columns
             // and its query heads' dq columns of sequence `bi`.
             unsafe {
-                tiles::pack_transposed(path, &mut scratch.kt, k, rw, seq.kmax, hs);
-                tiles::pack_transposed(path, &mut scratch.vt, v, rw, seq.kmax, hs);
-                tiles::pack_rows(path, &mut scratch.rows, k, rw, seq.kmax, hs);
+                if arith.bf16 {
+                    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                    {
+                        let w = &mut scratch.words;
+                        pairs::transposed(&mut w.kt, k, rw, seq.kmax, hs);
+                        pairs::transposed(&mut w.vt, v, rw, seq.kmax, hs);
+                        pairs::interleaved(&mut w.rows, k, rw, seq.kmax, hs);
+                    }
+                } else {
+                    tiles::pack_transposed(path, &mut scratch.kt, k, rw, seq.kmax, hs);
+                    tiles::pack_transposed(path, &mut scratch.vt, v, rw, seq.kmax, hs);
+                    tiles::pack_rows(path, &mut scratch.rows, k, rw, seq.kmax, hs);
+                }
                 let base = dqkv_ptr.get().add(row0);
-                scratch.dk[..seq.kmax * hs].fill(0.0);
-                scratch.dv[..seq.kmax * hs].fill(0.0);
+                if arith.bf16 {
+                    scratch.words.dkt[..hs * tp].fill(0.0);
+                    scratch.words.dvt[..hs * tp].fill(0.0);
+                } else {
+                    scratch.dk[..seq.kmax * hs].fill(0.0);
+                    scratch.dv[..seq.kmax * hs].fill(0.0);
+                }
                 for h in kvh * group..(kvh + 1) * group {
                     let bh = bi * nh + h;
                     let head = Head {
@@ -726,7 +921,16 @@ fn backward_on(
                         dq: base.add(h * hs),
                     };
                     let stats_bh = &stats[bh * t * STATS_PER_ROW..(bh + 1) * t * STATS_PER_ROW];
-                    head_backward(path, scratch, tp, &seq, stats_bh, &head, &grads, t);
+                    head_backward(arith, scratch, tp, &seq, stats_bh, &head, &grads, t);
+                }
+                #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                if arith.bf16 {
+                    // The group's dK^T / dV^T, transposed into their qkv columns.
+                    let w = &scratch.words;
+                    for (sum, col) in [(&w.dkt, nh + kvh), (&w.dvt, nh + nkv + kvh)] {
+                        pairs::add_transposed(base.add(col * hs), rw, sum, tp, hs, seq.kmax);
+                    }
+                    return;
                 }
                 // The group's dk / dv, summed in contiguous rows, into their qkv columns.
                 for (sum, col) in [(&scratch.dk, nh + kvh), (&scratch.dv, nh + nkv + kvh)] {
@@ -755,7 +959,7 @@ struct Grads {
 /// The pointers must cover `t` rows of `hs` columns at their strides, and no other thread may
 /// access `dq` during the call.
 unsafe fn head_backward(
-    path: Path,
+    arith: Arith,
     scratch: &mut Scratch,
     tp: usize,
     seq: &Seq,
@@ -764,7 +968,8 @@ unsafe fn head_backward(
     g: &Grads,
     t: usize,
 ) {
-    let (hs, rw, nr) = (head.hs, head.rw, path.nr());
+    let (hs, rw, path) = (head.hs, head.rw, arith.path);
+    let nr = path.nr();
     let scale = 1.0 / (hs as f32).sqrt();
     let Scratch {
         p,
@@ -776,6 +981,7 @@ unsafe fn head_backward(
         dy_block,
         dk,
         dv,
+        words,
     } = scratch;
     for i0 in (0..t).step_by(QB) {
         let i1 = (i0 + QB).min(t);
@@ -785,10 +991,12 @@ unsafe fn head_backward(
             continue; // no query here attends to anything: no gradient flows
         }
         let (p, ds) = (&mut p[..m * tp], &mut ds[..m * tp]);
-        tiles::pack_rows(path, q_block, head.q.add(i0 * rw), rw, m, hs);
-        tiles::pack_rows(path, dy_block, g.dy.add(i0 * g.c), g.c, m, hs);
+        if !arith.bf16 {
+            tiles::pack_rows(path, q_block, head.q.add(i0 * rw), rw, m, hs);
+            tiles::pack_rows(path, dy_block, g.dy.add(i0 * g.c), g.c, m, hs);
+        }
         // P[i0..i1, 0..klim], as the forward had it.
-        block_scores(path, p, tp, head, kt, (i0, i1, klim), seq);
+        block_scores(arith, p, tp, head, kt, words, (i0, i1, klim), seq);
         for i in i0..i1 {
             let row = &mut p[(i - i0) * tp..(i - i0) * tp + klim];
             let (live, dead) = row.split_at_mut(seq.row_keys(i, t));
@@ -797,20 +1005,34 @@ unsafe fn head_backward(
             dead.fill(0.0);
         }
         // dP[i0..i1, 0..klim] = dY[i0..i1] @ V[0..klim]^T
-        tiles::product(
-            path,
-            (ds.as_mut_ptr(), tp),
-            (g.dy.add(i0 * g.c), g.c, 1),
-            (vt.as_ptr(), nr, hs * nr),
-            Product {
-                m,
-                n: klim,
-                k: hs,
-                trim: seq.trim(Trim::Cols(i0)),
-                padded: true,
-                out: Out::Store(1.0),
-            },
-        );
+        let prod = Product {
+            m,
+            n: klim,
+            k: hs,
+            trim: seq.trim(Trim::Cols(i0)),
+            padded: true,
+            out: Out::Store(1.0),
+        };
+        let dp_bf16 = {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            if arith.bf16 {
+                let hw = pairs::words(hs);
+                pairs::rows(&mut words.dy, hw, g.dy.add(i0 * g.c), g.c, m, hs);
+                let b = (words.vt.as_ptr(), hw * pairs::NR);
+                pairs::product((ds.as_mut_ptr(), tp), (words.dy.as_ptr(), hw, 1), b, prod);
+            }
+            arith.bf16
+        };
+        if !dp_bf16 {
+            let a = (g.dy.add(i0 * g.c), g.c, 1);
+            tiles::product(
+                path,
+                (ds.as_mut_ptr(), tp),
+                a,
+                (vt.as_ptr(), nr, hs * nr),
+                prod,
+            );
+        }
         // Softmax backward, row by row: dS = P * (dP - sum(P * dP)) * scale (zero where masked).
         for i in i0..i1 {
             let at = (i - i0) * tp;
@@ -818,26 +1040,93 @@ unsafe fn head_backward(
             softmax_backward_row(&mut ds[at..at + lim], &p[at..at + lim], scale);
             ds[at + lim..at + klim].fill(0.0);
         }
-        // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1]
+        // dV[0..klim] += P[i0..i1, 0..klim]^T @ dY[i0..i1] (under bf16 as dV^T += dY^T P)
         let key_trim = seq.trim(Trim::DepthStart(i0));
-        add_key_grads(path, dv, (p, tp), dy_block, (m, klim, hs), key_trim);
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let trim_t = seq.trim(Trim::ColsStart(i0));
+        if arith.bf16 {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                let (x, a) = ((g.dy.add(i0 * g.c), g.c), (p.as_ptr(), tp));
+                let ops = (&mut words.ti[..], &mut words.pi[..]);
+                key_grads_t(&mut words.dvt, tp, ops, x, a, (m, klim, hs), trim_t);
+            }
+        } else {
+            add_key_grads(path, dv, (p, tp), dy_block, (m, klim, hs), key_trim);
+        }
         // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
-        tiles::product(
-            path,
-            (g.dq.add(i0 * rw), rw),
-            (ds.as_ptr(), tp, 1),
-            (k_rows.as_ptr(), nr, seq.kmax * nr),
+        let prod = Product {
+            m,
+            n: hs,
+            k: klim,
+            trim: seq.trim(Trim::DepthEnd(i0)),
+            padded: false,
+            out: Out::Add,
+        };
+        let dq_bf16 = {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            if arith.bf16 {
+                let aw = pairs::words(tp);
+                pairs::rows(&mut words.a, aw, ds.as_ptr(), tp, m, klim);
+                let b = (words.rows.as_ptr(), pairs::words(seq.kmax) * pairs::NR);
+                pairs::product((g.dq.add(i0 * rw), rw), (words.a.as_ptr(), aw, 1), b, prod);
+            }
+            arith.bf16
+        };
+        if !dq_bf16 {
+            let b = (k_rows.as_ptr(), nr, seq.kmax * nr);
+            tiles::product(path, (g.dq.add(i0 * rw), rw), (ds.as_ptr(), tp, 1), b, prod);
+        }
+        // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1] (under bf16 as dK^T += Q^T dS)
+        if arith.bf16 {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                let (x, a) = ((head.q.add(i0 * rw), rw), (ds.as_ptr(), tp));
+                let ops = (&mut words.ti[..], &mut words.pi[..]);
+                key_grads_t(&mut words.dkt, tp, ops, x, a, (m, klim, hs), trim_t);
+            }
+        } else {
+            add_key_grads(path, dk, (ds, tp), q_block, (m, klim, hs), key_trim);
+        }
+    }
+}
+
+/// `D^T[.., 0..klim] += X[i0..i1]^T @ A[i0..i1, 0..klim]` in bf16 pairs: a kv head's transposed
+/// gradient (`dV^T` from dY and P, `dK^T` from Q and dS) at row stride `tp`, from a block's `m`
+/// rows of X (`hs` wide, at stride `x_rs`) and of A (`klim` wide, at `a_rs`), both interleaved by
+/// pairs of rows into `ti` / `pi` (X's panels then read transposed as the A operand).
+///
+/// # Safety
+/// AVX512-BF16; the pointers must cover the block's rows.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+unsafe fn key_grads_t(
+    dt: &mut [f32],
+    tp: usize,
+    (ti, pi): (&mut [u32], &mut [u32]),
+    (x, x_rs): (*const f32, usize),
+    (a, a_rs): (*const f32, usize),
+    (m, klim, hs): (usize, usize, usize),
+    trim: Trim,
+) {
+    use pairs::NR;
+    assert!(dt.len() >= hs * tp && klim <= tp);
+    pairs::interleaved(ti, x, x_rs, m, hs);
+    pairs::interleaved(pi, a, a_rs, m, klim);
+    let ps = pairs::words(m) * NR;
+    for c0 in (0..hs).step_by(NR) {
+        pairs::product(
+            (dt.as_mut_ptr().add(c0 * tp), tp),
+            (ti.as_ptr().add(c0 / NR * ps), 1, NR),
+            (pi.as_ptr(), ps),
             Product {
-                m,
-                n: hs,
-                k: klim,
-                trim: seq.trim(Trim::DepthEnd(i0)),
-                padded: false,
+                m: (hs - c0).min(NR),
+                n: klim,
+                k: m,
+                trim,
+                padded: true,
                 out: Out::Add,
             },
         );
-        // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1]
-        add_key_grads(path, dk, (ds, tp), q_block, (m, klim, hs), key_trim);
     }
 }
 
@@ -910,7 +1199,7 @@ mod tests {
         let (rw, group) = (shape.qkv_row(), shape.group());
         let path = Path::best();
         let mut scratch = Scratch::default();
-        let tp = scratch.fit(path, t, hs, false);
+        let tp = scratch.fit(Arith::f32(path), t, hs, false);
         let mut att = vec![0.0f32; b * nh * t * t];
         for bi in 0..b {
             let seq = Seq::new(mask, bi, t);
@@ -930,7 +1219,20 @@ mod tests {
                     let i1 = (i0 + QB).min(t);
                     let klim = seq.block_keys(i1, t);
                     let p = &mut scratch.p[..(i1 - i0) * tp];
-                    unsafe { block_scores(path, p, tp, &head, &scratch.kt, (i0, i1, klim), &seq) };
+                    let words = &mut scratch.words;
+                    let arith = Arith::f32(path);
+                    unsafe {
+                        block_scores(
+                            arith,
+                            p,
+                            tp,
+                            &head,
+                            &scratch.kt,
+                            words,
+                            (i0, i1, klim),
+                            &seq,
+                        )
+                    };
                     for i in i0..i1 {
                         let row = &mut p[(i - i0) * tp..][..klim];
                         let lim = seq.row_keys(i, t);
@@ -1455,17 +1757,37 @@ mod tests {
         d
     }
 
-    /// Every product path this CPU offers, at head sizes that fill whole register tiles (64) and
-    /// leave a column tail (80), over several query blocks, multi-head and grouped-query, causal
-    /// with padding and bidirectional with segments: forward and backward against f64.
+    /// Every product path this CPU offers (f32 tiles on each instruction set, and bf16 pairs where
+    /// AVX512-BF16 runs them), at head sizes that fill whole register tiles (64) and leave a column
+    /// tail (80; 37 is odd, so the bf16 pairs end in a padded one), over several query blocks,
+    /// multi-head and grouped-query, causal with padding and bidirectional with segments: forward
+    /// and backward against f64. bf16 within its rounding (operands to 8 bits of mantissa), and
+    /// not the f32 result (so its products did run).
     #[test]
     fn every_path_of_this_cpu_matches_reference() {
         let mut rng = rng(41);
         let (b, t) = (2, 2 * QB + 21);
         let kv: Vec<bool> = (0..b * t).map(|i| i % t < t - 7 && i != t + 3).collect();
         let seg: Vec<u32> = (0..b * t).map(|i| (i / 50) as u32).collect();
-        for path in Path::ALL.into_iter().filter(|p| p.available()) {
-            for (hs, nh, nkv, causal) in [(64, 2, 2, true), (80, 4, 2, true), (64, 3, 1, false)] {
+        let mut ariths: Vec<(Arith, f64, f64)> = Path::ALL
+            .into_iter()
+            .filter(|p| p.available())
+            .map(|p| (Arith::f32(p), 1e-5, 1e-4))
+            .collect();
+        let bf16 = Arith::for_precision(Precision::Bf16);
+        if bf16.bf16 {
+            ariths.push((bf16, 1e-2, 1e-2));
+        } else {
+            eprintln!("bf16 attention products not run: no AVX512-BF16");
+        }
+        for (arith, tol_out, tol_grad) in ariths {
+            let path = arith.path;
+            for (hs, nh, nkv, causal) in [
+                (64, 2, 2, true),
+                (80, 4, 2, true),
+                (64, 3, 1, false),
+                (37, 2, 1, true),
+            ] {
                 let case = Case {
                     b,
                     t,
@@ -1481,14 +1803,23 @@ mod tests {
                 let dout = randn(&mut rng, b * t * case.c, 1.0);
                 let mut out = vec![f32::NAN; b * t * case.c];
                 let mut stats = vec![f32::NAN; stats_len(b, nh, t)];
-                forward_on(path, &mut out, &mut stats, &qkv, b, t, shape, &mask);
+                forward_on(arith, &mut out, &mut stats, &qkv, b, t, shape, &mask);
                 let mut dqkv = vec![0.0; qkv.len()];
-                backward_on(path, &mut dqkv, &dout, &qkv, &stats, b, t, shape, &mask);
+                backward_on(arith, &mut dqkv, &dout, &qkv, &stats, b, t, shape, &mask);
                 let (rout, _) = case.reference(&qkv);
-                let what = format!("{path:?} hs {hs} nh {nh} nkv {nkv} causal {causal}");
-                assert_close(&out, &rout, 1e-5, &format!("{what}: out"));
+                let what = format!("{arith:?} hs {hs} nh {nh} nkv {nkv} causal {causal}");
+                assert_close(&out, &rout, tol_out, &format!("{what}: out"));
                 let rd = reference_backward(&case, &qkv, &dout);
-                assert_close(&dqkv, &rd, 1e-4, &format!("{what}: dqkv"));
+                assert_close(&dqkv, &rd, tol_grad, &format!("{what}: dqkv"));
+                if arith.bf16 {
+                    let mut f32_out = vec![f32::NAN; out.len()];
+                    let f = Arith::f32(path);
+                    forward_on(f, &mut f32_out, &mut stats, &qkv, b, t, shape, &mask);
+                    assert!(
+                        out.iter().zip(&f32_out).any(|(a, b)| a != b),
+                        "{what}: f32 bits"
+                    );
+                }
             }
         }
     }

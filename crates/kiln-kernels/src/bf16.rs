@@ -2,7 +2,8 @@
 //!
 //! Semantics (the same on every CPU): both operands are rounded from f32 to bf16 (round to nearest,
 //! ties to even), every product of two bf16 values is exact in f32, and the products are summed in
-//! f32. Outputs, and anything accumulated into, stay f32. Only the matmuls change: master weights,
+//! f32. Outputs, and anything accumulated into, stay f32. Only the matmuls change (and, on CPUs with
+//! AVX512-BF16, attention's products: `crate::attention::attention_forward_with`): master weights,
 //! gradients, the optimizer and every other kernel remain f32.
 //!
 //! Two kinds of bf16 hardware run the product on packed bf16 operands (see [`tiled`]):

@@ -28,8 +28,8 @@ pub mod swiglu;
 mod testutil;
 
 pub use attention::{
-    attention_backward, attention_backward_gqa, attention_cached_row, attention_forward,
-    attention_forward_gqa, AttnMask, AttnShape,
+    attention_backward, attention_backward_gqa, attention_backward_with, attention_cached_row,
+    attention_forward, attention_forward_gqa, attention_forward_with, AttnMask, AttnShape,
 };
 pub use bf16::Precision;
 pub use embed::{embedding_backward, embedding_forward};

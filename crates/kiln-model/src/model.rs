@@ -618,8 +618,10 @@ pub struct Model {
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
     /// Arithmetic of the training forward/backward matmuls (a run setting, not saved with the
-    /// weights): `Bf16` rounds their operands to bf16 with f32 accumulation; parameters, gradients
-    /// and every other kernel stay f32. Inference (`infer.rs`) always runs in f32.
+    /// weights): `Bf16` rounds their operands to bf16 with f32 accumulation, and on CPUs with
+    /// AVX512-BF16 attention's products too (`kiln_kernels::attention_forward_with`);
+    /// parameters, gradients and every other kernel stay f32. Inference (`infer.rs`) always runs in
+    /// f32.
     pub precision: k::Precision,
     /// Rotary embedding tables (Llama family), for positions up to the context.
     pub(crate) rope: Option<Arc<k::Rope>>,
@@ -966,7 +968,17 @@ impl Model {
                     shape.nh + shape.nkv,
                 );
             }
-            k::attention_forward_gqa(&mut a.atty, &mut a.att_stats, &a.qkv, b, t, shape, &mask);
+            let prec = self.precision;
+            k::attention_forward_with(
+                prec,
+                &mut a.atty,
+                &mut a.att_stats,
+                &a.qkv,
+                b,
+                t,
+                shape,
+                &mask,
+            );
             // res2 = x + attn(x), res3 = res2 + mlp(res2): the projections accumulate onto the stream.
             self.block_linear(l, Site::O, round, &mut a.res2, Some(x_in), &a.atty, n);
             norm_forward(
@@ -1280,7 +1292,8 @@ impl Model {
                 key_valid: (!acts.key_valid.is_empty()).then_some(&acts.key_valid[..]),
                 segments: (!acts.segments.is_empty()).then_some(&acts.segments[..]),
             };
-            k::attention_backward_gqa(
+            k::attention_backward_with(
+                self.precision,
                 &mut acts.dqkv,
                 &acts.datty,
                 &a.qkv,

@@ -47,8 +47,8 @@ pub struct TrainConfig {
     /// Stop after this many consecutive non-finite steps under `skip` (the learning rate has diverged).
     pub max_non_finite: u64,
     /// Arithmetic of the model's matmuls: `"f32"`, or `"bf16"` (bf16 operands with f32
-    /// accumulation, on AMX or AVX512-BF16 where the CPU has them; weights, gradients and AdamW
-    /// stay f32).
+    /// accumulation, on AMX or AVX512-BF16 where the CPU has them, and attention's products too
+    /// with AVX512-BF16; weights, gradients and AdamW stay f32).
     #[serde(with = "precision_serde")]
     pub precision: Precision,
 }

@@ -82,6 +82,13 @@ pub(crate) enum Trim {
     DepthEnd(usize),
     /// Rows are keys `r`, depth queries `i0 + d`: the tile's sums start at its first key's query.
     DepthStart(usize),
+    /// Columns are keys `j`, depth queries `i0 + d`: a column tile's sums start at its first key's
+    /// query (the bf16 key gradients, computed transposed; the f32 tiles do not trim it).
+    #[cfg_attr(
+        not(all(target_arch = "x86_64", target_os = "linux")),
+        allow(dead_code)
+    )]
+    ColsStart(usize),
 }
 
 /// `C[m, n] (=|+=) A[m, k] · B[k, n]`.
