@@ -1,10 +1,10 @@
 //! Decoding's products alone: one token through the matrices of SmolLM2-135M (30 layers of q|k|v,
-//! o, gate|up and down, fused as Kiln packs them; the tied 49,152-word head), packed int8 or bf16,
+//! o, gate|up and down, fused as Kiln packs them; the tied 49,152-word head), packed int8, bf16 or f32 (batched rollouts' copy),
 //! in GB/s of weights streamed and GMAC/s, beside the machine's read bandwidth. Best of REPS passes
 //! over all the matrices (135 MB in int8, beyond the caches, so every pass streams from memory).
 //!
 //!     [ROWS=1] [LAYERS=30] [HEAD=1] cargo run --release -p kiln-kernels --example packed_bench \
-//!         [-- REPS [int8|bf16]]
+//!         [-- REPS [int8|bf16|f32]]
 //!
 //! ROWS rows per product (batched decoding); LAYERS=1 HEAD=0 keeps the matrices in cache, which
 //! gives the kernel's own ceiling. Threads: RAYON_NUM_THREADS.
@@ -16,6 +16,7 @@ fn main() {
     let reps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10);
     let fmt = match args.next().as_deref() {
         Some("bf16") => PackedFormat::Bf16,
+        Some("f32") => PackedFormat::F32,
         _ => PackedFormat::Int8,
     };
     // LAYERS=1 HEAD=0 keeps the matrices in cache: the kernel's own ceiling; LAYERS=0 times the

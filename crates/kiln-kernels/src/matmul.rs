@@ -15,11 +15,24 @@ use crate::simd::{self, SyncPtr};
 /// product is a blocked one (`gemm`, or the packed f32 panels of batched decoding).
 pub const SKINNY_ROWS: usize = skinny::MAX_ROWS;
 
-/// Most rows a product by a plain-layout `[k, n]` weight takes the skinny kernel with on this CPU
-/// (at most [`SKINNY_ROWS`]; 0 where it has none): batched decoding of more rows is better off on
-/// packed panels than on `gemm`, which repacks the weight on every call.
-pub fn skinny_rows(k: usize, n: usize) -> usize {
-    skinny::rows_for(k, n)
+/// Most rows a batched decode multiplies by a model's own plain-layout `[k, n]` f32 weight (the
+/// skinny kernel) on this CPU; a decode of more rows runs on the weights packed into f32 panels
+/// ([`crate::PackedFormat::F32`]) for the call (`gemm` would repack the weight on every step).
+///
+/// At most what the skinny kernel takes, and at most 3 rows with AVX-512, 1 with AVX2, where the
+/// panels' tiles win. Measured on an AMD Zen 5 (`kiln bench generate`, 6 x 384 model, alternately,
+/// tok/s, skinny -> panels): AVX-512 batch 2 1,374-1,509 -> 1,299-1,447, batch 4 2,270-2,393 ->
+/// 2,376-2,526, batch 8 2,746-3,149 -> 3,637-3,720, batch 16 3,985-4,154 -> 5,086-5,228; as AVX2
+/// (`KILN_SIMD=avx2`) batch 2 741-842 -> 1,139-1,455, batch 4 1,036 -> 2,041-2,521, batch 16
+/// 2,612-2,837 -> 3,947-4,321; batch 1 stays skinny (bound by streaming the weights: 915-951 against
+/// 786-897 on panels).
+pub fn decode_skinny_rows(k: usize, n: usize) -> usize {
+    let cap = match skinny::Path::best() {
+        Some(skinny::Path::Avx512) => 3,
+        Some(skinny::Path::Avx2) => 1,
+        None => 0,
+    };
+    skinny::rows_for(k, n).min(cap)
 }
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
@@ -308,7 +321,7 @@ pub(crate) mod skinny {
             }
         }
 
-        fn best() -> Option<Path> {
+        pub(crate) fn best() -> Option<Path> {
             Path::ALL.into_iter().rev().find(|p| p.available())
         }
     }

@@ -550,17 +550,17 @@ pub fn generate_rows_with<R: Rng>(
 const PREFILL_TOKENS: usize = 4096;
 
 /// The f32 panels a decode of `rows` rows multiplies by, packed for the call, if any: decoding more
-/// rows than the skinny kernel takes for the model's MLP weight (its largest plain matrix), the
-/// model's f32 matrices are packed into the panels of [`PackedFormat::F32`] (the same values, laid
-/// out for the register tiles), where `gemm` repacked every weight on every step (a fifth of a
-/// 64-row rollout; on an AVX-512 Xeon batch 8 and 16 run 1.3x faster on the panels). Packed
-/// weights the caller gave, or a frozen packed base, are used as they are.
+/// rows than [`k::matmul::decode_skinny_rows`] gives for the model's MLP weight (its largest plain
+/// matrix), the model's f32 matrices are packed into the panels of [`PackedFormat::F32`] (the same
+/// values, laid out for the register tiles), where `gemm` repacked every weight on every step (a
+/// fifth of a 64-row rollout; on an AVX-512 Xeon batch 8 and 16 ran 1.3x faster on the panels).
+/// Packed weights the caller gave, or a frozen packed base, are used as they are.
 pub fn decode_panels(
     model: &Model,
     packed: Option<&PackedWeights>,
     rows: usize,
 ) -> Option<PackedWeights> {
-    let skinny = k::matmul::skinny_rows(model.cfg.n_embd, model.cfg.ffn());
+    let skinny = k::matmul::decode_skinny_rows(model.cfg.n_embd, model.cfg.ffn());
     (packed.is_none() && model.base.is_none() && rows > skinny)
         .then(|| PackedWeights::new(model, PackedFormat::F32))
 }

@@ -235,15 +235,15 @@ fn packed_kv_cache_and_batching_are_consistent() {
     }
 }
 
-/// Decoding more rows than the skinny kernel takes for the model's MLP weight on this CPU (for a
-/// weight of 1 MiB or more 4 rows on an Intel AVX-512 CPU, 16 on AMD ones) with the model's f32 weights runs on f32 panels packed for the
-/// call: the same tokens as with those panels given explicitly, and each row's tokens the same as
+/// Decoding more rows than the skinny kernel takes for the model's MLP weight on this CPU in a
+/// decode (`decode_skinny_rows`: 3 rows with AVX-512, 1 with AVX2) with the model's f32 weights
+/// runs on f32 panels packed for the call: the same tokens as with those panels given explicitly, and each row's tokens the same as
 /// when it decodes alone on them (a row's products do not depend on the batch).
 #[test]
 fn large_f32_batches_decode_on_f32_panels() {
     for seed in [2, 3] {
         let m = model(seed);
-        let skinny = kiln_kernels::matmul::skinny_rows(m.cfg.n_embd, m.cfg.ffn());
+        let skinny = kiln_kernels::matmul::decode_skinny_rows(m.cfg.n_embd, m.cfg.ffn());
         assert!(skinny <= kiln_kernels::matmul::SKINNY_ROWS);
         let panels = PackedWeights::new(&m, PackedFormat::F32);
         let chosen = kiln_model::infer::decode_panels(&m, None, 20).map(|p| p.format());
