@@ -70,9 +70,10 @@ impl KvCache {
 /// packed copy of its matrices (see [`PackedWeights`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// The model's own f32 values: its parameters, or, decoding more than 16 rows at a time, an f32
-    /// copy of its matrices packed into panels for the duration of the call (the same values,
-    /// faster products; memory for one more copy of the matrices).
+    /// The model's own f32 values: its parameters, or, decoding more rows at a time than
+    /// [`kiln_kernels::matmul::decode_skinny_rows`] (4 or more with AVX-512, 2 or more with AVX2),
+    /// an f32 copy of its matrices packed into panels for the duration of the call (the same
+    /// values, faster products; memory for one more copy of the matrices).
     #[default]
     F32,
     /// bfloat16 matrices: half the bytes, ~3 significant digits per weight.
