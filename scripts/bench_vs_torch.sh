@@ -9,9 +9,9 @@
 # Environment: ROUNDS (3), THREADS (2), KILN (./target/release/kiln, built if missing),
 # TORCH_PY (/tmp/torch-venv/bin/python), TORCH_SCRIPT (shared/bench/torch_gpt_bench.py),
 # SCALING (1; 0 skips the scaling table), WEIGHTS (f32; kiln's generation weights: f32, bf16 or int8),
-# BENCHES ("train gen1 gen16 rollout llama"; a subset runs only those: rollout is the RL sampling
-# shape, 64 sequences x 64 new tokens; llama is training at SmolLM2-135M's shape through
-# transformers' LlamaForCausalLM), PRECISION (f32; kiln's training matmuls: f32 or bf16), ISA (native).
+# BENCHES ("train gen1 gen16 rollout llama llamaroll"; a subset runs only those: rollout is the RL
+# sampling shape, 64 sequences x 64 new tokens; llama is training at SmolLM2-135M's shape through
+# transformers' LlamaForCausalLM; llamaroll the rollout shape on that model, GRPO's sampling), PRECISION (f32; kiln's training matmuls: f32 or bf16), ISA (native).
 # Kiln runs on the best SIMD path of the CPU. ISA=avx2 runs both sides as on an AVX2-only CPU (an
 # AMD Zen 3, say) on this one: Kiln with KILN_SIMD=avx2 (its kernels and the gemm crate's matmuls on
 # AVX2 + FMA), PyTorch with ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 and
@@ -26,7 +26,7 @@ TORCH_PY=${TORCH_PY:-/tmp/torch-venv/bin/python}
 SCALING=${SCALING:-1}
 WEIGHTS=${WEIGHTS:-f32}
 PRECISION=${PRECISION:-f32}
-BENCHES=${BENCHES:-train gen1 gen16 rollout llama}
+BENCHES=${BENCHES:-train gen1 gen16 rollout llama llamaroll}
 ISA=${ISA:-native}
 case $ISA in
     native) ;;
@@ -39,7 +39,8 @@ case $ISA in
         ;;
 esac
 # SmolLM2-135M: 30 layers, width 576, 9 heads / 3 kv heads, SwiGLU 1,536, vocabulary 49,152.
-LLAMA_SHAPE="--arch llama --vocab 49152 --layers 30 --dim 576 --heads 9 --kv-heads 3 --ffn 1536 --ctx 512 --batch 4"
+LLAMA_MODEL="--arch llama --vocab 49152 --layers 30 --dim 576 --heads 9 --kv-heads 3 --ffn 1536 --ctx 512"
+LLAMA_SHAPE="$LLAMA_MODEL --batch 4"
 if [ -z "${TORCH_SCRIPT:-}" ]; then
     for c in shared/bench/torch_gpt_bench.py /work/shared/bench/torch_gpt_bench.py; do
         [ -f "$c" ] && TORCH_SCRIPT=$c && break
@@ -136,6 +137,12 @@ for r in $(seq 1 "$ROUNDS"); do
         # shellcheck disable=SC2086
         [ $HAVE_TORCH = 1 ] && run_torch llama train $LLAMA_SHAPE --warmup 1 --steps 3
     fi
+    if want llamaroll; then
+        # shellcheck disable=SC2086
+        run_kiln llamaroll generate $LLAMA_MODEL --batch 64 --new-tokens 64 --warmup 1 --steps 2 --weights "$WEIGHTS"
+        # shellcheck disable=SC2086
+        [ $HAVE_TORCH = 1 ] && run_torch llamaroll generate $LLAMA_MODEL --batch 64 --new-tokens 64 --warmup 1 --steps 2
+    fi
 done
 
 col() { [ -f "$2" ] && awk -v c="$1" '{print $c}' "$2" | median; }
@@ -150,6 +157,7 @@ for key in $BENCHES; do
         gen16) name="generate batch 16" ;;
         rollout) name="rollout 64 x 64 new" ;;
         llama) name="llama 135M train b4x512" ;;
+        llamaroll) name="llama 135M rollout 64x64" ;;
     esac
     kt=$(col 1 "$TMP/kiln.$key")
     km=$(col 2 "$TMP/kiln.$key")
@@ -183,7 +191,7 @@ if ls "$TMP"/kiln.*.profile >/dev/null 2>&1; then
         [ -s "$TMP/kiln.$key.profile" ] && prof_row "$key" "$TMP/kiln.$key.profile"
     done
 fi
-for key in gen1 gen16 rollout; do
+for key in gen1 gen16 rollout llamaroll; do
     if [ -s "$TMP/kiln.$key.bound" ]; then
         echo "$key: $(tail -n1 "$TMP/kiln.$key.bound" | sed 's/^RESULT kiln-generate-bound //')"
     fi
