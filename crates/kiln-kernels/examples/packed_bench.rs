@@ -1,6 +1,7 @@
 //! Decoding's products alone: one token through the matrices of SmolLM2-135M (30 layers of q|k|v,
-//! o, gate|up and down, fused as Kiln packs them; the tied 49,152-word head), packed int8, bf16 or f32 (batched rollouts' copy),
-//! in GB/s of weights streamed and GMAC/s, beside the machine's read bandwidth. Best of REPS passes
+//! o, gate|up and down, fused as Kiln packs them; the tied 49,152-word head), packed int8, bf16 or
+//! f32 (batched decoding's copy), in GB/s of weights streamed and GMAC/s, beside the machine's read
+//! bandwidth. Best of REPS passes
 //! over all the matrices (135 MB in int8, beyond the caches, so every pass streams from memory).
 //!
 //!     [ROWS=1] [LAYERS=30] [HEAD=1] cargo run --release -p kiln-kernels --example packed_bench \

@@ -11,11 +11,12 @@
 //! Layout: the weights are repacked into panels of [`PANEL`] output columns; panel `q` holds, for
 //! every input `p` in order, the 64 weights `W[p, 64q .. 64q+64]` contiguously (the last panel is
 //! zero-padded). A panel is therefore one sequential stream, read once per group of up to 4 rows of
-//! `x`, and each input's 64 weights are one cache line (int8). f32 panels are stored as sub-panels of
-//! the width the CPU's register tile reads (64 columns for AVX-512, 16 for AVX2: each `k x 16`
-//! contiguous), so that a tile's operand is one sequential stream too. For every output element the sum runs
-//! over `p` in order with one accumulator, whatever the thread count or the number of rows in the call,
-//! so results are bit-identical across thread counts and batch compositions (on a given code path).
+//! `x`, and each input's 64 weights are one cache line (int8). f32 panels are stored as sub-panels
+//! of the width the CPU's register tile reads (64 columns for AVX-512, 16 for AVX2: each `k x 16`
+//! contiguous), so that a tile's operand is one sequential stream too. For every output element
+//! the sum runs over `p` in order with one accumulator, whatever the thread count or the number of
+//! rows in the call, so results are bit-identical across thread counts and batch compositions (on
+//! a given code path).
 
 use rayon::prelude::*;
 
@@ -381,6 +382,17 @@ impl PackedLinear {
             let bi = &self.bias[q * PANEL..(q + 1) * PANEL];
             let o = out.add(q * PANEL);
             let panel = q * k * PANEL..(q + 1) * k * PANEL;
+            // f32 panels run on the register tiles on every path.
+            if let Data::F32 { w, sub } = &self.data {
+                // The part's next panel, prefetched while this one is computed.
+                let next = if q + 1 < q1 {
+                    &w[panel.end..panel.end + k * PANEL]
+                } else {
+                    &[]
+                };
+                tiles_panel(path, o, n, x, &w[panel], next, *sub, bi, m, k, cols);
+                continue;
+            }
             #[cfg(target_arch = "x86_64")]
             match (path, &self.data) {
                 (Path::Avx512, Data::I8(w)) => {
@@ -399,22 +411,7 @@ impl PackedLinear {
                     x86::panel_avx2(o, n, x, &w[panel], sc, bi, m, k, cols);
                     continue;
                 }
-                (_, Data::F32 { w, sub }) => {
-                    // The part's next panel, prefetched while this one is computed.
-                    let next = if q + 1 < q1 {
-                        &w[panel.end..panel.end + k * PANEL]
-                    } else {
-                        &[]
-                    };
-                    tiles_panel(path, o, n, x, &w[panel], next, *sub, bi, m, k, cols);
-                    continue;
-                }
-                (Path::Portable, _) => {}
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            if let Data::F32 { w, sub } = &self.data {
-                tiles_panel(path, o, n, x, &w[panel], &[], *sub, bi, m, k, cols);
-                continue;
+                _ => {}
             }
             // Portable path: each row computed into a local panel-wide buffer, then copied out.
             let mut acc = [0.0f32; PANEL];

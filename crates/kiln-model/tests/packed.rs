@@ -237,8 +237,9 @@ fn packed_kv_cache_and_batching_are_consistent() {
 
 /// Decoding more rows than the skinny kernel takes for the model's MLP weight on this CPU in a
 /// decode (`decode_skinny_rows`: 3 rows with AVX-512, 1 with AVX2) with the model's f32 weights
-/// runs on f32 panels packed for the call: the same tokens as with those panels given explicitly, and each row's tokens the same as
-/// when it decodes alone on them (a row's products do not depend on the batch).
+/// runs on f32 panels packed for the call: the same tokens as with those panels given explicitly,
+/// and each row's tokens the same as when it decodes alone on them (a row's products do not depend
+/// on the batch).
 #[test]
 fn large_f32_batches_decode_on_f32_panels() {
     for seed in [2, 3] {

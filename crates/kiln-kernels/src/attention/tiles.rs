@@ -221,8 +221,13 @@ unsafe fn product_with<S: Lanes, const R: usize, const V: usize, const PF: bool>
     (next, next_len): (*const f32, usize),
 ) {
     let nr = V * S::W;
-    let tiles = prod.m.div_ceil(R) * prod.n.div_ceil(nr);
-    let lines = next_len.div_ceil(LINE);
+    let (tiles, lines) = match PF {
+        true => (
+            prod.m.div_ceil(R) * prod.n.div_ceil(nr),
+            next_len.div_ceil(LINE),
+        ),
+        false => (1, 0),
+    };
     let mut tile_no = 0;
     let mut r0 = 0;
     while r0 < prod.m {
