@@ -1,7 +1,8 @@
 //! GFLOP/s of the f32 and bf16 matmuls on the shapes of one training step of the `kiln bench train`
 //! model (vocab 8192, 6 layers, width 384, 8 x 256 tokens), and the matmul time per step.
 //!
-//! `cargo run --release -p kiln-kernels --example matmul_bench [reps]` (threads: RAYON_NUM_THREADS).
+//! `[LLAMA=1] cargo run --release -p kiln-kernels --example matmul_bench [reps]` (threads:
+//! RAYON_NUM_THREADS; `LLAMA=1`: the shapes of SmolLM2-135M at 4 x 512 tokens instead).
 
 use kiln_kernels::{bf16, matmul_with, Precision};
 use std::time::Instant;
@@ -22,23 +23,35 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let (n, c, v, layers) = (2048, 384, 8192, 6);
+    // LLAMA=1: SmolLM2-135M's shapes (width 576, q|k|v 960, gate|up 3072, vocab 49,152, 30
+    // layers) at 4 x 512 tokens.
+    let llama = std::env::var("LLAMA").is_ok_and(|v| v == "1");
+    let (n, c, v, layers) = if llama {
+        (2048, 576, 49152, 30)
+    } else {
+        (2048, 384, 8192, 6)
+    };
+    let (qkv, up, down) = if llama {
+        (960, 3072, 1536)
+    } else {
+        (3 * c, 4 * c, 4 * c)
+    };
     // (name, m, k, n, trans_a, trans_b, calls per step)
     let shapes = [
-        ("fwd qkv", n, c, 3 * c, false, false, layers),
+        ("fwd qkv", n, c, qkv, false, false, layers),
         ("fwd proj", n, c, c, false, false, layers),
-        ("fwd fc", n, c, 4 * c, false, false, layers),
-        ("fwd fcproj", n, 4 * c, c, false, false, layers),
+        ("fwd fc", n, c, up, false, false, layers),
+        ("fwd fcproj", n, down, c, false, false, layers),
         ("fwd lm head", n, c, v, false, true, 1),
-        ("dx qkv", n, 3 * c, c, false, true, layers),
+        ("dx qkv", n, qkv, c, false, true, layers),
         ("dx proj", n, c, c, false, true, layers),
-        ("dx fc", n, 4 * c, c, false, true, layers),
-        ("dx fcproj", n, c, 4 * c, false, true, layers),
+        ("dx fc", n, up, c, false, true, layers),
+        ("dx fcproj", n, c, down, false, true, layers),
         ("dx lm head", n, v, c, false, false, 1),
-        ("dw qkv", c, n, 3 * c, true, false, layers),
+        ("dw qkv", c, n, qkv, true, false, layers),
         ("dw proj", c, n, c, true, false, layers),
-        ("dw fc", c, n, 4 * c, true, false, layers),
-        ("dw fcproj", 4 * c, n, c, true, false, layers),
+        ("dw fc", c, n, up, true, false, layers),
+        ("dw fcproj", down, n, c, true, false, layers),
         ("dw lm head", v, n, c, true, false, 1),
     ];
     // On a shared machine wall time mostly measures the neighbours: with KILN_BENCH_CPU=1, time is

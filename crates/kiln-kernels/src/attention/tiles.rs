@@ -12,7 +12,8 @@
 //! key tile start at its first key's query.
 //!
 //! One generic body per instruction set ([`Path`]), compiled with its target features: AVX-512 tiles
-//! are 8 rows × 32 columns (16 of its 32 registers accumulate), AVX2 6 × 16 (12 of 16), and a
+//! are 8 rows × 32 columns (16 of its 32 registers accumulate; the products one head of at most 64
+//! wide take 6 × 64, [`product_wide`], with B's rows read in place), AVX2 6 × 16 (12 of 16), and a
 //! portable 4 × 16 for CPUs with neither. Each output element is one sum in depth order, so results
 //! do not depend on the thread count; causal trimming only skips terms that are exactly zero.
 //!
@@ -193,6 +194,24 @@ pub(crate) unsafe fn product_wide_prefetching(
 ) {
     debug_assert!(prod.n <= 64);
     product_with::<L16, 6, 4, true>(c, a, (b, b_ds, 0), prod, next)
+}
+
+/// [`product`] with B `(pointer, row stride)` a single panel of at most 64 columns read where its
+/// rows lie (no packing), on AVX-512's 6 x 64 tile: attention's products whose outputs are one
+/// head wide (`P V`, `dS K`, and the key gradients `P^T dY`, `dS^T Q`), with `hs <= 64`.
+///
+/// # Safety
+/// As [`product`]; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+pub(crate) unsafe fn product_wide(
+    c: (*mut f32, usize),
+    a: (*const f32, usize, usize),
+    (b, b_ds): (*const f32, usize),
+    prod: Product,
+) {
+    debug_assert!(prod.n <= 64);
+    product_with::<L16, 6, 4, false>(c, a, (b, b_ds, 0), prod, NO_PREFETCH)
 }
 
 #[cfg(target_arch = "x86_64")]
