@@ -1076,11 +1076,12 @@ unsafe fn head_backward(
                 let ops = (&mut words.ti[..], &mut words.pi[..]);
                 key_grads_t(&mut words.dvt, tp, ops, x, a, (m, klim, hs), trim_t);
             }
-        } else if wide {
-            let b = (g.dy.add(i0 * g.c), g.c);
-            add_key_grads_wide(dv, (p, tp), b, (m, klim, hs), key_trim);
         } else {
-            add_key_grads(path, dv, (p, tp), dy_block, (m, klim, hs), key_trim);
+            let b = match wide {
+                true => BlockRows::InPlace(g.dy.add(i0 * g.c), g.c),
+                false => BlockRows::Packed(dy_block),
+            };
+            add_key_grads(path, dv, (p, tp), b, (m, klim, hs), key_trim);
         }
         // dQ[i0..i1] += dS[i0..i1, 0..klim] @ K[0..klim]
         let prod = Product {
@@ -1118,11 +1119,12 @@ unsafe fn head_backward(
                 let ops = (&mut words.ti[..], &mut words.pi[..]);
                 key_grads_t(&mut words.dkt, tp, ops, x, a, (m, klim, hs), trim_t);
             }
-        } else if wide {
-            let b = (head.q.add(i0 * rw), rw);
-            add_key_grads_wide(dk, (ds, tp), b, (m, klim, hs), key_trim);
         } else {
-            add_key_grads(path, dk, (ds, tp), q_block, (m, klim, hs), key_trim);
+            let b = match wide {
+                true => BlockRows::InPlace(head.q.add(i0 * rw), rw),
+                false => BlockRows::Packed(q_block),
+            };
+            add_key_grads(path, dk, (ds, tp), b, (m, klim, hs), key_trim);
         }
     }
 }
@@ -1166,67 +1168,51 @@ unsafe fn key_grads_t(
     }
 }
 
+/// Where a key gradient's B (a block's `m` rows of dY or Q) is read from.
+#[derive(Clone, Copy)]
+enum BlockRows<'a> {
+    /// As packed by [`tiles::pack_rows`], on the path's tiles.
+    Packed(&'a [f32]),
+    /// Where they lie, `(pointer, row stride)`, on AVX-512's wide tile (see [`Arith::wide`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    InPlace(*const f32, usize),
+}
+
 /// `D[0..klim] += A[.., 0..klim]^T @ B`: a kv head's gradient (dV from P and dY, dK from dS and Q),
 /// summed in contiguous rows of `hs`, from a block's `m` rows of A at stride `tp` and the block's
-/// `m` rows of B as packed by [`tiles::pack_rows`].
+/// `m` rows of B.
 ///
 /// # Safety
-/// `path` must be available.
+/// `path` must be available (AVX-512F for [`BlockRows::InPlace`]); B must cover `m` rows of `hs`.
 unsafe fn add_key_grads(
     path: Path,
     d: &mut [f32],
     (a, tp): (&[f32], usize),
-    b: &[f32],
-    (m, klim, hs): (usize, usize, usize),
-    trim: Trim,
-) {
-    let nr = path.nr();
-    assert!(d.len() >= klim * hs && a.len() >= (m - 1) * tp + klim && b.len() >= m * hs);
-    tiles::product(
-        path,
-        (d.as_mut_ptr(), hs),
-        (a.as_ptr(), 1, tp),
-        (b.as_ptr(), nr, m * nr),
-        Product {
-            m: klim,
-            n: hs,
-            k: m,
-            trim,
-            padded: false,
-            out: Out::Add,
-        },
-    );
-}
-
-/// [`add_key_grads`] with B's `m` rows read where they lie (`(pointer, row stride)`, `hs <= 64`)
-/// on AVX-512's wide tile (see [`Arith::wide`]).
-///
-/// # Safety
-/// The CPU must have AVX-512F; `b` must cover `m` rows of `hs` floats.
-unsafe fn add_key_grads_wide(
-    d: &mut [f32],
-    (a, tp): (&[f32], usize),
-    b: (*const f32, usize),
+    b: BlockRows,
     (m, klim, hs): (usize, usize, usize),
     trim: Trim,
 ) {
     assert!(d.len() >= klim * hs && a.len() >= (m - 1) * tp + klim);
-    #[cfg(target_arch = "x86_64")]
-    tiles::product_wide(
-        (d.as_mut_ptr(), hs),
-        (a.as_ptr(), 1, tp),
-        b,
-        Product {
-            m: klim,
-            n: hs,
-            k: m,
-            trim,
-            padded: false,
-            out: Out::Add,
-        },
-    );
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (b, trim);
+    let prod = Product {
+        m: klim,
+        n: hs,
+        k: m,
+        trim,
+        padded: false,
+        out: Out::Add,
+    };
+    let (c, a) = ((d.as_mut_ptr(), hs), (a.as_ptr(), 1, tp));
+    match b {
+        BlockRows::Packed(b) => {
+            let nr = path.nr();
+            assert!(b.len() >= m * hs);
+            tiles::product(path, c, a, (b.as_ptr(), nr, m * nr), prod);
+        }
+        #[cfg(target_arch = "x86_64")]
+        BlockRows::InPlace(b, rs) => tiles::product_wide(c, a, (b, rs), prod),
+        #[cfg(not(target_arch = "x86_64"))]
+        BlockRows::InPlace(..) => unreachable!("the wide tile is AVX-512's"),
+    }
 }
 
 simd::multiversion! {

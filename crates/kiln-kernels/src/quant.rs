@@ -36,7 +36,7 @@ pub enum PackedFormat {
     /// bfloat16 (round to nearest even): the top 16 bits of the f32.
     Bf16,
     /// The f32 weights themselves, only repacked (no rounding): for decoding batches of more
-    /// than a few rows, where the product runs on 8 × 32 register tiles (AVX-512; 6 × 16 on
+    /// than a few rows, where the product runs on 6 × 64 register tiles (AVX-512; 6 × 16 on
     /// AVX2) over contiguous panels instead of repacking the weights on every call as `gemm` did.
     /// Each output is one fused multiply-add chain over the inputs in order, whatever the number
     /// of rows or threads.
