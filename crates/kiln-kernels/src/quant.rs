@@ -517,13 +517,20 @@ unsafe fn tiles_panel(
     cols: usize,
 ) {
     use crate::attention::tiles::{self, Out, Path as Tiles, Product, Trim};
+    // Each output starts from its bias and takes the multiply-adds in depth order, as the skinny
+    // kernel accumulates onto a bias: a decoded row has the same bits on these panels as on the
+    // model's own weights (see `Out::Chain`).
+    for r in 0..m {
+        let row = std::slice::from_raw_parts_mut(out.add(r * n), cols);
+        row.copy_from_slice(&bias[..cols]);
+    }
     let prod = Product {
         m,
         n: cols,
         k,
         trim: Trim::None,
         padded: false,
-        out: Out::Store(1.0),
+        out: Out::Chain,
     };
     let (c, a) = ((out, n), (x.as_ptr(), k, 1));
     let next = (next.as_ptr(), next.len());
@@ -542,12 +549,6 @@ unsafe fn tiles_panel(
             // 16 floats apart.
             let b_ps = if sub == 16 { k * 16 } else { 16 };
             tiles::product_prefetching(tp, c, a, (w.as_ptr(), sub, b_ps), prod, next);
-        }
-    }
-    for r in 0..m {
-        let row = std::slice::from_raw_parts_mut(out.add(r * n), cols);
-        for (o, &b) in row.iter_mut().zip(bias) {
-            *o += b;
         }
     }
 }
@@ -1001,6 +1002,63 @@ mod tests {
                 let err = (y[r * n + j] as f64 - exact).abs();
                 assert!(err <= bound, "row {r} col {j}: err {err} > bound {bound}");
             }
+        }
+    }
+
+    /// A decoded row has the same bits on f32 panels as on the weights themselves: for every row
+    /// count the skinny kernel takes, with and without a bias, on each vector path in both panel
+    /// layouts, the panel product equals the skinny product accumulated onto the bias (how
+    /// `linear_forward` decodes). What lets `kiln serve` decode on panels and still give a
+    /// sequence the logits it has alone in `kiln chat`.
+    #[test]
+    fn f32_panels_give_the_skinny_kernels_bits() {
+        use crate::matmul::skinny;
+        let mut g = rng(9);
+        let pairs = [
+            (Path::Avx512, skinny::Path::Avx512),
+            (Path::Avx2, skinny::Path::Avx2),
+        ];
+        let mut ran = 0;
+        for (path, sk) in pairs.into_iter().filter(|(p, _)| p.available()) {
+            for &(k, n) in &[(37usize, 150usize), (96, 64), (200, 70)] {
+                let w = randn(&mut g, k * n, 0.5);
+                let bias = randn(&mut g, n, 0.5);
+                for with_bias in [false, true] {
+                    for sub in [PANEL, 16] {
+                        let b = with_bias.then_some(&bias[..]);
+                        let l = PackedLinear::build(
+                            |p, j| w[p * n + j],
+                            b,
+                            k,
+                            n,
+                            PackedFormat::F32,
+                            sub,
+                        );
+                        for m in 1..=skinny::MAX_ROWS {
+                            let x = randn(&mut g, m * k, 1.0);
+                            let mut want = vec![0.0f32; m * n];
+                            if with_bias {
+                                want.chunks_mut(n).for_each(|r| r.copy_from_slice(&bias));
+                            }
+                            skinny::matmul_on(sk, &mut want, &x, &w, m, k, n, false, with_bias);
+                            let mut got = vec![f32::NAN; m * n];
+                            l.forward_on(path, &mut got, &x, m);
+                            let diff = got
+                                .iter()
+                                .zip(&want)
+                                .position(|(a, b)| a.to_bits() != b.to_bits());
+                            assert!(
+                                diff.is_none(),
+                                "{path:?} {k}x{n} bias {with_bias} sub {sub} rows {m}: element {diff:?} differs"
+                            );
+                            ran += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if ran == 0 {
+            eprintln!("no vector path on this CPU: f32 panels and the skinny kernel not compared");
         }
     }
 }

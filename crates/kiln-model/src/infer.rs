@@ -124,19 +124,33 @@ struct PackedBlock {
 }
 
 /// An inference-only copy of a decoder's matrix weights (attention q/k/v and output, MLP in and out,
-/// and the LM head) in a compact format, for [`Model::forward_cached_with`] and
+/// and the LM head, except in [`PackedWeights::f32_blocks`]) in a compact format, for [`Model::forward_cached_with`] and
 /// [`generate_with`]. Embeddings, norms and biases keep being read from the model in f32.
 ///
 /// It is a snapshot: build it again after the model's parameters change.
 pub struct PackedWeights {
     format: PackedFormat,
     blocks: Vec<PackedBlock>,
-    lm_head: PackedLinear,
+    /// `None`: the LM head multiplies by the model's own weight (see [`Self::f32_blocks`]).
+    lm_head: Option<PackedLinear>,
 }
 
 impl PackedWeights {
     /// Packs the model's current weights (once; a few tens of milliseconds for small models).
     pub fn new(model: &Model, format: PackedFormat) -> Self {
+        Self::build(model, format, true)
+    }
+
+    /// The block matrices alone in f32 panels, the LM head left on the model's own weight: on a
+    /// CPU with AVX2 each decoded row then gets exactly the logits it gets decoding alone on the
+    /// model's weights (as `kiln chat` does), whatever else shares the call, and a batch of rows
+    /// streams each block weight once instead of once per few rows. What `kiln serve` decodes on
+    /// (one more copy of the block matrices in memory).
+    pub fn f32_blocks(model: &Model) -> Self {
+        Self::build(model, PackedFormat::F32, false)
+    }
+
+    fn build(model: &Model, format: PackedFormat, head: bool) -> Self {
         let cfg = &model.cfg;
         assert_eq!(cfg.arch, Arch::Decoder, "packed weights are for decoders");
         let (p, lay) = (&model.params, &model.layout);
@@ -159,8 +173,9 @@ impl PackedWeights {
             })
             .collect();
         // The LM head (tied or not) is stored [vocab, n_embd] = [out, in].
-        let lm_head =
-            PackedLinear::from_out_in(&p[lay.head()], None, cfg.vocab_size, cfg.n_embd, format);
+        let lm_head = head.then(|| {
+            PackedLinear::from_out_in(&p[lay.head()], None, cfg.vocab_size, cfg.n_embd, format)
+        });
         PackedWeights {
             format,
             blocks,
@@ -172,7 +187,8 @@ impl PackedWeights {
         self.format
     }
 
-    /// Bytes of packed matrices (scales included): what one decoding step streams.
+    /// Bytes of packed matrices (scales included): what one decoding step streams of them (the LM
+    /// head's only when it is packed).
     pub fn bytes(&self) -> usize {
         self.blocks
             .iter()
@@ -183,14 +199,16 @@ impl PackedWeights {
                     + b.down.weight_bytes()
             })
             .sum::<usize>()
-            + self.lm_head.weight_bytes()
+            + self.lm_head.as_ref().map_or(0, |h| h.weight_bytes())
     }
 
     fn check(&self, cfg: &crate::config::ModelConfig) {
         assert!(
             self.blocks.len() == cfg.n_layer
-                && self.lm_head.n() == cfg.vocab_size
-                && self.lm_head.k() == cfg.n_embd,
+                && self
+                    .lm_head
+                    .as_ref()
+                    .is_none_or(|h| h.n() == cfg.vocab_size && h.k() == cfg.n_embd),
             "packed weights were built for a different model shape"
         );
     }
@@ -381,8 +399,8 @@ impl Model {
         norm_forward(cfg, p, &lay.norm_f, &mut lnl, &mut m2, &mut r2, &last, rows);
         let v = cfg.vocab_size;
         let mut logits = vec![0.0f32; rows * v];
-        match packed {
-            Some(pw) => pw.lm_head.forward(&mut logits, &lnl, rows),
+        match packed.and_then(|pw| pw.lm_head.as_ref()) {
+            Some(head) => head.forward(&mut logits, &lnl, rows),
             None => k::matmul(
                 &mut logits,
                 &lnl,

@@ -147,7 +147,12 @@ struct Seq {
 
 pub struct Engine {
     model: Model,
+    /// The packed copy every product multiplies by (`--weights bf16|int8`).
     packed: Option<PackedWeights>,
+    /// With the model's f32 weights, the block matrices in f32 panels that decoding steps multiply
+    /// by ([`PackedWeights::f32_blocks`]): the bits of each row decoded alone on the model's weights
+    /// (prefill stays on them, as in `kiln chat`).
+    panels: Option<PackedWeights>,
     tokenizer: Arc<Tokenizer>,
     /// The cache (none for a model that only scores).
     cache: Option<KvCache>,
@@ -162,7 +167,7 @@ impl Engine {
     /// An engine with `slots` cache slots (0: scoring only).
     pub fn new(
         model: Model,
-        packed: Option<PackedWeights>,
+        (packed, panels): (Option<PackedWeights>, Option<PackedWeights>),
         tokenizer: Arc<Tokenizer>,
         slots: usize,
         shared: Arc<Shared>,
@@ -172,6 +177,7 @@ impl Engine {
         Engine {
             model,
             packed,
+            panels,
             tokenizer,
             cache,
             free: (0..slots).rev().collect(),
@@ -357,14 +363,15 @@ impl Engine {
             .generated_tokens
             .fetch_add(sampled, Ordering::Relaxed);
         let v = self.model.cfg.vocab_size;
+        let weights = self.packed.as_ref().or(self.panels.as_ref());
         for (rows, toks) in feed
             .chunks(DECODE_ROWS)
             .zip(feed_tokens.chunks(DECODE_ROWS))
         {
             let slots: Vec<usize> = rows.iter().map(|&i| self.active[i].slot).collect();
-            let logits =
-                self.model
-                    .forward_cached_with(self.packed.as_ref(), cache, &slots, toks, 1);
+            let logits = self
+                .model
+                .forward_cached_with(weights, cache, &slots, toks, 1);
             for (r, &i) in rows.iter().enumerate() {
                 self.active[i]
                     .logits
@@ -445,10 +452,11 @@ mod tests {
     }
 
     /// Decodes `rows` sequences for a few steps, all together in chunks of [`DECODE_ROWS`], or
-    /// each in a cache of its own; returns every step's logits per row.
+    /// each in a cache of its own, prefilling on `prefill`'s weights and decoding on `step`'s (as
+    /// the engine does); returns every step's logits per row.
     fn decode(
         model: &Model,
-        packed: Option<&PackedWeights>,
+        (prefill, step_w): (Option<&PackedWeights>, Option<&PackedWeights>),
         rows: usize,
         together: bool,
     ) -> Vec<Vec<f32>> {
@@ -464,13 +472,13 @@ mod tests {
             let mut cache = KvCache::new(model, rows);
             for (r, o) in out.iter_mut().enumerate() {
                 let p = prompt(r);
-                o.extend(model.forward_cached_with(packed, &mut cache, &[r], &p, p.len()));
+                o.extend(model.forward_cached_with(prefill, &mut cache, &[r], &p, p.len()));
             }
             for step in 0..3 {
                 let all: Vec<usize> = (0..rows).collect();
                 for chunk in all.chunks(DECODE_ROWS) {
                     let toks: Vec<u32> = chunk.iter().map(|&r| step_token(r, step)).collect();
-                    let l = model.forward_cached_with(packed, &mut cache, chunk, &toks, 1);
+                    let l = model.forward_cached_with(step_w, &mut cache, chunk, &toks, 1);
                     for (i, &r) in chunk.iter().enumerate() {
                         out[r].extend_from_slice(&l[i * v..(i + 1) * v]);
                     }
@@ -480,10 +488,10 @@ mod tests {
             for (r, o) in out.iter_mut().enumerate() {
                 let mut cache = KvCache::new(model, 1);
                 let p = prompt(r);
-                o.extend(model.forward_cached_with(packed, &mut cache, &[0], &p, p.len()));
+                o.extend(model.forward_cached_with(prefill, &mut cache, &[0], &p, p.len()));
                 for step in 0..3 {
                     o.extend(model.forward_cached_with(
-                        packed,
+                        step_w,
                         &mut cache,
                         &[0],
                         &[step_token(r, step)],
@@ -496,11 +504,19 @@ mod tests {
     }
 
     /// What makes results independent of the batch: a row's logits have the same bits whether it
-    /// decodes alone or beside 19 others (two forward calls of 16 and 4 rows).
+    /// decodes alone or beside 19 others (two forward calls of 16 and 4 rows), with every weight
+    /// format; and with f32 weights, decoding batches on the f32 panels of the block matrices
+    /// gives each row the bits it gets decoding alone on the model's own weights (`kiln chat`).
     #[test]
     fn a_row_decodes_to_the_same_bits_in_any_batch() {
         use kiln_kernels::PackedFormat;
         use kiln_model::{Family, ModelConfig};
+        let same = |a: &[Vec<f32>], b: &[Vec<f32>], what: &str| {
+            for (r, (x, y)) in a.iter().zip(b).enumerate() {
+                let eq = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(eq, "{what}: row {r} differs");
+            }
+        };
         for family in [Family::Gpt2, Family::Llama] {
             let cfg = ModelConfig {
                 vocab_size: 300,
@@ -515,12 +531,17 @@ mod tests {
             let model = Model::new(cfg, 5);
             for format in [None, Some(PackedFormat::Int8), Some(PackedFormat::Bf16)] {
                 let packed = format.map(|f| PackedWeights::new(&model, f));
-                let alone = decode(&model, packed.as_ref(), 20, false);
-                let together = decode(&model, packed.as_ref(), 20, true);
-                for (r, (a, t)) in alone.iter().zip(&together).enumerate() {
-                    let same = a.iter().zip(t).all(|(x, y)| x.to_bits() == y.to_bits());
-                    assert!(same, "{family:?} {format:?}: row {r} differs in a batch");
-                }
+                let w = (packed.as_ref(), packed.as_ref());
+                let alone = decode(&model, w, 20, false);
+                let together = decode(&model, w, 20, true);
+                same(&alone, &together, &format!("{family:?} {format:?}"));
+            }
+            // The vector paths run both products as the same chains of fused multiply-adds.
+            if kiln_kernels::simd_level_name() != "base" {
+                let panels = PackedWeights::f32_blocks(&model);
+                let alone = decode(&model, (None, None), 20, false);
+                let together = decode(&model, (None, Some(&panels)), 20, true);
+                same(&alone, &together, &format!("{family:?} f32 panels"));
             }
         }
     }

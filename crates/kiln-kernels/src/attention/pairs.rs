@@ -305,6 +305,7 @@ unsafe fn tile<const R: usize>(t: &Tile, b: *const u32, c: *mut f32, cols: usize
             let out = match t.out {
                 Out::Store(alpha) => _mm512_mul_ps(sv, _mm512_set1_ps(alpha)),
                 Out::Add => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, o), sv),
+                Out::Chain => unreachable!("bf16 pairs do not continue f32 chains"),
             };
             _mm512_mask_storeu_ps(o, mask, out);
         }

@@ -70,6 +70,11 @@ pub(crate) enum Out {
     Store(f32),
     /// `C += sums`.
     Add,
+    /// `C += sums` as one chain: the sums start from C's values, so each element is C's value
+    /// followed by every multiply-add in depth order, exactly what the skinny kernel gives when it
+    /// accumulates onto a bias (`matmul::skinny`): batched decoding's panels (see
+    /// [`crate::PackedFormat::F32`]) then give the bits of decoding one row on the model's weights.
+    Chain,
 }
 
 /// How the causal mask trims a row tile `r0..r1` of a product over a block of queries starting at
@@ -344,6 +349,14 @@ unsafe fn tile<S: Lanes, const R: usize, const V: usize, const FULL: bool, const
         }
     };
     let mut s = [[S::zero(); V]; R];
+    if let Out::Chain = t.out {
+        for (r, sr) in s.iter_mut().enumerate() {
+            let o = c.wrapping_add(r * t.c_rs);
+            for (v, sv) in sr.iter_mut().enumerate() {
+                *sv = S::load(o.wrapping_add(v * S::W), lanes(v));
+            }
+        }
+    }
     let (mut pf, mut pf_left, every) = t.pf;
     let mut countdown = every;
     for d in 0..t.depth {
@@ -379,6 +392,7 @@ unsafe fn tile<S: Lanes, const R: usize, const V: usize, const FULL: bool, const
             match t.out {
                 Out::Store(alpha) => sv.mul(S::splat(alpha)).store(o, n),
                 Out::Add => S::load(o, n).add(sv).store(o, n),
+                Out::Chain => sv.store(o, n),
             }
         }
     }
@@ -699,7 +713,7 @@ mod tests {
                     Trim::DepthStart(5),
                 ] {
                     for padded in [false, true] {
-                        for out in [Out::Store(0.5), Out::Add] {
+                        for out in [Out::Store(0.5), Out::Add, Out::Chain] {
                             check_product(&mut rng, path, nr, (m, n, k), trim, padded, out);
                         }
                     }
@@ -857,7 +871,7 @@ mod tests {
                     .sum();
                 let want = match out {
                     Out::Store(alpha) => alpha as f64 * sum,
-                    Out::Add => was as f64 + sum,
+                    Out::Add | Out::Chain => was as f64 + sum,
                 };
                 assert!(
                     (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs() + k as f64),
