@@ -90,6 +90,15 @@ impl Streamer {
             self.printed = text.len();
         }
     }
+
+    /// The end of the text, once generation has stopped: also a last character that the tokens
+    /// left incomplete (U+FFFD), which no later token will complete, as `kiln serve` sends it.
+    fn finish(&mut self, text: &str) {
+        if text.len() > self.printed && text.is_char_boundary(self.printed) {
+            print!("{}", &text[self.printed..]);
+            self.printed = text.len();
+        }
+    }
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -151,6 +160,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     )?;
     let secs = start.elapsed().as_secs_f64();
     if single {
+        st.finish(&b.tokenizer.decode_skip_special(&acc));
         println!();
     } else {
         for (p, o) in a.prompt.iter().zip(&outs) {
@@ -235,6 +245,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
                 }
             },
         )?;
+        st.finish(&b.tokenizer.decode_skip_special(&acc));
         println!();
         let text: Vec<u32> = out[0]
             .iter()

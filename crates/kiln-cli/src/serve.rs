@@ -32,7 +32,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use kiln_data::chat_format::ChatFormat;
 use kiln_data::datasets::Message;
-use kiln_data::{special, Tokenizer};
+use kiln_data::Tokenizer;
 use kiln_model::{Arch, PackedWeights, Sampling, WeightFormat};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -951,12 +951,17 @@ async fn completions(
     f.unsupported("suffix", "no insertion")?;
     st.check_model(&c.model)?;
     st.check_generation()?;
-    let params = st.gen_params(&c, vec![special::EOT])?;
+    // A document, as `kiln generate` continues one: after the tokenizer's beginning-of-sequence
+    // token (if it has one), ending at its end-of-sequence tokens (Kiln's: <|endoftext|>).
+    let specials = st.tokenizer.specials();
+    let params = st.gen_params(&c, specials.eos.clone())?;
     let seed = seeds(&c);
     let mut seqs = Vec::new();
     let mut prompt_tokens = 0;
     for (p, text) in prompts.iter().enumerate() {
-        let tokens: Vec<u32> = std::iter::once(special::EOT)
+        let tokens: Vec<u32> = specials
+            .bos
+            .into_iter()
             .chain(st.tokenizer.encode(text))
             .collect();
         let param = if prompts.len() == 1 {

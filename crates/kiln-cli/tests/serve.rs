@@ -907,4 +907,37 @@ fn a_hugging_face_model_serves_what_kiln_chat_answers() {
         assert_eq!(got, kiln_chat(&model, "What is 2 plus 3?", seed, 1.0, 8));
         assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 10, "{r}");
     }
+    // A completion continues a document as `kiln generate` does: after the model's own
+    // beginning-of-sequence token, ending at its own end-of-sequence tokens (Kiln's ids mean
+    // other tokens in this vocabulary).
+    for seed in [1, 2] {
+        let gen = text(
+            &common::ok(
+                THREADS,
+                &[
+                    "generate",
+                    "--model",
+                    s(&model),
+                    "--prompt",
+                    "Mia",
+                    "--seed",
+                    &seed.to_string(),
+                    "--temperature",
+                    "1.0",
+                    "--max-new-tokens",
+                    "12",
+                ],
+            )
+            .stdout,
+        );
+        let body = json!({"model": "sft", "prompt": "Mia", "seed": seed, "temperature": 1.0,
+            "max_tokens": 12});
+        let (st, c) = srv.post("/v1/completions", &body.to_string());
+        assert_eq!(st, 200, "{c}");
+        assert_eq!(
+            format!("Mia{}\n", c["choices"][0]["text"].as_str().unwrap()),
+            gen,
+            "seed {seed}"
+        );
+    }
 }
