@@ -59,7 +59,7 @@ impl Arith {
     /// 6 x 64 tile, reading their B rows where they lie in `qkv` / `dout` ([`tiles::product_wide`]):
     /// no packed copy of V, K, or a block's Q and dY, and 4 vector loads and 6 broadcasts per 24
     /// multiply-adds instead of 2 and 8 per 16. Measured at 2 x 1024 tokens (`attention_bench`, 6
-    /// rounds alternately, Zen 5): forward 7.26 -> 7.02 ms, backward 16.64 -> 16.07 ms.
+    /// rounds alternately, Zen 5, medians): forward 7.16 -> 7.03 ms, backward 16.8 -> 16.0 ms.
     fn wide(self, hs: usize) -> bool {
         cfg!(target_arch = "x86_64") && self.path == Path::Avx512 && !self.bf16 && hs <= 64
     }
@@ -1102,14 +1102,13 @@ unsafe fn head_backward(
             }
             arith.bf16
         };
-        #[cfg(target_arch = "x86_64")]
-        if !dq_bf16 && wide {
-            let a = (ds.as_ptr(), tp, 1);
-            tiles::product_wide((g.dq.add(i0 * rw), rw), a, (head.k, rw), prod);
-        }
-        if !dq_bf16 && !wide {
-            let b = (k_rows.as_ptr(), nr, seq.kmax * nr);
-            tiles::product(path, (g.dq.add(i0 * rw), rw), (ds.as_ptr(), tp, 1), b, prod);
+        if !dq_bf16 {
+            let (c, a) = ((g.dq.add(i0 * rw), rw), (ds.as_ptr(), tp, 1));
+            match wide {
+                #[cfg(target_arch = "x86_64")]
+                true => tiles::product_wide(c, a, (head.k, rw), prod),
+                _ => tiles::product(path, c, a, (k_rows.as_ptr(), nr, seq.kmax * nr), prod),
+            }
         }
         // dK[0..klim] += dS[i0..i1, 0..klim]^T @ Q[i0..i1] (under bf16 as dK^T += Q^T dS)
         if arith.bf16 {

@@ -124,8 +124,9 @@ struct PackedBlock {
 }
 
 /// An inference-only copy of a decoder's matrix weights (attention q/k/v and output, MLP in and out,
-/// and the LM head, except in [`PackedWeights::f32_blocks`]) in a compact format, for [`Model::forward_cached_with`] and
-/// [`generate_with`]. Embeddings, norms and biases keep being read from the model in f32.
+/// and the LM head, except in [`PackedWeights::f32_blocks`]) in a compact format, for
+/// [`Model::forward_cached_with`] and [`generate_with`]. Embeddings, norms and biases keep being
+/// read from the model in f32.
 ///
 /// It is a snapshot: build it again after the model's parameters change.
 pub struct PackedWeights {
