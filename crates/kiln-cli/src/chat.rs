@@ -4,7 +4,7 @@ use crate::bundle::load_bundle;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_data::datasets::Message;
-use kiln_data::special;
+use kiln_data::{special, TextStream, Tokenizer};
 use kiln_model::{
     generate_with, Activations, Arch, GenerateOptions, Input, Model, PackedWeights, Sampling,
     WeightFormat,
@@ -74,30 +74,33 @@ pub struct GenerateArgs {
     sampling: SamplingArgs,
 }
 
-/// Prints a growing decoded text as it grows (streaming), holding back incomplete UTF-8.
-struct Streamer {
-    printed: usize,
+/// Prints generated text as its tokens come (a piece per token, incomplete characters held back
+/// until complete), decoding in time linear in the length, as `kiln serve` streams it.
+struct Streamer<'a> {
+    tokenizer: &'a Tokenizer,
+    text: TextStream,
 }
 
-impl Streamer {
-    fn push(&mut self, text: &str) {
-        if text.len() > self.printed
-            && text.is_char_boundary(self.printed)
-            && !text.ends_with('\u{fffd}')
-        {
-            print!("{}", &text[self.printed..]);
+impl<'a> Streamer<'a> {
+    fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            text: TextStream::new(),
+        }
+    }
+
+    fn push(&mut self, token: u32) {
+        let piece = self.text.push(self.tokenizer, token);
+        if !piece.is_empty() {
+            print!("{piece}");
             let _ = std::io::stdout().flush();
-            self.printed = text.len();
         }
     }
 
     /// The end of the text, once generation has stopped: also a last character that the tokens
     /// left incomplete (U+FFFD), which no later token will complete, as `kiln serve` sends it.
-    fn finish(&mut self, text: &str) {
-        if text.len() > self.printed && text.is_char_boundary(self.printed) {
-            print!("{}", &text[self.printed..]);
-            self.printed = text.len();
-        }
+    fn finish(&mut self) {
+        print!("{}", self.text.finish(self.tokenizer));
     }
 }
 
@@ -138,8 +141,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let mut rng = ChaCha8Rng::seed_from_u64(a.sampling.seed);
     let single = prompts.len() == 1;
-    let mut acc: Vec<u32> = Vec::new();
-    let mut st = Streamer { printed: 0 };
+    let mut st = Streamer::new(&b.tokenizer);
     if single {
         print!("{}", a.prompt[0]);
     }
@@ -153,14 +155,13 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         &mut rng,
         |_, tok| {
             if single {
-                acc.push(tok);
-                st.push(&b.tokenizer.decode_skip_special(&acc));
+                st.push(tok);
             }
         },
     )?;
     let secs = start.elapsed().as_secs_f64();
     if single {
-        st.finish(&b.tokenizer.decode_skip_special(&acc));
+        st.finish();
         println!();
     } else {
         for (p, o) in a.prompt.iter().zip(&outs) {
@@ -230,8 +231,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
                 tokens.len()
             );
         }
-        let mut acc = Vec::new();
-        let mut st = Streamer { printed: 0 };
+        let mut st = Streamer::new(&b.tokenizer);
         let out = generate_with(
             &b.model,
             packed.as_ref(),
@@ -240,12 +240,11 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             &mut rng,
             |_, tok| {
                 if !stops.contains(&tok) {
-                    acc.push(tok);
-                    st.push(&b.tokenizer.decode_skip_special(&acc));
+                    st.push(tok);
                 }
             },
         )?;
-        st.finish(&b.tokenizer.decode_skip_special(&acc));
+        st.finish();
         println!();
         let text: Vec<u32> = out[0]
             .iter()

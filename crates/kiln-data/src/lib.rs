@@ -33,7 +33,7 @@ pub use bench::{bench_tokenizer, TokenizerBench};
 pub use corpus::{expand_inputs, read_documents};
 pub use prepare::{prepare, PrepareMeta, PrepareStats};
 pub use shards::{write_shard, Shard, ShardSet};
-pub use tokenizer::{special, SpecialOverrides, SpecialTokens, Tokenizer};
+pub use tokenizer::{special, SpecialOverrides, SpecialTokens, TextStream, Tokenizer};
 
 /// Errors of the data layer. Messages name the file (and line, where there is one).
 #[derive(Debug, thiserror::Error)]

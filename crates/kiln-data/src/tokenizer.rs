@@ -606,6 +606,89 @@ impl Tokenizer {
     }
 }
 
+/// A growing list of generated ids decoded as it grows, one piece per id, in time linear in its
+/// length (special tokens dropped, as [`Tokenizer::decode_skip_special`] drops them).
+///
+/// A stream cannot decode each id alone (a character can be cut across byte tokens, a decoder can
+/// strip or add a space by position), and decoding the whole list again at every id costs time
+/// quadratic in its length. This keeps a short window instead: the ids of the last piece and those
+/// since, with the text the last piece's ids decode to; the next piece is what decoding the whole
+/// window adds to that text (the method of `tokenizers`' `DecodeStream`, TGI and vLLM). A piece
+/// that would end inside a character (U+FFFD) waits for the ids that complete it, or for
+/// [`TextStream::finish`]. Should a decoder ever disagree with its own earlier text inside the
+/// window, the piece comes from decoding the whole list, so the text stays what
+/// `decode_skip_special` of every id gives.
+#[derive(Debug, Default, Clone)]
+pub struct TextStream {
+    /// Every id pushed.
+    ids: Vec<u32>,
+    /// Where the window starts in `ids`.
+    window: usize,
+    /// Where, in `ids`, the ids decoded into `context` end.
+    context_end: usize,
+    /// The window's ids up to `context_end`, decoded.
+    context: String,
+    /// Everything emitted.
+    text: String,
+}
+
+impl TextStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id; returns the text it completes (often empty: a cut character, a special token).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> &str {
+        self.ids.push(id);
+        self.advance(tok, false)
+    }
+
+    /// The rest of the text once no id will follow, a last incomplete character included.
+    pub fn finish(&mut self, tok: &Tokenizer) -> &str {
+        self.advance(tok, true)
+    }
+
+    /// All the text emitted so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn advance(&mut self, tok: &Tokenizer, last: bool) -> &str {
+        let from = self.text.len();
+        let window = tok.decode_skip_special(&self.ids[self.window..]);
+        let complete = last || !window.ends_with('\u{fffd}');
+        if window.len() > self.context.len() && complete {
+            if let Some(piece) = window.strip_prefix(self.context.as_str()) {
+                self.text.push_str(piece);
+                self.window = self.context_end;
+                self.context_end = self.ids.len();
+                self.context = tok.decode_skip_special(&self.ids[self.window..]);
+            } else {
+                self.resync(tok, last);
+            }
+        }
+        &self.text[from..]
+    }
+
+    /// Takes the next piece from decoding every id (the window's decode disagreed with its
+    /// context), then restarts the window at the end.
+    fn resync(&mut self, tok: &Tokenizer, last: bool) {
+        let all = tok.decode_skip_special(&self.ids);
+        if !last && all.ends_with('\u{fffd}') {
+            return;
+        }
+        if let Some(piece) = all
+            .get(self.text.len()..)
+            .filter(|_| all.starts_with(&self.text))
+        {
+            self.text.push_str(piece);
+            self.window = self.ids.len().saturating_sub(1);
+            self.context_end = self.ids.len();
+            self.context = tok.decode_skip_special(&self.ids[self.window..]);
+        }
+    }
+}
+
 /// The special tokens of a tokenizer by role. Kiln's own tokenizers declare their fixed ids
 /// ([`SpecialTokens::kiln`]); any other is read from its model directory
 /// ([`SpecialTokens::from_hf_dir`]).

@@ -7,7 +7,7 @@ mod common;
 #[path = "common/hf.rs"]
 mod hf;
 
-use kiln_data::{SpecialOverrides, SpecialTokens, Tokenizer};
+use kiln_data::{SpecialOverrides, SpecialTokens, TextStream, Tokenizer};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 
@@ -245,6 +245,55 @@ proptest! {
                     prop_assert_eq!(&l.kiln.decode(&ids), text);
                 }
             }
+        }
+    }
+}
+
+/// Streams `ids` through a [`TextStream`]: every piece is final (the text so far begins the whole
+/// list's decode), and once finished the text is that decode. `stable` says the decoder never
+/// rewrites text that later ids follow; Llama 2's byte fallback does (`<0x00>` then a lone
+/// `<0x80>` decode to two U+FFFD, not `"\0"` and one), and then only the text's validity and the
+/// case without U+FFFD are checked.
+fn stream_equals_decode(tok: &Tokenizer, ids: &[u32], stable: bool) -> Result<(), TestCaseError> {
+    let whole = tok.decode_skip_special(ids);
+    let checked = stable || !whole.contains('\u{fffd}');
+    let mut st = TextStream::new();
+    let mut pieces = String::new();
+    for (i, &id) in ids.iter().enumerate() {
+        pieces.push_str(st.push(tok, id));
+        if checked {
+            prop_assert!(
+                whole.starts_with(st.text()),
+                "after {} ids: {:?} does not begin {:?}",
+                i + 1,
+                st.text(),
+                whole
+            );
+        }
+    }
+    pieces.push_str(st.finish(tok));
+    prop_assert_eq!(&pieces, st.text());
+    if checked {
+        prop_assert_eq!(st.text(), &whole);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Streamed text equals decoding every id at once: text with cut characters, and any ids
+    /// (specials, lone bytes, leading spaces) of each layout.
+    #[test]
+    fn a_text_stream_is_the_whole_decode(
+        s in "\\PC{0,30}",
+        raw in proptest::collection::vec(any::<u32>(), 0..50),
+    ) {
+        for l in layouts() {
+            let v = l.kiln.vocab_size() as u32;
+            let stable = l.name != "llama2";
+            stream_equals_decode(&l.kiln, &l.kiln.encode(&s), stable)?;
+            let ids: Vec<u32> = raw.iter().map(|r| r % v).collect();
+            stream_equals_decode(&l.kiln, &ids, stable)?;
         }
     }
 }

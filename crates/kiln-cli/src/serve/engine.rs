@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_data::Tokenizer;
+use kiln_data::{TextStream, Tokenizer};
 use kiln_model::{sample_token, Activations, KvCache, Model, PackedWeights, Sampling};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -136,8 +136,8 @@ struct Seq {
     rng: ChaCha8Rng,
     /// Logits of the next token.
     logits: Vec<f32>,
-    /// The generated tokens that make the text (stop tokens excluded).
-    tokens: Vec<u32>,
+    /// The text of the generated tokens (stop tokens excluded), decoded as they come.
+    text: TextStream,
     /// Tokens generated, stop tokens included.
     generated: usize,
     /// Bytes of the text already sent.
@@ -276,7 +276,7 @@ impl Engine {
                 events: p.events,
                 rng: ChaCha8Rng::seed_from_u64(p.spec.seed),
                 logits,
-                tokens: Vec::new(),
+                text: TextStream::new(),
                 generated: 0,
                 sent: 0,
                 done: false,
@@ -309,28 +309,32 @@ impl Engine {
             s.generated += 1;
             sampled += 1;
             let mut finish = None;
+            let before = s.text.text().len();
             if s.params.stop_tokens.contains(&tok) {
                 finish = Some(Finish::Stop);
             } else {
-                s.tokens.push(tok);
+                s.text.push(&self.tokenizer, tok);
             }
-            let text = self.tokenizer.decode_skip_special(&s.tokens);
+            let at_length = s.generated >= s.params.max_tokens || cache.len[s.slot] >= n_ctx;
+            if finish.is_some() || at_length {
+                // No token follows: a last incomplete character too.
+                s.text.finish(&self.tokenizer);
+            }
+            let text = s.text.text();
             let mut end = None;
             if finish.is_none() {
-                if let Some(at) = find_stop(&text, &s.params.stop_strings) {
+                if let Some(at) = find_stop_from(text, before, &s.params.stop_strings) {
                     finish = Some(Finish::Stop);
                     end = Some(at);
                 }
             }
-            if finish.is_none()
-                && (s.generated >= s.params.max_tokens || cache.len[s.slot] >= n_ctx)
-            {
+            if finish.is_none() && at_length {
                 finish = Some(Finish::Length);
             }
             let end = match (finish, end) {
                 (_, Some(at)) => at,
                 (Some(_), None) => text.len(),
-                (None, None) => sendable_end(&text, s.sent, &s.params.stop_strings),
+                (None, None) => sendable_end(text, s.sent, &s.params.stop_strings),
             };
             if end > s.sent {
                 if let Some(delta) = text.get(s.sent..end) {
@@ -419,6 +423,20 @@ impl Engine {
 /// Where the first stop string starts in `text`.
 pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// [`find_stop`] when `text[..old]` is known to hold none: only a stop string that ends after
+/// `old` can be new, so the search starts its longest length before it (linear time over a
+/// sequence, not quadratic).
+pub fn find_stop_from(text: &str, old: usize, stops: &[String]) -> Option<usize> {
+    let longest = stops.iter().map(|s| s.len()).max()?;
+    let mut from = old
+        .saturating_sub(longest.saturating_sub(1))
+        .min(text.len());
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    find_stop(&text[from..], stops).map(|at| from + at)
 }
 
 /// How much of `text` can be sent now: not an incomplete character (the decoder's U+FFFD at the
@@ -562,5 +580,35 @@ mod tests {
         // Multi-byte stop strings are cut at character boundaries only.
         let st = stops(&["é!"]);
         assert_eq!(sendable_end("café", 0, &st), 3);
+    }
+
+    /// Searching only the new tail finds what searching the whole text finds, as the text grows
+    /// a character at a time, multi-byte stop strings and characters included.
+    #[test]
+    fn the_tail_search_finds_the_whole_texts_stop() {
+        let st = stops(&["ab", "é!", "bcé", "x"]);
+        let alphabet = ['a', 'b', 'c', 'é', '!', 'x'];
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..300 {
+            let mut text = String::new();
+            let mut old = 0;
+            for _ in 0..12 {
+                // Grow by one to three characters (a token's piece), then search.
+                for _ in 0..rand::Rng::gen_range(&mut rng, 1..4) {
+                    text.push(alphabet[rand::Rng::gen_range(&mut rng, 0..alphabet.len())]);
+                }
+                let whole = find_stop(&text, &st);
+                assert_eq!(
+                    find_stop_from(&text, old, &st),
+                    whole,
+                    "{text:?} from {old}"
+                );
+                if whole.is_some() {
+                    break;
+                }
+                old = text.len();
+            }
+        }
+        assert_eq!(find_stop_from("abc", 3, &[]), None);
     }
 }
