@@ -9,9 +9,10 @@
 # Environment: ROUNDS (3), THREADS (2), KILN (./target/release/kiln, built if missing),
 # TORCH_PY (/tmp/torch-venv/bin/python), TORCH_SCRIPT (shared/bench/torch_gpt_bench.py),
 # SCALING (1; 0 skips the scaling table), WEIGHTS (f32; kiln's generation weights: f32, bf16 or int8),
-# BENCHES ("train gen1 gen16 rollout llama llamaroll"; a subset runs only those: rollout is the RL
+# BENCHES ("train gen1 gen16 rollout llama lora llamaroll"; a subset runs only those: rollout is the RL
 # sampling shape, 64 sequences x 64 new tokens; llama is training at SmolLM2-135M's shape through
-# transformers' LlamaForCausalLM; llamaroll the rollout shape on that model, GRPO's sampling), PRECISION (f32; kiln's training matmuls: f32 or bf16), ISA (native).
+# transformers' LlamaForCausalLM; lora the same with rank-16 LoRA on every block linear, the base
+# frozen, against PEFT (scripts/torch_lora_bench.py); llamaroll the rollout shape on that model, GRPO's sampling), PRECISION (f32; kiln's training matmuls: f32 or bf16), ISA (native).
 # Kiln runs on the best SIMD path of the CPU. ISA=avx2 runs both sides as on an AVX2-only CPU (an
 # AMD Zen 3, say) on this one: Kiln with KILN_SIMD=avx2 (its kernels and the gemm crate's matmuls on
 # AVX2 + FMA), PyTorch with ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 and
@@ -26,7 +27,7 @@ TORCH_PY=${TORCH_PY:-/tmp/torch-venv/bin/python}
 SCALING=${SCALING:-1}
 WEIGHTS=${WEIGHTS:-f32}
 PRECISION=${PRECISION:-f32}
-BENCHES=${BENCHES:-train gen1 gen16 rollout llama llamaroll}
+BENCHES=${BENCHES:-train gen1 gen16 rollout llama lora llamaroll}
 ISA=${ISA:-native}
 case $ISA in
     native) ;;
@@ -94,6 +95,7 @@ run_torch() {
     local key=$1
     shift
     local out line peak
+    # SCRIPT=... run_torch runs another yardstick with the same arguments (scripts/torch_lora_bench.py).
     out=$("$TORCH_PY" -c '
 import resource, runpy, sys
 sys.argv = sys.argv[1:]
@@ -101,7 +103,7 @@ try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
     print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
-' "$TORCH_SCRIPT" "$@" --threads "$THREADS" 2>/dev/null)
+' "${SCRIPT:-$TORCH_SCRIPT}" "$@" --threads "$THREADS" 2>/dev/null)
     line=$(echo "$out" | grep '^RESULT' | tail -n1)
     peak=$(echo "$out" | awk '/^PEAK_KIB/ {printf "%.0f", $2 / 1024}')
     if [ -z "$line" ]; then
@@ -137,6 +139,12 @@ for r in $(seq 1 "$ROUNDS"); do
         # shellcheck disable=SC2086
         [ $HAVE_TORCH = 1 ] && run_torch llama train $LLAMA_SHAPE --warmup 1 --steps 3
     fi
+    if want lora; then
+        # shellcheck disable=SC2086
+        run_kiln lora train $LLAMA_SHAPE --lora-rank 16 --warmup 1 --steps 3 --precision "$PRECISION"
+        # shellcheck disable=SC2086
+        [ $HAVE_TORCH = 1 ] && SCRIPT=scripts/torch_lora_bench.py run_torch lora train $LLAMA_SHAPE --lora-rank 16 --warmup 1 --steps 3
+    fi
     if want llamaroll; then
         # shellcheck disable=SC2086
         run_kiln llamaroll generate $LLAMA_MODEL --batch 64 --new-tokens 64 --warmup 1 --steps 2 --weights "$WEIGHTS"
@@ -157,6 +165,7 @@ for key in $BENCHES; do
         gen16) name="generate batch 16" ;;
         rollout) name="rollout 64 x 64 new" ;;
         llama) name="llama 135M train b4x512" ;;
+        lora) name="llama 135M LoRA r16 b4x512" ;;
         llamaroll) name="llama 135M rollout 64x64" ;;
     esac
     kt=$(col 1 "$TMP/kiln.$key")
@@ -187,7 +196,7 @@ if ls "$TMP"/kiln.*.profile >/dev/null 2>&1; then
     echo
     echo "Kiln training step, where the time goes (ms, medians; step/mm = step over its matmuls' own time)"
     prof_header
-    for key in train llama; do
+    for key in train llama lora; do
         [ -s "$TMP/kiln.$key.profile" ] && prof_row "$key" "$TMP/kiln.$key.profile"
     done
 fi

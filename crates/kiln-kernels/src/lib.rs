@@ -38,7 +38,7 @@ pub use layernorm::{layernorm_backward, layernorm_forward, LN_EPS};
 pub use loss::{softmax_weights, token_logprob_backward, token_logprob_forward, IGNORE};
 pub use matmul::{
     linear_backward, linear_backward_with, linear_forward, linear_forward_residual_with,
-    linear_forward_with, matmul, matmul_with,
+    linear_forward_with, matmul, matmul_strided, matmul_with, Strided,
 };
 pub use optim::{adamw_update, adamw_update_scaled, global_grad_norm, scale};
 pub use quant::{PackedFormat, PackedLinear, Path as PackedPath};

@@ -768,6 +768,80 @@ pub fn matmul(
     }
 }
 
+/// A row-major matrix inside a slice: element `(r, c)` is `data[r * rs + c * cs]` (a transpose is
+/// the same memory with the strides swapped; a block of columns is the slice from its first
+/// column with the whole row's stride).
+#[derive(Clone, Copy, Debug)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// `rows x cols` stored contiguously, row after row.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of this view.
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Asserts that a `rows x cols` matrix at these strides lies inside the slice.
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+            assert!(last < self.data.len(), "matmul_strided: {what} too small");
+        }
+    }
+}
+
+/// `out[m,n] (+)= a[m,k] @ b[k,n]` on strided views: the output's rows are `out_rs` apart (it may
+/// be a block of columns of a wider matrix, `out` starting at its first element), and the operands
+/// are any [`Strided`] views (blocks of columns, transposes), read in place with no copy. Each
+/// output element is the same sum in the same order as [`matmul`]'s `gemm` path gives it.
+pub fn matmul_strided(
+    out: &mut [f32],
+    out_rs: usize,
+    a: Strided,
+    b: Strided,
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+) {
+    if m > 0 && n > 0 {
+        assert!(out_rs >= n, "matmul_strided: output rows overlap");
+        assert!(
+            (m - 1) * out_rs + n <= out.len(),
+            "matmul_strided: out too small"
+        );
+    }
+    a.check(m, k, "a");
+    b.check(k, n, "b");
+    let _span = crate::profile::matmul_span(m, k, n);
+    // SAFETY: the asserts above cover every element the strides reach; `out` is a unique borrow
+    // so it cannot alias `a` or `b`, and its rows (at least `n` apart) do not overlap.
+    unsafe {
+        gemm_threaded(
+            out.as_mut_ptr(),
+            out_rs,
+            (a.data.as_ptr(), a.rs, a.cs),
+            (b.data.as_ptr(), b.rs, b.cs),
+            (m, k, n),
+            accumulate,
+        );
+    }
+}
+
 /// [`matmul`] in the given arithmetic: `F32` is exactly [`matmul`]; `Bf16` rounds both operands to
 /// bf16 and accumulates in f32 (see [`crate::bf16`]).
 pub fn matmul_with(
@@ -1013,6 +1087,76 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Blocks of columns and transposes read in place: the product of views inside wider
+    /// matrices, written into a block of columns of a wider output, equals the product of the
+    /// copied-out operands (and leaves the output's other columns alone), sizes that take the
+    /// threaded split along rows and along columns, accumulating or not.
+    #[test]
+    fn strided_views_multiply_in_place() {
+        let mut rng = rng(21);
+        for &(m, k, n) in &[(1, 3, 2), (9, 16, 33), (300, 16, 70), (40, 200, 300)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                // Each operand lives at column offset 3 of a matrix 5 columns wider than it.
+                let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                let (br, bc) = if tb { (n, k) } else { (k, n) };
+                let wide_a = randn(&mut rng, ar * (ac + 5), 1.0);
+                let wide_b = randn(&mut rng, br * (bc + 5), 1.0);
+                let block = |w: &[f32], r: usize, c: usize| -> Vec<f32> {
+                    (0..r)
+                        .flat_map(|i| w[i * (c + 5) + 3..][..c].to_vec())
+                        .collect()
+                };
+                let (a, b) = (block(&wide_a, ar, ac), block(&wide_b, br, bc));
+                let init = randn(&mut rng, m * (n + 7), 1.0);
+                for acc in [false, true] {
+                    let mut want = vec![0.0f32; m * n];
+                    if acc {
+                        want = block_of(&init, m, n, 7);
+                    }
+                    matmul(&mut want, &a, &b, m, k, n, ta, tb, acc);
+                    let mut got = init.clone();
+                    let (va, vb) = (view(&wide_a, ac, ta), view(&wide_b, bc, tb));
+                    matmul_strided(&mut got[2..], n + 7, va, vb, (m, k, n), acc);
+                    for i in 0..m {
+                        for j in 0..n + 7 {
+                            let g = got[i * (n + 7) + j];
+                            let w = match j.checked_sub(2).filter(|&c| c < n) {
+                                Some(c) => want[i * n + c],
+                                None => init[i * (n + 7) + j],
+                            };
+                            let tol = 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt();
+                            assert!(
+                                (g - w).abs() <= tol,
+                                "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}: ({i},{j}) {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `? x c` block at column 3 of a matrix 5 columns wider, or its transpose.
+    fn view(w: &[f32], c: usize, t: bool) -> Strided<'_> {
+        let v = Strided {
+            data: &w[3..],
+            rs: c + 5,
+            cs: 1,
+        };
+        if t {
+            v.t()
+        } else {
+            v
+        }
+    }
+
+    /// Columns `2..2 + n` of a `rows x (n + extra)` matrix.
+    fn block_of(x: &[f32], rows: usize, n: usize, extra: usize) -> Vec<f32> {
+        (0..rows)
+            .flat_map(|i| x[i * (n + extra) + 2..][..n].to_vec())
+            .collect()
     }
 
     /// `gemm` capped to each level below AVX-512 this CPU has (what `KILN_SIMD=avx2` / `base` run)

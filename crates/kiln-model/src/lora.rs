@@ -16,7 +16,7 @@ use crate::config::{Family, ModelConfig};
 use crate::infer::WeightFormat;
 use crate::params::{Linear, ParamLayout, Role, TensorInfo};
 use anyhow::{bail, Context, Result};
-use kiln_kernels as k;
+use kiln_kernels::{self as k, Strided};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -209,6 +209,13 @@ pub fn module_names(family: Family) -> &'static [&'static str] {
 
 fn matches(module: &str, target: &str) -> bool {
     target == ALL_LINEAR || module == target || module.ends_with(&format!(".{target}"))
+}
+
+/// `x *= s` (an adapter's `[n, r]` intermediates: small, so no pool).
+fn scale_by(x: &mut [f32], s: f32) {
+    if s != 1.0 {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -413,6 +420,7 @@ impl LoraSet {
             let xd = self.dropped(round, idx, &x[..n * a.i]);
             let x = xd.as_deref().unwrap_or(x);
             let o = a.o();
+            // u = scale·(x·Aᵀ) [n, r]; then out[:, cols] += u·Bᵀ in place (no [n, o] temporary).
             let mut u = vec![0.0f32; n * r];
             k::matmul(
                 &mut u,
@@ -425,23 +433,10 @@ impl LoraSet {
                 true,
                 false,
             );
-            let mut y = vec![0.0f32; n * o];
-            k::matmul(
-                &mut y,
-                &u,
-                &self.params[a.b.clone()],
-                n,
-                r,
-                o,
-                false,
-                true,
-                false,
-            );
-            for (row, yr) in out.chunks_exact_mut(width).zip(y.chunks_exact(o)) {
-                for (d, s) in row[a.cols.clone()].iter_mut().zip(yr) {
-                    *d += scale * s;
-                }
-            }
+            scale_by(&mut u, scale);
+            let b = Strided::rows(&self.params[a.b.clone()], r).t();
+            let out = &mut out[a.cols.start..];
+            k::matmul_strided(out, width, Strided::rows(&u, r), b, (n, r, o), true);
         }
     }
 
@@ -469,13 +464,13 @@ impl LoraSet {
             let (i, o) = (a.i, a.o());
             let xd = self.dropped(round, idx, &x[..n * i]);
             let xin = xd.as_deref().unwrap_or(x);
-            // dy = scale · dout[:, cols], contiguous.
-            let mut dy = vec![0.0f32; n * o];
-            for (d, row) in dy.chunks_exact_mut(o).zip(dout.chunks_exact(width)) {
-                for (d, s) in d.iter_mut().zip(&row[a.cols.clone()]) {
-                    *d = scale * s;
-                }
-            }
+            // d(out)[:, cols] read in place, [n, o] at the row stride of `out`.
+            let dy = Strided {
+                data: &dout[a.cols.start..],
+                rs: width,
+                cs: 1,
+            };
+            // u = scale·(x·Aᵀ) [n, r], as the forward had it.
             let mut u = vec![0.0f32; n * r];
             k::matmul(
                 &mut u,
@@ -488,67 +483,23 @@ impl LoraSet {
                 true,
                 false,
             );
-            // dB [o, r] += dyᵀ·u; du [n, r] = dy·B; dA [r, i] += duᵀ·x.
-            k::matmul(
-                &mut self.grads[a.b.clone()],
-                &dy,
-                &u,
-                o,
-                n,
-                r,
-                true,
-                false,
-                true,
-            );
+            scale_by(&mut u, scale);
+            // dB [o, r] += dyᵀ·u; du [n, r] = scale·(dy·B); dA [r, i] += duᵀ·x.
+            let db = &mut self.grads[a.b.clone()];
+            k::matmul_strided(db, r, dy.t(), Strided::rows(&u, r), (o, n, r), true);
             let mut du = vec![0.0f32; n * r];
-            k::matmul(
-                &mut du,
-                &dy,
-                &self.params[a.b.clone()],
-                n,
-                o,
-                r,
-                false,
-                false,
-                false,
-            );
-            k::matmul(
-                &mut self.grads[a.a.clone()],
-                &du,
-                xin,
-                r,
-                n,
-                i,
-                true,
-                false,
-                true,
-            );
+            let b = Strided::rows(&self.params[a.b.clone()], r);
+            k::matmul_strided(&mut du, r, dy, b, (n, o, r), false);
+            scale_by(&mut du, scale);
+            let da = &mut self.grads[a.a.clone()];
+            k::matmul(da, &du, xin, r, n, i, true, false, true);
             // dx += (du·A) ⊙ mask/(1-p): the mask's derivative is the same mask.
+            let w_a = &self.params[a.a.clone()];
             match xd {
-                None => k::matmul(
-                    dx,
-                    &du,
-                    &self.params[a.a.clone()],
-                    n,
-                    r,
-                    i,
-                    false,
-                    false,
-                    true,
-                ),
+                None => k::matmul(dx, &du, w_a, n, r, i, false, false, true),
                 Some(_) => {
                     let mut dxd = vec![0.0f32; n * i];
-                    k::matmul(
-                        &mut dxd,
-                        &du,
-                        &self.params[a.a.clone()],
-                        n,
-                        r,
-                        i,
-                        false,
-                        false,
-                        false,
-                    );
+                    k::matmul(&mut dxd, &du, w_a, n, r, i, false, false, false);
                     let masked = self.dropped(round, idx, &dxd).expect("dropout is on");
                     k::add_inplace(&mut dx[..n * i], &masked);
                 }
