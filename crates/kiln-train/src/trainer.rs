@@ -448,9 +448,14 @@ impl<'a> Trainer<'a> {
 
 /// Metrics on one line for the console (per-kind breakdowns `acc_*` stay in metrics.jsonl).
 pub fn fmt_metrics(m: &Metrics) -> String {
-    m.iter()
+    let shown: Vec<String> = m
+        .iter()
         .filter(|(k, _)| !k.starts_with("acc_"))
         .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    if shown.is_empty() {
+        // A run without held-out data (too few records to split, or `val_fraction = 0`).
+        return "- (no validation data)".into();
+    }
+    shown.join(" ")
 }
