@@ -15,6 +15,8 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 pub const CHECKSUMS_FILE: &str = "checksums.json";
@@ -48,6 +50,135 @@ pub fn tensors_to_bytes(tensors: &[(String, Vec<usize>, &[f32])]) -> Result<Vec<
 /// Named tensors read from a file: name → (shape, values).
 pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// A tensor's values where they lie: f32 already, or a safetensors file's little-endian F32,
+/// BF16 or F16 bytes (read in place from a memory-mapped file, converted as they are copied).
+#[derive(Clone, Copy)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    Le(Dtype, &'a [u8]),
+}
+
+impl Values<'_> {
+    fn of<'a>(view: &TensorView<'a>, name: &str, what: &str) -> Result<Values<'a>> {
+        match view.dtype() {
+            d @ (Dtype::F32 | Dtype::BF16 | Dtype::F16) => Ok(Values::Le(d, view.data())),
+            other => {
+                bail!("{what}: tensor {name} has dtype {other:?}; Kiln reads F32, BF16 and F16")
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::Le(Dtype::F32, b) => b.len() / 4,
+            Values::Le(_, b) => b.len() / 2,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// All the values as f32, into `dst` (of the same length).
+    pub fn copy_to(&self, dst: &mut [f32]) {
+        assert_eq!(dst.len(), self.len(), "Values::copy_to: length mismatch");
+        self.copy_into(0, dst);
+    }
+
+    /// Values `start..start + dst.len()` as f32, into `dst`.
+    fn copy_into(&self, start: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        match *self {
+            Values::F32(v) => dst.copy_from_slice(&v[start..start + n]),
+            Values::Le(Dtype::F32, b) => {
+                for (d, c) in dst
+                    .iter_mut()
+                    .zip(b[4 * start..4 * (start + n)].chunks_exact(4))
+                {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Values::Le(Dtype::BF16, b) => {
+                for (d, c) in dst
+                    .iter_mut()
+                    .zip(b[2 * start..2 * (start + n)].chunks_exact(2))
+                {
+                    *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            Values::Le(_, b) => {
+                for (d, c) in dst
+                    .iter_mut()
+                    .zip(b[2 * start..2 * (start + n)].chunks_exact(2))
+                {
+                    *d = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+    }
+
+    fn to_vec(self) -> Vec<f32> {
+        let mut v = vec![0.0; self.len()];
+        self.copy_into(0, &mut v);
+        v
+    }
+}
+
+/// Named tensors read in place from safetensors buffers: name → (shape, values).
+pub type TensorViews<'a> = BTreeMap<String, (Vec<usize>, Values<'a>)>;
+
+/// Where [`params_from_tensors`] finds tensors: values already read, or views of mapped files.
+pub trait TensorSource {
+    fn tensor(&self, name: &str) -> Option<(&[usize], Values<'_>)>;
+    /// Values held in all (checked against the size a config implies before laying it out).
+    fn total_values(&self) -> usize;
+    /// Every tensor's name.
+    fn names(&self) -> Vec<String>;
+}
+
+impl TensorSource for Tensors {
+    fn tensor(&self, name: &str) -> Option<(&[usize], Values<'_>)> {
+        self.get(name).map(|(s, d)| (s.as_slice(), Values::F32(d)))
+    }
+    fn total_values(&self) -> usize {
+        self.values().map(|(_, d)| d.len()).sum()
+    }
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+}
+
+impl TensorSource for TensorViews<'_> {
+    fn tensor(&self, name: &str) -> Option<(&[usize], Values<'_>)> {
+        self.get(name).map(|(s, d)| (s.as_slice(), *d))
+    }
+    fn total_values(&self) -> usize {
+        self.values().map(|(_, d)| d.len()).sum()
+    }
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+}
+
+/// Views of every tensor of a safetensors buffer (F32, BF16 or F16), nothing copied.
+pub fn bytes_to_views<'a>(bytes: &'a [u8], what: &str) -> Result<TensorViews<'a>> {
+    let mut out = TensorViews::new();
+    add_views(&mut out, bytes, what)?;
+    Ok(out)
+}
+
+/// Views of every tensor of a safetensors buffer, added to `out` (nothing is copied).
+fn add_views<'a>(out: &mut TensorViews<'a>, bytes: &'a [u8], what: &str) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{what}: not a valid safetensors file (truncated or corrupt?)"))?;
+    for (name, view) in st.tensors() {
+        let values = Values::of(&view, &name, what)?;
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(())
+}
+
 /// Reads every tensor of a safetensors buffer as f32 (F32, BF16 and F16 accepted: half-precision
 /// checkpoints become f32 master weights).
 pub fn bytes_to_tensors(bytes: &[u8], what: &str) -> Result<Tensors> {
@@ -57,28 +188,10 @@ pub fn bytes_to_tensors(bytes: &[u8], what: &str) -> Result<Tensors> {
 }
 
 fn add_tensors(out: &mut Tensors, bytes: &[u8], what: &str) -> Result<()> {
-    let st = SafeTensors::deserialize(bytes)
-        .with_context(|| format!("{what}: not a valid safetensors file (truncated or corrupt?)"))?;
-    for (name, view) in st.tensors() {
-        let d = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => d
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => d
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                bail!("{what}: tensor {name} has dtype {other:?}; Kiln reads F32, BF16 and F16")
-            }
-        };
-        out.insert(name, (view.shape().to_vec(), data));
+    let mut views = TensorViews::new();
+    add_views(&mut views, bytes, what)?;
+    for (name, (shape, values)) in views {
+        out.insert(name, (shape, values.to_vec()));
     }
     Ok(())
 }
@@ -140,21 +253,25 @@ pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>> {
 
 /// The tensor a checkpoint may store under `name`, or under it without the model class's prefix
 /// (`transformer.` of GPT2LMHeadModel, `model.` of LlamaForCausalLM: the bare GPT2Model/LlamaModel).
-fn lookup<'a>(tensors: &'a Tensors, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
-    tensors.get(name).or_else(|| {
+fn lookup<'a, S: TensorSource>(tensors: &'a S, name: &str) -> Option<(&'a [usize], Values<'a>)> {
+    tensors.tensor(name).or_else(|| {
         let bare = name
             .strip_prefix("transformer.")
             .or_else(|| name.strip_prefix("model."))?;
-        tensors.get(bare)
+        tensors.tensor(bare)
     })
 }
 
 /// Fills a flat buffer in `cfg`'s layout from the family's checkpoint tensors (see [`hf_tensors`]).
 /// Ignores what Kiln does not use (attention-mask buffers, a tied `lm_head.weight`, rotary caches).
-pub fn params_from_tensors(cfg: &ModelConfig, tensors: &Tensors, what: &str) -> Result<Vec<f32>> {
+pub fn params_from_tensors<S: TensorSource>(
+    cfg: &ModelConfig,
+    tensors: &S,
+    what: &str,
+) -> Result<Vec<f32>> {
     // A config read from a damaged or foreign file can imply any size: check it against what the
     // file holds before laying it out (which allocates and loops per layer).
-    let held: usize = tensors.values().map(|(_, d)| d.len()).sum();
+    let held = tensors.total_values();
     match crate::memory::checked_num_params(cfg) {
         Some(n) if n <= held => {}
         n => bail!(
@@ -185,7 +302,7 @@ pub fn params_from_tensors(cfg: &ModelConfig, tensors: &Tensors, what: &str) -> 
             } else {
                 vec![rows, w]
             };
-            if shape != &want {
+            if shape != want.as_slice() {
                 bail!(
                     "{what}: tensor {} has shape {:?}, but config.json implies {:?} (checkpoint of another architecture?)",
                     part.name,
@@ -194,24 +311,54 @@ pub fn params_from_tensors(cfg: &ModelConfig, tensors: &Tensors, what: &str) -> 
                 );
             }
             if t.shape.len() == 1 {
-                dst[col..col + w].copy_from_slice(data);
+                data.copy_into(0, &mut dst[col..col + w]);
             } else if part.transposed {
-                for a in 0..w {
-                    for r in 0..rows {
-                        dst[r * cols_total + col + a] = data[a * rows + r];
-                    }
-                }
+                copy_transposed(dst, cols_total, col, data, w, rows);
             } else {
-                for r in 0..rows {
-                    dst[r * cols_total + col..r * cols_total + col + w]
-                        .copy_from_slice(&data[r * w..(r + 1) * w]);
-                }
+                dst.par_chunks_mut(cols_total)
+                    .enumerate()
+                    .for_each(|(r, row)| data.copy_into(r * w, &mut row[col..col + w]));
             }
             col += w;
         }
     }
     Ok(params)
 }
+
+/// Columns `col..col + w` of `dst` (`rows` rows of `cols_total`) from `src` stored transposed
+/// (`w` rows of `rows`: a Hugging Face `[out, in]` Linear weight into Kiln's `[in, out]`), in tiles
+/// of [`TILE`] x [`TILE`] so that both sides move in whole cache lines, a band of rows per task.
+fn copy_transposed(
+    dst: &mut [f32],
+    cols_total: usize,
+    col: usize,
+    src: Values,
+    w: usize,
+    rows: usize,
+) {
+    dst[..rows * cols_total]
+        .par_chunks_mut(TILE * cols_total)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let (r0, nr) = (band * TILE, out.len() / cols_total);
+            let mut tile = [0.0f32; TILE * TILE];
+            for a0 in (0..w).step_by(TILE) {
+                let na = (w - a0).min(TILE);
+                for a in 0..na {
+                    src.copy_into((a0 + a) * rows + r0, &mut tile[a * TILE..a * TILE + nr]);
+                }
+                for r in 0..nr {
+                    let row = &mut out[r * cols_total + col + a0..][..na];
+                    for (a, d) in row.iter_mut().enumerate() {
+                        *d = tile[a * TILE + r];
+                    }
+                }
+            }
+        });
+}
+
+/// Side of [`copy_transposed`]'s tiles.
+const TILE: usize = 32;
 
 /// Writes a checkpoint directory atomically: `files` (name, bytes) plus `checksums.json`.
 ///
@@ -418,8 +565,8 @@ pub fn load_model_unmerged(dir: &Path) -> Result<Model> {
         return Ok(model);
     }
     let cfg = ModelConfig::load(&dir.join(CONFIG_FILE))?;
-    let (tensors, what) = read_weights(dir)?;
-    let params = params_from_tensors(&cfg, &tensors, &what)?;
+    let files = WeightFiles::map(dir)?;
+    let params = params_from_tensors(&cfg, &files.views()?, &files.what)?;
     Ok(Model::from_params(cfg, params))
 }
 
@@ -458,54 +605,118 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Every tensor of a model directory's weights, and a name for them in messages.
 pub fn read_weights(dir: &Path) -> Result<(Tensors, String)> {
-    let single = dir.join(MODEL_FILE);
-    let index = dir.join(INDEX_FILE);
-    if single.exists() || !index.exists() {
-        let bytes = read_checked(dir, MODEL_FILE)?;
-        let what = single.display().to_string();
-        return Ok((bytes_to_tensors(&bytes, &what)?, what));
-    }
-    let what = index.display().to_string();
-    let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, INDEX_FILE)?)
-        .with_context(|| format!("{what}: not valid JSON"))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .with_context(|| format!("{what}: no \"weight_map\" object"))?;
-    let mut files: Vec<&str> = Vec::new();
-    for (name, f) in map {
-        let f = f
-            .as_str()
-            .with_context(|| format!("{what}: weight_map entry {name:?} is not a file name"))?;
-        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-            bail!("{what}: weight_map entry {name:?} names {f:?}, not a file in this directory");
-        }
-        if !files.contains(&f) {
-            files.push(f);
-        }
-    }
-    files.sort_unstable();
-    let mut tensors = Tensors::new();
-    for f in &files {
-        let path = dir.join(f);
-        if !path.exists() {
-            bail!(
-                "{what} names the shard {f}, which is not in {} (an incomplete download?)",
-                dir.display()
-            );
-        }
-        let bytes = read_checked(dir, f)?;
-        add_tensors(&mut tensors, &bytes, &path.display().to_string())?;
-    }
-    for (name, f) in map {
-        if !tensors.contains_key(name) {
-            bail!(
-                "{what}: tensor {name} should be in {} but is not",
-                f.as_str().unwrap_or("?")
-            );
+    let files = WeightFiles::map(dir)?;
+    let tensors = files
+        .views()?
+        .into_iter()
+        .map(|(name, (shape, values))| (name, (shape, values.to_vec())))
+        .collect();
+    Ok((tensors, files.what))
+}
+
+/// One file of a checkpoint directory, memory-mapped, checked against `checksums.json` when
+/// present: its bytes are read in place, from the page cache, never copied onto the heap.
+pub fn map_checked(dir: &Path, fname: &str) -> Result<memmap2::Mmap> {
+    let path = dir.join(fname);
+    let file = fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    // SAFETY: the file must not change while it is mapped. Kiln replaces checkpoints by renaming
+    // a new directory into place, never rewriting a file, and a model directory is read-only
+    // input otherwise (the mapping ends when the weights are copied out).
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("reading {}", path.display()))?;
+    let sums_path = dir.join(CHECKSUMS_FILE);
+    if sums_path.exists() {
+        let sums: BTreeMap<String, String> = serde_json::from_slice(&fs::read(&sums_path)?)
+            .with_context(|| format!("{}: not valid JSON", sums_path.display()))?;
+        if let Some(expected) = sums.get(fname) {
+            if &sha256_hex(&map) != expected {
+                bail!(
+                    "{}: checksum mismatch (the file is corrupt or was changed after the checkpoint was written)",
+                    path.display()
+                );
+            }
         }
     }
-    Ok((tensors, what))
+    Ok(map)
+}
+
+/// A model directory's weight files, memory-mapped: one `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` lists. Loading copies each tensor from them straight into the
+/// model's layout (converting BF16 / F16, transposing), so the weights are held once on the heap
+/// while loading, not three times (file bytes, f32 tensors, layout).
+pub struct WeightFiles {
+    /// Each file with its path (for messages).
+    files: Vec<(memmap2::Mmap, String)>,
+    /// The index's tensor → shard entries (none for a single file).
+    index: Vec<(String, String)>,
+    /// The weights' name in messages: the file, or the index.
+    pub what: String,
+}
+
+impl WeightFiles {
+    pub fn map(dir: &Path) -> Result<Self> {
+        let single = dir.join(MODEL_FILE);
+        let index_path = dir.join(INDEX_FILE);
+        if single.exists() || !index_path.exists() {
+            let what = single.display().to_string();
+            let files = vec![(map_checked(dir, MODEL_FILE)?, what.clone())];
+            return Ok(Self {
+                files,
+                index: Vec::new(),
+                what,
+            });
+        }
+        let what = index_path.display().to_string();
+        let v: serde_json::Value = serde_json::from_slice(&read_checked(dir, INDEX_FILE)?)
+            .with_context(|| format!("{what}: not valid JSON"))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{what}: no \"weight_map\" object"))?;
+        let mut names: Vec<&str> = Vec::new();
+        let mut index = Vec::new();
+        for (name, f) in map {
+            let f = f
+                .as_str()
+                .with_context(|| format!("{what}: weight_map entry {name:?} is not a file name"))?;
+            if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                bail!(
+                    "{what}: weight_map entry {name:?} names {f:?}, not a file in this directory"
+                );
+            }
+            if !names.contains(&f) {
+                names.push(f);
+            }
+            index.push((name.clone(), f.to_string()));
+        }
+        names.sort_unstable();
+        let mut files = Vec::new();
+        for f in &names {
+            let path = dir.join(f);
+            if !path.exists() {
+                bail!(
+                    "{what} names the shard {f}, which is not in {} (an incomplete download?)",
+                    dir.display()
+                );
+            }
+            files.push((map_checked(dir, f)?, path.display().to_string()));
+        }
+        Ok(Self { files, index, what })
+    }
+
+    /// Every tensor of every file, in place; each tensor the index lists must be there.
+    pub fn views(&self) -> Result<TensorViews<'_>> {
+        let mut views = TensorViews::new();
+        for (map, what) in &self.files {
+            add_views(&mut views, map, what)?;
+        }
+        for (name, f) in &self.index {
+            if !views.contains_key(name) {
+                bail!("{}: tensor {name} should be in {f} but is not", self.what);
+            }
+        }
+        Ok(views)
+    }
 }
 
 /// The files of a model-only checkpoint: weights and config; for a model with adapters, PEFT's
@@ -604,5 +815,53 @@ impl Model {
         let mut model = Model::from_params(cfg, params);
         model.precision = self.precision;
         model
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiled, threaded transpose out of each stored dtype equals the plain element loop, on
+    /// shapes that leave partial tiles at every edge, into a block of columns of a wider matrix.
+    #[test]
+    fn transposed_copies_equal_the_element_loop() {
+        let mut state = 7u32;
+        let mut next = || {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for &(rows, w, col, extra) in &[(1, 1, 0, 0), (37, 5, 2, 3), (64, 96, 0, 0), (70, 45, 7, 1)]
+        {
+            let cols_total = col + w + extra;
+            let src: Vec<f32> = (0..w * rows).map(|_| next()).collect();
+            let bf: Vec<u8> = src
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect();
+            let hf: Vec<u8> = src
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect();
+            let f: Vec<u8> = src.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let sources = [
+                Values::F32(&src),
+                Values::Le(Dtype::F32, &f),
+                Values::Le(Dtype::BF16, &bf),
+                Values::Le(Dtype::F16, &hf),
+            ];
+            for v in sources {
+                let values = v.to_vec();
+                let mut want = vec![-1.0f32; rows * cols_total];
+                for a in 0..w {
+                    for r in 0..rows {
+                        want[r * cols_total + col + a] = values[a * rows + r];
+                    }
+                }
+                let mut got = vec![-1.0f32; rows * cols_total];
+                copy_transposed(&mut got, cols_total, col, v, w, rows);
+                assert_eq!(got, want, "{rows} x {w} at column {col} of {cols_total}");
+            }
+        }
     }
 }

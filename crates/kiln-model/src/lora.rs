@@ -590,26 +590,31 @@ impl LoraSet {
 
     /// Sets every trainable tensor from an adapter file's tensors (all must be there, in shape;
     /// none may be left over).
-    pub fn fill_from(&mut self, tensors: &crate::checkpoint::Tensors, what: &str) -> Result<()> {
+    pub fn fill_from<S: crate::checkpoint::TensorSource>(
+        &mut self,
+        tensors: &S,
+        what: &str,
+    ) -> Result<()> {
         for t in &self.tensors {
-            let (shape, data) = tensors.get(&t.name).with_context(|| {
+            let (shape, data) = tensors.tensor(&t.name).with_context(|| {
                 format!(
                     "{what}: tensor {} missing (adapter of another model or targets?)",
                     t.name
                 )
             })?;
-            if shape != &t.shape {
+            if shape != t.shape.as_slice() {
                 bail!(
                     "{what}: tensor {} has shape {shape:?}, expected {:?} (adapter of another model shape or rank?)",
                     t.name,
                     t.shape
                 );
             }
-            self.params[t.range()].copy_from_slice(data);
+            data.copy_to(&mut self.params[t.range()]);
         }
         if let Some(extra) = tensors
-            .keys()
-            .find(|n| !self.tensors.iter().any(|t| &t.name == *n))
+            .names()
+            .into_iter()
+            .find(|n| !self.tensors.iter().any(|t| &t.name == n))
         {
             bail!("{what}: tensor {extra} belongs to no adapter of this model (a score head on a language model, or other targets?)");
         }

@@ -17,7 +17,7 @@ use crate::session::{self, Files, NonFinite, RunSession, SessionConfig};
 use crate::trainer::{fmt_metrics, Metrics};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
-use kiln_model::checkpoint::{model_files, read_checked};
+use kiln_model::checkpoint::{map_checked, model_files, read_checked};
 use kiln_model::{Activations, GenerateOptions, Model, PackedWeights, Sampling, WeightFormat};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -818,7 +818,7 @@ impl<'a> Grpo<'a> {
         *st = serde_json::from_value(v["state"].clone()).context("grpo_state.json")?;
         opt.load_bytes(
             &self.actor,
-            &read_checked(dir, "optimizer.safetensors")?,
+            &map_checked(dir, "optimizer.safetensors")?,
             st.updates,
             "optimizer.safetensors",
         )?;

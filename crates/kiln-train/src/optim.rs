@@ -5,7 +5,7 @@ use crate::dist::{self, StepSums};
 use crate::session::NonFinite;
 use anyhow::{bail, Context, Result};
 use kiln_kernels as k;
-use kiln_model::checkpoint::{bytes_to_tensors, tensors_to_bytes};
+use kiln_model::checkpoint::{bytes_to_views, tensors_to_bytes};
 use kiln_model::Model;
 use serde::{Deserialize, Serialize};
 
@@ -96,7 +96,7 @@ impl AdamW {
     }
 
     pub fn load_bytes(&mut self, model: &Model, bytes: &[u8], step: u64, what: &str) -> Result<()> {
-        let map = bytes_to_tensors(bytes, what)?;
+        let map = bytes_to_views(bytes, what)?;
         for t in model.trainable_tensors() {
             for (prefix, buf) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
                 let name = format!("{prefix}.{}", t.name);
@@ -109,7 +109,7 @@ impl AdamW {
                         t.shape
                     );
                 }
-                buf[t.range()].copy_from_slice(data);
+                data.copy_to(&mut buf[t.range()]);
             }
         }
         self.step = step;

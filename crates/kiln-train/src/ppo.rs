@@ -15,7 +15,9 @@ use crate::session::{self, Files, NonFinite, RunSession, SessionConfig};
 use crate::trainer::{fmt_metrics, Metrics};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::IGNORE;
-use kiln_model::checkpoint::{bytes_to_tensors, model_files, params_from_tensors, read_checked};
+use kiln_model::checkpoint::{
+    bytes_to_views, map_checked, model_files, params_from_tensors, read_checked,
+};
 use kiln_model::{Activations, GenerateOptions, Model, ModelConfig, Sampling};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -889,7 +891,8 @@ impl<'a> Ppo<'a> {
     ) -> Result<()> {
         crate::trainer::restore_trained(&mut self.actor, dir)?;
         let what = format!("{}/critic.safetensors", dir.display());
-        let tensors = bytes_to_tensors(&read_checked(dir, "critic.safetensors")?, &what)?;
+        let file = map_checked(dir, "critic.safetensors")?;
+        let tensors = bytes_to_views(&file, &what)?;
         match &mut self.critic.lora {
             // A critic with adapters saves those (and its score head) only, and its
             // adapter_config.json as critic_config.json.
@@ -910,13 +913,13 @@ impl<'a> Ppo<'a> {
         }
         actor_opt.load_bytes(
             &self.actor,
-            &read_checked(dir, "optimizer.safetensors")?,
+            &map_checked(dir, "optimizer.safetensors")?,
             st.actor_updates,
             "optimizer.safetensors",
         )?;
         critic_opt.load_bytes(
             &self.critic,
-            &read_checked(dir, "critic_optimizer.safetensors")?,
+            &map_checked(dir, "critic_optimizer.safetensors")?,
             st.critic_updates,
             "critic_optimizer.safetensors",
         )?;

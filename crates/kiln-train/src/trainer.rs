@@ -9,7 +9,7 @@ use crate::run::RunDir;
 use crate::session::{self, RunSession, SessionConfig};
 use anyhow::{bail, Context, Result};
 use kiln_kernels::Precision;
-use kiln_model::checkpoint::{model_files, read_checked};
+use kiln_model::checkpoint::{map_checked, model_files, read_checked};
 use kiln_model::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -271,7 +271,7 @@ impl<'a> Trainer<'a> {
                     .with_context(|| format!("{}/trainer_state.json", dir.display()))?;
             adamw.load_bytes(
                 model,
-                &read_checked(dir, "optimizer.safetensors")?,
+                &map_checked(dir, "optimizer.safetensors")?,
                 st.step,
                 &format!("{}/optimizer.safetensors", dir.display()),
             )?;
