@@ -53,6 +53,10 @@ pub struct GrpoArgs {
     /// Passes over each iteration's samples (1: on-policy).
     #[arg(long)]
     inner_epochs: Option<i64>,
+    /// Responses per forward/backward pass (default 8; 0: the whole minibatch); gradients
+    /// accumulate into the minibatch's update, and only this many rows' activations are held.
+    #[arg(long)]
+    micro_batch: Option<i64>,
     /// Weight of the k3 KL penalty to the frozen SFT model (0, the default, holds no reference).
     #[arg(long)]
     beta: Option<f64>,
@@ -116,6 +120,7 @@ pub fn run(a: GrpoArgs, progress: bool) -> Result<()> {
     o.opt("grpo.clip_low", a.clip_low);
     o.opt("grpo.clip_high", a.clip_high);
     o.opt("grpo.inner_epochs", a.inner_epochs);
+    o.opt("grpo.micro_batch", a.micro_batch);
     o.opt("grpo.beta", a.beta);
     o.opt("grpo.lr", a.lr);
     o.opt("grpo.temperature", a.temperature);

@@ -102,6 +102,9 @@ fn comment(table: &str, key: &str) -> Option<&'static str> {
         "temperature" => "sampling temperature of rollouts",
         "iterations" => "RL iterations (sample, score, update)",
         "minibatch" => "sequences per gradient step",
+        "micro_batch" => {
+            "sequences per forward/backward pass (0: the whole minibatch); bounds memory"
+        }
         // PPO.
         "actor_lr" => "policy learning rate",
         "critic_lr" => "value model learning rate",

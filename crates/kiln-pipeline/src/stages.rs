@@ -1379,15 +1379,17 @@ pub fn grpo(cfg: &GrpoStageConfig, resume: bool, progress: bool) -> Result<GrpoS
     // With LoRA the actor's base (adapters off) is the reference: no copy of it is held.
     let reference = (cfg.grpo.beta > 0.0 && lora.is_none()).then(|| actor.model.clone());
     // GRPO, like PPO, trains in f32.
+    // Activations for one micro-batch (the whole minibatch unless `micro_batch` is set).
+    let rows = cfg.grpo.micro_rows(kiln_train::dist::world().size());
     let memory = training_bytes_with(
         &actor.model.cfg,
-        cfg.grpo.minibatch,
+        rows,
         row_len,
         true,
         lora.as_ref(),
         kiln_kernels::Precision::F32,
     ) + reference.as_ref().map_or(0, |r| {
-        4 * r.params.len() + activation_bytes(&r.cfg, cfg.grpo.minibatch, row_len, true)
+        4 * r.params.len() + activation_bytes(&r.cfg, rows, row_len, true)
     });
     let mut actor = actor;
     kiln_train::adapters::attach(

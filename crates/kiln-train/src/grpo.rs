@@ -172,6 +172,11 @@ pub struct GrpoConfig {
     pub group_size: usize,
     /// Responses per optimizer step.
     pub minibatch: usize,
+    /// Responses per forward/backward pass within a minibatch (0: the whole minibatch at once).
+    /// Gradients accumulate over the passes into the minibatch's one update (the same update to
+    /// rounding), so only the activations of this many rows are held: what bounds memory with
+    /// long prompts (TRL's per-device batch under gradient accumulation).
+    pub micro_batch: usize,
     /// Passes over each iteration's responses (1: on-policy, every ratio of the first pass near 1).
     pub inner_epochs: usize,
     pub max_new_tokens: usize,
@@ -202,6 +207,18 @@ pub struct GrpoConfig {
     pub max_non_finite: u64,
 }
 
+impl GrpoConfig {
+    /// Rows of each forward/backward pass on one of `ranks` processes: its part of a minibatch,
+    /// or `micro_batch` of them.
+    pub fn micro_rows(&self, ranks: usize) -> usize {
+        let part = (self.minibatch / ranks.max(1)).max(1);
+        match self.micro_batch {
+            0 => part,
+            m => m.min(part),
+        }
+    }
+}
+
 impl Default for GrpoConfig {
     fn default() -> Self {
         GrpoConfig {
@@ -209,6 +226,7 @@ impl Default for GrpoConfig {
             prompts_per_iter: 16,
             group_size: 8,
             minibatch: 32,
+            micro_batch: 8,
             inner_epochs: 1,
             max_new_tokens: 24,
             temperature: 1.0,
@@ -289,6 +307,13 @@ impl<'a> Grpo<'a> {
         // shorter (dynamic sampling makes the count vary anyway).
         if c.minibatch == 0 {
             bail!("minibatch must be at least 1");
+        }
+        if c.micro_batch > c.minibatch {
+            bail!(
+                "micro_batch ({}) must be at most minibatch ({}), or 0 for the whole minibatch",
+                c.micro_batch,
+                c.minibatch
+            );
         }
         if c.beta > 0.0 {
             match &self.reference {
@@ -386,13 +411,13 @@ impl<'a> Grpo<'a> {
         let mb = cfg.minibatch;
         let g = cfg.group_size;
         // Each rank runs its part of every minibatch.
-        let mb_rows = mb / world.size();
-        let mut acts = Activations::new(&self.actor.cfg, mb_rows, t, true);
+        let micro = cfg.micro_rows(world.size());
+        let mut acts = Activations::new(&self.actor.cfg, micro, t, true);
         let mut ref_acts = self
             .reference
             .as_ref()
             .filter(|_| cfg.beta > 0.0)
-            .map(|r| Activations::new(&r.cfg, mb_rows, t, true));
+            .map(|r| Activations::new(&r.cfg, micro, t, true));
         while st.iteration < cfg.iterations {
             let it_start = Instant::now();
             // Sampling rounds: each draws the next prompts (cycling through a shuffled list) and
@@ -561,9 +586,10 @@ impl<'a> Grpo<'a> {
                 (a, b)
             };
             let (mut own_old, mut own_ref) = (Vec::new(), Vec::new());
-            for chunk in orders[0].chunks(mb) {
+            for idx in orders[0].chunks(mb).flat_map(|chunk| {
                 let (a, b) = part(chunk, rank);
-                let idx = &chunk[a..b];
+                chunk[a..b].chunks(micro)
+            }) {
                 let (lp, _) = rows.logprobs(&self.actor, &mut acts, idx, cfg.temperature);
                 own_old.extend_from_slice(&lp[..idx.len() * t]);
                 if let (Some(r), Some(ra)) = (&self.reference, ref_acts.as_mut()) {
@@ -607,45 +633,49 @@ impl<'a> Grpo<'a> {
                     let kp: Vec<bool> = chunk.iter().map(|&r| keep[r]).collect();
                     let w_all = token_weights(&lens, &kp, cfg.loss_agg, cfg.max_new_tokens);
                     let (a, b) = part(chunk, rank);
-                    let (idx, w) = (&chunk[a..b], &w_all[a..b]);
+                    let (own, w_own) = (&chunk[a..b], &w_all[a..b]);
                     self.actor.zero_grads();
-                    let (lp, ent) = rows.logprobs(&self.actor, &mut acts, idx, cfg.temperature);
-                    let targets = rows.gather(idx).1;
-                    let mut dlogp = vec![0.0f32; idx.len() * t];
                     let mut mb_loss = 0.0f64;
-                    for (k, &r) in idx.iter().enumerate() {
-                        for j in 0..t {
-                            let (i, gi) = (k * t + j, r * t + j);
-                            if targets[i] == IGNORE {
-                                continue;
-                            }
-                            let (l, d, c) = clipped_loss(
-                                lp[i],
-                                old_logp[gi],
-                                adv[r],
-                                cfg.clip_low,
-                                cfg.clip_high,
-                            );
-                            let (mut tl, mut td) = (l, d);
-                            if cfg.beta > 0.0 {
-                                let (kl, dkl) = k3(lp[i], ref_logp[gi]);
-                                tl += cfg.beta * kl;
-                                td += cfg.beta * dkl;
-                                kl_sum += kl as f64;
-                            }
-                            dlogp[i] = w[k] * td;
-                            mb_loss += (w[k] * tl) as f64;
-                            clipped += c as usize;
-                            ntok += 1;
-                            ent_sum += ent[i] as f64;
-                            if e == 0 && bi == 0 {
-                                let diff = (lp[i] - old_logp[gi]) as f64;
-                                first_ratio_err = first_ratio_err.max((diff.exp() - 1.0).abs());
+                    // Micro-batches: their gradients add up to the minibatch's.
+                    for (mi, idx) in own.chunks(micro).enumerate() {
+                        let w = &w_own[mi * micro..];
+                        let (lp, ent) = rows.logprobs(&self.actor, &mut acts, idx, cfg.temperature);
+                        let targets = rows.gather(idx).1;
+                        let mut dlogp = vec![0.0f32; idx.len() * t];
+                        for (k, &r) in idx.iter().enumerate() {
+                            for j in 0..t {
+                                let (i, gi) = (k * t + j, r * t + j);
+                                if targets[i] == IGNORE {
+                                    continue;
+                                }
+                                let (l, d, c) = clipped_loss(
+                                    lp[i],
+                                    old_logp[gi],
+                                    adv[r],
+                                    cfg.clip_low,
+                                    cfg.clip_high,
+                                );
+                                let (mut tl, mut td) = (l, d);
+                                if cfg.beta > 0.0 {
+                                    let (kl, dkl) = k3(lp[i], ref_logp[gi]);
+                                    tl += cfg.beta * kl;
+                                    td += cfg.beta * dkl;
+                                    kl_sum += kl as f64;
+                                }
+                                dlogp[i] = w[k] * td;
+                                mb_loss += (w[k] * tl) as f64;
+                                clipped += c as usize;
+                                ntok += 1;
+                                ent_sum += ent[i] as f64;
+                                if e == 0 && bi == 0 && mi == 0 {
+                                    let diff = (lp[i] - old_logp[gi]) as f64;
+                                    first_ratio_err = first_ratio_err.max((diff.exp() - 1.0).abs());
+                                }
                             }
                         }
+                        self.actor.lm_head_backward(&mut acts, &dlogp, None);
+                        self.actor.backward(&mut acts);
                     }
-                    self.actor.lm_head_backward(&mut acts, &dlogp, None);
-                    self.actor.backward(&mut acts);
                     // Data parallel: the minibatch's gradient and loss, summed over the ranks.
                     let mut sums = StepSums {
                         loss: mb_loss,
