@@ -459,6 +459,10 @@ struct PpoArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     iterations: Option<i64>,
+    /// Sequences per forward/backward pass (default 8; 0: the whole minibatch); gradients
+    /// accumulate into the minibatch's update, and only this many rows' activations are held.
+    #[arg(long)]
+    micro_batch: Option<i64>,
     /// KL coefficient β (initial value when adaptive).
     #[arg(long)]
     kl_coef: Option<f64>,
@@ -644,6 +648,7 @@ fn run(cli: Cli) -> Result<()> {
             o.path("out", &a.out);
             o.opt("ppo.iterations", a.iterations);
             o.opt("ppo.kl_coef", a.kl_coef);
+            o.opt("ppo.micro_batch", a.micro_batch);
             o.opt("ppo.kl_target", a.kl_target);
             o.opt("ppo.ptx_coef", a.ptx_coef);
             o.path("ptx_data", &a.ptx_data);

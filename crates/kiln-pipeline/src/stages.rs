@@ -853,7 +853,8 @@ pub fn ppo(cfg: &PpoStageConfig, resume: bool, progress: bool) -> Result<PpoSumm
     let row_len = kiln_train::ppo::row_len(&prompts, cfg.ppo.max_new_tokens, actor.model.cfg.n_ctx);
     // With LoRA the actor's base (adapters off) is the reference: no copy of it is held.
     let lora = kiln_train::adapters::settings(cfg.lora.as_ref(), cfg.adapter.as_deref())?;
-    let mb = cfg.ppo.minibatch;
+    // Activations for one micro-batch (the whole minibatch when `micro_batch` is 0).
+    let mb = cfg.ppo.micro_rows(kiln_train::dist::world().size());
     let reference_bytes = match lora {
         Some(_) => 0,
         None => {

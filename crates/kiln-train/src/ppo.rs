@@ -34,6 +34,10 @@ pub struct PpoConfig {
     pub rollout_batch: usize,
     /// Sequences per gradient step.
     pub minibatch: usize,
+    /// Sequences per forward/backward pass within a minibatch (0: the whole minibatch at once);
+    /// gradients accumulate into the minibatch's update, so only this many rows of activations
+    /// are held (as GRPO's `micro_batch`).
+    pub micro_batch: usize,
     pub ppo_epochs: usize,
     pub max_new_tokens: usize,
     pub temperature: f32,
@@ -74,12 +78,25 @@ pub struct PpoConfig {
     pub max_non_finite: u64,
 }
 
+impl PpoConfig {
+    /// Rows of each forward/backward pass on one of `ranks` processes: its part of a minibatch,
+    /// or `micro_batch` of them.
+    pub fn micro_rows(&self, ranks: usize) -> usize {
+        let part = (self.minibatch / ranks.max(1)).max(1);
+        match self.micro_batch {
+            0 => part,
+            m => m.min(part),
+        }
+    }
+}
+
 impl Default for PpoConfig {
     fn default() -> Self {
         PpoConfig {
             iterations: 40,
             rollout_batch: 64,
             minibatch: 16,
+            micro_batch: 8,
             ppo_epochs: 2,
             max_new_tokens: 24,
             temperature: 1.0,
@@ -307,6 +324,13 @@ impl<'a> Ppo<'a> {
                 self.cfg.ptx_coef
             );
         }
+        if self.cfg.micro_batch > self.cfg.minibatch {
+            bail!(
+                "micro_batch ({}) must be at most minibatch ({}), or 0 for the whole minibatch",
+                self.cfg.micro_batch,
+                self.cfg.minibatch
+            );
+        }
         if !self.cfg.rollout_batch.is_multiple_of(self.cfg.minibatch) {
             bail!(
                 "rollout_batch ({}) must be a multiple of minibatch ({})",
@@ -374,17 +398,19 @@ impl<'a> Ppo<'a> {
         // Old log-probs, reference log-probs and values, computed minibatch by minibatch in the
         // order of the first PPO epoch, each rank its part of every minibatch as in training (so
         // the first minibatch's ratio is exactly 1); then every rank gets all of them.
-        let mb_rows = cfg.minibatch / size;
-        let mut acts = Activations::new(&self.actor.cfg, mb_rows, t, true);
+        let micro = cfg.micro_rows(size);
+        let mut acts = Activations::new(&self.actor.cfg, micro, t, true);
         let mut ref_acts = self
             .reference
             .as_ref()
-            .map(|r| Activations::new(&r.cfg, mb_rows, t, true));
-        let mut vacts = Activations::new(&self.critic.cfg, mb_rows, t, false);
+            .map(|r| Activations::new(&r.cfg, micro, t, true));
+        let mut vacts = Activations::new(&self.critic.cfg, micro, t, false);
         let (mut own_old, mut own_ref, mut own_val) = (Vec::new(), Vec::new(), Vec::new());
-        for chunk in order0.chunks(cfg.minibatch) {
+        // In the training passes' micro-batches, so that they recompute these bits exactly.
+        for idx in order0.chunks(cfg.minibatch).flat_map(|chunk| {
             let (a, b) = dist::part_of(chunk.len(), rank, size);
-            let idx = &chunk[a..b];
+            chunk[a..b].chunks(micro)
+        }) {
             let (lp, _) = ro
                 .rows
                 .logprobs(&self.actor, &mut acts, idx, cfg.temperature);
@@ -430,9 +456,9 @@ impl<'a> Ppo<'a> {
                 ro.rows.tokens[r * t..r * t + sp.start + 1 + sp.len].to_vec()
             })
             .collect();
-        let mut racts = Activations::new(&self.reward.model.cfg, mb_rows, t, false);
+        let mut racts = Activations::new(&self.reward.model.cfg, micro, t, false);
         let mut own_scores = Vec::with_capacity(hi - lo);
-        for chunk in seqs.chunks(mb_rows) {
+        for chunk in seqs.chunks(micro) {
             for x in score_rows(&self.reward.model, &mut racts, chunk) {
                 let mut z = (x - self.reward.mean) / self.reward.std;
                 if cfg.reward_clip > 0.0 {
@@ -561,8 +587,9 @@ impl<'a> Ppo<'a> {
         let mut actor_opt = session.optimizer("ppo actor", actor_adamw, st.skipped_non_finite);
         let mut critic_opt = session.optimizer("ppo critic", critic_adamw, 0);
         // Each rank computes its part of every minibatch (on one process, all of it).
-        let mut acts = Activations::new(&self.actor.cfg, mb / size, t, true);
-        let mut vacts = Activations::new(&self.critic.cfg, mb / size, t, false);
+        let micro = cfg.micro_rows(size);
+        let mut acts = Activations::new(&self.actor.cfg, micro, t, true);
+        let mut vacts = Activations::new(&self.critic.cfg, micro, t, false);
         while st.iteration < cfg.iterations {
             // The next prompts, cycling through a shuffled prompt list.
             let mut ids_ = Vec::with_capacity(cfg.rollout_batch);
@@ -601,46 +628,52 @@ impl<'a> Ppo<'a> {
                         .sum::<usize>()
                         .max(1) as f32;
                     let (a, b) = dist::part_of(chunk.len(), rank, size);
-                    let rows = &chunk[a..b];
-                    let targets: Vec<u32> = ro.rows.gather(rows).1;
-                    // Actor: clipped surrogate (+ entropy bonus).
+                    let own = &chunk[a..b];
+                    let train_actor = st.iteration >= cfg.freeze_actor_iters;
+                    // Actor: clipped surrogate (+ entropy bonus), micro-batch by micro-batch,
+                    // the gradients adding up to the minibatch's.
                     self.actor.zero_grads();
-                    let (lp, ent) = ro
-                        .rows
-                        .logprobs(&self.actor, &mut acts, rows, cfg.temperature);
-                    let mut dlogp = vec![0.0f32; rows.len() * t];
-                    let mut dent = vec![0.0f32; rows.len() * t];
                     let mut mb_loss = 0.0f64;
-                    for (k, &r) in rows.iter().enumerate() {
-                        for j in 0..t {
-                            let (i, g) = (k * t + j, r * t + j);
-                            if targets[i] == IGNORE {
-                                continue;
-                            }
-                            let (l, d, c) =
-                                policy_loss(lp[i], ro.old_logp[g], ro.adv[g], cfg.clip_eps);
-                            dlogp[i] = d / count;
-                            dent[i] = -cfg.entropy_coef / count;
-                            pg_sum += l as f64;
-                            mb_loss += (l - cfg.entropy_coef * ent[i]) as f64 / count as f64;
-                            clipped += c as usize;
-                            ntok += 1;
-                            let diff = (lp[i] - ro.old_logp[g]) as f64;
-                            approx_kl += 0.5 * diff * diff;
-                            ent_sum += ent[i] as f64;
-                            if e == 0 && bi == 0 {
-                                first_ratio_err = first_ratio_err.max((diff.exp() - 1.0).abs());
+                    for (mi, rows) in own.chunks(micro).enumerate() {
+                        let targets: Vec<u32> = ro.rows.gather(rows).1;
+                        let (lp, ent) =
+                            ro.rows
+                                .logprobs(&self.actor, &mut acts, rows, cfg.temperature);
+                        let mut dlogp = vec![0.0f32; rows.len() * t];
+                        let mut dent = vec![0.0f32; rows.len() * t];
+                        for (k, &r) in rows.iter().enumerate() {
+                            for j in 0..t {
+                                let (i, g) = (k * t + j, r * t + j);
+                                if targets[i] == IGNORE {
+                                    continue;
+                                }
+                                let (l, d, c) =
+                                    policy_loss(lp[i], ro.old_logp[g], ro.adv[g], cfg.clip_eps);
+                                dlogp[i] = d / count;
+                                dent[i] = -cfg.entropy_coef / count;
+                                pg_sum += l as f64;
+                                mb_loss += (l - cfg.entropy_coef * ent[i]) as f64 / count as f64;
+                                clipped += c as usize;
+                                ntok += 1;
+                                let diff = (lp[i] - ro.old_logp[g]) as f64;
+                                approx_kl += 0.5 * diff * diff;
+                                ent_sum += ent[i] as f64;
+                                if e == 0 && bi == 0 && mi == 0 {
+                                    first_ratio_err = first_ratio_err.max((diff.exp() - 1.0).abs());
+                                }
                             }
                         }
+                        if train_actor {
+                            let use_ent = cfg.entropy_coef != 0.0;
+                            self.actor.lm_head_backward(
+                                &mut acts,
+                                &dlogp,
+                                use_ent.then_some(&dent[..]),
+                            );
+                            self.actor.backward(&mut acts);
+                        }
                     }
-                    if st.iteration >= cfg.freeze_actor_iters {
-                        let use_ent = cfg.entropy_coef != 0.0;
-                        self.actor.lm_head_backward(
-                            &mut acts,
-                            &dlogp,
-                            use_ent.then_some(&dent[..]),
-                        );
-                        self.actor.backward(&mut acts);
+                    if train_actor {
                         // PPO-ptx's term is added once per update: by rank 0, whose gradient
                         // carries it into the sum (rank 0 alone walks and saves the ptx data).
                         if cfg.ptx_coef > 0.0 && rank == 0 {
@@ -665,26 +698,29 @@ impl<'a> Ppo<'a> {
                             |m| session.say(m),
                         )?;
                     }
-                    // Critic: clipped value loss.
+                    // Critic: clipped value loss, micro-batch by micro-batch likewise.
                     self.critic.zero_grads();
-                    let v = Self::values(&self.critic, &mut vacts, &ro.rows, rows);
-                    let mut dv = vec![0.0f32; rows.len() * t];
                     let mut mb_vloss = 0.0f64;
-                    for (k, &r) in rows.iter().enumerate() {
-                        for j in 0..t {
-                            let (i, g) = (k * t + j, r * t + j);
-                            if targets[i] == IGNORE {
-                                continue;
+                    for rows in own.chunks(micro) {
+                        let targets: Vec<u32> = ro.rows.gather(rows).1;
+                        let v = Self::values(&self.critic, &mut vacts, &ro.rows, rows);
+                        let mut dv = vec![0.0f32; rows.len() * t];
+                        for (k, &r) in rows.iter().enumerate() {
+                            for j in 0..t {
+                                let (i, g) = (k * t + j, r * t + j);
+                                if targets[i] == IGNORE {
+                                    continue;
+                                }
+                                let (l, d) =
+                                    value_loss(v[i], ro.values[g], ro.returns[g], cfg.value_clip);
+                                dv[i] = cfg.vf_coef * d / count;
+                                vloss_sum += l as f64;
+                                mb_vloss += l as f64 / count as f64;
                             }
-                            let (l, d) =
-                                value_loss(v[i], ro.values[g], ro.returns[g], cfg.value_clip);
-                            dv[i] = cfg.vf_coef * d / count;
-                            vloss_sum += l as f64;
-                            mb_vloss += l as f64 / count as f64;
                         }
+                        self.critic.score_head_backward(&mut vacts, &dv);
+                        self.critic.backward(&mut vacts);
                     }
-                    self.critic.score_head_backward(&mut vacts, &dv);
-                    self.critic.backward(&mut vacts);
                     let step = critic_opt.next_update();
                     critic_opt.update(
                         &mut self.critic,
