@@ -172,7 +172,8 @@ pub struct GrpoConfig {
     pub group_size: usize,
     /// Responses per optimizer step.
     pub minibatch: usize,
-    /// Responses per forward/backward pass within a minibatch (0: the whole minibatch at once).
+    /// Responses per forward/backward pass within a minibatch (0, or at least the minibatch: the
+    /// whole minibatch at once).
     /// Gradients accumulate over the passes into the minibatch's one update (the same update to
     /// rounding), so only the activations of this many rows are held: what bounds memory with
     /// long prompts (TRL's per-device batch under gradient accumulation).
@@ -307,13 +308,6 @@ impl<'a> Grpo<'a> {
         // shorter (dynamic sampling makes the count vary anyway).
         if c.minibatch == 0 {
             bail!("minibatch must be at least 1");
-        }
-        if c.micro_batch > c.minibatch {
-            bail!(
-                "micro_batch ({}) must be at most minibatch ({}), or 0 for the whole minibatch",
-                c.micro_batch,
-                c.minibatch
-            );
         }
         if c.beta > 0.0 {
             match &self.reference {

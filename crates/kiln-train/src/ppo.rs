@@ -34,9 +34,9 @@ pub struct PpoConfig {
     pub rollout_batch: usize,
     /// Sequences per gradient step.
     pub minibatch: usize,
-    /// Sequences per forward/backward pass within a minibatch (0: the whole minibatch at once);
-    /// gradients accumulate into the minibatch's update, so only this many rows of activations
-    /// are held (as GRPO's `micro_batch`).
+    /// Sequences per forward/backward pass within a minibatch (0, or at least the minibatch: the
+    /// whole minibatch at once); gradients accumulate into the minibatch's update, so only this
+    /// many rows of activations are held (as GRPO's `micro_batch`).
     pub micro_batch: usize,
     pub ppo_epochs: usize,
     pub max_new_tokens: usize,
@@ -322,13 +322,6 @@ impl<'a> Ppo<'a> {
             bail!(
                 "ptx_coef is {} but no pretraining data was given for PPO-ptx",
                 self.cfg.ptx_coef
-            );
-        }
-        if self.cfg.micro_batch > self.cfg.minibatch {
-            bail!(
-                "micro_batch ({}) must be at most minibatch ({}), or 0 for the whole minibatch",
-                self.cfg.micro_batch,
-                self.cfg.minibatch
             );
         }
         if !self.cfg.rollout_batch.is_multiple_of(self.cfg.minibatch) {
