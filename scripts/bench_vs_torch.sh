@@ -157,7 +157,7 @@ col() { [ -f "$2" ] && awk -v c="$1" '{print $c}' "$2" | median; }
 
 echo
 echo "Kiln vs PyTorch eager, $THREADS threads, median of $ROUNDS rounds (tok/s; peak RSS MiB); kiln training matmuls $PRECISION, generation weights $WEIGHTS; instruction sets $ISA"
-printf "%-22s %10s %10s %8s %10s %10s\n" benchmark kiln torch ratio kiln_MiB torch_MiB
+printf "%-27s %10s %10s %8s %10s %10s\n" benchmark kiln torch ratio kiln_MiB torch_MiB
 for key in $BENCHES; do
     case $key in
         train) name="train (b8 x 256)" ;;
@@ -176,7 +176,7 @@ for key in $BENCHES; do
     if [ -n "$kt" ] && [ -n "$tt" ]; then
         ratio=$(awk -v a="$kt" -v b="$tt" 'BEGIN {if (b > 0) printf "%.2fx", a / b; else print "-"}')
     fi
-    printf "%-22s %10s %10s %8s %10s %10s\n" "$name" "${kt:--}" "${tt:--}" "$ratio" "${km:--}" "${tm:--}"
+    printf "%-27s %10s %10s %8s %10s %10s\n" "$name" "${kt:--}" "${tt:--}" "$ratio" "${km:--}" "${tm:--}"
 done
 
 # prof_row NAME FILE: medians of the profile fields over the rounds, one row.
