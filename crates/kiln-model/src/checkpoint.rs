@@ -516,20 +516,26 @@ pub fn recover_interrupted(parent: &Path) -> Result<Vec<String>> {
 pub fn read_checked(dir: &Path, fname: &str) -> Result<Vec<u8>> {
     let path = dir.join(fname);
     let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    verify_checksum(dir, fname, &bytes)?;
+    Ok(bytes)
+}
+
+/// Checks a checkpoint file's bytes against `checksums.json` when the directory has one.
+fn verify_checksum(dir: &Path, fname: &str, bytes: &[u8]) -> Result<()> {
     let sums_path = dir.join(CHECKSUMS_FILE);
     if sums_path.exists() {
         let sums: BTreeMap<String, String> = serde_json::from_slice(&fs::read(&sums_path)?)
             .with_context(|| format!("{}: not valid JSON", sums_path.display()))?;
         if let Some(expected) = sums.get(fname) {
-            if &sha256_hex(&bytes) != expected {
+            if &sha256_hex(bytes) != expected {
                 bail!(
                     "{}: checksum mismatch (the file is corrupt or was changed after the checkpoint was written)",
-                    path.display()
+                    dir.join(fname).display()
                 );
             }
         }
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// Loads a model directory (written by Kiln or by `transformers`' `save_pretrained`): one
@@ -603,17 +609,6 @@ pub fn attach_peft(model: &mut Model, dir: &Path) -> Result<()> {
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// Every tensor of a model directory's weights, and a name for them in messages.
-pub fn read_weights(dir: &Path) -> Result<(Tensors, String)> {
-    let files = WeightFiles::map(dir)?;
-    let tensors = files
-        .views()?
-        .into_iter()
-        .map(|(name, (shape, values))| (name, (shape, values.to_vec())))
-        .collect();
-    Ok((tensors, files.what))
-}
-
 /// One file of a checkpoint directory, memory-mapped, checked against `checksums.json` when
 /// present: its bytes are read in place, from the page cache, never copied onto the heap.
 pub fn map_checked(dir: &Path, fname: &str) -> Result<memmap2::Mmap> {
@@ -624,19 +619,7 @@ pub fn map_checked(dir: &Path, fname: &str) -> Result<memmap2::Mmap> {
     // input otherwise (the mapping ends when the weights are copied out).
     let map = unsafe { memmap2::Mmap::map(&file) }
         .with_context(|| format!("reading {}", path.display()))?;
-    let sums_path = dir.join(CHECKSUMS_FILE);
-    if sums_path.exists() {
-        let sums: BTreeMap<String, String> = serde_json::from_slice(&fs::read(&sums_path)?)
-            .with_context(|| format!("{}: not valid JSON", sums_path.display()))?;
-        if let Some(expected) = sums.get(fname) {
-            if &sha256_hex(&map) != expected {
-                bail!(
-                    "{}: checksum mismatch (the file is corrupt or was changed after the checkpoint was written)",
-                    path.display()
-                );
-            }
-        }
-    }
+    verify_checksum(dir, fname, &map)?;
     Ok(map)
 }
 

@@ -79,14 +79,9 @@ pub struct PpoConfig {
 }
 
 impl PpoConfig {
-    /// Rows of each forward/backward pass on one of `ranks` processes: its part of a minibatch,
-    /// or `micro_batch` of them.
+    /// Rows of each forward/backward pass on one of `ranks` processes ([`crate::rollout::micro_rows`]).
     pub fn micro_rows(&self, ranks: usize) -> usize {
-        let part = (self.minibatch / ranks.max(1)).max(1);
-        match self.micro_batch {
-            0 => part,
-            m => m.min(part),
-        }
+        crate::rollout::micro_rows(self.minibatch, self.micro_batch, ranks)
     }
 }
 

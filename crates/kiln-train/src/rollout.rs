@@ -11,6 +11,16 @@ use kiln_model::{generate_rows_with, Activations, GenerateOptions, Input, Model,
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Rows of each forward/backward pass of PPO's and GRPO's training on one of `ranks` processes:
+/// its part of a minibatch, or `micro_batch` of them (0: the whole part).
+pub fn micro_rows(minibatch: usize, micro_batch: usize, ranks: usize) -> usize {
+    let part = (minibatch / ranks.max(1)).max(1);
+    match micro_batch {
+        0 => part,
+        m => m.min(part),
+    }
+}
+
 /// One response's place in its row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
